@@ -1,0 +1,48 @@
+"""metarl: meta-reinforcement learning for robotics.
+
+Task families (`metarl.envs`), the task API (`metarl.tasks`), agents (`metarl.agents`), evaluation,
+logging and the ``metarl`` command line.
+"""
+
+from metarl.envs import FAMILIES, env_id, register_envs
+from metarl.tasks import (
+    SPLITS,
+    DirectionTask,
+    DynamicsTask,
+    GoalTask,
+    HeadingTask,
+    Task,
+    TaskError,
+    TaskFamily,
+    VelocityTask,
+    family_of,
+    set_tasks,
+)
+
+__version__ = "0.1.0"
+
+register_envs()
+
+
+def make_family(name_or_id: str, **kwargs):
+    """Make a task family by family name (``"AntGoal"``) or Gymnasium id, with its time limit.
+
+    Returns the (wrapped) Gymnasium env; `family_of` gives the family inside it.
+    """
+    import gymnasium as gym
+
+    gid = env_id(name_or_id) if name_or_id in FAMILIES else name_or_id
+    if gid not in gym.registry:
+        raise TaskError(
+            f"unknown task family {name_or_id!r}; built-in families: {', '.join(FAMILIES)} "
+            "(or register your own Gymnasium id and pass it)"
+        )
+    env = gym.make(gid, **kwargs)
+    family_of(env)  # raises a clear TaskError if the id is not a task family
+    return env
+
+
+__all__ = [
+    "FAMILIES", "SPLITS", "DirectionTask", "DynamicsTask", "GoalTask", "HeadingTask", "Task", "TaskError",
+    "TaskFamily", "VelocityTask", "env_id", "family_of", "make_family", "register_envs", "set_tasks",
+]
