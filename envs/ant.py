@@ -74,6 +74,7 @@ class AntFwdBwd(AntDir):
     disjoint_heldout = False
 
     def heldout_tasks(self, split):
+        self._check_heldout_split(split)
         return (HeadingTask(self.family, 0.0), HeadingTask(self.family, math.pi))
 
     def _draw_tasks(self, rng, n, split):
@@ -132,7 +133,7 @@ class AntGoal(TaskFamily, AntEnv):
         else:  # uniform over the annulus radius in (3, 4]
             r = np.sqrt(self.ood_radius**2 - rng.uniform(size=n) * (self.ood_radius**2 - self.radius**2))
         angle = rng.uniform(0.0, 2 * math.pi, size=n)
-        return [GoalTask(self.family, (float(x), float(y))) for x, y in zip(r * np.cos(angle), r * np.sin(angle))]
+        return [GoalTask(self.family, (float(x), float(y))) for x, y in zip(r * np.cos(angle), r * np.sin(angle), strict=True)]
 
     def _validate_task(self, task: GoalTask) -> None:
         if len(task.goal) != 2:

@@ -31,6 +31,7 @@ import gymnasium as gym
 import mujoco
 import numpy as np
 
+from metarl.envs._mujoco import quiet_settotalmass
 from metarl.tasks import DynamicsTask, TaskError, TaskFamily, uniform_outside
 
 
@@ -124,7 +125,8 @@ class DynamicsFamily(TaskFamily, gym.Wrapper):
             if env not in gym.registry:
                 raise TaskError(f"DynamicsFamily: unknown Gymnasium env id {env!r}")
             spec = gym.spec(env)
-            inner = gym.make(env, **make_kwargs).unwrapped
+            with quiet_settotalmass():
+                inner = gym.make(env, **make_kwargs).unwrapped
             default_horizon = spec.max_episode_steps or 1000
             name = env.split("/")[-1].split("-v")[0]
         else:

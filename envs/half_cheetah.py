@@ -27,6 +27,7 @@ import numpy as np
 from gymnasium import utils
 from gymnasium.envs.mujoco.half_cheetah_v5 import HalfCheetahEnv
 
+from metarl.envs._mujoco import quiet_settotalmass
 from metarl.tasks import DirectionTask, TaskError, TaskFamily, VelocityTask
 
 
@@ -39,7 +40,8 @@ class HalfCheetahVel(TaskFamily, HalfCheetahEnv):
     ood_range = (3.0, 4.0)
 
     def __init__(self, task: VelocityTask | None = None, ctrl_cost_weight: float = 0.05, **kwargs):
-        super().__init__(ctrl_cost_weight=ctrl_cost_weight, **kwargs)
+        with quiet_settotalmass():
+            super().__init__(ctrl_cost_weight=ctrl_cost_weight, **kwargs)
         # Re-initialise EzPickle with *our* signature, or unpickling calls us with v5's arguments.
         utils.EzPickle.__init__(self, task, ctrl_cost_weight, **kwargs)
         self.set_task(task if task is not None else self.default_task())
@@ -78,7 +80,8 @@ class HalfCheetahDir(TaskFamily, HalfCheetahEnv):
     has_ood = False
 
     def __init__(self, task: DirectionTask | None = None, ctrl_cost_weight: float = 0.05, **kwargs):
-        super().__init__(ctrl_cost_weight=ctrl_cost_weight, **kwargs)
+        with quiet_settotalmass():
+            super().__init__(ctrl_cost_weight=ctrl_cost_weight, **kwargs)
         utils.EzPickle.__init__(self, task, ctrl_cost_weight, **kwargs)
         self.set_task(task if task is not None else self.default_task())
 
@@ -86,6 +89,7 @@ class HalfCheetahDir(TaskFamily, HalfCheetahEnv):
         return DirectionTask(self.family, 1.0)
 
     def heldout_tasks(self, split):
+        self._check_heldout_split(split)
         return (DirectionTask(self.family, 1.0), DirectionTask(self.family, -1.0))
 
     def _draw_tasks(self, rng, n, split):

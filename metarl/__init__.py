@@ -38,7 +38,11 @@ def make_family(name_or_id: str, **kwargs):
             "(or register your own Gymnasium id and pass it)"
         )
     env = gym.make(gid, **kwargs)
-    family_of(env)  # raises a clear TaskError if the id is not a task family
+    try:
+        family_of(env)  # raises a clear TaskError if the id is not a task family
+    except TaskError:
+        env.close()
+        raise
     return env
 
 

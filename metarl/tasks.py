@@ -60,6 +60,13 @@ class Task:
 
     family: str
 
+    def __post_init__(self) -> None:
+        # Lists (e.g. from YAML or JSON) become tuples so every task stays hashable and frozen.
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, list):
+                object.__setattr__(self, f.name, _from_json(value))
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         _TASK_TYPES[cls.__name__] = cls
@@ -125,7 +132,10 @@ def _from_json(value: Any) -> Any:
 
 
 def _check_finite(task: Task) -> None:
-    vec = task.vector()
+    try:
+        vec = task.vector()
+    except (TypeError, ValueError) as exc:
+        raise TaskError(f"{type(task).__name__} for {task.family} has a non-numeric parameter: {task!r}") from exc
     if not np.all(np.isfinite(vec)):
         raise TaskError(f"{type(task).__name__} for {task.family} has a non-finite parameter: {task!r}")
 
@@ -263,7 +273,10 @@ class TaskFamily:
                 f"({type(task).__name__}); expected a {self.task_type.__name__} of {self.family!r}"
             )
         _check_finite(task)
-        self._validate_task(task)
+        try:
+            self._validate_task(task)
+        except TypeError as exc:
+            raise TaskError(f"{self.family}: a parameter of {task!r} has the wrong type ({exc})") from exc
 
     def sample_tasks(self, n: int, split: str = "train", seed: int | None = None) -> list[Task]:
         """Return ``n`` tasks of ``split``.
@@ -291,6 +304,7 @@ class TaskFamily:
 
     def heldout_tasks(self, split: str) -> tuple[Task, ...]:
         """The whole fixed list of the ``test`` or ``ood`` split (same in every process and run)."""
+        self._check_heldout_split(split)
         cache = self.__dict__.setdefault("_heldout_cache", {})
         if split not in cache:
             spawn_key = (zlib.crc32(self.family.encode()), SPLITS.index(split))
@@ -298,6 +312,13 @@ class TaskFamily:
             tasks = self._draw_tasks(rng, self.n_heldout, "train" if split == "test" else "ood")
             cache[split] = tuple(tasks)
         return cache[split]
+
+    def _check_heldout_split(self, split: str) -> None:
+        # Without this, heldout_tasks("ood") of a family with no range would return in-range tasks.
+        if split not in ("test", "ood"):
+            raise TaskError(f"{self.family}: fixed lists exist for the 'test' and 'ood' splits, not {split!r}")
+        if split == "ood" and not self.has_ood:
+            raise TaskError(f"{self.family} has no 'ood' split: its task parameters have no range to leave")
 
     def _train_tasks(self, n: int, seed: int | None) -> list[Task]:
         rng = np.random.default_rng(seed)

@@ -1,0 +1,293 @@
+"""MAML-TRPO (Finn et al., 2017): gradient-based meta-learning with a TRPO outer step.
+
+One meta-iteration, for a batch of N training tasks:
+
+1. *Inner loop.* Sample E episodes per task with theta; for each of ``inner_steps`` steps take a vanilla
+   policy-gradient step per task, ``theta'_i = theta - alpha * grad L_i(theta)``, with advantages from
+   the linear feature baseline refitted on that task's episodes (normalised per task), and sample fresh
+   episodes with the adapted parameters for the next step.
+2. *Outer loop.* On the episodes of the final adapted policies, the surrogate
+   ``L(theta) = -mean_i E[pi_{theta'_i(theta)}(a|s) / pi_old(a|s) * A]`` is differentiated through the
+   adaptation (second order: ``create_graph=True``; ``first_order=True`` treats the inner gradient as
+   a constant, so d theta'/d theta = I). TRPO: solve ``F x = -g`` by conjugate gradient with
+   Hessian-vector products of the mean KL(pi_old || pi_{theta'(theta)}) (also through the
+   adaptation), scale to the KL bound, and backtrack until the KL bound holds and the surrogate
+   improves with finite values.
+
+All tasks are processed at once: theta is expanded along a leading task axis, so one batched network
+evaluation and one backward pass give every task's inner gradient (each task's loss only touches its
+own slice). Settings default to the anchors' (REFERENCE.md): 40 tasks x 20 episodes, alpha 0.1, one
+inner step, max KL 0.01, 10 CG iterations, damping 1e-5, 15 line-search steps x 0.8, gamma 0.99, GAE
+lambda 1, linear baseline.
+
+The finite-horizon return is the objective: episodes cut at the horizon are not bootstrapped (the
+baseline sees time as a feature, as in the anchors); terminations are true ends.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+import torch
+
+from metarl.agents.baselines import LinearFeatureBaseline
+from metarl.agents.policies import GaussianActor, GaussianMLPPolicy, batch_params
+from metarl.episodes import EpisodeBatch
+from metarl.evaluation import AdaptationResult
+from metarl.optim import (
+    backtracking_line_search,
+    conjugate_gradient,
+    flat_grad,
+    flatten,
+    hessian_vector_product,
+    unflatten_like,
+)
+from metarl.returns import discounted_returns, gae, normalize
+from metarl.tasks import Task
+
+Params = OrderedDict  # name -> tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class MAMLTRPOConfig:
+    """Hyperparameters of MAML-TRPO (defaults: the anchors' settings, REFERENCE.md)."""
+
+    tasks_per_batch: int = 40
+    episodes_per_task: int = 20
+    inner_steps: int = 1
+    inner_lr: float = 0.1
+    first_order: bool = False
+    gamma: float = 0.99
+    gae_lambda: float = 1.0
+    normalize_advantages: bool = True
+    max_kl: float = 0.01
+    cg_iters: int = 10
+    cg_damping: float = 1e-5
+    ls_max_steps: int = 15
+    ls_backtrack: float = 0.8
+    hidden: tuple[int, ...] = (64, 64)
+    activation: str = "tanh"
+    init_std: float = 1.0
+
+    def __post_init__(self) -> None:
+        positive_ints = ("tasks_per_batch", "episodes_per_task", "inner_steps", "cg_iters", "ls_max_steps")
+        for name in positive_ints:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"agent.{name} must be a positive integer, got {value!r}")
+        for name in ("inner_lr", "max_kl", "init_std"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"agent.{name} must be a positive number, got {value!r}")
+        for name in ("gamma", "gae_lambda", "ls_backtrack"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0 < value <= 1):
+                raise ValueError(f"agent.{name} must be in (0, 1], got {value!r}")
+        if not (isinstance(self.cg_damping, (int, float)) and self.cg_damping >= 0):
+            raise ValueError(f"agent.cg_damping must be >= 0, got {self.cg_damping!r}")
+        if not self.hidden or any((not isinstance(h, int)) or h < 1 for h in self.hidden):
+            raise ValueError(f"agent.hidden must be a non-empty list of positive integers, got {self.hidden!r}")
+
+
+class MAMLTRPO:
+    """The MAML-TRPO agent. ``sampler`` collects episodes (see `metarl.sampling`)."""
+
+    name = "maml_trpo"
+    config_class = MAMLTRPOConfig
+
+    def __init__(self, config: MAMLTRPOConfig, sampler: Any, seed: int = 0):
+        self.config = config
+        self.sampler = sampler
+        obs_dim = int(np.prod(sampler.observation_space.shape))
+        act_dim = int(np.prod(sampler.action_space.shape))
+        torch.manual_seed(seed)
+        self.policy = GaussianMLPPolicy(obs_dim, act_dim, config.hidden, config.activation, config.init_std)
+        self.baseline = LinearFeatureBaseline()
+        self.rng = np.random.default_rng(seed)
+        self.env_steps = 0
+        self.iteration = 0
+
+    # ---- pieces ------------------------------------------------------------------------------------
+    def _seed(self) -> int:
+        return int(self.rng.integers(2**31 - 1))
+
+    def _actor(self, params: dict[str, torch.Tensor], deterministic: bool = False) -> GaussianActor:
+        return GaussianActor(self.policy.config, params, seed=self._seed(), deterministic=deterministic)
+
+    def advantages(self, batch: EpisodeBatch) -> torch.Tensor:
+        """``[N, E, T]`` GAE advantages with the per-task linear baseline, normalised per task."""
+        c = self.config
+        returns = discounted_returns(batch.rewards, batch.mask, c.gamma)
+        values = self.baseline.fit(batch.observations, returns, batch.mask).predict(batch.observations, batch.mask)
+        adv = gae(batch.rewards, values, batch.mask, c.gamma, c.gae_lambda)
+        return normalize(adv, batch.mask) if c.normalize_advantages else adv
+
+    def inner_loss(self, params: Params, batch: EpisodeBatch, advantages: torch.Tensor) -> torch.Tensor:
+        """Sum over tasks of each task's policy-gradient loss (so grad w.r.t. batched params is per task)."""
+        logp = self.policy.log_prob(batch.observations, batch.actions, params)
+        per_task = -(logp * advantages * batch.mask).sum((1, 2)) / batch.mask.sum((1, 2)).clamp_min(1.0)
+        return per_task.sum()
+
+    def adapt(self, params: Params, batch: EpisodeBatch, advantages: torch.Tensor, create_graph: bool) -> Params:
+        """One inner gradient step per task. ``params`` are task-batched ``[N, ...]``."""
+        loss = self.inner_loss(params, batch, advantages)
+        grads = torch.autograd.grad(loss, list(params.values()), create_graph=create_graph)
+        return OrderedDict((k, p - self.config.inner_lr * g) for (k, p), g in zip(params.items(), grads, strict=True))
+
+    def adapted_params(self, theta: Params, train: list[tuple[EpisodeBatch, torch.Tensor]], create_graph: bool) -> Params:
+        """theta'(theta) after the inner steps on the recorded episodes, differentiable w.r.t. theta."""
+        n = train[0][0].num_tasks
+        params = batch_params(theta, n)
+        second_order = create_graph and not self.config.first_order
+        for batch, adv in train:
+            params = self.adapt(params, batch, adv, create_graph=second_order)
+        return params
+
+    # ---- one meta-iteration --------------------------------------------------------------------------
+    def train_step(self, tasks: list[Task]) -> dict[str, float]:
+        c = self.config
+        t0 = time.perf_counter()
+        sample_time = 0.0
+        theta = self.policy.params()
+        n = len(tasks)
+
+        # Inner loop: collect, adapt (no graph: these parameters only drive sampling), collect again.
+        train: list[tuple[EpisodeBatch, torch.Tensor]] = []
+        params = OrderedDict((k, v.detach()) for k, v in batch_params(theta, n).items())
+        stage_returns = []
+        for _ in range(c.inner_steps):
+            ts = time.perf_counter()
+            batch = self.sampler.sample(self._actor(params), tasks, c.episodes_per_task, self._seed())
+            sample_time += time.perf_counter() - ts
+            adv = self.advantages(batch)
+            train.append((batch, adv))
+            stage_returns.append(batch.returns.mean().item())
+            params = OrderedDict((k, v.detach().requires_grad_()) for k, v in params.items())
+            params = OrderedDict((k, v.detach()) for k, v in self.adapt(params, batch, adv, False).items())
+        ts = time.perf_counter()
+        valid = self.sampler.sample(self._actor(params), tasks, c.episodes_per_task, self._seed())
+        sample_time += time.perf_counter() - ts
+        stage_returns.append(valid.returns.mean().item())
+        valid_adv = self.advantages(valid)
+        steps = sum(b.env_steps for b, _ in train) + valid.env_steps
+        self.env_steps += steps
+
+        # Outer loop: TRPO on the post-adaptation surrogate.
+        with torch.no_grad():
+            old_dist = self.policy.distribution(valid.observations, params)
+            old_logp = old_dist.log_prob(valid.actions)
+        mask = valid.mask
+        denom = mask.sum((1, 2)).clamp_min(1.0)
+
+        def surrogate_and_kl(theta_: Params, create_graph: bool) -> tuple[torch.Tensor, torch.Tensor]:
+            adapted = self.adapted_params(theta_, train, create_graph)
+            dist = self.policy.distribution(valid.observations, adapted)
+            ratio = torch.exp(dist.log_prob(valid.actions) - old_logp)
+            loss = (-(ratio * valid_adv * mask).sum((1, 2)) / denom).mean()
+            kl = (torch.distributions.kl_divergence(old_dist, dist) * mask).sum((1, 2)) / denom
+            return loss, kl.mean()
+
+        names = list(theta.keys())
+        leaves = list(theta.values())
+        loss_before, _ = surrogate_and_kl(theta, create_graph=True)
+        grad = flat_grad(loss_before, leaves, retain_graph=False)
+
+        # Fisher-vector products: Hessian of the mean KL w.r.t. theta, through the adaptation.
+        fisher_vector_product = hessian_vector_product(
+            lambda: surrogate_and_kl(theta, create_graph=True)[1], leaves, c.cg_damping
+        )
+
+        direction = conjugate_gradient(fisher_vector_product, -grad, iters=c.cg_iters)
+        shs = 0.5 * torch.dot(direction, fisher_vector_product(direction))
+        full_step = direction * torch.sqrt(2 * c.max_kl / shs.clamp_min(1e-12)) if torch.isfinite(shs) else None
+
+        old_flat = flatten(leaves).detach()
+        loss_before_value = loss_before.item()
+
+        def evaluate(step: torch.Tensor) -> tuple[float, float]:
+            candidate = OrderedDict(
+                (k, v.detach().requires_grad_())
+                for k, v in zip(names, unflatten_like(old_flat + step, leaves), strict=True)
+            )
+            loss, kl = surrogate_and_kl(candidate, create_graph=False)
+            return loss_before_value - loss.item(), kl.item()
+
+        scale, tried, accepted = 0.0, 0, False
+        if full_step is not None and torch.all(torch.isfinite(full_step)):
+            scale, tried, accepted = backtracking_line_search(
+                evaluate, full_step, max_steps=c.ls_max_steps, ratio=c.ls_backtrack, max_kl=c.max_kl
+            )
+        if accepted:
+            new_flat = old_flat + scale * full_step
+            with torch.no_grad():
+                for p, value in zip(leaves, unflatten_like(new_flat, leaves), strict=True):
+                    p.copy_(value)
+        loss_after, kl_after = (evaluate(scale * full_step) if accepted else (0.0, 0.0))
+        self.iteration += 1
+        total = time.perf_counter() - t0
+        metrics = {f"meta/return_step{k}": r for k, r in enumerate(stage_returns)}
+        metrics.update({
+            "meta/return_pre_adaptation": stage_returns[0],
+            "meta/return_post_adaptation": stage_returns[-1],
+            "loss/surrogate_before": loss_before_value,
+            "loss/surrogate_after": loss_before_value - loss_after,
+            "loss/kl": kl_after,
+            "loss/line_search_steps": float(tried),
+            "loss/line_search_accepted": float(accepted),
+            "loss/step_scale": float(scale),
+            "loss/policy_std": float(self.policy.log_std.exp().mean().item()),
+            "time/sampling_s": sample_time,
+            "time/update_s": total - sample_time,
+            "time/iteration_s": total,
+            "time/env_steps_per_s": steps / max(total, 1e-9),
+            "time/sampling_steps_per_s": steps / max(sample_time, 1e-9),
+            "env_steps": float(self.env_steps),
+        })
+        return metrics
+
+    # ---- evaluation protocol -------------------------------------------------------------------------
+    def evaluate_adaptation(self, tasks: list[Task], steps: int, episodes: int, seed: int) -> AdaptationResult:
+        """Stage 0: E episodes with theta; stage k: E episodes after k gradient steps, each step using the
+        previous stage's episodes. Returns the mean return per task and stage."""
+        rng = np.random.default_rng(seed)
+        n = len(tasks)
+        params = OrderedDict((k, v.detach()) for k, v in batch_params(self.policy.params(), n).items())
+        returns, env_steps = [], []
+        consumed = 0.0
+        for stage in range(steps + 1):
+            actor = GaussianActor(self.policy.config, params, seed=int(rng.integers(2**31 - 1)))
+            batch = self.sampler.sample(actor, tasks, episodes, int(rng.integers(2**31 - 1)))
+            returns.append(batch.returns.mean(1).numpy())
+            env_steps.append(consumed)
+            consumed += batch.env_steps / n
+            if stage < steps:
+                adv = self.advantages(batch)
+                grad_params = OrderedDict((k, v.detach().requires_grad_()) for k, v in params.items())
+                params = OrderedDict((k, v.detach()) for k, v in self.adapt(grad_params, batch, adv, False).items())
+        return AdaptationResult(
+            tasks=list(tasks),
+            returns=np.stack(returns, axis=1),
+            adapt_episodes=[stage * episodes for stage in range(steps + 1)],
+            adapt_env_steps=env_steps,
+        )
+
+    # ---- checkpoints ------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue training exactly (loadable with ``weights_only=True``)."""
+        return {
+            "policy": self.policy.state_dict(),
+            "iteration": self.iteration,
+            "env_steps": self.env_steps,
+            "rng": self.rng.bit_generator.state,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.policy.load_state_dict(state["policy"])
+        self.iteration = int(state["iteration"])
+        self.env_steps = int(state["env_steps"])
+        self.rng.bit_generator.state = state["rng"]

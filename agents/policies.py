@@ -1,0 +1,144 @@
+"""Gaussian MLP policy evaluated functionally, with optional per-task parameters.
+
+MAML needs the same network evaluated at many parameter sets at once: the meta-parameters theta and,
+for every task i, the adapted theta'_i. `GaussianMLPPolicy.distribution(obs, params)` accepts either
+unbatched parameters (the module's own shapes) or *task-batched* ones with a leading axis ``N`` that
+lines up with the leading axis of ``obs``; then all tasks run in one batched matmul per layer.
+
+`GaussianActor` is the picklable object the sampler ships to its workers: detached per-task parameters
+plus the noise seeds, no autograd.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu}
+
+Params = "OrderedDict[str, torch.Tensor]"
+
+
+class GaussianMLPPolicy(nn.Module):
+    """``a ~ N(mlp(o), diag(exp(log_std))^2)``: a state-independent learned standard deviation.
+
+    Args:
+        obs_dim, act_dim: sizes of observation and action vectors.
+        hidden: hidden layer sizes, e.g. ``(64, 64)``.
+        activation: ``tanh`` or ``relu``.
+        init_std: initial standard deviation of every action dimension.
+        min_std: floor on the standard deviation (keeps log-probabilities finite).
+    """
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: tuple[int, ...] = (64, 64),
+                 activation: str = "tanh", init_std: float = 1.0, min_std: float = 1e-6):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        self.config = {"obs_dim": int(obs_dim), "act_dim": int(act_dim), "hidden": tuple(int(h) for h in hidden),
+                       "activation": activation, "init_std": float(init_std), "min_std": float(min_std)}
+        sizes = (obs_dim, *hidden, act_dim)
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:], strict=True))
+        for i, layer in enumerate(self.layers):
+            # Orthogonal init, small last layer: the initial policy is near the origin with std init_std.
+            nn.init.orthogonal_(layer.weight, gain=0.01 if i == len(self.layers) - 1 else np.sqrt(2))
+            nn.init.zeros_(layer.bias)
+        self.log_std = nn.Parameter(torch.full((act_dim,), float(np.log(init_std))))
+        self._act = ACTIVATIONS[activation]
+        self._log_min_std = float(np.log(min_std))
+
+    def params(self) -> OrderedDict[str, torch.Tensor]:
+        """The module's parameters as an ordered name -> tensor dict (the functional form)."""
+        return OrderedDict(self.named_parameters())
+
+    def forward_mean(self, obs: torch.Tensor, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        params = self.params() if params is None else params
+        batched = params["layers.0.weight"].dim() == 3
+        h = obs
+        if batched:
+            n = params["layers.0.weight"].shape[0]
+            if obs.shape[0] != n:
+                raise ValueError(f"task-batched params for {n} tasks but obs has leading size {obs.shape[0]}")
+            lead = obs.shape[:-1]
+            h = obs.reshape(n, -1, obs.shape[-1])
+        for i in range(len(self.layers)):
+            w, b = params[f"layers.{i}.weight"], params[f"layers.{i}.bias"]
+            h = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2)) if batched else nn.functional.linear(h, w, b)
+            if i < len(self.layers) - 1:
+                h = self._act(h)
+        return h.reshape(*lead, h.shape[-1]) if batched else h
+
+    def log_std_of(self, params: dict[str, torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+        log_std = params["log_std"].clamp_min(self._log_min_std)
+        if log_std.dim() == 2:  # [N, act_dim] -> broadcast over the middle axes of `like`
+            log_std = log_std.reshape(log_std.shape[0], *([1] * (like.dim() - 2)), log_std.shape[1])
+        return log_std.expand_as(like)
+
+    def distribution(self, obs: torch.Tensor, params: dict[str, torch.Tensor] | None = None):
+        """``Independent(Normal(mean, std), 1)`` over actions for ``obs`` ``[..., obs_dim]``."""
+        params = self.params() if params is None else params
+        mean = self.forward_mean(obs, params)
+        std = self.log_std_of(params, mean).exp()
+        return torch.distributions.Independent(torch.distributions.Normal(mean, std), 1)
+
+    def log_prob(self, obs: torch.Tensor, actions: torch.Tensor, params: dict[str, torch.Tensor] | None = None):
+        return self.distribution(obs, params).log_prob(actions)
+
+
+def batch_params(params: dict[str, torch.Tensor], n: int) -> OrderedDict[str, torch.Tensor]:
+    """Repeat unbatched parameters along a new leading task axis (a view: gradients flow back)."""
+    return OrderedDict((k, v.unsqueeze(0).expand(n, *v.shape)) for k, v in params.items())
+
+
+class GaussianActor:
+    """Picklable sampling-side twin of a `GaussianMLPPolicy` with per-task parameters.
+
+    Args:
+        policy_config: ``GaussianMLPPolicy.config``.
+        params: ``{name: [N, ...]}`` per-task parameters, or unbatched (shared by every task).
+        seed: seeds the action noise, per task (so results do not depend on the worker split).
+        deterministic: act with the mean.
+    """
+
+    def __init__(self, policy_config: dict[str, Any], params: dict[str, torch.Tensor], seed: int,
+                 deterministic: bool = False):
+        self.policy_config = dict(policy_config)
+        self.params = {k: v.detach().cpu().numpy().copy() for k, v in params.items()}
+        self.batched = self.params["layers.0.weight"].ndim == 3
+        self.seed, self.deterministic = int(seed), bool(deterministic)
+        self._policy: GaussianMLPPolicy | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_policy"] = None
+        return state
+
+    def start(self, task_indices: list[int], episodes_per_task: int) -> None:
+        if self._policy is None:
+            self._policy = GaussianMLPPolicy(**self.policy_config)
+        idx = np.asarray(task_indices)
+        n = len(idx)
+        self._local = OrderedDict(
+            (k, torch.from_numpy(v[idx] if self.batched else np.broadcast_to(v, (n, *v.shape)).copy()))
+            for k, v in self.params.items()
+        )
+        self._generators = []
+        for i in task_indices:
+            g = torch.Generator()
+            g.manual_seed(int(np.random.SeedSequence([self.seed, int(i), 7]).generate_state(1)[0]))
+            self._generators.append(g)
+
+    @torch.no_grad()
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        assert self._policy is not None
+        o = torch.from_numpy(np.ascontiguousarray(obs, dtype=np.float32))
+        mean = self._policy.forward_mean(o, self._local)
+        if self.deterministic:
+            return mean.numpy()
+        std = self._policy.log_std_of(self._local, mean).exp()
+        noise = torch.stack([torch.randn(mean.shape[1:], generator=g) for g in self._generators])
+        return (mean + std * noise).numpy()

@@ -1,0 +1,112 @@
+"""`check_family`: everything metarl relies on in a task family, checked in one call.
+
+Run it on your own family before training on it (``metarl check ID`` does the same from the shell).
+It raises `FamilyCheckError` naming the first contract that fails.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import warnings
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+
+from metarl.tasks import SPLITS, GoalTask, Task, TaskError, TaskFamily, VelocityTask, family_of, set_tasks
+
+
+class FamilyCheckError(AssertionError):
+    """A task family breaks a contract that metarl's samplers, agents or evaluator rely on."""
+
+
+def _make(env_or_id: Any) -> gym.Env:
+    if isinstance(env_or_id, str):
+        if env_or_id not in gym.registry and ":" not in env_or_id:
+            raise TaskError(f"unknown Gymnasium id {env_or_id!r}")
+        return gym.make(env_or_id)
+    return env_or_id
+
+
+def check_family(env_or_id: Any, steps: int = 50, vector: bool = True) -> list[str]:
+    """Check a task family; return the list of checks passed (raises on the first failure).
+
+    Checks: Gymnasium's and Stable-Baselines3's env checkers; ``sample_tasks`` on every split the
+    family offers (types, family name, reproducibility, test list fixed, train disjoint from test);
+    tasks survive pickling and a JSON round trip; ``set_task`` rejects a foreign task; rewards equal
+    the sum of ``info["reward_*"]`` terms where the family reports any; a pickled env keeps its task;
+    and (``vector=True``) per-slot tasks in a ``SyncVectorEnv``.
+    """
+    from gymnasium.utils.env_checker import check_env as gym_check_env
+    from stable_baselines3.common.env_checker import check_env as sb3_check_env
+
+    env = _make(env_or_id)
+    fam = family_of(env)
+    passed: list[str] = []
+
+    def ok(cond: bool, what: str) -> None:
+        if not cond:
+            raise FamilyCheckError(f"{fam.family}: {what}")
+        passed.append(what)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            gym_check_env(fam, skip_render_check=True)
+            sb3_check_env(fam, warn=False)
+        except Exception as exc:  # report which checker failed, with its own message
+            raise FamilyCheckError(f"{fam.family}: env checker failed: {exc}") from exc
+    passed.append("gymnasium and stable-baselines3 env checkers")
+
+    ok(isinstance(fam.horizon, int) and fam.horizon > 0, "declares a positive integer horizon")
+    train = fam.sample_tasks(4, "train", seed=0)
+    ok(all(isinstance(t, Task) and t.family == fam.family for t in train), "train tasks are Tasks of this family")
+    ok(train == fam.sample_tasks(4, "train", seed=0), "train draws are reproducible for a seed")
+    test = fam.sample_tasks(min(4, fam.n_heldout), "test")
+    ok(test == fam.sample_tasks(min(4, fam.n_heldout), "test", seed=123), "the test list is fixed")
+    if fam.disjoint_heldout:
+        many = fam.sample_tasks(200, "train", seed=1)
+        ok(not set(many) & set(fam.heldout_tasks("test")), "train draws never equal a test task")
+    if fam.has_ood:
+        ood = fam.sample_tasks(min(4, fam.n_heldout), "ood")
+        ok(not set(ood) & set(fam.heldout_tasks("test")), "ood tasks differ from test tasks")
+    for task in train[:2] + test[:1]:
+        ok(pickle.loads(pickle.dumps(task)) == task, "tasks survive pickling")
+        ok(Task.from_dict(json.loads(json.dumps(task.to_dict()))) == task, "tasks survive a JSON round trip")
+
+    foreign = GoalTask("NotThisFamily", (0.0, 0.0)) if fam.task_type is not GoalTask else VelocityTask("NotThisFamily", 1.0)
+    try:
+        fam.set_task(foreign)
+    except TaskError:
+        passed.append("set_task rejects a task of another family")
+    else:
+        raise FamilyCheckError(f"{fam.family}: set_task accepted a task of another family")
+
+    for task in train[:2]:
+        fam.set_task(task)
+        ok(fam.task == task, "set_task sets the task")
+        env.reset(seed=0)
+        env.action_space.seed(0)
+        for _ in range(steps):
+            _, reward, terminated, truncated, info = env.step(env.action_space.sample())
+            terms = [float(v) for k, v in info.items() if k.startswith("reward_")]
+            if terms:
+                ok(bool(np.isclose(sum(terms), float(reward), rtol=1e-5, atol=1e-6)),
+                   "reward equals the sum of info['reward_*'] terms")
+            if terminated or truncated:
+                env.reset()
+    clone = pickle.loads(pickle.dumps(fam))
+    ok(clone.task == fam.task, "a pickled env keeps its task")
+
+    if vector and isinstance(env_or_id, str):
+        vec = gym.vector.SyncVectorEnv([lambda: gym.make(env_or_id) for _ in range(2)])
+        try:
+            set_tasks(vec, train[:2])
+            ok(list(vec.get_attr("task")) == train[:2], "per-slot tasks in a vector env")
+        finally:
+            vec.close()
+    return sorted(set(passed), key=passed.index)
+
+
+__all__ = ["FamilyCheckError", "check_family", "SPLITS", "TaskFamily"]

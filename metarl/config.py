@@ -1,0 +1,254 @@
+"""Typed, frozen run configurations loaded from YAML with ``key=value`` overrides.
+
+A config file (see ``experiments/``) looks like::
+
+    experiment: maml_trpo/point_nav_2d     # run folder: runs/<experiment>/<timestamp>-<seed>/
+    env: PointNav2D                         # family name or Gymnasium id (module:Id-v0 imports module)
+    seed: 0
+    iterations: 100
+    agent: {name: maml_trpo, tasks_per_batch: 40, inner_lr: 0.1, ...}
+    sampler: {backend: gymnasium, workers: 2}
+    eval: {every: 10, split: test, tasks: 40, steps: 3, episodes: 20}
+    quick: {iterations: 10, agent.tasks_per_batch: 10}   # applied by the override quick=true
+
+Everything is validated before anything runs; an error names the field and what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A malformed config: the message names the field and what was expected."""
+
+
+AGENTS: dict[str, str] = {
+    # name -> "module:Class"; the class has `config_class` (a frozen dataclass) and the agent protocol.
+    "maml_trpo": "metarl.agents.maml_trpo:MAMLTRPO",
+}
+
+
+def agent_class(name: str) -> Any:
+    import importlib
+
+    if name not in AGENTS:
+        raise ConfigError(f"agent.name: unknown agent {name!r}; available: {', '.join(sorted(AGENTS))}")
+    module, cls = AGENTS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerConfig:
+    backend: str = "gymnasium"
+    workers: int | None = None  # None: one per core
+
+    def __post_init__(self) -> None:
+        if self.backend not in ("gymnasium",):
+            raise ConfigError(f"sampler.backend: expected 'gymnasium', got {self.backend!r}")
+        if self.workers is not None and self.workers < 0:
+            raise ConfigError(f"sampler.workers: expected >= 0 or null, got {self.workers}")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    every: int = 10          # iterations between held-out evaluations (0: only at the end)
+    split: str = "test"
+    tasks: int = 20
+    steps: int = 3           # adaptation stages after stage 0
+    episodes: int = 20       # episodes per adaptation stage
+
+    def __post_init__(self) -> None:
+        if self.split not in ("train", "test", "ood"):
+            raise ConfigError(f"eval.split: expected one of train, test, ood, got {self.split!r}")
+        for name in ("tasks", "episodes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"eval.{name}: expected a positive integer, got {getattr(self, name)}")
+        for name in ("every", "steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"eval.{name}: expected an integer >= 0, got {getattr(self, name)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    experiment: str
+    env: str
+    agent: Any                      # the agent's own frozen config dataclass (has .name via AgentSpec)
+    agent_name: str = "maml_trpo"
+    seed: int = 0
+    iterations: int = 100
+    env_kwargs: dict = dataclasses.field(default_factory=dict)
+    sampler: SamplerConfig = SamplerConfig()
+    eval: EvalConfig = EvalConfig()
+    checkpoint_every: int = 1
+    run_root: str = "runs"
+
+    def to_dict(self) -> dict[str, Any]:
+        agent = {"name": self.agent_name, **_plain(dataclasses.asdict(self.agent))}
+        return {
+            "experiment": self.experiment, "env": self.env, "env_kwargs": dict(self.env_kwargs),
+            "seed": self.seed, "iterations": self.iterations, "agent": agent,
+            "sampler": dataclasses.asdict(self.sampler), "eval": dataclasses.asdict(self.eval),
+            "checkpoint_every": self.checkpoint_every, "run_root": self.run_root,
+        }
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+# ---- typed construction -------------------------------------------------------------------------------
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{where}: unexpected value {value!r}")
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
+        return build(hint, value, where)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {type(value).__name__} {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {type(value).__name__} {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+        (item, *_rest) = typing.get_args(hint)
+        return tuple(_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value))
+    if hint is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
+        return dict(value)
+    return value
+
+
+def build(cls: Any, data: dict[str, Any], where: str = "") -> Any:
+    """Construct the frozen dataclass ``cls`` from ``data``, checking names and types."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    prefix = f"{where}." if where else ""
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown field; expected one of {', '.join(fields)}")
+    kwargs = {name: _coerce(value, hints[name], f"{prefix}{name}") for name, value in data.items()}
+    missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{prefix}{missing[0]}: required field is missing")
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as exc:
+        message = str(exc)
+        if prefix and message.startswith(prefix):
+            raise ConfigError(message) from exc
+        raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {message}") from exc
+
+
+def parse_value(text: str) -> Any:
+    """Parse an override's value as YAML (``3`` -> int, ``0.1`` -> float, ``[64, 64]`` -> list, ...)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"cannot parse override value {text!r}: {exc}") from exc
+
+
+def apply_override(data: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{key}: {part!r} is not a mapping in this config")
+        node = child
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), data: dict[str, Any] | None = None) -> RunConfig:
+    """Load and validate a run config; ``overrides`` are ``key=value`` strings (dotted keys)."""
+    if data is None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    data = _plain(data)
+    quick = data.pop("quick", None) or {}
+    if not isinstance(quick, dict):
+        raise ConfigError("quick: expected a mapping of overrides")
+    parsed = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value")
+        key, text = item.split("=", 1)
+        parsed.append((key.strip(), parse_value(text)))
+    if any(k == "quick" and v is True for k, v in parsed):
+        for key, value in quick.items():
+            apply_override(data, key, value)
+    for key, value in parsed:
+        if key == "quick":
+            if not isinstance(value, bool):
+                raise ConfigError(f"quick: expected true or false, got {value!r}")
+            continue
+        apply_override(data, key, value)
+
+    agent = data.pop("agent", None)
+    if not isinstance(agent, dict) or "name" not in agent:
+        raise ConfigError("agent: expected a mapping with a 'name' (e.g. agent: {name: maml_trpo, ...})")
+    agent = dict(agent)
+    name = agent.pop("name")
+    cls = agent_class(name)
+    agent_config = build(cls.config_class, agent, "agent")
+    for required in ("experiment", "env"):
+        if required not in data:
+            raise ConfigError(f"{required}: required field is missing")
+    config = build(RunConfig, {**data, "agent": {}, "agent_name": name}, "")
+    config = dataclasses.replace(config, agent=agent_config)
+    if config.iterations < 1:
+        raise ConfigError(f"iterations: expected a positive integer, got {config.iterations}")
+    if config.checkpoint_every < 1:
+        raise ConfigError(f"checkpoint_every: expected a positive integer, got {config.checkpoint_every}")
+    return config

@@ -1,0 +1,96 @@
+"""`EpisodeBatch`: the typed container between collection and update.
+
+Every array is padded to the family's horizon ``T`` and carries a leading task axis ``N`` and an episode
+axis ``E``; ``mask`` is 1 on real steps (a prefix of each row) and 0 on padding after an episode ended.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+import torch
+
+from metarl.tasks import Task
+
+
+@dataclasses.dataclass
+class EpisodeBatch:
+    """Episodes of ``N`` tasks x ``E`` episodes, padded to ``T`` steps.
+
+    Attributes:
+        tasks: the ``N`` tasks, in the order of the leading axis.
+        observations: ``[N, E, T, obs_dim]`` observation each action was taken in.
+        actions: ``[N, E, T, act_dim]`` actions as sampled (before clipping to the action space).
+        rewards: ``[N, E, T]``.
+        mask: ``[N, E, T]`` float, 1 on real steps.
+        terminated: ``[N, E]`` bool, the episode ended in a terminal state (no bootstrap).
+        truncated: ``[N, E]`` bool, the episode was cut by the time limit (bootstrap if you want to).
+        last_observations: ``[N, E, obs_dim]`` the observation after each episode's last step.
+        reward_terms: episode sums of every ``info["reward_*"]`` term, ``{name: [N, E]}``.
+    """
+
+    tasks: list[Task]
+    observations: torch.Tensor
+    actions: torch.Tensor
+    rewards: torch.Tensor
+    mask: torch.Tensor
+    terminated: torch.Tensor
+    truncated: torch.Tensor
+    last_observations: torch.Tensor
+    reward_terms: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+
+    @property
+    def num_tasks(self) -> int:
+        return self.rewards.shape[0]
+
+    @property
+    def episodes_per_task(self) -> int:
+        return self.rewards.shape[1]
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """``[N, E]`` number of real steps per episode."""
+        return self.mask.sum(-1)
+
+    @property
+    def returns(self) -> torch.Tensor:
+        """``[N, E]`` undiscounted episode returns."""
+        return (self.rewards * self.mask).sum(-1)
+
+    @property
+    def env_steps(self) -> int:
+        return int(self.mask.sum().item())
+
+    def task_slice(self, index: Any) -> EpisodeBatch:
+        """The batch restricted to some tasks (``index``: int, slice or index list), keeping the task axis."""
+        if isinstance(index, int):
+            index = [index]
+        idx = torch.as_tensor(np.arange(self.num_tasks)[index])
+        return EpisodeBatch(
+            tasks=[self.tasks[i] for i in idx.tolist()],
+            observations=self.observations[idx],
+            actions=self.actions[idx],
+            rewards=self.rewards[idx],
+            mask=self.mask[idx],
+            terminated=self.terminated[idx],
+            truncated=self.truncated[idx],
+            last_observations=self.last_observations[idx],
+            reward_terms={k: v[idx] for k, v in self.reward_terms.items()},
+        )
+
+    @staticmethod
+    def from_numpy(tasks: list[Task], arrays: dict[str, Any]) -> EpisodeBatch:
+        f32 = lambda a: torch.as_tensor(np.asarray(a, dtype=np.float32))  # noqa: E731
+        return EpisodeBatch(
+            tasks=list(tasks),
+            observations=f32(arrays["observations"]),
+            actions=f32(arrays["actions"]),
+            rewards=f32(arrays["rewards"]),
+            mask=f32(arrays["mask"]),
+            terminated=torch.as_tensor(np.asarray(arrays["terminated"], dtype=bool)),
+            truncated=torch.as_tensor(np.asarray(arrays["truncated"], dtype=bool)),
+            last_observations=f32(arrays["last_observations"]),
+            reward_terms={k: f32(v) for k, v in arrays.get("reward_terms", {}).items()},
+        )

@@ -1,0 +1,129 @@
+"""The one evaluation protocol of metarl: adaptation curves on held-out tasks.
+
+Stage 0 is the return of the episodes the meta-learned policy produces before it has seen the task;
+stage k is the return after k adaptation stages. The x axis is the adaptation experience consumed
+before the measured episodes (``adapt_episodes`` and ``adapt_env_steps``, per task); the y axis is the
+mean return of the measured episodes, per task, summarised across tasks with a bootstrap 95% interval.
+Gradient-based agents adapt by gradient steps, recurrent agents by carrying their state, baselines by
+training; every agent returns an `AdaptationResult` and the files below are the same for all of them.
+
+Written to ``RUN_DIR/eval/<split>/``: ``summary.json``, ``summary.csv``, ``per_task.csv`` and
+``adaptation_curve.png``.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from metarl.tasks import Task
+
+
+@dataclasses.dataclass
+class AdaptationResult:
+    """Returns ``[n_tasks, n_stages]`` and the adaptation experience consumed before each stage."""
+
+    tasks: list[Task]
+    returns: np.ndarray
+    adapt_episodes: list[int]
+    adapt_env_steps: list[float]
+
+
+def bootstrap_ci(values: np.ndarray, confidence: float = 0.95, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``values`` (resampling with replacement)."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.size == 0:
+        return (float("nan"), float("nan"))
+    if values.size == 1:
+        return (float(values[0]), float(values[0]))
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, values.size, size=(resamples, values.size))].mean(axis=1)
+    alpha = (1 - confidence) / 2
+    return (float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha)))
+
+
+def summarize(result: AdaptationResult, seed: int = 0) -> dict[str, Any]:
+    """The JSON summary: one entry per stage with mean, bootstrap CI over tasks and per-task returns."""
+    stages = []
+    for k in range(result.returns.shape[1]):
+        column = result.returns[:, k]
+        low, high = bootstrap_ci(column, seed=seed + k)
+        stages.append({
+            "stage": k,
+            "adapt_episodes": int(result.adapt_episodes[k]),
+            "adapt_env_steps": float(result.adapt_env_steps[k]),
+            "mean_return": float(column.mean()),
+            "ci95": [low, high],
+            "per_task": [float(v) for v in column],
+        })
+    return {"num_tasks": len(result.tasks), "tasks": [t.to_dict() for t in result.tasks], "stages": stages}
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_summary(result: AdaptationResult, out_dir: str | Path, title: str = "", extra: dict[str, Any] | None = None,
+                  seed: int = 0) -> dict[str, Any]:
+    """Write summary.json / summary.csv / per_task.csv / adaptation_curve.png into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = summarize(result, seed=seed)
+    if extra:
+        summary.update(extra)
+    _atomic_write(out / "summary.json", json.dumps(summary, indent=2))
+
+    rows = [["stage", "adapt_episodes", "adapt_env_steps", "mean_return", "ci95_low", "ci95_high"]]
+    for s in summary["stages"]:
+        rows.append([s["stage"], s["adapt_episodes"], s["adapt_env_steps"], s["mean_return"], *s["ci95"]])
+    _atomic_write(out / "summary.csv", _csv(rows))
+    task_rows = [["task", *[f"stage{s['stage']}" for s in summary["stages"]]]]
+    for i, task in enumerate(result.tasks):
+        task_rows.append([json.dumps(task.params()), *[float(v) for v in result.returns[i]]])
+    _atomic_write(out / "per_task.csv", _csv(task_rows))
+    plot_curves({title or "metarl": summary}, out / "adaptation_curve.png", title=title)
+    return summary
+
+
+def _csv(rows: list[list[Any]]) -> str:
+    import io
+
+    buf = io.StringIO()
+    csv.writer(buf).writerows(rows)
+    return buf.getvalue()
+
+
+def plot_curves(curves: dict[str, dict[str, Any]], path: str | Path | None = None, title: str = ""):
+    """Plot adaptation curves (one line per method, CI band) against adaptation episodes; returns the figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=110)
+    for label, summary in curves.items():
+        xs = [s["adapt_episodes"] for s in summary["stages"]]
+        ys = [s["mean_return"] for s in summary["stages"]]
+        low = [s["ci95"][0] for s in summary["stages"]]
+        high = [s["ci95"][1] for s in summary["stages"]]
+        ax.plot(xs, ys, marker="o", label=label)
+        ax.fill_between(xs, low, high, alpha=0.2)
+    ax.set_xlabel("adaptation episodes per task (before the measured episodes)")
+    ax.set_ylabel("mean return (95% CI over tasks)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    if path is not None:
+        tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
+        fig.savefig(tmp)
+        os.replace(tmp, path)
+    return fig

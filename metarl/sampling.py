@@ -1,0 +1,286 @@
+"""Parallel episode collection for a meta-batch: ``N`` tasks x ``E`` episodes, one env per episode slot.
+
+The sampler owns worker processes (one per core by default), each holding the env slots of a contiguous
+chunk of tasks. A call ships an *actor* (a small picklable object with the policy's parameters for
+every task) to the workers; each worker rolls out all its slots to the end of their episodes, running
+batched policy inference for its slots every step, and sends the padded arrays back. There is no
+per-step traffic between processes, and the main process is idle while the workers use the cores.
+
+Actor protocol (see `metarl.agents.policies.GaussianActor`):
+
+* ``actor.start(task_indices, episodes_per_task)``: called in the worker before a rollout, with the
+  global indices of the worker's tasks (to pick per-task parameters and seed per-task noise);
+* ``actor.act(obs) -> actions``: ``obs`` is ``[n_tasks, E, obs_dim]``, returns ``[n_tasks, E, act_dim]``;
+* optional ``actor.observe(rewards, dones)``: ``[n_tasks, E]`` after every step (recurrent actors).
+
+Results do not depend on the number of workers: env seeds are derived from (seed, task index, episode
+index) and actors seed their noise per task. Each slot runs exactly one episode per call (no autoreset).
+
+Backends: ``gymnasium`` (this module: Gymnasium envs made with ``gymnasium.make``) is the reference and
+works with any registered task family. A faster backend only has to offer the same ``sample``.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import traceback
+from collections.abc import Sequence
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+
+from metarl.episodes import EpisodeBatch
+from metarl.tasks import Task, TaskError, family_of
+
+
+def slot_seed(seed: int, task_index: int, episode: int) -> int:
+    """The reset seed of one episode slot: independent of how slots are spread over workers."""
+    return int(np.random.SeedSequence([seed, task_index, episode]).generate_state(1)[0])
+
+
+class _Rollouts:
+    """The env slots of one process and the rollout loop over them."""
+
+    def __init__(self, env_id: str, env_kwargs: dict[str, Any]):
+        self.env_id, self.env_kwargs = env_id, env_kwargs
+        self.envs: list[gym.Env] = []
+
+    def _ensure(self, slots: int) -> None:
+        while len(self.envs) < slots:
+            self.envs.append(gym.make(self.env_id, **self.env_kwargs))
+
+    def run(self, actor: Any, tasks: Sequence[Task], task_indices: Sequence[int], episodes: int,
+            seed: int) -> dict[str, Any]:
+        n, E = len(tasks), episodes
+        S = n * E
+        self._ensure(S)
+        envs = self.envs[:S]
+        for j, task in enumerate(tasks):
+            for e in range(E):
+                family_of(envs[j * E + e]).set_task(task)
+        horizon = envs[0].spec.max_episode_steps if envs[0].spec and envs[0].spec.max_episode_steps else None
+        if horizon is None:
+            horizon = family_of(envs[0]).horizon
+        first = [envs[j * E + e].reset(seed=slot_seed(seed, task_indices[j], e))[0]
+                 for j in range(n) for e in range(E)]
+        obs = np.stack(first).astype(np.float32)
+        obs_dim = obs.shape[1]
+        space = envs[0].action_space
+        act_dim = int(np.prod(space.shape))
+        low, high = space.low.astype(np.float64), space.high.astype(np.float64)
+
+        observations = np.zeros((S, horizon, obs_dim), np.float32)
+        actions = np.zeros((S, horizon, act_dim), np.float32)
+        rewards = np.zeros((S, horizon), np.float32)
+        mask = np.zeros((S, horizon), np.float32)
+        terminated = np.zeros(S, bool)
+        truncated = np.zeros(S, bool)
+        last_obs = np.zeros((S, obs_dim), np.float32)
+        terms: dict[str, np.ndarray] = {}
+        active = np.ones(S, bool)
+        observe = getattr(actor, "observe", None)
+
+        actor.start(list(task_indices), E)
+        for t in range(horizon):
+            act = np.asarray(actor.act(obs.reshape(n, E, obs_dim)), dtype=np.float32).reshape(S, act_dim)
+            if not np.all(np.isfinite(act)):
+                raise FloatingPointError(f"the policy produced non-finite actions at step {t}")
+            step_rewards = np.zeros(S, np.float32)
+            step_dones = np.zeros(S, bool)
+            for s in np.flatnonzero(active):
+                o, r, term, trunc, info = envs[s].step(np.clip(act[s], low, high))
+                observations[s, t] = obs[s]
+                actions[s, t] = act[s]
+                rewards[s, t] = r
+                mask[s, t] = 1.0
+                step_rewards[s] = r
+                for key, value in info.items():
+                    if key.startswith("reward_"):
+                        if key not in terms:
+                            terms[key] = np.zeros(S, np.float32)
+                        terms[key][s] += value
+                obs[s] = o
+                if term or trunc:
+                    active[s] = False
+                    step_dones[s] = True
+                    terminated[s], truncated[s] = bool(term), bool(trunc) and not term
+                    last_obs[s] = o
+            if observe is not None:
+                observe(step_rewards.reshape(n, E), step_dones.reshape(n, E))
+            if not active.any():
+                break
+        if active.any():  # no time limit reached (env registered without one): cut at the horizon
+            truncated[active] = True
+            last_obs[active] = obs[active]
+
+        shape = lambda a: a.reshape((n, E) + a.shape[1:])  # noqa: E731
+        return {
+            "observations": shape(observations), "actions": shape(actions), "rewards": shape(rewards),
+            "mask": shape(mask), "terminated": shape(terminated), "truncated": shape(truncated),
+            "last_observations": shape(last_obs), "reward_terms": {k: shape(v) for k, v in terms.items()},
+        }
+
+    def close(self) -> None:
+        for env in self.envs:
+            env.close()
+        self.envs = []
+
+
+def _worker(conn: Any, env_id: str, env_kwargs: dict[str, Any], sys_path: list[str]) -> None:
+    import sys
+
+    import torch
+
+    sys.path[:] = sys_path
+    torch.set_num_threads(1)  # one core per worker; the workers are the parallelism
+    import metarl  # noqa: F401  (registers the families)
+
+    rollouts = _Rollouts(env_id, env_kwargs)
+    try:
+        while True:
+            command, payload = conn.recv()
+            if command == "close":
+                break
+            try:
+                conn.send(("ok", rollouts.run(*payload)))
+            except Exception:  # sent to the main process, which raises it there
+                conn.send(("error", traceback.format_exc()))
+    except (EOFError, KeyboardInterrupt):
+        pass
+    finally:
+        rollouts.close()
+        conn.close()
+
+
+class WorkerError(RuntimeError):
+    """An exception raised inside a sampler worker (its traceback is in the message)."""
+
+
+class GymnasiumSampler:
+    """Collects a meta-batch with Gymnasium envs in ``workers`` processes (0: in this process).
+
+    Args:
+        env_id: a registered task family id (``metarl/HalfCheetahVel-v0``, ``module:me/Mine-v0``).
+        env_kwargs: passed to ``gymnasium.make``.
+        workers: processes to use (default: one per core); capped at the number of tasks per call.
+    """
+
+    backend = "gymnasium"
+
+    def __init__(self, env_id: str, env_kwargs: dict[str, Any] | None = None, workers: int | None = None):
+        self.env_id, self.env_kwargs = env_id, dict(env_kwargs or {})
+        probe = gym.make(env_id, **self.env_kwargs)
+        try:
+            self.family = family_of(probe)
+            self.observation_space, self.action_space = probe.observation_space, probe.action_space
+        finally:
+            probe.close()
+        if not isinstance(self.action_space, gym.spaces.Box) or not isinstance(self.observation_space, gym.spaces.Box):
+            raise TaskError(f"{env_id}: metarl's agents need Box observation and action spaces")
+        self.workers = (os.cpu_count() or 1) if workers is None else int(workers)
+        if self.workers < 0:
+            raise ValueError(f"workers must be >= 0, got {workers}")
+        self._local: _Rollouts | None = None
+        self._procs: list[Any] = []
+        self._conns: list[Any] = []
+
+    def _start(self, count: int) -> None:
+        if len(self._procs) >= count:
+            return
+        import sys
+
+        ctx = mp.get_context("spawn")  # fork after torch has started threads can deadlock workers
+        while len(self._procs) < count:
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_worker, args=(child, self.env_id, self.env_kwargs, list(sys.path)),
+                               daemon=True)
+            proc.start()
+            child.close()
+            self._procs.append(proc)
+            self._conns.append(parent)
+
+    def sample(self, actor: Any, tasks: Sequence[Task], episodes_per_task: int, seed: int) -> EpisodeBatch:
+        """Roll out ``episodes_per_task`` episodes of every task with ``actor``; returns an `EpisodeBatch`."""
+        tasks = list(tasks)
+        if not tasks:
+            raise ValueError("sample: no tasks given")
+        if episodes_per_task < 1:
+            raise ValueError(f"sample: episodes_per_task must be >= 1, got {episodes_per_task}")
+        for task in tasks:
+            self.family.check_task(task)
+        chunks = [c for c in np.array_split(np.arange(len(tasks)), max(1, min(self.workers, len(tasks)))) if len(c)]
+        if self.workers == 0:
+            if self._local is None:
+                self._local = _Rollouts(self.env_id, self.env_kwargs)
+            parts = [self._local.run(actor, tasks, list(range(len(tasks))), episodes_per_task, seed)]
+        else:
+            self._start(len(chunks))
+            for conn, chunk in zip(self._conns, chunks, strict=False):
+                conn.send(("sample", (actor, [tasks[i] for i in chunk], chunk.tolist(), episodes_per_task, seed)))
+            parts, errors = [], []
+            for conn in self._conns[: len(chunks)]:
+                status, result = conn.recv()
+                (parts if status == "ok" else errors).append(result)
+            if errors:
+                raise WorkerError("a sampler worker failed:\n" + errors[0])
+        return EpisodeBatch.from_numpy(tasks, _concat(parts))
+
+    def close(self) -> None:
+        for conn in self._conns:
+            try:
+                conn.send(("close", None))
+            except (BrokenPipeError, OSError):
+                pass
+        for proc in self._procs:
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.terminate()
+        self._procs, self._conns = [], []
+        if self._local is not None:
+            self._local.close()
+            self._local = None
+
+    def __enter__(self) -> GymnasiumSampler:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def _concat(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    if len(parts) == 1:
+        return parts[0]
+    horizon = max(p["rewards"].shape[2] for p in parts)
+    out: dict[str, Any] = {}
+    for key in ("observations", "actions", "rewards", "mask"):
+        padded = []
+        for p in parts:
+            a = p[key]
+            pad = [(0, 0)] * a.ndim
+            pad[2] = (0, horizon - a.shape[2])
+            padded.append(np.pad(a, pad))
+        out[key] = np.concatenate(padded)
+    for key in ("terminated", "truncated", "last_observations"):
+        out[key] = np.concatenate([p[key] for p in parts])
+    names = sorted({k for p in parts for k in p["reward_terms"]})
+    out["reward_terms"] = {
+        k: np.concatenate([p["reward_terms"].get(k, np.zeros(p["rewards"].shape[:2], np.float32)) for p in parts])
+        for k in names
+    }
+    return out
+
+
+def make_sampler(env_id: str, env_kwargs: dict[str, Any] | None = None, backend: str = "gymnasium",
+                 workers: int | None = None) -> GymnasiumSampler:
+    """The sampler for ``backend`` (``gymnasium``; others register here as they are added)."""
+    if backend == "gymnasium":
+        return GymnasiumSampler(env_id, env_kwargs, workers)
+    raise ValueError(f"unknown sampler backend {backend!r}; available: gymnasium")

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Install metarl into ./.venv (created when missing). Safe to run again; it only adds what is missing.
+#
+#   METARL_TORCH   pip requirement for torch (default: the CPU build "torch==2.13.0" on machines
+#                  without an NVIDIA GPU, else "torch>=2.3", which pip resolves to a CUDA build).
+#   PYTHON         interpreter that creates the venv (default: python3, >= 3.10).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    echo "[setup] creating .venv with $($PYTHON --version)"
+    "$PYTHON" -m venv .venv
+fi
+# shellcheck disable=SC1091
+. .venv/bin/activate
+python -m pip install --quiet --upgrade pip
+
+if ! python -c "import torch" >/dev/null 2>&1; then
+    if [ -z "${METARL_TORCH:-}" ]; then
+        if command -v nvidia-smi >/dev/null 2>&1; then METARL_TORCH="torch>=2.3"; else METARL_TORCH="torch==2.13.0"; fi
+    fi
+    echo "[setup] installing $METARL_TORCH"
+    python -m pip install --quiet "$METARL_TORCH"
+fi
+
+echo "[setup] installing metarl and its dependencies"
+python -m pip install --quiet -e ".[dev]"
+python -c "import metarl, torch, mujoco, gymnasium; print(f'[setup] metarl {metarl.__version__}, torch {torch.__version__}, mujoco {mujoco.__version__}, gymnasium {gymnasium.__version__}')"
