@@ -94,6 +94,17 @@ class MAMLTRPOConfig:
             raise ValueError(f"agent.hidden must be a non-empty list of positive integers, got {self.hidden!r}")
 
 
+@dataclasses.dataclass
+class OuterBatch:
+    """What the outer objective needs: inner-loop episodes (with their advantages), the episodes of
+    the adapted policies, their advantages and the (detached) distribution that sampled them."""
+
+    train: list[tuple[EpisodeBatch, torch.Tensor]]
+    valid: EpisodeBatch
+    valid_advantages: torch.Tensor
+    old_dist: Any
+
+
 class MAMLTRPO:
     """The MAML-TRPO agent. ``sampler`` collects episodes (see `metarl.sampling`)."""
 
@@ -148,6 +159,22 @@ class MAMLTRPO:
             params = self.adapt(params, batch, adv, create_graph=second_order)
         return params
 
+    def meta_objective(self, theta: Params, outer: OuterBatch, create_graph: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Surrogate loss and mean KL of the adapted policies, as functions of the meta-parameters theta.
+
+        ``L = -mean_i mean_t [pi_{theta'_i}(a|s) / pi_old(a|s) * A]``, ``KL = mean_i mean_t KL(pi_old || pi_{theta'_i})``,
+        with theta'_i = theta'(theta) recomputed on the recorded inner-loop episodes (``create_graph``:
+        differentiable through the adaptation, second order unless ``first_order``).
+        """
+        valid, mask = outer.valid, outer.valid.mask
+        denom = mask.sum((1, 2)).clamp_min(1.0)
+        adapted = self.adapted_params(theta, outer.train, create_graph)
+        dist = self.policy.distribution(valid.observations, adapted)
+        ratio = torch.exp(dist.log_prob(valid.actions) - outer.old_dist.log_prob(valid.actions))
+        loss = (-(ratio * outer.valid_advantages * mask).sum((1, 2)) / denom).mean()
+        kl = (torch.distributions.kl_divergence(outer.old_dist, dist) * mask).sum((1, 2)) / denom
+        return loss, kl.mean()
+
     # ---- one meta-iteration --------------------------------------------------------------------------
     def train_step(self, tasks: list[Task]) -> dict[str, float]:
         c = self.config
@@ -180,17 +207,10 @@ class MAMLTRPO:
         # Outer loop: TRPO on the post-adaptation surrogate.
         with torch.no_grad():
             old_dist = self.policy.distribution(valid.observations, params)
-            old_logp = old_dist.log_prob(valid.actions)
-        mask = valid.mask
-        denom = mask.sum((1, 2)).clamp_min(1.0)
+        outer = OuterBatch(train, valid, valid_adv, old_dist)
 
         def surrogate_and_kl(theta_: Params, create_graph: bool) -> tuple[torch.Tensor, torch.Tensor]:
-            adapted = self.adapted_params(theta_, train, create_graph)
-            dist = self.policy.distribution(valid.observations, adapted)
-            ratio = torch.exp(dist.log_prob(valid.actions) - old_logp)
-            loss = (-(ratio * valid_adv * mask).sum((1, 2)) / denom).mean()
-            kl = (torch.distributions.kl_divergence(old_dist, dist) * mask).sum((1, 2)) / denom
-            return loss, kl.mean()
+            return self.meta_objective(theta_, outer, create_graph)
 
         names = list(theta.keys())
         leaves = list(theta.values())

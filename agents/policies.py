@@ -107,7 +107,7 @@ class GaussianActor:
     def __init__(self, policy_config: dict[str, Any], params: dict[str, torch.Tensor], seed: int,
                  deterministic: bool = False):
         self.policy_config = dict(policy_config)
-        self.params = {k: v.detach().cpu().numpy().copy() for k, v in params.items()}
+        self.params = {k: v.detach().cpu().float().numpy().copy() for k, v in params.items()}
         self.batched = self.params["layers.0.weight"].ndim == 3
         self.seed, self.deterministic = int(seed), bool(deterministic)
         self._policy: GaussianMLPPolicy | None = None

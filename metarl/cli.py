@@ -3,6 +3,8 @@
     metarl families                     list the task families
     metarl rollout FAMILY [--split S]   roll out a random policy on tasks of a family
     metarl check ID                     check a (custom) task family against metarl's contracts
+    metarl train CONFIG [k=v ...]       meta-train (see experiments/), --resume RUN_DIR to continue
+    metarl eval RUN_DIR [--split S]     adaptation curve on held-out tasks -> RUN_DIR/eval/<split>/
 
 Usage errors (unknown family, bad arguments) print one line and exit with code 2.
 """
@@ -88,6 +90,67 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from metarl.config import ConfigError, load_config
+    from metarl.training import load_run_config, train
+
+    try:
+        if args.resume:
+            run_dir = Path(args.resume)
+            config = load_run_config(run_dir)
+            overrides = list(args.overrides) + ([args.config] if args.config and "=" in args.config else [])
+            bad = [o for o in overrides if not o.startswith("iterations=")]
+            if bad:
+                raise ConfigError(f"--resume continues a run with its own config; only iterations=N may be changed, got {bad[0]!r}")
+            if overrides:
+                config = load_config(None, overrides, data={**config.to_dict(), "agent": {"name": config.agent_name, **config.to_dict()["agent"]}})
+            train(config, run_dir=run_dir, resume=True, verbose=not args.quiet)
+        else:
+            if not args.config:
+                raise ConfigError("train: give a CONFIG file (e.g. experiments/maml_trpo/point_nav_2d.yaml) or --resume RUN_DIR")
+            config = load_config(args.config, args.overrides)
+            train(config, run_dir=Path(args.run_dir) if args.run_dir else None, verbose=not args.quiet)
+    except (ConfigError, TaskError) as exc:
+        raise UsageError(str(exc)) from exc
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from metarl.config import ConfigError
+    from metarl.training import build_agent, evaluate_run, load_checkpoint, load_run_config
+
+    run_dir = Path(args.run_dir)
+    try:
+        config = load_run_config(run_dir)
+        for name in ("steps", "episodes", "tasks"):
+            value = getattr(args, name)
+            if value is not None and value < (0 if name == "steps" else 1):
+                raise ConfigError(f"--{name} must be {'>= 0' if name == 'steps' else '>= 1'}, got {value}")
+        sampler, agent = build_agent(config)
+        try:
+            load_checkpoint(run_dir, agent)
+            e = config.eval
+            summary = evaluate_run(
+                agent, config, run_dir, args.split or e.split, args.tasks or e.tasks,
+                e.steps if args.steps is None else args.steps, args.episodes or e.episodes,
+            )
+        finally:
+            sampler.close()
+    except (ConfigError, TaskError) as exc:
+        raise UsageError(str(exc)) from exc
+    split = args.split or config.eval.split
+    print(f"{'stage':>5} {'adapt episodes':>14} {'adapt steps':>11} {'mean return':>11}  95% CI")
+    for s in summary["stages"]:
+        print(f"{s['stage']:>5} {s['adapt_episodes']:>14} {s['adapt_env_steps']:>11.0f} {s['mean_return']:>11.2f}"
+              f"  [{s['ci95'][0]:.2f}, {s['ci95'][1]:.2f}]")
+    print(f"written to {run_dir / 'eval' / split}/ (summary.json, summary.csv, per_task.csv, adaptation_curve.png)")
+    return 0
+
+
 def _short(value) -> str:
     if isinstance(value, float):
         return f"{value:.3g}"
@@ -112,6 +175,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--episodes", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_rollout)
+
+    p = sub.add_parser("train", help="meta-train an agent from a YAML config")
+    p.add_argument("config", nargs="?", help="experiment YAML (e.g. experiments/maml_trpo/point_nav_2d.yaml)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, dotted keys (agent.inner_lr=0.05, quick=true)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    p.add_argument("--run-dir", help="write the run here instead of runs/<experiment>/<timestamp>-<seed>")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate few-episode adaptation of a trained run on held-out tasks")
+    p.add_argument("run_dir", help="a run folder written by metarl train")
+    p.add_argument("--split", choices=metarl.SPLITS, default=None, help="task split (default: the config's eval.split)")
+    p.add_argument("--steps", type=int, default=None, help="adaptation stages after stage 0 (default: config, 3)")
+    p.add_argument("--episodes", type=int, default=None, help="episodes per stage (default: config)")
+    p.add_argument("--tasks", type=int, default=None, help="number of held-out tasks (default: config)")
+    p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("check", help="check that a Gymnasium id is a well-formed task family")
     p.add_argument("family", help="family name or Gymnasium id (module:Id-v0 imports module first)")

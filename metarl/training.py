@@ -68,7 +68,7 @@ def _meta() -> dict[str, Any]:
         "created": _dt.datetime.now().isoformat(timespec="seconds"),
         "command": " ".join(sys.argv),
         "git_revision": rev,
-        "versions": {"metarl": metarl.__version__, "python": platform.python_version(), "torch": torch.__version__,
+        "versions": {"metarl": metarl.__version__, "python": platform.python_version(), "torch": str(torch.__version__),
                      "mujoco": mujoco.__version__, "gymnasium": gymnasium.__version__, "numpy": np.__version__},
     }
 

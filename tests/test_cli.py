@@ -1,0 +1,144 @@
+"""The ``metarl`` command line: a short real run, its run folder, resume, eval, and bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from metarl.cli import main
+
+CONFIG = "experiments/maml_trpo/point_nav_2d.yaml"
+TINY = ["agent.tasks_per_batch=3", "agent.episodes_per_task=3", "agent.hidden=[8]", "sampler.workers=0",
+        "eval.tasks=3", "eval.steps=1", "eval.episodes=2", "eval.every=0"]
+
+
+def _scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "run"
+    assert main(["train", CONFIG, *TINY, "iterations=2", "--run-dir", str(out), "--quiet"]) == 0
+    return out
+
+
+def test_training_run_writes_the_run_folder(run_dir):
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["agent"]["name"] == "maml_trpo" and config["agent"]["tasks_per_batch"] == 3
+    assert config["seed"] == 0 and set(config["meta"]["versions"]) >= {"torch", "mujoco", "gymnasium"}
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [x["iteration"] for x in lines] == [1, 2]
+    # 2 iterations x (pre + post) x 3 tasks x 3 episodes x 100 steps
+    assert lines[-1]["env_steps"] == 2 * 2 * 3 * 3 * 100
+    state = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=True)
+    assert state["iteration"] == 2
+    summary = json.loads((run_dir / "eval" / "test" / "summary.json").read_text())
+    assert [s["stage"] for s in summary["stages"]] == [0, 1]
+    assert [s["adapt_episodes"] for s in summary["stages"]] == [0, 2]
+    assert [s["adapt_env_steps"] for s in summary["stages"]] == [0.0, 200.0]
+    for stage in summary["stages"]:
+        assert len(stage["per_task"]) == 3
+        assert stage["ci95"][0] <= stage["mean_return"] <= stage["ci95"][1]
+    for name in ("summary.csv", "per_task.csv", "adaptation_curve.png"):
+        assert (run_dir / "eval" / "test" / name).stat().st_size > 0
+    scalars = _scalars(run_dir)
+    for tag in ("meta/return_pre_adaptation", "meta/return_post_adaptation", "loss/surrogate_before", "loss/kl",
+                "loss/line_search_steps", "time/env_steps_per_s", "time/sampling_s", "time/update_s",
+                "eval/test/return_stage0", "eval/test/return_stage1"):
+        assert tag in scalars, tag
+    assert [step for step, _ in scalars["meta/return_pre_adaptation"]] == [1800, 3600]  # x axis = env steps
+
+
+def test_eval_command_writes_the_requested_split(run_dir, capsys):
+    assert main(["eval", str(run_dir), "--split", "ood", "--steps", "2", "--episodes", "2", "--tasks", "2"]) == 0
+    summary = json.loads((run_dir / "eval" / "ood" / "summary.json").read_text())
+    assert summary["split"] == "ood" and len(summary["stages"]) == 3 and summary["num_tasks"] == 2
+    assert all(max(abs(c) for c in t["goal"]) > 0.5 for t in summary["tasks"])  # ood goals
+    assert "mean return" in capsys.readouterr().out
+
+
+def test_resume_continues_exactly_where_a_run_stopped(tmp_path):
+    """Train 3 iterations straight; train 2 then resume to 3: same parameters and metrics."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert main(["train", CONFIG, *TINY, "iterations=3", "--run-dir", str(straight), "--quiet"]) == 0
+    assert main(["train", CONFIG, *TINY, "iterations=2", "--run-dir", str(resumed), "--quiet"]) == 0
+    assert main(["train", "--resume", str(resumed), "iterations=3", "--quiet"]) == 0
+    a = torch.load(straight / "checkpoints" / "latest.pt", weights_only=True)
+    b = torch.load(resumed / "checkpoints" / "latest.pt", weights_only=True)
+    assert a["iteration"] == b["iteration"] == 3
+    for key, value in a["agent"]["policy"].items():
+        assert torch.equal(value, b["agent"]["policy"][key]), key
+
+    def metrics(path):
+        rows = [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
+
+    assert metrics(straight) == metrics(resumed)
+
+
+def test_resume_of_a_killed_run_loses_at_most_the_iteration_in_progress(tmp_path):
+    """A run killed after iteration 2 (metrics of a 3rd partly written) resumes from its checkpoint at 2."""
+    run = tmp_path / "run"
+    assert main(["train", CONFIG, *TINY, "iterations=2", "--run-dir", str(run), "--quiet"]) == 0
+    with (run / "metrics.jsonl").open("a") as f:  # what a kill during the next iteration leaves behind
+        f.write(json.dumps({"iteration": 3, "env_steps": 99}) + "\n")
+    assert main(["train", "--resume", str(run), "iterations=3", "--quiet"]) == 0
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [x["iteration"] for x in lines] == [1, 2, 3]
+    assert lines[-1]["env_steps"] == 3 * 1800
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([CONFIG, "agent.tasks_per_batch=0"], "agent.tasks_per_batch"),
+        ([CONFIG, "agent.inner_lr=-0.1"], "agent.inner_lr"),
+        ([CONFIG, "agent.inner_lr=fast"], "agent.inner_lr"),
+        ([CONFIG, "agent.name=reptile"], "unknown agent"),
+        ([CONFIG, "env=NoSuchFamily"], "env"),
+        ([CONFIG, "agent.no_such_field=1"], "agent.no_such_field"),
+        ([CONFIG, "iterations=0"], "iterations"),
+        ([CONFIG, "eval.split=validation"], "eval.split"),
+        ([CONFIG, "sampler.backend=warp"], "sampler.backend"),
+        ([CONFIG, "notakeyvalue"], "key=value"),
+        (["does/not/exist.yaml"], "does not exist"),
+    ],
+)
+def test_bad_config_is_one_clear_line_exit_2_nothing_written(tmp_path, capsys, args, message):
+    out = tmp_path / "run"
+    assert main(["train", *args, "--run-dir", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert not out.exists()
+
+
+def test_malformed_yaml_and_wrong_types(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("experiment: x\nenv: PointNav2D\nagent: [1, 2\n")
+    assert main(["train", str(bad), "--quiet"]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+    bad.write_text("experiment: x\nenv: PointNav2D\niterations: ten\nagent: {name: maml_trpo}\n")
+    assert main(["train", str(bad), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "iterations: expected an integer" in err
+
+
+def test_existing_run_folder_is_never_overwritten(run_dir, capsys):
+    before = (run_dir / "checkpoints" / "latest.pt").read_bytes()
+    assert main(["train", CONFIG, *TINY, "--run-dir", str(run_dir), "--quiet"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert (run_dir / "checkpoints" / "latest.pt").read_bytes() == before
+
+
+def test_eval_of_a_folder_that_is_not_a_run(tmp_path, capsys):
+    assert main(["eval", str(tmp_path)]) == 2
+    assert "not a run folder" in capsys.readouterr().err
