@@ -172,7 +172,7 @@ class MAMLTRPO:
         dist = self.policy.distribution(valid.observations, adapted)
         ratio = torch.exp(dist.log_prob(valid.actions) - outer.old_dist.log_prob(valid.actions))
         loss = (-(ratio * outer.valid_advantages * mask).sum((1, 2)) / denom).mean()
-        kl = (torch.distributions.kl_divergence(outer.old_dist, dist) * mask).sum((1, 2)) / denom
+        kl = (outer.old_dist.kl(dist) * mask).sum((1, 2)) / denom
         return loss, kl.mean()
 
     # ---- one meta-iteration --------------------------------------------------------------------------

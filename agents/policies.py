@@ -78,15 +78,43 @@ class GaussianMLPPolicy(nn.Module):
             log_std = log_std.reshape(log_std.shape[0], *([1] * (like.dim() - 2)), log_std.shape[1])
         return log_std.expand_as(like)
 
-    def distribution(self, obs: torch.Tensor, params: dict[str, torch.Tensor] | None = None):
-        """``Independent(Normal(mean, std), 1)`` over actions for ``obs`` ``[..., obs_dim]``."""
+    def distribution(self, obs: torch.Tensor, params: dict[str, torch.Tensor] | None = None) -> DiagGaussian:
+        """The action distribution for ``obs`` ``[..., obs_dim]``."""
         params = self.params() if params is None else params
         mean = self.forward_mean(obs, params)
-        std = self.log_std_of(params, mean).exp()
-        return torch.distributions.Independent(torch.distributions.Normal(mean, std), 1)
+        return DiagGaussian(mean, self.log_std_of(params, mean))
 
     def log_prob(self, obs: torch.Tensor, actions: torch.Tensor, params: dict[str, torch.Tensor] | None = None):
         return self.distribution(obs, params).log_prob(actions)
+
+
+class DiagGaussian:
+    """A diagonal Gaussian over the last axis, written out by hand.
+
+    Same numbers as ``Independent(Normal(mean, exp(log_std)), 1)`` with fewer tensor operations, which
+    matters in MAML's third-order graphs (Hessian-vector products through the adaptation).
+    """
+
+    _HALF_LOG_2PI = 0.5 * float(np.log(2 * np.pi))
+
+    def __init__(self, mean: torch.Tensor, log_std: torch.Tensor):
+        self.mean, self.log_std = mean, log_std
+
+    def log_prob(self, actions: torch.Tensor) -> torch.Tensor:
+        z = (actions - self.mean) * torch.exp(-self.log_std)
+        return (-0.5 * z.pow(2) - self.log_std).sum(-1) - self._HALF_LOG_2PI * self.mean.shape[-1]
+
+    def kl(self, other: DiagGaussian) -> torch.Tensor:
+        """KL(self || other), summed over action dimensions."""
+        var_ratio = torch.exp(2 * (self.log_std - other.log_std))
+        diff = (self.mean - other.mean) * torch.exp(-other.log_std)
+        return 0.5 * (var_ratio + diff.pow(2) - 1).sum(-1) + (other.log_std - self.log_std).sum(-1)
+
+    def entropy(self) -> torch.Tensor:
+        return (self.log_std + 0.5 + self._HALF_LOG_2PI).sum(-1)
+
+    def detach(self) -> DiagGaussian:
+        return DiagGaussian(self.mean.detach(), self.log_std.detach())
 
 
 def batch_params(params: dict[str, torch.Tensor], n: int) -> OrderedDict[str, torch.Tensor]:

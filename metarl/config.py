@@ -225,15 +225,18 @@ def load_config(path: str | Path | None, overrides: list[str] = (), data: dict[s
             raise ConfigError(f"override {item!r}: expected key=value")
         key, text = item.split("=", 1)
         parsed.append((key.strip(), parse_value(text)))
-    if any(k == "quick" and v is True for k, v in parsed):
-        for key, value in quick.items():
-            apply_override(data, key, value)
+    quick_on = False
     for key, value in parsed:
         if key == "quick":
             if not isinstance(value, bool):
                 raise ConfigError(f"quick: expected true or false, got {value!r}")
-            continue
-        apply_override(data, key, value)
+            quick_on = value  # the last quick=... wins
+    if quick_on:
+        for key, value in quick.items():
+            apply_override(data, key, value)
+    for key, value in parsed:
+        if key != "quick":
+            apply_override(data, key, value)
 
     agent = data.pop("agent", None)
     if not isinstance(agent, dict) or "name" not in agent:

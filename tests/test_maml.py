@@ -174,3 +174,19 @@ def test_short_training_run_learns_to_adapt():
     # the one-step adaptation gain is large.
     assert final[0] > initial[0] + 20
     assert final[1] - final[0] > 8, (initial, final)
+
+
+def test_diag_gaussian_matches_torch_distributions():
+    from metarl.agents.policies import DiagGaussian
+
+    g = torch.Generator().manual_seed(0)
+    m1, m2 = torch.randn(4, 3, generator=g, dtype=torch.float64), torch.randn(4, 3, generator=g, dtype=torch.float64)
+    s1, s2 = torch.randn(4, 3, generator=g, dtype=torch.float64), torch.randn(4, 3, generator=g, dtype=torch.float64)
+    a = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    p = torch.distributions.Independent(torch.distributions.Normal(m1, s1.exp()), 1)
+    q = torch.distributions.Independent(torch.distributions.Normal(m2, s2.exp()), 1)
+    mine_p, mine_q = DiagGaussian(m1, s1), DiagGaussian(m2, s2)
+    torch.testing.assert_close(mine_p.log_prob(a), p.log_prob(a))
+    torch.testing.assert_close(mine_p.kl(mine_q), torch.distributions.kl_divergence(p, q))
+    torch.testing.assert_close(mine_p.entropy(), p.entropy())
+    assert torch.all(mine_p.kl(mine_p) == 0)  # KL at a zero step is exactly zero

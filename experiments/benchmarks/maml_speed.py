@@ -1,0 +1,104 @@
+"""Speed of MAML-TRPO's sampling and of a full meta-iteration at the standard HalfCheetahVel setting.
+
+    python experiments/benchmarks/maml_speed.py [--repeats 3] [--out experiments/results/maml_speed.json]
+
+Measures in one run (so the ratios are fair on a shared, noisy machine), medians over ``--repeats``:
+
+* Gymnasium's own single-env step rate: ``gymnasium.make("HalfCheetah-v5").step`` with random actions;
+* the sampler collecting the standard meta-batch, 40 tasks x 20 episodes x 200 steps, policy inference
+  included (Gaussian MLP 64x64, per-task parameters), on all cores;
+* a full MAML-TRPO iteration at the anchors' setting (pre- and post-adaptation sampling, inner step,
+  second-order TRPO outer step), split into sampling and update time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+import metarl
+from metarl.agents.maml_trpo import MAMLTRPO, MAMLTRPOConfig
+from metarl.agents.policies import GaussianActor, GaussianMLPPolicy
+from metarl.sampling import GymnasiumSampler
+
+
+def gymnasium_single_env_rate(steps: int = 5000) -> float:
+    env = gym.make("HalfCheetah-v5")
+    env.reset(seed=0)
+    env.action_space.seed(0)
+    actions = [env.action_space.sample() for _ in range(steps)]
+    start = time.perf_counter()
+    for a in actions:
+        _, _, term, trunc, _ = env.step(a)
+        if term or trunc:
+            env.reset()
+    rate = steps / (time.perf_counter() - start)
+    env.close()
+    return rate
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--iterations", type=int, default=2, help="full MAML iterations to time")
+    parser.add_argument("--out", default="experiments/results/maml_speed.json")
+    args = parser.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+
+    gym_rates = [gymnasium_single_env_rate() for _ in range(args.repeats)]
+    print(f"gymnasium HalfCheetah-v5 single env: {statistics.median(gym_rates):,.0f} steps/s (median of {args.repeats})")
+
+    tasks_n, episodes = 40, 20
+    with GymnasiumSampler("metarl/HalfCheetahVel-v0") as sampler:
+        policy = GaussianMLPPolicy(17, 6, (64, 64))
+        tasks = sampler.family.sample_tasks(tasks_n, "train", seed=0)
+        sampler.sample(GaussianActor(policy.config, policy.params(), seed=0), tasks, episodes, seed=0)  # warm-up
+        sample_rates = []
+        for r in range(args.repeats):
+            start = time.perf_counter()
+            batch = sampler.sample(GaussianActor(policy.config, policy.params(), seed=r), tasks, episodes, seed=r + 1)
+            sample_rates.append(batch.env_steps / (time.perf_counter() - start))
+        print(f"sampler, {tasks_n} tasks x {episodes} episodes x 200 steps, {sampler.workers} workers, with policy "
+              f"inference: {statistics.median(sample_rates):,.0f} steps/s (median of {args.repeats})")
+
+        agent = MAMLTRPO(MAMLTRPOConfig(), sampler, seed=0)
+        iters = []
+        for it in range(args.iterations):
+            m = agent.train_step(sampler.family.sample_tasks(tasks_n, "train", seed=100 + it))
+            iters.append({k: m[k] for k in ("time/iteration_s", "time/sampling_s", "time/update_s")})
+            print(f"MAML-TRPO iteration {it + 1}: {m['time/iteration_s']:.1f} s "
+                  f"(sampling {m['time/sampling_s']:.1f} s, update {m['time/update_s']:.1f} s)")
+
+    result = {
+        "benchmark": "maml_speed",
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                    "torch": str(torch.__version__), "metarl": metarl.__version__},
+        "repeats": args.repeats,
+        "gymnasium_single_env_steps_per_s": statistics.median(gym_rates),
+        "sampler_steps_per_s": statistics.median(sample_rates),
+        "sampler_over_gymnasium_single_env": statistics.median(sample_rates) / statistics.median(gym_rates),
+        "sampler_workers": sampler.workers,
+        "meta_batch": {"tasks": tasks_n, "episodes_per_task": episodes, "horizon": 200},
+        "maml_iteration_s": statistics.median(i["time/iteration_s"] for i in iters),
+        "maml_iteration_sampling_s": statistics.median(i["time/sampling_s"] for i in iters),
+        "maml_iteration_update_s": statistics.median(i["time/update_s"] for i in iters),
+        "raw": {"gymnasium": gym_rates, "sampler": sample_rates, "iterations": iters},
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"sampler / gymnasium single env = {result['sampler_over_gymnasium_single_env']:.2f}x; "
+          f"MAML-TRPO iteration {result['maml_iteration_s']:.1f} s (median); written to {args.out}")
+
+
+if __name__ == "__main__":
+    np.set_printoptions(precision=3)
+    main()
