@@ -33,6 +33,7 @@ class ConfigError(ValueError):
 AGENTS: dict[str, str] = {
     # name -> "module:Class"; the class has `config_class` (a frozen dataclass) and the agent protocol.
     "maml_trpo": "metarl.agents.maml_trpo:MAMLTRPO",
+    "rl2": "metarl.agents.rl2:RL2",
 }
 
 

@@ -8,13 +8,14 @@ per-step traffic between processes, and the main process is idle while the worke
 
 Actor protocol (see `metarl.agents.policies.GaussianActor`):
 
-* ``actor.start(task_indices, episodes_per_task)``: called in the worker before a rollout, with the
+* ``actor.start(task_indices, slots_per_task)``: called in the worker before a rollout, with the
   global indices of the worker's tasks (to pick per-task parameters and seed per-task noise);
-* ``actor.act(obs) -> actions``: ``obs`` is ``[n_tasks, E, obs_dim]``, returns ``[n_tasks, E, act_dim]``;
-* optional ``actor.observe(rewards, dones)``: ``[n_tasks, E]`` after every step (recurrent actors).
+* ``actor.act(obs) -> actions``: ``obs`` is ``[n_tasks, slots, obs_dim]``, returns ``[n_tasks, slots, act_dim]``;
+* optional ``actor.observe(rewards, dones)``: ``[n_tasks, slots]`` after every step, ``dones`` marking
+  episode ends (recurrent actors; a slot runs ``episodes_per_trial`` episodes without a restart).
 
 Results do not depend on the number of workers: env seeds are derived from (seed, task index, episode
-index) and actors seed their noise per task. Each slot runs exactly one episode per call (no autoreset).
+index) and actors seed their noise per task. Each slot runs exactly one trial (``episodes_per_trial`` episodes, default 1) per call; no autoreset.
 
 Backends: ``gymnasium`` (this module: Gymnasium envs made with ``gymnasium.make``) is the reference and
 works with any registered task family. A faster backend only has to offer the same ``sample``.
@@ -52,74 +53,84 @@ class _Rollouts:
             self.envs.append(gym.make(self.env_id, **self.env_kwargs))
 
     def run(self, actor: Any, tasks: Sequence[Task], task_indices: Sequence[int], episodes: int,
-            seed: int) -> dict[str, Any]:
+            seed: int, episodes_per_trial: int = 1) -> dict[str, Any]:
+        K = episodes_per_trial
         n, E = len(tasks), episodes
-        S = n * E
+        M = E // K  # slots (trials) per task
+        S = n * M
         self._ensure(S)
         envs = self.envs[:S]
         for j, task in enumerate(tasks):
-            for e in range(E):
-                family_of(envs[j * E + e]).set_task(task)
+            for m in range(M):
+                family_of(envs[j * M + m]).set_task(task)
         horizon = envs[0].spec.max_episode_steps if envs[0].spec and envs[0].spec.max_episode_steps else None
         if horizon is None:
             horizon = family_of(envs[0]).horizon
-        first = [envs[j * E + e].reset(seed=slot_seed(seed, task_indices[j], e))[0]
-                 for j in range(n) for e in range(E)]
+        # Episode (j, m*K + k) is the k-th episode of slot m of task j; its env seed depends only on that.
+        first = [envs[j * M + m].reset(seed=slot_seed(seed, task_indices[j], m * K))[0]
+                 for j in range(n) for m in range(M)]
         obs = np.stack(first).astype(np.float32)
         obs_dim = obs.shape[1]
         space = envs[0].action_space
         act_dim = int(np.prod(space.shape))
         low, high = space.low.astype(np.float64), space.high.astype(np.float64)
 
-        observations = np.zeros((S, horizon, obs_dim), np.float32)
-        actions = np.zeros((S, horizon, act_dim), np.float32)
-        rewards = np.zeros((S, horizon), np.float32)
-        mask = np.zeros((S, horizon), np.float32)
-        terminated = np.zeros(S, bool)
-        truncated = np.zeros(S, bool)
-        last_obs = np.zeros((S, obs_dim), np.float32)
+        observations = np.zeros((n, E, horizon, obs_dim), np.float32)
+        actions = np.zeros((n, E, horizon, act_dim), np.float32)
+        rewards = np.zeros((n, E, horizon), np.float32)
+        mask = np.zeros((n, E, horizon), np.float32)
+        terminated = np.zeros((n, E), bool)
+        truncated = np.zeros((n, E), bool)
+        last_obs = np.zeros((n, E, obs_dim), np.float32)
         terms: dict[str, np.ndarray] = {}
         active = np.ones(S, bool)
+        episode_in_trial = np.zeros(S, int)
+        step_in_episode = np.zeros(S, int)
         observe = getattr(actor, "observe", None)
 
-        actor.start(list(task_indices), E)
-        for t in range(horizon):
-            act = np.asarray(actor.act(obs.reshape(n, E, obs_dim)), dtype=np.float32).reshape(S, act_dim)
+        actor.start(list(task_indices), M)
+        t = 0
+        while active.any():
+            act = np.asarray(actor.act(obs.reshape(n, M, obs_dim)), dtype=np.float32).reshape(S, act_dim)
             if not np.all(np.isfinite(act)):
                 raise FloatingPointError(f"the policy produced non-finite actions at step {t}")
             step_rewards = np.zeros(S, np.float32)
             step_dones = np.zeros(S, bool)
             for s in np.flatnonzero(active):
+                j, e, i = s // M, (s % M) * K + episode_in_trial[s], step_in_episode[s]
                 o, r, term, trunc, info = envs[s].step(np.clip(act[s], low, high))
-                observations[s, t] = obs[s]
-                actions[s, t] = act[s]
-                rewards[s, t] = r
-                mask[s, t] = 1.0
+                observations[j, e, i] = obs[s]
+                actions[j, e, i] = act[s]
+                rewards[j, e, i] = r
+                mask[j, e, i] = 1.0
                 step_rewards[s] = r
                 for key, value in info.items():
                     if key.startswith("reward_"):
                         if key not in terms:
-                            terms[key] = np.zeros(S, np.float32)
-                        terms[key][s] += value
+                            terms[key] = np.zeros((n, E), np.float32)
+                        terms[key][j, e] += value
                 obs[s] = o
+                step_in_episode[s] += 1
+                # An env registered without a time limit is cut at the family's horizon.
+                trunc = bool(trunc) or (not term and step_in_episode[s] >= horizon)
                 if term or trunc:
-                    active[s] = False
                     step_dones[s] = True
-                    terminated[s], truncated[s] = bool(term), bool(trunc) and not term
-                    last_obs[s] = o
+                    terminated[j, e], truncated[j, e] = bool(term), not term
+                    last_obs[j, e] = o
+                    if episode_in_trial[s] + 1 < K:  # next episode of the same trial, same task
+                        episode_in_trial[s] += 1
+                        step_in_episode[s] = 0
+                        obs[s] = envs[s].reset(seed=slot_seed(seed, task_indices[j], e + 1))[0]
+                    else:
+                        active[s] = False
             if observe is not None:
-                observe(step_rewards.reshape(n, E), step_dones.reshape(n, E))
-            if not active.any():
-                break
-        if active.any():  # no time limit reached (env registered without one): cut at the horizon
-            truncated[active] = True
-            last_obs[active] = obs[active]
+                observe(step_rewards.reshape(n, M), step_dones.reshape(n, M))
+            t += 1
 
-        shape = lambda a: a.reshape((n, E) + a.shape[1:])  # noqa: E731
         return {
-            "observations": shape(observations), "actions": shape(actions), "rewards": shape(rewards),
-            "mask": shape(mask), "terminated": shape(terminated), "truncated": shape(truncated),
-            "last_observations": shape(last_obs), "reward_terms": {k: shape(v) for k, v in terms.items()},
+            "observations": observations, "actions": actions, "rewards": rewards, "mask": mask,
+            "terminated": terminated, "truncated": truncated, "last_observations": last_obs,
+            "reward_terms": terms,
         }
 
     def close(self) -> None:
@@ -201,24 +212,34 @@ class GymnasiumSampler:
             self._procs.append(proc)
             self._conns.append(parent)
 
-    def sample(self, actor: Any, tasks: Sequence[Task], episodes_per_task: int, seed: int) -> EpisodeBatch:
-        """Roll out ``episodes_per_task`` episodes of every task with ``actor``; returns an `EpisodeBatch`."""
+    def sample(self, actor: Any, tasks: Sequence[Task], episodes_per_task: int, seed: int,
+               episodes_per_trial: int = 1) -> EpisodeBatch:
+        """Roll out ``episodes_per_task`` episodes of every task with ``actor``; returns an `EpisodeBatch`.
+
+        With ``episodes_per_trial = K > 1`` each slot runs K consecutive episodes of its task (a trial),
+        and the actor is not restarted in between (recurrent actors keep their state; ``observe`` gets
+        ``dones`` at every episode end). Episode ``m * K + k`` of a task is episode k of its trial m.
+        """
         tasks = list(tasks)
         if not tasks:
             raise ValueError("sample: no tasks given")
         if episodes_per_task < 1:
             raise ValueError(f"sample: episodes_per_task must be >= 1, got {episodes_per_task}")
+        if episodes_per_trial < 1 or episodes_per_task % episodes_per_trial:
+            raise ValueError(f"sample: episodes_per_trial ({episodes_per_trial}) must be >= 1 and divide "
+                             f"episodes_per_task ({episodes_per_task})")
         for task in tasks:
             self.family.check_task(task)
         chunks = [c for c in np.array_split(np.arange(len(tasks)), max(1, min(self.workers, len(tasks)))) if len(c)]
         if self.workers == 0:
             if self._local is None:
                 self._local = _Rollouts(self.env_id, self.env_kwargs)
-            parts = [self._local.run(actor, tasks, list(range(len(tasks))), episodes_per_task, seed)]
+            parts = [self._local.run(actor, tasks, list(range(len(tasks))), episodes_per_task, seed, episodes_per_trial)]
         else:
             self._start(len(chunks))
             for conn, chunk in zip(self._conns, chunks, strict=False):
-                conn.send(("sample", (actor, [tasks[i] for i in chunk], chunk.tolist(), episodes_per_task, seed)))
+                conn.send(("sample", (actor, [tasks[i] for i in chunk], chunk.tolist(), episodes_per_task, seed,
+                                               episodes_per_trial)))
             parts, errors = [], []
             for conn in self._conns[: len(chunks)]:
                 status, result = conn.recv()

@@ -51,7 +51,13 @@ def build_agent(config: RunConfig):
     except Exception as exc:  # e.g. gymnasium's own NameNotFound / import errors for module:Id ids
         raise ConfigError(f"env: cannot make {config.env!r}: {exc}") from exc
     sampler = make_sampler(env_id, config.env_kwargs, config.sampler.backend, config.sampler.workers)
-    agent = agent_class(config.agent_name)(config.agent, sampler, seed=config.seed)
+    try:
+        agent = agent_class(config.agent_name)(config.agent, sampler, seed=config.seed)
+    except TaskError as exc:  # e.g. an agent that cannot run on this env's spaces
+        sampler.close()
+        raise ConfigError(f"agent: {exc}") from exc
+    if hasattr(agent, "set_total_iterations"):
+        agent.set_total_iterations(config.iterations)
     return sampler, agent
 
 

@@ -1,0 +1,439 @@
+"""RL² (Duan et al., 2016; Wang et al., 2016): a recurrent policy that adapts in context, trained by PPO.
+
+A *trial* is K consecutive episodes of one task. Every step the GRU sees the observation, the previous
+action, the previous reward and a flag that an episode just ended (time-limit endings included); its
+hidden state is kept across the episodes of a trial and reset only between trials, so whatever it learns
+about the task in episode 1 it can use in episode 2. Nothing is adapted by gradient at test time.
+
+Training is PPO over whole trials treated as one sequence each (the meta-episode): GAE runs across the
+episode boundaries inside a trial (the next value after an episode's last step is the value of the next
+episode's first state, with the hidden state carried), and the value after the trial's last step is
+bootstrapped when that episode was cut by the time limit (``bootstrap_trial_end``). Minibatches are
+groups of whole trials, re-run from a zero hidden state (or, with ``bptt_chunk``, chunks of that length
+started from the hidden states of a no-grad pass: truncated BPTT). The same GRU cell is stepped in the
+sampler and in the update, so the recorded log-probabilities and the recomputed ones agree exactly.
+
+Defaults follow VariBAD's RL² (REFERENCE.md): GRU 128, 2 episodes per trial, lr 7e-4, clip 0.1, 2 epochs,
+4 minibatches, 16 parallel trials, gamma 0.97, GAE lambda 0.9, entropy 0.01.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from metarl.agents.policies import DiagGaussian
+from metarl.episodes import EpisodeBatch
+from metarl.evaluation import AdaptationResult
+from metarl.returns import gae
+from metarl.tasks import Task, TaskError
+
+
+@dataclasses.dataclass(frozen=True)
+class RL2Config:
+    """Hyperparameters of RL²-PPO (defaults: VariBAD's RL², REFERENCE.md)."""
+
+    tasks_per_batch: int = 16
+    trials_per_task: int = 1
+    episodes_per_trial: int = 2
+    hidden_size: int = 128
+    lr: float = 7e-4
+    lr_schedule: str = "constant"   # or "linear" (to 0 at the last iteration)
+    clip: float = 0.1
+    epochs: int = 2
+    minibatches: int = 4
+    gamma: float = 0.97
+    gae_lambda: float = 0.9
+    entropy_coef: float = 0.01
+    value_coef: float = 0.5
+    max_grad_norm: float = 0.5
+    normalize_obs: bool = True
+    normalize_rewards: bool = True
+    bptt_chunk: int = 0             # 0: back-propagate through whole trials
+    bootstrap_trial_end: bool = True
+    init_std: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("tasks_per_batch", "trials_per_task", "episodes_per_trial", "hidden_size", "epochs", "minibatches"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"agent.{name} must be a positive integer, got {value!r}")
+        for name in ("lr", "clip", "init_std", "max_grad_norm"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"agent.{name} must be a positive number, got {value!r}")
+        for name in ("gamma", "gae_lambda"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ValueError(f"agent.{name} must be in (0, 1], got {getattr(self, name)!r}")
+        for name in ("entropy_coef", "value_coef"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"agent.{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.lr_schedule not in ("constant", "linear"):
+            raise ValueError(f"agent.lr_schedule must be 'constant' or 'linear', got {self.lr_schedule!r}")
+        if self.bptt_chunk < 0:
+            raise ValueError(f"agent.bptt_chunk must be >= 0 (0: whole trials), got {self.bptt_chunk}")
+
+
+class RunningMeanStd:
+    """Running mean and variance over a stream of batches (parallel Welford/Chan update)."""
+
+    def __init__(self, shape: tuple[int, ...] = ()):
+        self.mean = np.zeros(shape, np.float64)
+        self.var = np.ones(shape, np.float64)
+        self.count = 1e-4
+
+    def update(self, x: np.ndarray) -> None:
+        x = np.asarray(x, np.float64).reshape(-1, *self.mean.shape)
+        if len(x) == 0:
+            return
+        b_mean, b_var, b_count = x.mean(0), x.var(0), len(x)
+        delta, total = b_mean - self.mean, self.count + b_count
+        self.mean = self.mean + delta * b_count / total
+        self.var = (self.var * self.count + b_var * b_count + delta**2 * self.count * b_count / total) / total
+        self.count = total
+
+    def state(self) -> dict[str, Any]:
+        return {"mean": torch.from_numpy(np.array(self.mean, np.float64)),
+                "var": torch.from_numpy(np.array(self.var, np.float64)), "count": float(self.count)}
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.mean, self.var, self.count = state["mean"].numpy().copy(), state["var"].numpy().copy(), float(state["count"])
+
+
+class RecurrentActorCritic(nn.Module):
+    """Input [obs, prev action, prev reward, episode-ended flag] -> tanh encoder -> GRU cell -> Gaussian
+    action head and value head. ``step`` is the single-step form used both by the sampler and the update."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden_size: int = 128, init_std: float = 1.0):
+        super().__init__()
+        self.config = {"obs_dim": obs_dim, "act_dim": act_dim, "hidden_size": hidden_size, "init_std": init_std}
+        in_dim = obs_dim + act_dim + 2
+        self.encoder = nn.Linear(in_dim, hidden_size)
+        self.gru = nn.GRU(hidden_size, hidden_size, batch_first=True)
+        self.mean_head = nn.Linear(hidden_size, act_dim)
+        self.value_head = nn.Linear(hidden_size, 1)
+        self.log_std = nn.Parameter(torch.full((act_dim,), float(np.log(init_std))))
+        nn.init.orthogonal_(self.mean_head.weight, gain=0.01)
+        nn.init.zeros_(self.mean_head.bias)
+
+    def step(self, inputs: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One step for a batch: ``inputs [B, in]``, ``hidden [B, H]`` -> mean, value, new hidden."""
+        mean, value, hiddens = self.unroll(inputs.unsqueeze(1), hidden)
+        return mean[:, 0], value[:, 0], hiddens[:, 0]
+
+    def unroll(self, inputs: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``inputs [B, L, in]`` from ``hidden [B, H]``: means ``[B, L, act]``, values ``[B, L]``, hiddens ``[B, L, H]``
+        (the state *after* each step). One fused GRU call: the time loop runs in C++, not Python."""
+        out, _ = self.gru(torch.tanh(self.encoder(inputs)), hidden.unsqueeze(0).contiguous())
+        return self.mean_head(out), self.value_head(out).squeeze(-1), out
+
+
+def make_inputs(obs: torch.Tensor, prev_action: torch.Tensor, prev_reward: torch.Tensor, ended: torch.Tensor,
+                obs_rms: RunningMeanStd | None, reward_scale: float) -> torch.Tensor:
+    """The policy input: normalised observation, previous action, scaled previous reward, flag."""
+    if obs_rms is not None:
+        mean = torch.as_tensor(obs_rms.mean, dtype=obs.dtype)
+        std = torch.as_tensor(np.sqrt(obs_rms.var + 1e-8), dtype=obs.dtype)
+        obs = ((obs - mean) / std).clamp(-10, 10)
+    return torch.cat([obs, prev_action, (prev_reward / reward_scale).unsqueeze(-1), ended.unsqueeze(-1)], -1)
+
+
+class RL2Actor:
+    """Picklable sampling-side RL² policy: steps the GRU for every slot, carrying the state within a trial."""
+
+    def __init__(self, model_config: dict[str, Any], state_dict: dict[str, torch.Tensor], obs_rms: RunningMeanStd | None,
+                 reward_scale: float, seed: int, deterministic: bool = False, record_hidden: bool = False):
+        self.model_config = dict(model_config)
+        self.state_dict = {k: v.detach().clone() for k, v in state_dict.items()}
+        self.obs_rms, self.reward_scale = obs_rms, float(reward_scale)
+        self.seed, self.deterministic, self.record_hidden = int(seed), bool(deterministic), bool(record_hidden)
+        self._model: RecurrentActorCritic | None = None
+        self.hidden_log: list[np.ndarray] = []
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_model"] = None
+        return state
+
+    def start(self, task_indices: list[int], slots: int) -> None:
+        if self._model is None:
+            self._model = RecurrentActorCritic(**self.model_config)
+            self._model.load_state_dict(self.state_dict)
+        n = len(task_indices)
+        act_dim, hidden_size = self.model_config["act_dim"], self.model_config["hidden_size"]
+        self._shape = (n, slots)
+        self._hidden = torch.zeros(n * slots, hidden_size)  # a new trial: a fresh state
+        self._prev_action = torch.zeros(n * slots, act_dim)
+        self._prev_reward = torch.zeros(n * slots)
+        self._ended = torch.zeros(n * slots)
+        self._generators = []
+        for i in task_indices:
+            g = torch.Generator()
+            g.manual_seed(int(np.random.SeedSequence([self.seed, int(i), 11]).generate_state(1)[0]))
+            self._generators.append(g)
+        self.hidden_log = []
+
+    @torch.no_grad()
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        assert self._model is not None
+        n, slots = self._shape
+        o = torch.from_numpy(np.ascontiguousarray(obs, dtype=np.float32)).reshape(n * slots, -1)
+        inputs = make_inputs(o, self._prev_action, self._prev_reward, self._ended, self.obs_rms, self.reward_scale)
+        if self.record_hidden:
+            self.hidden_log.append(self._hidden.numpy().copy())
+        mean, _, self._hidden = self._model.step(inputs, self._hidden)
+        if self.deterministic:
+            action = mean
+        else:
+            noise = torch.stack([torch.randn(slots, mean.shape[-1], generator=g) for g in self._generators])
+            action = mean + self._model.log_std.exp() * noise.reshape(n * slots, -1)
+        self._prev_action = action
+        return action.reshape(n, slots, -1).numpy()
+
+    def observe(self, rewards: np.ndarray, dones: np.ndarray) -> None:
+        self._prev_reward = torch.from_numpy(np.asarray(rewards, np.float32).reshape(-1))
+        self._ended = torch.from_numpy(np.asarray(dones, np.float32).reshape(-1))
+
+
+@dataclasses.dataclass
+class Trials:
+    """Episodes regrouped into trial sequences ``[B, L]`` (valid steps first, in order), plus one extra
+    position per trial holding the input after its last step (for the bootstrap value)."""
+
+    obs: torch.Tensor          # [B, L+1, obs]
+    actions: torch.Tensor      # [B, L, act]  (sampled, unclipped)
+    rewards: torch.Tensor      # [B, L]
+    mask: torch.Tensor         # [B, L]
+    prev_action: torch.Tensor  # [B, L+1, act]
+    prev_reward: torch.Tensor  # [B, L+1]
+    ended: torch.Tensor        # [B, L+1]  an episode ended at the previous step
+    lengths: torch.Tensor      # [B]
+    last_truncated: torch.Tensor  # [B] the trial's last episode was cut by the time limit
+
+
+def to_trials(batch: EpisodeBatch, episodes_per_trial: int) -> Trials:
+    """Regroup an ``[N, E, T]`` batch (episode ``m*K + k`` = episode k of trial m) into trial sequences."""
+    N, E, T = batch.rewards.shape
+    K = episodes_per_trial
+    M = E // K
+    B = N * M
+    mask = batch.mask.reshape(B, K * T)
+    order = torch.sort(mask, dim=1, descending=True, stable=True).indices  # valid steps first, order kept
+    take = lambda x: torch.gather(x, 1, order if x.dim() == 2 else order.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # noqa: E731
+    obs = take(batch.observations.reshape(B, K * T, -1))
+    actions = take(batch.actions.reshape(B, K * T, -1))
+    rewards = take(batch.rewards.reshape(B, K * T))
+    m = take(mask)
+    lengths = m.sum(1).long()
+    # episode ends inside the compacted sequence: the last valid step of each episode
+    ep_len = batch.lengths.reshape(B, K).long()
+    ends = torch.cumsum(ep_len, 1) - 1                                  # [B, K] positions of episode ends
+    done = torch.zeros(B, K * T + 1)
+    done.scatter_(1, ends, 1.0)
+    L = K * T
+    # position t's inputs come from step t-1; the extra position L_b = lengths[b] is "after the trial"
+    obs_ext = torch.cat([obs, torch.zeros(B, 1, obs.shape[-1])], 1)
+    idx = torch.arange(B)
+    obs_ext[idx, lengths] = batch.last_observations.reshape(B, K, -1)[:, -1]
+    prev_action = torch.cat([torch.zeros(B, 1, actions.shape[-1]), actions], 1)
+    prev_reward = torch.cat([torch.zeros(B, 1), rewards], 1)
+    ended = torch.cat([torch.zeros(B, 1), done[:, :L]], 1)
+    last_truncated = batch.truncated.reshape(B, K)[:, -1]
+    return Trials(obs_ext, actions, rewards, m, prev_action, prev_reward, ended, lengths, last_truncated)
+
+
+class RL2:
+    """The RL²-PPO agent (see the module docstring)."""
+
+    name = "rl2"
+    config_class = RL2Config
+
+    def __init__(self, config: RL2Config, sampler: Any, seed: int = 0):
+        self.config = config
+        self.sampler = sampler
+        if len(sampler.observation_space.shape) != 1 or len(sampler.action_space.shape) != 1:
+            raise TaskError(f"{sampler.family.family}: RL² needs flat (1-D) Box observations and actions, got "
+                            f"{sampler.observation_space.shape} and {sampler.action_space.shape}")
+        obs_dim, act_dim = sampler.observation_space.shape[0], sampler.action_space.shape[0]
+        torch.manual_seed(seed)
+        self.model = RecurrentActorCritic(obs_dim, act_dim, config.hidden_size, config.init_std)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr, eps=1e-5)
+        self.obs_rms = RunningMeanStd((obs_dim,)) if config.normalize_obs else None
+        self.ret_rms = RunningMeanStd(())
+        self.rng = np.random.default_rng(seed)
+        self.env_steps = 0
+        self.iteration = 0
+        self.total_iterations: int | None = None
+
+    def set_total_iterations(self, n: int) -> None:
+        self.total_iterations = int(n)
+
+    @property
+    def reward_scale(self) -> float:
+        return float(np.sqrt(self.ret_rms.var + 1e-8)) if self.config.normalize_rewards else 1.0
+
+    def _seed(self) -> int:
+        return int(self.rng.integers(2**31 - 1))
+
+    def actor(self, deterministic: bool = False, record_hidden: bool = False) -> RL2Actor:
+        return RL2Actor(self.model.config, self.model.state_dict(), self._frozen_obs_rms(), self.reward_scale,
+                        seed=self._seed(), deterministic=deterministic, record_hidden=record_hidden)
+
+    def _frozen_obs_rms(self) -> RunningMeanStd | None:
+        if self.obs_rms is None:
+            return None
+        frozen = RunningMeanStd(self.obs_rms.mean.shape)
+        frozen.mean, frozen.var, frozen.count = self.obs_rms.mean.copy(), self.obs_rms.var.copy(), self.obs_rms.count
+        return frozen
+
+    def inputs(self, trials: Trials, obs_rms: RunningMeanStd | None, reward_scale: float) -> torch.Tensor:
+        return make_inputs(trials.obs, trials.prev_action, trials.prev_reward, trials.ended, obs_rms, reward_scale)
+
+    def trial_advantages(self, trials: Trials, values: torch.Tensor, rewards: torch.Tensor) -> torch.Tensor:
+        """GAE over whole trials; ``values [B, L+1]`` (the last valid position + 1 is the bootstrap)."""
+        c = self.config
+        idx = torch.arange(values.shape[0])
+        bootstrap = values[idx, trials.lengths] * (trials.last_truncated.float() if c.bootstrap_trial_end else 0.0)
+        return gae(rewards.unsqueeze(0), values[:, :-1].unsqueeze(0), trials.mask.unsqueeze(0), c.gamma,
+                   c.gae_lambda, bootstrap=bootstrap.unsqueeze(0)).squeeze(0)
+
+    def train_step(self, tasks: list[Task]) -> dict[str, float]:
+        c = self.config
+        t0 = time.perf_counter()
+        episodes = c.trials_per_task * c.episodes_per_trial
+        batch = self.sampler.sample(self.actor(), tasks, episodes, self._seed(), episodes_per_trial=c.episodes_per_trial)
+        sample_time = time.perf_counter() - t0
+        self.env_steps += batch.env_steps
+        trials = to_trials(batch, c.episodes_per_trial)
+        obs_rms, scale = self._frozen_obs_rms(), self.reward_scale  # what the sampler used
+        inputs = self.inputs(trials, obs_rms, scale)
+        rewards = trials.rewards / scale
+        B, L = trials.rewards.shape
+        with torch.no_grad():
+            means, values, hiddens = self.model.unroll(inputs, torch.zeros(B, c.hidden_size))
+            old_logp = DiagGaussian(means[:, :-1], self.model.log_std.expand_as(means[:, :-1])).log_prob(trials.actions)
+            advantages = self.trial_advantages(trials, values, rewards)
+            returns = advantages + values[:, :-1]
+        valid = trials.mask > 0
+        adv_norm = (advantages - advantages[valid].mean()) / (advantages[valid].std() + 1e-8)
+
+        # Sequences to train on: whole trials, or chunks started from the no-grad pass's hidden states.
+        h_start = torch.cat([torch.zeros(B, 1, c.hidden_size), hiddens[:, :-1]], 1)  # state before each step
+        chunk = c.bptt_chunk if c.bptt_chunk and c.bptt_chunk < L else L
+        starts = list(range(0, L, chunk))
+        pieces = [(b, s) for b in range(B) for s in starts]
+        if self.total_iterations and c.lr_schedule == "linear":
+            for group in self.optimizer.param_groups:
+                group["lr"] = c.lr * max(0.0, 1 - self.iteration / self.total_iterations)
+        stats: dict[str, list[float]] = {k: [] for k in ("policy", "value", "entropy", "approx_kl", "clip_frac")}
+        for _ in range(c.epochs):
+            perm = self.rng.permutation(len(pieces))
+            for mb in np.array_split(perm, min(c.minibatches, len(pieces))):
+                b_idx = torch.as_tensor([pieces[i][0] for i in mb])
+                s_idx = [pieces[i][1] for i in mb]
+                cols = torch.stack([torch.arange(s, s + chunk) for s in s_idx]).clamp_max(L - 1)
+                rows = b_idx.unsqueeze(1)
+                x = inputs[rows, cols]
+                m = trials.mask[rows, cols] * (torch.arange(chunk) + torch.as_tensor(s_idx).unsqueeze(1) < L)
+                h0 = h_start[b_idx, torch.as_tensor(s_idx)]
+                mean, value, _ = self.model.unroll(x, h0)
+                dist = DiagGaussian(mean, self.model.log_std.expand_as(mean))
+                logp = dist.log_prob(trials.actions[rows, cols])
+                ratio = torch.exp(logp - old_logp[rows, cols])
+                adv = adv_norm[rows, cols]
+                policy_loss = -torch.min(ratio * adv, ratio.clamp(1 - c.clip, 1 + c.clip) * adv)
+                value_loss = (value - returns[rows, cols]).pow(2)
+                entropy = dist.entropy()
+                denom = m.sum().clamp_min(1.0)
+                loss = ((policy_loss + c.value_coef * value_loss - c.entropy_coef * entropy) * m).sum() / denom
+                self.optimizer.zero_grad()
+                loss.backward()
+                nn.utils.clip_grad_norm_(self.model.parameters(), c.max_grad_norm)
+                self.optimizer.step()
+                with torch.no_grad():
+                    log_ratio = logp - old_logp[rows, cols]
+                    stats["policy"].append(((policy_loss * m).sum() / denom).item())
+                    stats["value"].append(((value_loss * m).sum() / denom).item())
+                    stats["entropy"].append(((entropy * m).sum() / denom).item())
+                    stats["approx_kl"].append((((ratio - 1) - log_ratio) * m).sum().item() / denom.item())
+                    stats["clip_frac"].append((((ratio - 1).abs() > c.clip).float() * m).sum().item() / denom.item())
+
+        # Normalisers learn from this batch for the *next* iteration (the sampler and update used the same).
+        if self.obs_rms is not None:
+            self.obs_rms.update(batch.observations[batch.mask > 0].numpy())
+        if c.normalize_rewards:
+            self.ret_rms.update(_discounted_trial_returns(trials, c.gamma)[valid].numpy())
+        self.iteration += 1
+        total = time.perf_counter() - t0
+        y, v = returns[valid], values[:, :-1][valid]
+        explained = float(1 - (y - v).var() / y.var().clamp_min(1e-8))
+        per_episode = batch.returns.reshape(len(tasks), c.trials_per_task, c.episodes_per_trial).mean((0, 1))
+        metrics = {f"meta/return_episode{k}": float(r) for k, r in enumerate(per_episode)}
+        metrics.update({
+            "meta/return_pre_adaptation": float(per_episode[0]),
+            "meta/return_post_adaptation": float(per_episode[-1]),
+            "loss/policy": float(np.mean(stats["policy"])),
+            "loss/value": float(np.mean(stats["value"])),
+            "loss/entropy": float(np.mean(stats["entropy"])),
+            "loss/approx_kl": float(np.mean(stats["approx_kl"])),
+            "loss/clip_fraction": float(np.mean(stats["clip_frac"])),
+            "loss/explained_variance": explained,
+            "loss/learning_rate": float(self.optimizer.param_groups[0]["lr"]),
+            "time/sampling_s": sample_time,
+            "time/update_s": total - sample_time,
+            "time/iteration_s": total,
+            "time/env_steps_per_s": batch.env_steps / max(total, 1e-9),
+            "time/sampling_steps_per_s": batch.env_steps / max(sample_time, 1e-9),
+            "env_steps": float(self.env_steps),
+        })
+        return metrics
+
+    def evaluate_adaptation(self, tasks: list[Task], steps: int, episodes: int, seed: int) -> AdaptationResult:
+        """A trial of ``steps + 1`` episodes per held-out task, ``episodes`` trials each; stage k is the
+        return of episode k of the trial (it has seen k episodes of the task before)."""
+        rng = np.random.default_rng(seed)
+        K = steps + 1
+        actor = RL2Actor(self.model.config, self.model.state_dict(), self._frozen_obs_rms(), self.reward_scale,
+                         seed=int(rng.integers(2**31 - 1)))
+        batch = self.sampler.sample(actor, tasks, episodes * K, int(rng.integers(2**31 - 1)), episodes_per_trial=K)
+        n = len(tasks)
+        returns = batch.returns.reshape(n, episodes, K)
+        lengths = batch.lengths.reshape(n, episodes, K)
+        before = torch.cat([torch.zeros(n, episodes, 1), torch.cumsum(lengths, -1)[..., :-1]], -1)
+        return AdaptationResult(
+            tasks=list(tasks),
+            returns=returns.mean(1).numpy(),
+            adapt_episodes=list(range(K)),
+            adapt_env_steps=[float(x) for x in before.mean((0, 1))],
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "ret_rms": self.ret_rms.state(), "iteration": self.iteration, "env_steps": self.env_steps,
+                 "rng": self.rng.bit_generator.state}
+        if self.obs_rms is not None:
+            state["obs_rms"] = self.obs_rms.state()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.ret_rms.load(state["ret_rms"])
+        if self.obs_rms is not None:
+            if "obs_rms" not in state:
+                raise KeyError("checkpoint has no observation normaliser but the config asks for one")
+            self.obs_rms.load(state["obs_rms"])
+        self.iteration, self.env_steps = int(state["iteration"]), int(state["env_steps"])
+        self.rng.bit_generator.state = state["rng"]
+
+
+def _discounted_trial_returns(trials: Trials, gamma: float) -> torch.Tensor:
+    from metarl.returns import discounted_returns
+
+    return discounted_returns(trials.rewards.unsqueeze(0), trials.mask.unsqueeze(0), gamma).squeeze(0)
