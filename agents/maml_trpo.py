@@ -73,6 +73,7 @@ class MAMLTRPOConfig:
     hidden: tuple[int, ...] = (64, 64)
     activation: str = "tanh"
     init_std: float = 1.0
+    init: str = "xavier"            # "xavier" (pytorch-maml-rl) or "orthogonal" (small output layer)
 
     def __post_init__(self) -> None:
         positive_ints = ("tasks_per_batch", "episodes_per_task", "inner_steps", "cg_iters", "ls_max_steps")
@@ -90,6 +91,8 @@ class MAMLTRPOConfig:
                 raise ValueError(f"agent.{name} must be in (0, 1], got {value!r}")
         if not (isinstance(self.cg_damping, (int, float)) and self.cg_damping >= 0):
             raise ValueError(f"agent.cg_damping must be >= 0, got {self.cg_damping!r}")
+        if self.init not in ("xavier", "orthogonal"):
+            raise ValueError(f"agent.init must be 'xavier' or 'orthogonal', got {self.init!r}")
         if not self.hidden or any((not isinstance(h, int)) or h < 1 for h in self.hidden):
             raise ValueError(f"agent.hidden must be a non-empty list of positive integers, got {self.hidden!r}")
 
@@ -117,7 +120,8 @@ class MAMLTRPO:
         obs_dim = int(np.prod(sampler.observation_space.shape))
         act_dim = int(np.prod(sampler.action_space.shape))
         torch.manual_seed(seed)
-        self.policy = GaussianMLPPolicy(obs_dim, act_dim, config.hidden, config.activation, config.init_std)
+        self.policy = GaussianMLPPolicy(obs_dim, act_dim, config.hidden, config.activation, config.init_std,
+                                        init=config.init)
         self.baseline = LinearFeatureBaseline()
         self.rng = np.random.default_rng(seed)
         self.env_steps = 0
@@ -223,8 +227,9 @@ class MAMLTRPO:
         )
 
         direction = conjugate_gradient(fisher_vector_product, -grad, iters=c.cg_iters)
+        # Scale so the quadratic model of the KL, 0.5 s^T F s, equals max_kl at the full step.
         shs = 0.5 * torch.dot(direction, fisher_vector_product(direction))
-        full_step = direction * torch.sqrt(2 * c.max_kl / shs.clamp_min(1e-12)) if torch.isfinite(shs) else None
+        full_step = direction * torch.sqrt(c.max_kl / shs.clamp_min(1e-12)) if torch.isfinite(shs) else None
 
         old_flat = flatten(leaves).detach()
         loss_before_value = loss_before.item()

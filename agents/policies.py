@@ -35,17 +35,23 @@ class GaussianMLPPolicy(nn.Module):
     """
 
     def __init__(self, obs_dim: int, act_dim: int, hidden: tuple[int, ...] = (64, 64),
-                 activation: str = "tanh", init_std: float = 1.0, min_std: float = 1e-6):
+                 activation: str = "tanh", init_std: float = 1.0, min_std: float = 1e-6, init: str = "xavier"):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        if init not in ("xavier", "orthogonal"):
+            raise ValueError(f"init must be 'xavier' or 'orthogonal', got {init!r}")
         self.config = {"obs_dim": int(obs_dim), "act_dim": int(act_dim), "hidden": tuple(int(h) for h in hidden),
-                       "activation": activation, "init_std": float(init_std), "min_std": float(min_std)}
+                       "activation": activation, "init_std": float(init_std), "min_std": float(min_std), "init": init}
         sizes = (obs_dim, *hidden, act_dim)
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:], strict=True))
         for i, layer in enumerate(self.layers):
-            # Orthogonal init, small last layer: the initial policy is near the origin with std init_std.
-            nn.init.orthogonal_(layer.weight, gain=0.01 if i == len(self.layers) - 1 else np.sqrt(2))
+            if init == "xavier":
+                # MAML lineage (pytorch-maml-rl): every layer, output included, at full scale, so the
+                # inner gradient reaches the hidden layers from the first iteration.
+                nn.init.xavier_uniform_(layer.weight)
+            else:  # PPO practice: small output layer, the initial mean is near zero
+                nn.init.orthogonal_(layer.weight, gain=0.01 if i == len(self.layers) - 1 else np.sqrt(2))
             nn.init.zeros_(layer.bias)
         self.log_std = nn.Parameter(torch.full((act_dim,), float(np.log(init_std))))
         self._act = ACTIVATIONS[activation]
@@ -122,6 +128,17 @@ def batch_params(params: dict[str, torch.Tensor], n: int) -> OrderedDict[str, to
     return OrderedDict((k, v.unsqueeze(0).expand(n, *v.shape)) for k, v in params.items())
 
 
+def task_generators(seed: int, task_indices: list[int]) -> list[torch.Generator]:
+    """One noise generator per task, seeded from (seed, global task index): an actor's noise for a task is
+    the same whichever worker, and alongside whichever other tasks, it runs."""
+    generators = []
+    for i in task_indices:
+        g = torch.Generator()
+        g.manual_seed(int(np.random.SeedSequence([seed, int(i), 7]).generate_state(1)[0]))
+        generators.append(g)
+    return generators
+
+
 class GaussianActor:
     """Picklable sampling-side twin of a `GaussianMLPPolicy` with per-task parameters.
 
@@ -154,11 +171,7 @@ class GaussianActor:
             (k, torch.from_numpy(v[idx] if self.batched else np.broadcast_to(v, (n, *v.shape)).copy()))
             for k, v in self.params.items()
         )
-        self._generators = []
-        for i in task_indices:
-            g = torch.Generator()
-            g.manual_seed(int(np.random.SeedSequence([self.seed, int(i), 7]).generate_state(1)[0]))
-            self._generators.append(g)
+        self._generators = task_generators(self.seed, task_indices)
 
     @torch.no_grad()
     def act(self, obs: np.ndarray) -> np.ndarray:

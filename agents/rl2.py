@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from metarl.agents.policies import DiagGaussian
+from metarl.agents.policies import DiagGaussian, task_generators
 from metarl.episodes import EpisodeBatch
 from metarl.evaluation import AdaptationResult
 from metarl.returns import gae
@@ -172,11 +172,7 @@ class RL2Actor:
         self._prev_action = torch.zeros(n * slots, act_dim)
         self._prev_reward = torch.zeros(n * slots)
         self._ended = torch.zeros(n * slots)
-        self._generators = []
-        for i in task_indices:
-            g = torch.Generator()
-            g.manual_seed(int(np.random.SeedSequence([self.seed, int(i), 11]).generate_state(1)[0]))
-            self._generators.append(g)
+        self._generators = task_generators(self.seed, task_indices)
         self.hidden_log = []
 
     @torch.no_grad()

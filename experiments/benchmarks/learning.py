@@ -1,6 +1,6 @@
-"""Learning benchmark: train a config, evaluate on held-out tasks, write the figures to a results file.
+"""Learning benchmark for any agent: train a config, evaluate on held-out tasks, write the figures to a file.
 
-    python experiments/benchmarks/maml_learning.py CONFIG [key=value ...] --out experiments/results/NAME.json
+    python experiments/benchmarks/learning.py CONFIG [key=value ...] --out experiments/results/NAME.json
 
 Writes the training curve (pre- and post-adaptation return per iteration), the held-out adaptation
 curve (mean return and 95% bootstrap CI per adaptation stage), wall time, env steps and the resolved
@@ -32,7 +32,8 @@ def main() -> None:
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     summary = json.loads((run_dir / "eval" / config.eval.split / "summary.json").read_text())
     result = {
-        "benchmark": "maml_learning",
+        "benchmark": "learning",
+        "agent": config.agent_name,
         "config": config.to_dict(),
         "overrides": args.overrides,
         "note": args.note,
