@@ -85,10 +85,12 @@ class MAMLTRPOConfig:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"agent.{name} must be a positive number, got {value!r}")
-        for name in ("gamma", "gae_lambda", "ls_backtrack"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and 0 < value <= 1):
-                raise ValueError(f"agent.{name} must be in (0, 1], got {value!r}")
+        if not (isinstance(self.gamma, (int, float)) and 0 < self.gamma <= 1):
+            raise ValueError(f"agent.gamma must be in (0, 1], got {self.gamma!r}")
+        if not (isinstance(self.gae_lambda, (int, float)) and 0 <= self.gae_lambda <= 1):
+            raise ValueError(f"agent.gae_lambda must be in [0, 1], got {self.gae_lambda!r}")
+        if not (isinstance(self.ls_backtrack, (int, float)) and 0 < self.ls_backtrack < 1):
+            raise ValueError(f"agent.ls_backtrack must be in (0, 1), got {self.ls_backtrack!r}")
         if not (isinstance(self.cg_damping, (int, float)) and self.cg_damping >= 0):
             raise ValueError(f"agent.cg_damping must be >= 0, got {self.cg_damping!r}")
         if self.init not in ("xavier", "orthogonal"):

@@ -10,8 +10,9 @@ episode boundaries inside a trial (the next value after an episode's last step i
 episode's first state, with the hidden state carried), and the value after the trial's last step is
 bootstrapped when that episode was cut by the time limit (``bootstrap_trial_end``). Minibatches are
 groups of whole trials, re-run from a zero hidden state (or, with ``bptt_chunk``, chunks of that length
-started from the hidden states of a no-grad pass: truncated BPTT). The same GRU cell is stepped in the
-sampler and in the update, so the recorded log-probabilities and the recomputed ones agree exactly.
+started from the hidden states of a no-grad pass: truncated BPTT). The same fused GRU runs in the sampler
+(one step at a time) and in the update (whole sequences), so the update's no-grad pass reproduces the
+sampling policy's hidden states and log-probabilities (tested to float tolerance).
 
 Defaults follow VariBAD's RL² (REFERENCE.md): GRU 128, 2 episodes per trial, lr 7e-4, clip 0.1, 2 epochs,
 4 minibatches, 16 parallel trials, gamma 0.97, GAE lambda 0.9, entropy 0.01.
@@ -68,9 +69,10 @@ class RL2Config:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"agent.{name} must be a positive number, got {value!r}")
-        for name in ("gamma", "gae_lambda"):
-            if not 0 < getattr(self, name) <= 1:
-                raise ValueError(f"agent.{name} must be in (0, 1], got {getattr(self, name)!r}")
+        if not 0 < self.gamma <= 1:
+            raise ValueError(f"agent.gamma must be in (0, 1], got {self.gamma!r}")
+        if not 0 <= self.gae_lambda <= 1:
+            raise ValueError(f"agent.gae_lambda must be in [0, 1], got {self.gae_lambda!r}")
         for name in ("entropy_coef", "value_coef"):
             if getattr(self, name) < 0:
                 raise ValueError(f"agent.{name} must be >= 0, got {getattr(self, name)!r}")
@@ -323,7 +325,8 @@ class RL2:
         h_start = torch.cat([torch.zeros(B, 1, c.hidden_size), hiddens[:, :-1]], 1)  # state before each step
         chunk = c.bptt_chunk if c.bptt_chunk and c.bptt_chunk < L else L
         starts = list(range(0, L, chunk))
-        pieces = [(b, s) for b in range(B) for s in starts]
+        lengths = trials.lengths.tolist()
+        pieces = [(b, s) for b in range(B) for s in starts if s < lengths[b]]  # chunks with real steps only
         if self.total_iterations and c.lr_schedule == "linear":
             for group in self.optimizer.param_groups:
                 group["lr"] = c.lr * max(0.0, 1 - self.iteration / self.total_iterations)

@@ -81,7 +81,7 @@ class EvalConfig:
 class RunConfig:
     experiment: str
     env: str
-    agent: Any                      # the agent's own frozen config dataclass (has .name via AgentSpec)
+    agent: Any                      # the agent's own frozen config dataclass (its name is agent_name)
     agent_name: str = "maml_trpo"
     seed: int = 0
     iterations: int = 100
@@ -251,6 +251,8 @@ def load_config(path: str | Path | None, overrides: list[str] = (), data: dict[s
             raise ConfigError(f"{required}: required field is missing")
     config = build(RunConfig, {**data, "agent": {}, "agent_name": name}, "")
     config = dataclasses.replace(config, agent=agent_config)
+    if not 0 <= config.seed < 2**32:
+        raise ConfigError(f"seed: expected an integer in [0, 2**32), got {config.seed}")
     if config.iterations < 1:
         raise ConfigError(f"iterations: expected a positive integer, got {config.iterations}")
     if config.checkpoint_every < 1:

@@ -103,12 +103,14 @@ def _csv(rows: list[list[Any]]) -> str:
 
 def plot_curves(curves: dict[str, dict[str, Any]], path: str | Path | None = None, title: str = ""):
     """Plot adaptation curves (one line per method, CI band) against adaptation episodes; returns the figure."""
-    import matplotlib
+    # A bare Figure with its own Agg canvas: no pyplot state (nothing to leak across evaluations) and
+    # no change to the user's matplotlib backend.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=110)
+    fig = Figure(figsize=(5.5, 3.8), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
     for label, summary in curves.items():
         xs = [s["adapt_episodes"] for s in summary["stages"]]
         ys = [s["mean_return"] for s in summary["stages"]]

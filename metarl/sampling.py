@@ -237,13 +237,18 @@ class GymnasiumSampler:
             parts = [self._local.run(actor, tasks, list(range(len(tasks))), episodes_per_task, seed, episodes_per_trial)]
         else:
             self._start(len(chunks))
-            for conn, chunk in zip(self._conns, chunks, strict=False):
-                conn.send(("sample", (actor, [tasks[i] for i in chunk], chunk.tolist(), episodes_per_task, seed,
-                                               episodes_per_trial)))
             parts, errors = [], []
-            for conn in self._conns[: len(chunks)]:
-                status, result = conn.recv()
-                (parts if status == "ok" else errors).append(result)
+            try:
+                for conn, chunk in zip(self._conns, chunks, strict=False):
+                    conn.send(("sample", (actor, [tasks[i] for i in chunk], chunk.tolist(), episodes_per_task, seed,
+                                          episodes_per_trial)))
+                for conn in self._conns[: len(chunks)]:
+                    status, result = conn.recv()
+                    (parts if status == "ok" else errors).append(result)
+            except (EOFError, OSError) as exc:  # a worker died (killed, out of memory, crashed)
+                codes = [p.exitcode for p in self._procs]
+                self.close()  # no stale replies can be read by a later call
+                raise WorkerError(f"a sampler worker died (exit codes {codes}): {exc!r}") from exc
             if errors:
                 raise WorkerError("a sampler worker failed:\n" + errors[0])
         return EpisodeBatch.from_numpy(tasks, _concat(parts))

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import gymnasium as gym
 import numpy as np
 import torch
 import yaml
@@ -48,7 +49,9 @@ def build_agent(config: RunConfig):
         metarl.make_family(env_id, **config.env_kwargs).close()
     except TaskError as exc:
         raise ConfigError(f"env: {exc}") from exc
-    except Exception as exc:  # e.g. gymnasium's own NameNotFound / import errors for module:Id ids
+    except (gym.error.Error, ImportError, TypeError) as exc:
+        # unknown id, a module:Id whose module does not import, env_kwargs the env does not take;
+        # anything else is a bug in the env and keeps its traceback
         raise ConfigError(f"env: cannot make {config.env!r}: {exc}") from exc
     sampler = make_sampler(env_id, config.env_kwargs, config.sampler.backend, config.sampler.workers)
     try:
@@ -136,9 +139,17 @@ class _Logger:
 
 
 def _truncate_jsonl(path: Path, iteration: int) -> None:
+    """Keep the lines of iterations up to the checkpoint; drop later ones and a line cut by a kill."""
     if not path.is_file():
         return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["iteration"] <= iteration]
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row.get("iteration", iteration + 1) <= iteration:
+            keep.append(line)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("".join(line + "\n" for line in keep))
     os.replace(tmp, path)
@@ -169,14 +180,28 @@ def evaluate_run(agent: Any, config: RunConfig, run_dir: Path, split: str, tasks
     return summary
 
 
+def write_run_config(run_dir: Path, config: RunConfig, meta: dict[str, Any]) -> None:
+    tmp = run_dir / ".config.yaml.tmp"
+    tmp.write_text(yaml.safe_dump({**config.to_dict(), "meta": meta}, sort_keys=False))
+    os.replace(tmp, run_dir / "config.yaml")
+
+
 def train(config: RunConfig, run_dir: Path | None = None, resume: bool = False, verbose: bool = True) -> Path:
     """Meta-train as ``config`` says; returns the run folder. With ``resume``, continue ``run_dir``."""
     sampler, agent = build_agent(config)
+    logger: _Logger | None = None
     try:
         if resume:
             assert run_dir is not None
             state = load_checkpoint(run_dir, agent)
             start = int(state["iteration"])
+            stored = yaml.safe_load((run_dir / "config.yaml").read_text())
+            if stored.get("iterations") != config.iterations:  # resumed with iterations=N: keep the folder true
+                meta = dict(stored.get("meta") or {})
+                meta.setdefault("changes", []).append(
+                    {"at_iteration": start, "iterations": [stored.get("iterations"), config.iterations],
+                     "command": " ".join(sys.argv)})
+                write_run_config(run_dir, config, meta)
             _truncate_jsonl(run_dir / "metrics.jsonl", start)
             logger = _Logger(run_dir, purge_step=agent.env_steps + 1)
             if verbose:
@@ -187,8 +212,7 @@ def train(config: RunConfig, run_dir: Path | None = None, resume: bool = False, 
             if run_dir.exists() and any(run_dir.iterdir()):
                 raise ConfigError(f"run folder {run_dir} already exists and is not empty (use --resume to continue it)")
             (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.yaml").write_text(
-                yaml.safe_dump({**config.to_dict(), "meta": _meta()}, sort_keys=False))
+            write_run_config(run_dir, config, _meta())
             logger = _Logger(run_dir)
             logger.writer.add_text("config", "```\n" + yaml.safe_dump(config.to_dict(), sort_keys=False) + "\n```")
             start = 0
@@ -207,6 +231,7 @@ def train(config: RunConfig, run_dir: Path | None = None, resume: bool = False, 
                     raise FloatingPointError(f"iteration {it + 1}: {key} is {value}; stopping (last checkpoint kept)")
             logger.log(metrics, agent.env_steps, it + 1)
             if (it + 1) % config.checkpoint_every == 0 or it + 1 == config.iterations:
+                logger.writer.flush()  # events up to the checkpoint are on disk before it is
                 _atomic_save({"agent": agent.state_dict(), "iteration": it + 1, "env_steps": agent.env_steps},
                              run_dir / "checkpoints" / "latest.pt")
             if verbose:
@@ -224,9 +249,10 @@ def train(config: RunConfig, run_dir: Path | None = None, resume: bool = False, 
                 _eval_and_report(agent, config, run_dir, logger, verbose)
         if start < config.iterations or not (run_dir / "eval" / config.eval.split / "summary.json").exists():
             _eval_and_report(agent, config, run_dir, logger, verbose)
-        logger.close()
         return run_dir
     finally:
+        if logger is not None:
+            logger.close()
         sampler.close()
 
 

@@ -91,10 +91,14 @@ def test_resume_of_a_killed_run_loses_at_most_the_iteration_in_progress(tmp_path
     assert main(["train", CONFIG, *TINY, "iterations=2", "--run-dir", str(run), "--quiet"]) == 0
     with (run / "metrics.jsonl").open("a") as f:  # what a kill during the next iteration leaves behind
         f.write(json.dumps({"iteration": 3, "env_steps": 99}) + "\n")
+        f.write('{"iteration": 4, "env_st')  # and a line cut in the middle by the kill
     assert main(["train", "--resume", str(run), "iterations=3", "--quiet"]) == 0
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [x["iteration"] for x in lines] == [1, 2, 3]
     assert lines[-1]["env_steps"] == 3 * 1800
+    # the extended budget is now the run's own config: a second resume without the override is a no-op
+    stored = yaml.safe_load((run / "config.yaml").read_text())
+    assert stored["iterations"] == 3 and stored["meta"]["changes"][0]["iterations"] == [2, 3]
 
 
 @pytest.mark.parametrize(
@@ -107,6 +111,8 @@ def test_resume_of_a_killed_run_loses_at_most_the_iteration_in_progress(tmp_path
         ([CONFIG, "env=NoSuchFamily"], "env"),
         ([CONFIG, "agent.no_such_field=1"], "agent.no_such_field"),
         ([CONFIG, "iterations=0"], "iterations"),
+        ([CONFIG, "seed=-1"], "seed"),
+        ([CONFIG, "agent.ls_backtrack=1.0"], "agent.ls_backtrack"),
         ([CONFIG, "eval.split=validation"], "eval.split"),
         ([CONFIG, "sampler.backend=warp"], "sampler.backend"),
         ([CONFIG, "notakeyvalue"], "key=value"),

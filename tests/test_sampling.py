@@ -1,0 +1,45 @@
+"""The sampler: shapes and masks, trial arguments, and a worker that dies."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from metarl.agents.policies import GaussianActor, GaussianMLPPolicy
+from metarl.sampling import GymnasiumSampler, WorkerError
+
+
+def test_batch_layout_and_bad_arguments():
+    with GymnasiumSampler("metarl/AntDir-v0", env_kwargs={"max_episode_steps": 30}, workers=0) as s:
+        policy = GaussianMLPPolicy(105, 8, (8,), init_std=2.0)
+        tasks = s.family.sample_tasks(2, "train", seed=0)
+        batch = s.sample(GaussianActor(policy.config, policy.params(), seed=0), tasks, 3, seed=0)
+        assert batch.observations.shape == (2, 3, 30, 105) and batch.actions.shape == (2, 3, 30, 8)
+        # valid steps are a prefix; an episode ends terminated (fell) or truncated (time limit), not both
+        lengths = batch.lengths
+        for i in range(2):
+            for e in range(3):
+                n = int(lengths[i, e])
+                assert batch.mask[i, e, :n].eq(1).all() and batch.mask[i, e, n:].eq(0).all()
+                assert bool(batch.terminated[i, e]) != bool(batch.truncated[i, e])
+                assert not bool(batch.truncated[i, e]) or n == 30  # truncation only at the time limit
+        assert batch.env_steps == int(lengths.sum())
+        with pytest.raises(ValueError, match="divide"):
+            s.sample(GaussianActor(policy.config, policy.params(), seed=0), tasks, 3, seed=0, episodes_per_trial=2)
+        with pytest.raises(ValueError, match="episodes_per_task"):
+            s.sample(GaussianActor(policy.config, policy.params(), seed=0), tasks, 0, seed=0)
+
+
+def test_a_dead_worker_is_reported_and_the_sampler_recovers():
+    with GymnasiumSampler("metarl/PointNav2D-v0", workers=2) as s:
+        policy = GaussianMLPPolicy(2, 2)
+        tasks = s.family.sample_tasks(4, "train", seed=0)
+        first = s.sample(GaussianActor(policy.config, policy.params(), seed=0), tasks, 2, seed=0)
+        os.kill(s._procs[0].pid, signal.SIGKILL)
+        s._procs[0].join()
+        with pytest.raises(WorkerError, match="died"):
+            s.sample(GaussianActor(policy.config, policy.params(), seed=0), tasks, 2, seed=0)
+        again = s.sample(GaussianActor(policy.config, policy.params(), seed=0), tasks, 2, seed=0)
+        assert (again.rewards == first.rewards).all()  # fresh workers, same numbers
