@@ -236,13 +236,16 @@ class MAMLTRPO:
         old_flat = flatten(leaves).detach()
         loss_before_value = loss_before.item()
 
+        evaluated: list[tuple[float, float]] = []
+
         def evaluate(step: torch.Tensor) -> tuple[float, float]:
             candidate = OrderedDict(
                 (k, v.detach().requires_grad_())
                 for k, v in zip(names, unflatten_like(old_flat + step, leaves), strict=True)
             )
             loss, kl = surrogate_and_kl(candidate, create_graph=False)
-            return loss_before_value - loss.item(), kl.item()
+            evaluated.append((loss_before_value - loss.item(), kl.item()))
+            return evaluated[-1]
 
         scale, tried, accepted = 0.0, 0, False
         if full_step is not None and torch.all(torch.isfinite(full_step)):
@@ -254,7 +257,8 @@ class MAMLTRPO:
             with torch.no_grad():
                 for p, value in zip(leaves, unflatten_like(new_flat, leaves), strict=True):
                     p.copy_(value)
-        loss_after, kl_after = (evaluate(scale * full_step) if accepted else (0.0, 0.0))
+        # The line search stops at the step it accepts, so its last evaluation is the accepted one.
+        loss_after, kl_after = evaluated[-1] if accepted else (0.0, 0.0)
         self.iteration += 1
         total = time.perf_counter() - t0
         metrics = {f"meta/return_step{k}": r for k, r in enumerate(stage_returns)}

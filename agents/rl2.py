@@ -32,7 +32,7 @@ from torch import nn
 from metarl.agents.policies import DiagGaussian, task_generators
 from metarl.episodes import EpisodeBatch
 from metarl.evaluation import AdaptationResult
-from metarl.returns import gae
+from metarl.returns import discounted_returns, gae
 from metarl.tasks import Task, TaskError
 
 
@@ -433,6 +433,4 @@ class RL2:
 
 
 def _discounted_trial_returns(trials: Trials, gamma: float) -> torch.Tensor:
-    from metarl.returns import discounted_returns
-
     return discounted_returns(trials.rewards.unsqueeze(0), trials.mask.unsqueeze(0), gamma).squeeze(0)

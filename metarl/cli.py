@@ -105,7 +105,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             if bad:
                 raise ConfigError(f"--resume continues a run with its own config; only iterations=N may be changed, got {bad[0]!r}")
             if overrides:
-                config = load_config(None, overrides, data={**config.to_dict(), "agent": {"name": config.agent_name, **config.to_dict()["agent"]}})
+                config = load_config(None, overrides, data=config.to_dict())
             train(config, run_dir=run_dir, resume=True, verbose=not args.quiet)
         else:
             if not args.config:
