@@ -5,6 +5,7 @@
     metarl check ID                     check a (custom) task family against metarl's contracts
     metarl train CONFIG [k=v ...]       meta-train (see experiments/), --resume RUN_DIR to continue
     metarl eval RUN_DIR [--split S]     adaptation curve on held-out tasks -> RUN_DIR/eval/<split>/
+    metarl speed [--family F] [--json]  simulator / Gymnasium / sampler step rates, side by side
 
 Usage errors (unknown family, bad arguments) print one line and exit with code 2.
 """
@@ -151,6 +152,27 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_speed(args: argparse.Namespace) -> int:
+    from metarl.speed import DEFAULT_FAMILIES, format_table, measure, write_json
+
+    families = args.family or list(DEFAULT_FAMILIES)
+    if args.workers is not None and args.workers < 0:
+        raise UsageError(f"--workers must be >= 0, got {args.workers}")
+    results = []
+    for family in families:
+        print(f"measuring {family}: {args.tasks} tasks x {args.episodes} episodes, {args.repeats} repeats ...")
+        try:
+            results.append(measure(family, args.tasks, args.episodes, args.repeats, args.workers, args.steps))
+        except (TaskError, ValueError) as exc:
+            raise UsageError(str(exc)) from exc
+        if args.json:  # written after each family, so a long run keeps what it measured
+            write_json(results, args.json)
+    print(format_table(results))
+    if args.json:
+        print(f"written to {args.json}")
+    return 0
+
+
 def _short(value) -> str:
     if isinstance(value, float):
         return f"{value:.3g}"
@@ -191,6 +213,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--episodes", type=int, default=None, help="episodes per stage (default: config)")
     p.add_argument("--tasks", type=int, default=None, help="number of held-out tasks (default: config)")
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("speed", help="measure raw MuJoCo, Gymnasium and sampler step rates side by side")
+    p.add_argument("--family", action="append", help="a MuJoCo family (repeatable; default: HalfCheetahVel, "
+                   "AntGoal, HopperRandParams)")
+    p.add_argument("--tasks", type=int, default=40, help="tasks in the sampled meta-batch (default 40)")
+    p.add_argument("--episodes", type=int, default=20, help="episodes per task (default 20)")
+    p.add_argument("--repeats", type=int, default=3, help="repeats; the median is reported (default 3)")
+    p.add_argument("--steps", type=int, default=4000, help="steps for the single-env rates (default 4000)")
+    p.add_argument("--workers", type=int, default=None, help="sampler processes (default: one per core)")
+    p.add_argument("--json", metavar="FILE", help="also write the rates to FILE")
+    p.set_defaults(func=_cmd_speed)
 
     p = sub.add_parser("check", help="check that a Gymnasium id is a well-formed task family")
     p.add_argument("family", help="family name or Gymnasium id (module:Id-v0 imports module first)")

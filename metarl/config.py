@@ -7,7 +7,7 @@ A config file (see ``experiments/``) looks like::
     seed: 0
     iterations: 100
     agent: {name: maml_trpo, tasks_per_batch: 40, inner_lr: 0.1, ...}
-    sampler: {backend: gymnasium, workers: 2}
+    sampler: {backend: auto, workers: 2}     # auto: native for the MuJoCo families
     eval: {every: 10, split: test, tasks: 40, steps: 3, episodes: 20}
     quick: {iterations: 10, agent.tasks_per_batch: 10}   # applied by the override quick=true
 
@@ -48,12 +48,12 @@ def agent_class(name: str) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class SamplerConfig:
-    backend: str = "gymnasium"
+    backend: str = "auto"  # auto: native where the family supports it, else gymnasium
     workers: int | None = None  # None: one per core
 
     def __post_init__(self) -> None:
-        if self.backend not in ("gymnasium",):
-            raise ConfigError(f"sampler.backend: expected 'gymnasium', got {self.backend!r}")
+        if self.backend not in ("auto", "native", "gymnasium"):
+            raise ConfigError(f"sampler.backend: expected 'auto', 'native' or 'gymnasium', got {self.backend!r}")
         if self.workers is not None and self.workers < 0:
             raise ConfigError(f"sampler.workers: expected >= 0 or null, got {self.workers}")
 

@@ -17,8 +17,12 @@ Actor protocol (see `metarl.agents.policies.GaussianActor`):
 Results do not depend on the number of workers: env seeds are derived from (seed, task index, episode
 index) and actors seed their noise per task. Each slot runs exactly one trial (``episodes_per_trial`` episodes, default 1) per call; no autoreset.
 
-Backends: ``gymnasium`` (this module: Gymnasium envs made with ``gymnasium.make``) is the reference and
-works with any registered task family. A faster backend only has to offer the same ``sample``.
+Backends differ only in their *env slots* (``configure`` / ``reset`` / ``step`` for a set of slots, see
+`_GymSlots`); the rollout loop, the workers and the batch are shared. ``gymnasium`` (one
+``gymnasium.make`` env per slot) is the reference and works with any registered task family; ``native``
+(`metarl.envs.native`) steps the built-in MuJoCo families' ``MjData`` directly and computes observations
+and rewards for the whole batch at once, producing the same numbers. ``make_sampler(backend="auto")``
+picks native where it is supported.
 """
 
 from __future__ import annotations
@@ -41,97 +45,45 @@ def slot_seed(seed: int, task_index: int, episode: int) -> int:
     return int(np.random.SeedSequence([seed, task_index, episode]).generate_state(1)[0])
 
 
-class _Rollouts:
-    """The env slots of one process and the rollout loop over them."""
+class _GymSlots:
+    """Env slots stepped one at a time through Gymnasium (the reference backend; any registered family)."""
 
     def __init__(self, env_id: str, env_kwargs: dict[str, Any]):
         self.env_id, self.env_kwargs = env_id, env_kwargs
-        self.envs: list[gym.Env] = []
+        self.envs: list[gym.Env] = [gym.make(env_id, **env_kwargs)]
+        probe = self.envs[0]
+        spec_horizon = probe.spec.max_episode_steps if probe.spec else None
+        # An env registered without a time limit is cut at the family's horizon.
+        self.horizon = int(spec_horizon or family_of(probe).horizon)
+        space = probe.action_space
+        self.low, self.high = space.low.astype(np.float64), space.high.astype(np.float64)
 
-    def _ensure(self, slots: int) -> None:
-        while len(self.envs) < slots:
+    def configure(self, tasks: Sequence[Task], slots_per_task: int) -> None:
+        """Give slot ``j * slots_per_task + m`` task ``j``."""
+        while len(self.envs) < len(tasks) * slots_per_task:
             self.envs.append(gym.make(self.env_id, **self.env_kwargs))
-
-    def run(self, actor: Any, tasks: Sequence[Task], task_indices: Sequence[int], episodes: int,
-            seed: int, episodes_per_trial: int = 1) -> dict[str, Any]:
-        K = episodes_per_trial
-        n, E = len(tasks), episodes
-        M = E // K  # slots (trials) per task
-        S = n * M
-        self._ensure(S)
-        envs = self.envs[:S]
         for j, task in enumerate(tasks):
-            for m in range(M):
-                family_of(envs[j * M + m]).set_task(task)
-        horizon = envs[0].spec.max_episode_steps if envs[0].spec and envs[0].spec.max_episode_steps else None
-        if horizon is None:
-            horizon = family_of(envs[0]).horizon
-        # Episode (j, m*K + k) is the k-th episode of slot m of task j; its env seed depends only on that.
-        first = [envs[j * M + m].reset(seed=slot_seed(seed, task_indices[j], m * K))[0]
-                 for j in range(n) for m in range(M)]
-        obs = np.stack(first).astype(np.float32)
-        obs_dim = obs.shape[1]
-        space = envs[0].action_space
-        act_dim = int(np.prod(space.shape))
-        low, high = space.low.astype(np.float64), space.high.astype(np.float64)
+            for m in range(slots_per_task):
+                family_of(self.envs[j * slots_per_task + m]).set_task(task)
 
-        observations = np.zeros((n, E, horizon, obs_dim), np.float32)
-        actions = np.zeros((n, E, horizon, act_dim), np.float32)
-        rewards = np.zeros((n, E, horizon), np.float32)
-        mask = np.zeros((n, E, horizon), np.float32)
-        terminated = np.zeros((n, E), bool)
-        truncated = np.zeros((n, E), bool)
-        last_obs = np.zeros((n, E, obs_dim), np.float32)
+    def reset(self, s: int, seed: int) -> np.ndarray:
+        return self.envs[s].reset(seed=seed)[0]
+
+    def step(self, idx: np.ndarray, actions: np.ndarray):
+        """Step slots ``idx`` with (already clipped) ``actions``; ``(obs, reward, terminated, truncated,
+        terms)`` for those slots, ``terms`` holding the ``reward_*`` entries of ``info``."""
+        B = len(idx)
+        obs, rewards = [], np.zeros(B)
+        terminated, truncated = np.zeros(B, bool), np.zeros(B, bool)
         terms: dict[str, np.ndarray] = {}
-        active = np.ones(S, bool)
-        episode_in_trial = np.zeros(S, int)
-        step_in_episode = np.zeros(S, int)
-        observe = getattr(actor, "observe", None)
-
-        actor.start(list(task_indices), M)
-        t = 0
-        while active.any():
-            act = np.asarray(actor.act(obs.reshape(n, M, obs_dim)), dtype=np.float32).reshape(S, act_dim)
-            if not np.all(np.isfinite(act)):
-                raise FloatingPointError(f"the policy produced non-finite actions at step {t}")
-            step_rewards = np.zeros(S, np.float32)
-            step_dones = np.zeros(S, bool)
-            for s in np.flatnonzero(active):
-                j, e, i = s // M, (s % M) * K + episode_in_trial[s], step_in_episode[s]
-                o, r, term, trunc, info = envs[s].step(np.clip(act[s], low, high))
-                observations[j, e, i] = obs[s]
-                actions[j, e, i] = act[s]
-                rewards[j, e, i] = r
-                mask[j, e, i] = 1.0
-                step_rewards[s] = r
-                for key, value in info.items():
-                    if key.startswith("reward_"):
-                        if key not in terms:
-                            terms[key] = np.zeros((n, E), np.float32)
-                        terms[key][j, e] += value
-                obs[s] = o
-                step_in_episode[s] += 1
-                # An env registered without a time limit is cut at the family's horizon.
-                trunc = bool(trunc) or (not term and step_in_episode[s] >= horizon)
-                if term or trunc:
-                    step_dones[s] = True
-                    terminated[j, e], truncated[j, e] = bool(term), not term
-                    last_obs[j, e] = o
-                    if episode_in_trial[s] + 1 < K:  # next episode of the same trial, same task
-                        episode_in_trial[s] += 1
-                        step_in_episode[s] = 0
-                        obs[s] = envs[s].reset(seed=slot_seed(seed, task_indices[j], e + 1))[0]
-                    else:
-                        active[s] = False
-            if observe is not None:
-                observe(step_rewards.reshape(n, M), step_dones.reshape(n, M))
-            t += 1
-
-        return {
-            "observations": observations, "actions": actions, "rewards": rewards, "mask": mask,
-            "terminated": terminated, "truncated": truncated, "last_observations": last_obs,
-            "reward_terms": terms,
-        }
+        for b, s in enumerate(idx.tolist()):
+            o, r, term, trunc, info = self.envs[s].step(actions[b])
+            obs.append(o)
+            rewards[b], terminated[b], truncated[b] = r, term, trunc
+            for key, value in info.items():
+                if key.startswith("reward_"):
+                    terms.setdefault(key, np.zeros(B))[b] = value
+        return np.stack(obs), rewards, terminated, truncated, terms
 
     def close(self) -> None:
         for env in self.envs:
@@ -139,7 +91,92 @@ class _Rollouts:
         self.envs = []
 
 
-def _worker(conn: Any, env_id: str, env_kwargs: dict[str, Any], sys_path: list[str]) -> None:
+def _make_slots(backend: str, env_id: str, env_kwargs: dict[str, Any]) -> Any:
+    if backend == "native":
+        from metarl.envs.native import NativeSlots
+
+        return NativeSlots(env_id, env_kwargs)
+    return _GymSlots(env_id, env_kwargs)
+
+
+def rollout(slots: Any, actor: Any, tasks: Sequence[Task], task_indices: Sequence[int], episodes: int,
+            seed: int, episodes_per_trial: int = 1) -> dict[str, Any]:
+    """Roll out ``episodes`` episodes of each task on ``slots`` (a backend's env slots), batched: one
+    ``actor.act`` per step for all slots, one ``slots.step`` for the active ones, recorded with array
+    indexing. Returns the padded arrays of an `EpisodeBatch`."""
+    K = episodes_per_trial
+    n, E = len(tasks), episodes
+    M = E // K  # slots (trials) per task
+    S = n * M
+    slots.configure(tasks, M)
+    horizon = slots.horizon
+    # Episode (j, m*K + k) is the k-th episode of slot m of task j; its env seed depends only on that.
+    first = [slots.reset(j * M + m, slot_seed(seed, task_indices[j], m * K)) for j in range(n) for m in range(M)]
+    obs = np.stack(first).astype(np.float32)
+    obs_dim = obs.shape[1]
+    act_dim = slots.low.size
+
+    observations = np.zeros((n, E, horizon, obs_dim), np.float32)
+    actions = np.zeros((n, E, horizon, act_dim), np.float32)
+    rewards = np.zeros((n, E, horizon), np.float32)
+    mask = np.zeros((n, E, horizon), np.float32)
+    terminated = np.zeros((n, E), bool)
+    truncated = np.zeros((n, E), bool)
+    last_obs = np.zeros((n, E, obs_dim), np.float32)
+    terms: dict[str, np.ndarray] = {}
+    active = np.ones(S, bool)
+    episode_in_trial = np.zeros(S, int)
+    step_in_episode = np.zeros(S, int)
+    observe = getattr(actor, "observe", None)
+
+    actor.start(list(task_indices), M)
+    t = 0
+    while active.any():
+        act = np.asarray(actor.act(obs.reshape(n, M, obs_dim)), dtype=np.float32).reshape(S, act_dim)
+        if not np.all(np.isfinite(act)):
+            raise FloatingPointError(f"the policy produced non-finite actions at step {t}")
+        idx = np.flatnonzero(active)
+        new_obs, r, term, trunc, step_terms = slots.step(idx, np.clip(act[idx], slots.low, slots.high))
+        j, e, i = idx // M, (idx % M) * K + episode_in_trial[idx], step_in_episode[idx]
+        observations[j, e, i] = obs[idx]
+        actions[j, e, i] = act[idx]
+        rewards[j, e, i] = r
+        mask[j, e, i] = 1.0
+        for key, value in step_terms.items():
+            if key not in terms:
+                terms[key] = np.zeros((n, E), np.float32)
+            terms[key][j, e] += value  # accumulated in float32, each step rounded once
+        obs[idx] = new_obs
+        step_in_episode[idx] += 1
+        term = np.asarray(term, bool)
+        trunc = np.asarray(trunc, bool) | (~term & (step_in_episode[idx] >= horizon))
+        done = term | trunc
+        step_rewards = np.zeros(S, np.float32)
+        step_rewards[idx] = r
+        step_dones = np.zeros(S, bool)
+        step_dones[idx] = done
+        for b in np.flatnonzero(done).tolist():
+            s, jb, eb = int(idx[b]), int(j[b]), int(e[b])
+            terminated[jb, eb], truncated[jb, eb] = bool(term[b]), not term[b]
+            last_obs[jb, eb] = new_obs[b]
+            if episode_in_trial[s] + 1 < K:  # next episode of the same trial, same task
+                episode_in_trial[s] += 1
+                step_in_episode[s] = 0
+                obs[s] = slots.reset(s, slot_seed(seed, task_indices[jb], eb + 1))
+            else:
+                active[s] = False
+        if observe is not None:
+            observe(step_rewards.reshape(n, M), step_dones.reshape(n, M))
+        t += 1
+
+    return {
+        "observations": observations, "actions": actions, "rewards": rewards, "mask": mask,
+        "terminated": terminated, "truncated": truncated, "last_observations": last_obs,
+        "reward_terms": terms,
+    }
+
+
+def _worker(conn: Any, backend: str, env_id: str, env_kwargs: dict[str, Any], sys_path: list[str]) -> None:
     import sys
 
     import torch
@@ -148,20 +185,20 @@ def _worker(conn: Any, env_id: str, env_kwargs: dict[str, Any], sys_path: list[s
     torch.set_num_threads(1)  # one core per worker; the workers are the parallelism
     import metarl  # noqa: F401  (registers the families)
 
-    rollouts = _Rollouts(env_id, env_kwargs)
+    slots = _make_slots(backend, env_id, env_kwargs)
     try:
         while True:
             command, payload = conn.recv()
             if command == "close":
                 break
             try:
-                conn.send(("ok", rollouts.run(*payload)))
+                conn.send(("ok", rollout(slots, *payload)))
             except Exception:  # sent to the main process, which raises it there
                 conn.send(("error", traceback.format_exc()))
     except (EOFError, KeyboardInterrupt):
         pass
     finally:
-        rollouts.close()
+        slots.close()
         conn.close()
 
 
@@ -169,23 +206,32 @@ class WorkerError(RuntimeError):
     """An exception raised inside a sampler worker (its traceback is in the message)."""
 
 
-class GymnasiumSampler:
-    """Collects a meta-batch with Gymnasium envs in ``workers`` processes (0: in this process).
+class Sampler:
+    """Collects a meta-batch in ``workers`` processes (0: in this process) with one backend's env slots.
 
     Args:
         env_id: a registered task family id (``metarl/HalfCheetahVel-v0``, ``module:me/Mine-v0``).
         env_kwargs: passed to ``gymnasium.make``.
         workers: processes to use (default: one per core); capped at the number of tasks per call.
+        backend: ``gymnasium`` (any family; the reference) or ``native`` (the built-in MuJoCo families,
+            stepped in batches by `metarl.envs.native`; same numbers, several times faster).
     """
 
-    backend = "gymnasium"
-
-    def __init__(self, env_id: str, env_kwargs: dict[str, Any] | None = None, workers: int | None = None):
+    def __init__(self, env_id: str, env_kwargs: dict[str, Any] | None = None, workers: int | None = None,
+                 backend: str = "gymnasium"):
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown sampler backend {backend!r}; available: {', '.join(BACKENDS)}")
+        self.backend = backend
         self.env_id, self.env_kwargs = env_id, dict(env_kwargs or {})
         probe = gym.make(env_id, **self.env_kwargs)
         try:
             self.family = family_of(probe)
             self.observation_space, self.action_space = probe.observation_space, probe.action_space
+            if backend == "native" and not native_supported(probe):
+                from metarl.envs.native import supported_families
+
+                raise TaskError(f"{env_id}: the native sampler backend does not run this env (it runs "
+                                f"{', '.join(supported_families())}); use sampler.backend gymnasium or auto")
         finally:
             probe.close()
         if not isinstance(self.action_space, gym.spaces.Box) or not isinstance(self.observation_space, gym.spaces.Box):
@@ -193,7 +239,7 @@ class GymnasiumSampler:
         self.workers = (os.cpu_count() or 1) if workers is None else int(workers)
         if self.workers < 0:
             raise ValueError(f"workers must be >= 0, got {workers}")
-        self._local: _Rollouts | None = None
+        self._local: Any = None
         self._procs: list[Any] = []
         self._conns: list[Any] = []
 
@@ -205,8 +251,8 @@ class GymnasiumSampler:
         ctx = mp.get_context("spawn")  # fork after torch has started threads can deadlock workers
         while len(self._procs) < count:
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_worker, args=(child, self.env_id, self.env_kwargs, list(sys.path)),
-                               daemon=True)
+            proc = ctx.Process(target=_worker, daemon=True,
+                               args=(child, self.backend, self.env_id, self.env_kwargs, list(sys.path)))
             proc.start()
             child.close()
             self._procs.append(proc)
@@ -233,8 +279,9 @@ class GymnasiumSampler:
         chunks = [c for c in np.array_split(np.arange(len(tasks)), max(1, min(self.workers, len(tasks)))) if len(c)]
         if self.workers == 0:
             if self._local is None:
-                self._local = _Rollouts(self.env_id, self.env_kwargs)
-            parts = [self._local.run(actor, tasks, list(range(len(tasks))), episodes_per_task, seed, episodes_per_trial)]
+                self._local = _make_slots(self.backend, self.env_id, self.env_kwargs)
+            parts = [rollout(self._local, actor, tasks, list(range(len(tasks))), episodes_per_task, seed,
+                             episodes_per_trial)]
         else:
             self._start(len(chunks))
             parts, errors = [], []
@@ -268,7 +315,7 @@ class GymnasiumSampler:
             self._local.close()
             self._local = None
 
-    def __enter__(self) -> GymnasiumSampler:
+    def __enter__(self) -> Sampler:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -304,9 +351,39 @@ def _concat(parts: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def make_sampler(env_id: str, env_kwargs: dict[str, Any] | None = None, backend: str = "gymnasium",
-                 workers: int | None = None) -> GymnasiumSampler:
-    """The sampler for ``backend`` (``gymnasium``; others register here as they are added)."""
-    if backend == "gymnasium":
-        return GymnasiumSampler(env_id, env_kwargs, workers)
-    raise ValueError(f"unknown sampler backend {backend!r}; available: gymnasium")
+class GymnasiumSampler(Sampler):
+    """The ``gymnasium`` backend: any registered family, one Gymnasium env per slot."""
+
+    def __init__(self, env_id: str, env_kwargs: dict[str, Any] | None = None, workers: int | None = None):
+        super().__init__(env_id, env_kwargs, workers, backend="gymnasium")
+
+
+class NativeSampler(Sampler):
+    """The ``native`` backend: the built-in MuJoCo families stepped in batches (`metarl.envs.native`)."""
+
+    def __init__(self, env_id: str, env_kwargs: dict[str, Any] | None = None, workers: int | None = None):
+        super().__init__(env_id, env_kwargs, workers, backend="native")
+
+
+BACKENDS = ("gymnasium", "native")
+
+
+def native_supported(env: gym.Env) -> bool:
+    """Whether the native backend can run ``env`` (a built-in MuJoCo family without a render mode)."""
+    from metarl.envs.native import native_kernel
+
+    return native_kernel(env) is not None
+
+
+def make_sampler(env_id: str, env_kwargs: dict[str, Any] | None = None, backend: str = "auto",
+                 workers: int | None = None) -> Sampler:
+    """The sampler for ``backend``: ``native``, ``gymnasium``, or ``auto`` (native where supported)."""
+    if backend == "auto":
+        probe = gym.make(env_id, **dict(env_kwargs or {}))
+        try:
+            backend = "native" if native_supported(probe) else "gymnasium"
+        finally:
+            probe.close()
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown sampler backend {backend!r}; available: auto, {', '.join(BACKENDS)}")
+    return Sampler(env_id, env_kwargs, workers, backend=backend)

@@ -53,7 +53,10 @@ def build_agent(config: RunConfig):
         # unknown id, a module:Id whose module does not import, env_kwargs the env does not take;
         # anything else is a bug in the env and keeps its traceback
         raise ConfigError(f"env: cannot make {config.env!r}: {exc}") from exc
-    sampler = make_sampler(env_id, config.env_kwargs, config.sampler.backend, config.sampler.workers)
+    try:
+        sampler = make_sampler(env_id, config.env_kwargs, config.sampler.backend, config.sampler.workers)
+    except TaskError as exc:  # e.g. backend native on an env it does not run
+        raise ConfigError(f"sampler: {exc}") from exc
     try:
         agent = agent_class(config.agent_name)(config.agent, sampler, seed=config.seed)
     except TaskError as exc:  # e.g. an agent that cannot run on this env's spaces
@@ -64,7 +67,7 @@ def build_agent(config: RunConfig):
     return sampler, agent
 
 
-def _meta() -> dict[str, Any]:
+def _meta(sampler: Any = None) -> dict[str, Any]:
     import gymnasium
     import mujoco
 
@@ -77,6 +80,7 @@ def _meta() -> dict[str, Any]:
         "created": _dt.datetime.now().isoformat(timespec="seconds"),
         "command": " ".join(sys.argv),
         "git_revision": rev,
+        "sampler_backend": getattr(sampler, "backend", None),  # what sampler.backend auto resolved to
         "versions": {"metarl": metarl.__version__, "python": platform.python_version(), "torch": str(torch.__version__),
                      "mujoco": mujoco.__version__, "gymnasium": gymnasium.__version__, "numpy": np.__version__},
     }
@@ -212,12 +216,12 @@ def train(config: RunConfig, run_dir: Path | None = None, resume: bool = False, 
             if run_dir.exists() and any(run_dir.iterdir()):
                 raise ConfigError(f"run folder {run_dir} already exists and is not empty (use --resume to continue it)")
             (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-            write_run_config(run_dir, config, _meta())
+            write_run_config(run_dir, config, _meta(sampler))
             logger = _Logger(run_dir)
             logger.writer.add_text("config", "```\n" + yaml.safe_dump(config.to_dict(), sort_keys=False) + "\n```")
             start = 0
             if verbose:
-                print(f"run folder: {run_dir}")
+                print(f"run folder: {run_dir} (sampler backend: {sampler.backend})")
         family = sampler.family
         n_tasks = config.agent.tasks_per_batch
         t_start = time.perf_counter()

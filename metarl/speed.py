@@ -1,0 +1,150 @@
+"""``metarl speed``: how fast each way of stepping a MuJoCo family runs here, measured side by side.
+
+For one family and one meta-batch (default the standard 40 tasks x 20 episodes x horizon), in one run:
+
+* ``raw_mj_step``: the simulator's own limit: ``mj_step(model, data, nstep=frame_skip)`` in a bare loop on
+  one thread, random controls (one env step per call, so the rate is comparable to the others);
+* ``gymnasium_env``: one Gymnasium env, ``env.step`` with random actions, resets on episode end;
+* ``gymnasium_vector``: the ``gymnasium`` sampler backend collecting the meta-batch with policy inference
+  (a 64x64 Gaussian MLP, per-task parameters) on all workers;
+* ``native``: the ``native`` backend on the same batch, same policy, same workers.
+
+Rates are env steps per second (median over ``repeats``), printed with their ratio to ``raw_mj_step``;
+``--json FILE`` writes ``{"family": ..., "rates": {...}, ...}`` (a list of those for several families).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import mujoco
+import numpy as np
+
+RATE_KEYS = ("raw_mj_step", "gymnasium_env", "gymnasium_vector", "native")
+DEFAULT_FAMILIES = ("HalfCheetahVel", "AntGoal", "HopperRandParams")
+
+
+def _raw_rate(env: gym.Env, steps: int, seed: int) -> float:
+    u = env.unwrapped
+    model, data = u.model, mujoco.MjData(u.model)
+    rng = np.random.default_rng(seed)
+    low, high = env.action_space.low, env.action_space.high
+    controls = rng.uniform(low, high, size=(steps, low.size))
+    horizon = env.spec.max_episode_steps or 200
+    mujoco.mj_resetData(model, data)
+    mujoco.mj_forward(model, data)
+    frame_skip = int(u.frame_skip)
+    start = time.perf_counter()
+    for t in range(steps):
+        if t % horizon == 0:
+            mujoco.mj_resetData(model, data)
+        data.ctrl[:] = controls[t]
+        mujoco.mj_step(model, data, frame_skip)
+    return steps / (time.perf_counter() - start)
+
+
+def _gym_env_rate(env: gym.Env, steps: int, seed: int) -> float:
+    env.action_space.seed(seed)
+    actions = [env.action_space.sample() for _ in range(steps)]
+    env.reset(seed=seed)
+    start = time.perf_counter()
+    for t in range(steps):
+        _, _, terminated, truncated, _ = env.step(actions[t])
+        if terminated or truncated:
+            env.reset()
+    return steps / (time.perf_counter() - start)
+
+
+def _sampler_rate(sampler: Any, tasks: list, episodes: int, seed: int) -> float:
+    import torch
+
+    from metarl.agents.policies import GaussianActor, GaussianMLPPolicy, batch_params
+
+    obs_dim = int(np.prod(sampler.observation_space.shape))
+    act_dim = int(np.prod(sampler.action_space.shape))
+    torch.manual_seed(seed)
+    policy = GaussianMLPPolicy(obs_dim, act_dim, (64, 64))
+    params = {k: v.detach() for k, v in batch_params(policy.params(), len(tasks)).items()}
+    actor = GaussianActor(policy.config, params, seed=seed)
+    start = time.perf_counter()
+    batch = sampler.sample(actor, tasks, episodes, seed)
+    return batch.env_steps / (time.perf_counter() - start)
+
+
+def measure(family: str, tasks: int = 40, episodes: int = 20, repeats: int = 3, workers: int | None = None,
+            single_steps: int = 4000, seed: int = 0, log: Any = print) -> dict[str, Any]:
+    """Measure the four rates for ``family`` (a built-in MuJoCo family name); returns the result record."""
+    import metarl
+    from metarl.envs.native import supported_families
+    from metarl.sampling import Sampler
+    from metarl.tasks import TaskError
+
+    if family not in supported_families():
+        raise TaskError(f"metarl speed: {family!r} is not a MuJoCo family the native backend runs; "
+                        f"choose from {', '.join(supported_families())}")
+    for name, value in (("tasks", tasks), ("episodes", episodes), ("repeats", repeats), ("steps", single_steps)):
+        if value < 1:
+            raise ValueError(f"metarl speed: --{name} must be >= 1, got {value}")
+    env_id = metarl.env_id(family)
+    env = gym.make(env_id)
+    family_env = metarl.family_of(env)
+    task_list = family_env.sample_tasks(tasks, "train", seed=seed)
+    family_env.set_task(task_list[0])
+    samples: dict[str, list[float]] = {k: [] for k in RATE_KEYS}
+    samplers = {
+        "gymnasium_vector": Sampler(env_id, workers=workers, backend="gymnasium"),
+        "native": Sampler(env_id, workers=workers, backend="native"),
+    }
+    try:
+        for sampler in samplers.values():  # start the workers and build the env slots before timing
+            _sampler_rate(sampler, task_list, episodes, seed)
+        for r in range(repeats):
+            # Interleaved, so a slow spell on a shared machine hits every method alike.
+            samples["raw_mj_step"].append(_raw_rate(env, single_steps, seed + r))
+            samples["gymnasium_env"].append(_gym_env_rate(env, single_steps, seed + r))
+            for key, sampler in samplers.items():
+                samples[key].append(_sampler_rate(sampler, task_list, episodes, seed + r))
+            log(f"  {family} repeat {r + 1}/{repeats}: "
+                + ", ".join(f"{k} {v[-1]:,.0f}" for k, v in samples.items()))
+    finally:
+        env.close()
+        for sampler in samplers.values():
+            sampler.close()
+    rates = {k: statistics.median(v) for k, v in samples.items()}
+    return {
+        "family": family,
+        "rates": rates,
+        "ratios_to_raw": {k: v / rates["raw_mj_step"] for k, v in rates.items()},
+        "native_over_gymnasium_vector": rates["native"] / rates["gymnasium_vector"],
+        "samples": samples,
+        "batch": {"tasks": tasks, "episodes_per_task": episodes, "horizon": family_env.horizon},
+        "workers": samplers["native"].workers,
+        "repeats": repeats,
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "mujoco": mujoco.__version__,
+                    "gymnasium": gym.__version__},
+    }
+
+
+def format_table(results: list[dict[str, Any]]) -> str:
+    lines = [f"{'family':<20}{'method':<18}{'env steps/s':>14}{'x raw':>8}"]
+    for res in results:
+        for key in RATE_KEYS:
+            lines.append(f"{res['family']:<20}{key:<18}{res['rates'][key]:>14,.0f}{res['ratios_to_raw'][key]:>8.2f}")
+        lines.append(f"{'':<20}{'native / gym vector':<32}{res['native_over_gymnasium_vector']:>8.2f}")
+    return "\n".join(lines)
+
+
+def write_json(results: list[dict[str, Any]], path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload: Any = results[0] if len(results) == 1 else results
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(tmp, path)
