@@ -30,6 +30,7 @@ import dataclasses
 import math
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -42,12 +43,11 @@ from metarl.evaluation import AdaptationResult
 from metarl.optim import (
     backtracking_line_search,
     conjugate_gradient,
-    flat_grad,
     flatten,
-    hessian_vector_product,
     unflatten_like,
 )
 from metarl.returns import discounted_returns, gae, normalize
+from metarl.system import keep_freed_memory
 from metarl.tasks import Task
 
 Params = OrderedDict  # name -> tensor
@@ -117,6 +117,7 @@ class MAMLTRPO:
     config_class = MAMLTRPOConfig
 
     def __init__(self, config: MAMLTRPOConfig, sampler: Any, seed: int = 0):
+        keep_freed_memory()  # the update's large tensors would otherwise be page-faulted in afresh (metarl.system)
         self.config = config
         self.sampler = sampler
         obs_dim = int(np.prod(sampler.observation_space.shape))
@@ -165,6 +166,17 @@ class MAMLTRPO:
             params = self.adapt(params, batch, adv, create_graph=second_order)
         return params
 
+    def outer_terms(self, adapted: Params, outer: OuterBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Surrogate loss and mean KL on the post-adaptation episodes, as functions of the adapted
+        (task-batched) parameters."""
+        valid, mask = outer.valid, outer.valid.mask
+        denom = mask.sum((1, 2)).clamp_min(1.0)
+        dist = self.policy.distribution(valid.observations, adapted)
+        ratio = torch.exp(dist.log_prob(valid.actions) - outer.old_dist.log_prob(valid.actions))
+        loss = (-(ratio * outer.valid_advantages * mask).sum((1, 2)) / denom).mean()
+        kl = (outer.old_dist.kl(dist) * mask).sum((1, 2)) / denom
+        return loss, kl.mean()
+
     def meta_objective(self, theta: Params, outer: OuterBatch, create_graph: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Surrogate loss and mean KL of the adapted policies, as functions of the meta-parameters theta.
 
@@ -172,14 +184,62 @@ class MAMLTRPO:
         with theta'_i = theta'(theta) recomputed on the recorded inner-loop episodes (``create_graph``:
         differentiable through the adaptation, second order unless ``first_order``).
         """
-        valid, mask = outer.valid, outer.valid.mask
-        denom = mask.sum((1, 2)).clamp_min(1.0)
-        adapted = self.adapted_params(theta, outer.train, create_graph)
-        dist = self.policy.distribution(valid.observations, adapted)
-        ratio = torch.exp(dist.log_prob(valid.actions) - outer.old_dist.log_prob(valid.actions))
-        loss = (-(ratio * outer.valid_advantages * mask).sum((1, 2)) / denom).mean()
-        kl = (outer.old_dist.kl(dist) * mask).sum((1, 2)) / denom
-        return loss, kl.mean()
+        return self.outer_terms(self.adapted_params(theta, outer.train, create_graph), outer)
+
+    def trpo_operators(self, theta: Params, outer: OuterBatch
+                       ) -> tuple[float, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+        """The surrogate at theta, its meta-gradient, and ``v -> (H + damping I) v`` for the Hessian H of
+        the mean KL w.r.t. theta, by the chain rule through the inner steps.
+
+        With ``theta^(k+1) = theta^(k) - alpha grad L_k(theta^(k))`` the Jacobian of the adaptation is
+        ``J = prod_k (I - alpha H_k)`` (``H_k``: Hessian of the inner loss at ``theta^(k)``; ``J = I`` with
+        ``first_order``). The meta-gradient is ``J^T grad_{theta'} L`` and, because the KL's gradient
+        w.r.t. theta' vanishes where the new policy equals the old one, its Hessian is exactly
+        ``J^T F' J`` with F' the Fisher of the adapted policies. Each product is then two inner-loss
+        Hessian-vector products per inner step and one Fisher-vector product, all second order, instead
+        of differentiating a third-order graph (the KL through the adaptation) ten times. ``theta``
+        enters every task as the same copy, so products w.r.t. theta sum over the task axis.
+        """
+        c = self.config
+        n = outer.valid.num_tasks
+        names = list(theta.keys())
+        # Forward through the inner steps with a fresh leaf at each step's starting point.
+        points: list[list[torch.Tensor]] = []
+        inner_grads: list[tuple[torch.Tensor, ...]] = []
+        params = [v.detach().unsqueeze(0).expand(n, *v.shape).clone() for v in theta.values()]
+        for batch, adv in outer.train:
+            leaf = [p.requires_grad_() for p in params]
+            loss = self.inner_loss(OrderedDict(zip(names, leaf, strict=True)), batch, adv)
+            grads = torch.autograd.grad(loss, leaf, create_graph=not c.first_order)
+            points.append(leaf)
+            inner_grads.append(grads)
+            params = [(p - c.inner_lr * g).detach() for p, g in zip(leaf, grads, strict=True)]
+        adapted = [p.requires_grad_() for p in params]
+        surrogate, kl = self.outer_terms(OrderedDict(zip(names, adapted, strict=True)), outer)
+        grad_surrogate = torch.autograd.grad(surrogate, adapted, retain_graph=True)
+        grad_kl = torch.autograd.grad(kl, adapted, create_graph=True)
+
+        def through_inner_steps(vectors: list[torch.Tensor], order: range) -> list[torch.Tensor]:
+            if c.first_order:
+                return vectors
+            for k in order:  # (I - alpha H_k) v, H_k symmetric
+                hv = torch.autograd.grad(inner_grads[k], points[k], grad_outputs=vectors, retain_graph=True)
+                vectors = [v - c.inner_lr * h for v, h in zip(vectors, hv, strict=True)]
+            return vectors
+
+        steps = range(len(outer.train))
+
+        def to_theta(vectors: list[torch.Tensor]) -> torch.Tensor:  # adjoint of copying theta to every task
+            return flatten(v.sum(0) for v in vectors).detach()
+
+        def fisher_vector_product(vector: torch.Tensor) -> torch.Tensor:
+            v = [t.unsqueeze(0).expand(n, *t.shape) for t in unflatten_like(vector.detach(), list(theta.values()))]
+            u = through_inner_steps(v, steps)                                      # J v
+            fu = torch.autograd.grad(grad_kl, adapted, grad_outputs=u, retain_graph=True)  # F' J v
+            return to_theta(through_inner_steps(list(fu), reversed(steps))) + c.cg_damping * vector.detach()
+
+        grad = to_theta(through_inner_steps(list(grad_surrogate), reversed(steps)))
+        return surrogate.item(), grad, fisher_vector_product
 
     # ---- one meta-iteration --------------------------------------------------------------------------
     def train_step(self, tasks: list[Task]) -> dict[str, float]:
@@ -220,13 +280,7 @@ class MAMLTRPO:
 
         names = list(theta.keys())
         leaves = list(theta.values())
-        loss_before, _ = surrogate_and_kl(theta, create_graph=True)
-        grad = flat_grad(loss_before, leaves, retain_graph=False)
-
-        # Fisher-vector products: Hessian of the mean KL w.r.t. theta, through the adaptation.
-        fisher_vector_product = hessian_vector_product(
-            lambda: surrogate_and_kl(theta, create_graph=True)[1], leaves, c.cg_damping
-        )
+        loss_before_value, grad, fisher_vector_product = self.trpo_operators(theta, outer)
 
         direction = conjugate_gradient(fisher_vector_product, -grad, iters=c.cg_iters)
         # Scale so the quadratic model of the KL, 0.5 s^T F s, equals max_kl at the full step.
@@ -234,7 +288,6 @@ class MAMLTRPO:
         full_step = direction * torch.sqrt(c.max_kl / shs.clamp_min(1e-12)) if torch.isfinite(shs) else None
 
         old_flat = flatten(leaves).detach()
-        loss_before_value = loss_before.item()
 
         evaluated: list[tuple[float, float]] = []
 

@@ -33,6 +33,7 @@ from metarl.agents.policies import DiagGaussian, task_generators
 from metarl.episodes import EpisodeBatch
 from metarl.evaluation import AdaptationResult
 from metarl.returns import discounted_returns, gae
+from metarl.system import keep_freed_memory
 from metarl.tasks import Task, TaskError
 
 
@@ -253,6 +254,7 @@ class RL2:
     config_class = RL2Config
 
     def __init__(self, config: RL2Config, sampler: Any, seed: int = 0):
+        keep_freed_memory()  # see metarl.system
         self.config = config
         self.sampler = sampler
         if len(sampler.observation_space.shape) != 1 or len(sampler.action_space.shape) != 1:

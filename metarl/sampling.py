@@ -183,6 +183,9 @@ def _worker(conn: Any, backend: str, env_id: str, env_kwargs: dict[str, Any], sy
 
     sys.path[:] = sys_path
     torch.set_num_threads(1)  # one core per worker; the workers are the parallelism
+    from metarl.system import keep_freed_memory
+
+    keep_freed_memory()
     import metarl  # noqa: F401  (registers the families)
 
     slots = _make_slots(backend, env_id, env_kwargs)

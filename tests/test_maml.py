@@ -110,6 +110,29 @@ def test_first_order_drops_the_second_order_terms(sampler):
     torch.testing.assert_close(first, expected, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("inner_steps,first_order", [(1, False), (2, False), (1, True)])
+def test_chain_rule_operators_equal_differentiating_through_the_adaptation(sampler, inner_steps, first_order):
+    """trpo_operators (J^T grad L and J^T F' J v, second order only) give the same meta-gradient and the
+    same KL Hessian-vector products as autograd through the whole adaptation (a third-order graph)."""
+    from metarl.optim import flat_grad, hessian_vector_product
+
+    agent, outer = _tiny_problem(sampler, first_order=first_order, inner_steps=inner_steps)
+    theta = agent.policy.params()
+    loss, _ = agent.meta_objective(theta, outer, create_graph=True)
+    expected_grad = flat_grad(loss, list(theta.values()))
+    value, grad, fvp = agent.trpo_operators(theta, outer)
+    assert value == pytest.approx(loss.item(), rel=1e-12)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-9, atol=1e-12)
+
+    reference = hessian_vector_product(lambda: agent.meta_objective(theta, outer, create_graph=True)[1],
+                                       list(theta.values()), agent.config.cg_damping)
+    rng = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        v = torch.randn(grad.numel(), generator=rng, dtype=torch.float64)
+        torch.testing.assert_close(fvp(v), reference(v), rtol=1e-7, atol=1e-10)
+        assert torch.dot(v, fvp(v)) > 0  # positive definite, as conjugate gradient needs
+
+
 def test_inner_step_is_a_per_task_policy_gradient_step(sampler):
     """The batched inner step equals, task by task, theta - lr * grad of that task's own loss."""
     agent, outer = _tiny_problem(sampler, first_order=False)

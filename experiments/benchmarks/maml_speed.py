@@ -1,13 +1,14 @@
 """Speed of MAML-TRPO's sampling and of a full meta-iteration at the standard HalfCheetahVel setting.
 
-    python experiments/benchmarks/maml_speed.py [--repeats 3] [--out experiments/results/maml_speed.json]
+    python experiments/benchmarks/maml_speed.py [--repeats 3] [--backends gymnasium native]
+                                                [--out experiments/results/maml_speed.json]
 
 Measures in one run (so the ratios are fair on a shared, noisy machine), medians over ``--repeats``:
 
 * Gymnasium's own single-env step rate: ``gymnasium.make("HalfCheetah-v5").step`` with random actions;
-* the sampler collecting the standard meta-batch, 40 tasks x 20 episodes x 200 steps, policy inference
-  included (Gaussian MLP 64x64, per-task parameters), on all cores;
-* a full MAML-TRPO iteration at the anchors' setting (pre- and post-adaptation sampling, inner step,
+* for each sampler backend: the sampler collecting the standard meta-batch, 40 tasks x 20 episodes x 200
+  steps, policy inference included (Gaussian MLP 64x64, per-task parameters), on all cores; and a full
+  MAML-TRPO iteration at the anchors' setting (pre- and post-adaptation sampling, inner step,
   second-order TRPO outer step), split into sampling and update time.
 """
 
@@ -28,7 +29,7 @@ import torch
 import metarl
 from metarl.agents.maml_trpo import MAMLTRPO, MAMLTRPOConfig
 from metarl.agents.policies import GaussianActor, GaussianMLPPolicy
-from metarl.sampling import GymnasiumSampler
+from metarl.sampling import Sampler
 
 
 def gymnasium_single_env_rate(steps: int = 5000) -> float:
@@ -49,7 +50,8 @@ def gymnasium_single_env_rate(steps: int = 5000) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--iterations", type=int, default=2, help="full MAML iterations to time")
+    parser.add_argument("--iterations", type=int, default=3, help="full MAML iterations to time")
+    parser.add_argument("--backends", nargs="+", default=["gymnasium", "native"], choices=["gymnasium", "native"])
     parser.add_argument("--out", default="experiments/results/maml_speed.json")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
@@ -58,25 +60,36 @@ def main() -> None:
     print(f"gymnasium HalfCheetah-v5 single env: {statistics.median(gym_rates):,.0f} steps/s (median of {args.repeats})")
 
     tasks_n, episodes = 40, 20
-    with GymnasiumSampler("metarl/HalfCheetahVel-v0") as sampler:
-        policy = GaussianMLPPolicy(17, 6, (64, 64))
-        tasks = sampler.family.sample_tasks(tasks_n, "train", seed=0)
-        sampler.sample(GaussianActor(policy.config, policy.params(), seed=0), tasks, episodes, seed=0)  # warm-up
-        sample_rates = []
-        for r in range(args.repeats):
-            start = time.perf_counter()
-            batch = sampler.sample(GaussianActor(policy.config, policy.params(), seed=r), tasks, episodes, seed=r + 1)
-            sample_rates.append(batch.env_steps / (time.perf_counter() - start))
-        print(f"sampler, {tasks_n} tasks x {episodes} episodes x 200 steps, {sampler.workers} workers, with policy "
-              f"inference: {statistics.median(sample_rates):,.0f} steps/s (median of {args.repeats})")
+    per_backend = {}
+    for backend in args.backends:
+        with Sampler("metarl/HalfCheetahVel-v0", backend=backend) as sampler:
+            policy = GaussianMLPPolicy(17, 6, (64, 64))
+            tasks = sampler.family.sample_tasks(tasks_n, "train", seed=0)
+            sampler.sample(GaussianActor(policy.config, policy.params(), seed=0), tasks, episodes, seed=0)  # warm-up
+            sample_rates = []
+            for r in range(args.repeats):
+                start = time.perf_counter()
+                batch = sampler.sample(GaussianActor(policy.config, policy.params(), seed=r), tasks, episodes, seed=r + 1)
+                sample_rates.append(batch.env_steps / (time.perf_counter() - start))
+            print(f"{backend} sampler, {tasks_n} tasks x {episodes} episodes x 200 steps, {sampler.workers} workers, "
+                  f"with policy inference: {statistics.median(sample_rates):,.0f} steps/s (median of {args.repeats})")
 
-        agent = MAMLTRPO(MAMLTRPOConfig(), sampler, seed=0)
-        iters = []
-        for it in range(args.iterations):
-            m = agent.train_step(sampler.family.sample_tasks(tasks_n, "train", seed=100 + it))
-            iters.append({k: m[k] for k in ("time/iteration_s", "time/sampling_s", "time/update_s")})
-            print(f"MAML-TRPO iteration {it + 1}: {m['time/iteration_s']:.1f} s "
-                  f"(sampling {m['time/sampling_s']:.1f} s, update {m['time/update_s']:.1f} s)")
+            agent = MAMLTRPO(MAMLTRPOConfig(), sampler, seed=0)
+            iters = []
+            for it in range(args.iterations):
+                m = agent.train_step(sampler.family.sample_tasks(tasks_n, "train", seed=100 + it))
+                iters.append({k: m[k] for k in ("time/iteration_s", "time/sampling_s", "time/update_s")})
+                print(f"{backend}: MAML-TRPO iteration {it + 1}: {m['time/iteration_s']:.1f} s "
+                      f"(sampling {m['time/sampling_s']:.1f} s, update {m['time/update_s']:.1f} s)")
+            per_backend[backend] = {
+                "sampler_steps_per_s": statistics.median(sample_rates),
+                "sampler_over_gymnasium_single_env": statistics.median(sample_rates) / statistics.median(gym_rates),
+                "sampler_workers": sampler.workers,
+                "maml_iteration_s": statistics.median(i["time/iteration_s"] for i in iters),
+                "maml_iteration_sampling_s": statistics.median(i["time/sampling_s"] for i in iters),
+                "maml_iteration_update_s": statistics.median(i["time/update_s"] for i in iters),
+                "raw": {"sampler": sample_rates, "iterations": iters},
+            }
 
     result = {
         "benchmark": "maml_speed",
@@ -84,19 +97,16 @@ def main() -> None:
                     "torch": str(torch.__version__), "metarl": metarl.__version__},
         "repeats": args.repeats,
         "gymnasium_single_env_steps_per_s": statistics.median(gym_rates),
-        "sampler_steps_per_s": statistics.median(sample_rates),
-        "sampler_over_gymnasium_single_env": statistics.median(sample_rates) / statistics.median(gym_rates),
-        "sampler_workers": sampler.workers,
         "meta_batch": {"tasks": tasks_n, "episodes_per_task": episodes, "horizon": 200},
-        "maml_iteration_s": statistics.median(i["time/iteration_s"] for i in iters),
-        "maml_iteration_sampling_s": statistics.median(i["time/sampling_s"] for i in iters),
-        "maml_iteration_update_s": statistics.median(i["time/update_s"] for i in iters),
-        "raw": {"gymnasium": gym_rates, "sampler": sample_rates, "iterations": iters},
+        "backends": per_backend,
+        "raw": {"gymnasium": gym_rates},
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"sampler / gymnasium single env = {result['sampler_over_gymnasium_single_env']:.2f}x; "
-          f"MAML-TRPO iteration {result['maml_iteration_s']:.1f} s (median); written to {args.out}")
+    for backend, r in per_backend.items():
+        print(f"{backend}: sampler / gymnasium single env = {r['sampler_over_gymnasium_single_env']:.2f}x; "
+              f"MAML-TRPO iteration {r['maml_iteration_s']:.1f} s (median; update {r['maml_iteration_update_s']:.1f} s)")
+    print(f"written to {args.out}")
 
 
 if __name__ == "__main__":
