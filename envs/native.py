@@ -281,8 +281,9 @@ def native_kernel(env: gym.Env) -> Kernel | None:
 class NativeSlots:
     """The env slots of one process for the native backend (the sampler's slot protocol).
 
-    One Gymnasium env per *task* provides the task's model (dynamics families change it) and its
-    reward parameters; each slot has its own ``MjData``. `step` advances a set of slots by one env step.
+    A Gymnasium env provides each task's reward parameters and model (one env per task for the dynamics
+    families, whose tasks change the model; one env for all tasks otherwise); each slot has its own
+    ``MjData``. `step` advances a set of slots by one env step.
     """
 
     def __init__(self, env_id: str, env_kwargs: dict[str, Any]):
@@ -304,16 +305,21 @@ class NativeSlots:
     def configure(self, tasks: Sequence[Any], slots_per_task: int) -> None:
         """Give slot ``j * slots_per_task + m`` task ``j``."""
         n, M = len(tasks), slots_per_task
-        while len(self.task_envs) < n:
+        # A task that changes the dynamics needs its own model (one env per task); otherwise one env
+        # serves every task and only the reward parameters differ.
+        per_task_model = isinstance(family_of(self.task_envs[0]), DynamicsFamily)
+        while per_task_model and len(self.task_envs) < n:
             self.task_envs.append(gym.make(self.env_id, **self.env_kwargs))
-        params = []
-        for env, task in zip(self.task_envs, tasks, strict=False):
+        params, task_models = [], []
+        for j, task in enumerate(tasks):
+            env = self.task_envs[j if per_task_model else 0]
             family_of(env).set_task(task)
             params.append(self.kernel.task_params(env))
-        model0 = self.task_envs[0].unwrapped.model
+            task_models.append(env.unwrapped.model)
+        model0 = task_models[0]
         while len(self.datas) < n * M:
             self.datas.append(mujoco.MjData(model0))
-        self.models = [self.task_envs[j].unwrapped.model for j in range(n) for _ in range(M)]
+        self.models = [task_models[j] for j in range(n) for _ in range(M)]
         self.params = np.repeat(np.stack(params), M, axis=0)
         S, nq = n * M, model0.nq
         # qpos and qvel of every slot in one array, filled by one mj_getState call per slot and step.
@@ -322,6 +328,10 @@ class NativeSlots:
         self.xy = np.zeros((S, 2))
         self.cfrc = np.zeros((S, model0.nbody, 6)) if self.kernel.needs_contacts else None
         self._slots = list(zip(self.datas, self.models, self.state, strict=False))
+        # Views into each slot's MjData, made once: reading d.qpos builds a new array object every time.
+        self._ctrl = [d.ctrl for d in self.datas[:S]]
+        self._qpos = [d.qpos for d in self.datas[:S]]
+        self._qvel = [d.qvel for d in self.datas[:S]]
 
     def _read_extra(self, s: int) -> None:
         d = self.datas[s]
@@ -344,18 +354,19 @@ class NativeSlots:
         terminated, truncated, terms)`` for those slots (``truncated`` only by the env: always False)."""
         k = self.kernel
         before = (self.xy[idx] if k.uses_body_xy else self.qpos[idx, :1]).copy()
-        frame_skip, step, get_state, slots = k.frame_skip, mujoco.mj_step, mujoco.mj_getState, self._slots
-        # The hot loop: nothing but the simulator and one state copy per slot.
-        for a, s in zip(actions, idx.tolist(), strict=True):
-            d, m, row = slots[s]
-            d.ctrl[:] = a
-            step(m, d, frame_skip)
-            get_state(m, d, row, _QPOS_QVEL)
+        frame_skip, step, datas, models, ctrl = k.frame_skip, mujoco.mj_step, self.datas, self.models, self._ctrl
+        slots = idx.tolist()
+        # The hot loop: nothing but the simulator.
+        for a, s in zip(actions, slots, strict=True):
+            ctrl[s][:] = a
+            step(models[s], datas[s], frame_skip)
+        nq = self.qpos.shape[1]
+        self.state[idx, :nq] = np.stack([self._qpos[s] for s in slots])
+        self.state[idx, nq:] = np.stack([self._qvel[s] for s in slots])
         if k.needs_contacts or k.uses_body_xy:
-            for s in idx.tolist():
-                d, m, _ = slots[s]
+            for s in slots:
                 if k.needs_contacts:
-                    mujoco.mj_rnePostConstraint(m, d)
+                    mujoco.mj_rnePostConstraint(models[s], datas[s])
                 self._read_extra(s)
         qpos, qvel = self.qpos[idx], self.qvel[idx]
         cfrc = None if self.cfrc is None else self.cfrc[idx]

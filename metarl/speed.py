@@ -62,6 +62,17 @@ def _gym_env_rate(env: gym.Env, steps: int, seed: int) -> float:
     return steps / (time.perf_counter() - start)
 
 
+def _peak_rss_mib(pid: int | str = "self") -> float | None:
+    """Peak resident memory of a process (Linux ``VmHWM``), MiB; None where /proc is not available."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 def _sampler_rate(sampler: Any, tasks: list, episodes: int, seed: int) -> float:
     import torch
 
@@ -113,6 +124,8 @@ def measure(family: str, tasks: int = 40, episodes: int = 20, repeats: int = 3, 
                 samples[key].append(_sampler_rate(sampler, task_list, episodes, seed + r))
             log(f"  {family} repeat {r + 1}/{repeats}: "
                 + ", ".join(f"{k} {v[-1]:,.0f}" for k, v in samples.items()))
+        # Peak memory of the native workers, which hold the MjData of every slot and the batch arrays.
+        worker_rss = [_peak_rss_mib(p.pid) for p in samplers["native"]._procs]
     finally:
         env.close()
         for sampler in samplers.values():
@@ -126,6 +139,7 @@ def measure(family: str, tasks: int = 40, episodes: int = 20, repeats: int = 3, 
         "samples": samples,
         "batch": {"tasks": tasks, "episodes_per_task": episodes, "horizon": family_env.horizon},
         "workers": samplers["native"].workers,
+        "memory_mib": {"native_workers_peak_rss": worker_rss, "main_process_peak_rss": _peak_rss_mib()},
         "repeats": repeats,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "mujoco": mujoco.__version__,
                     "gymnasium": gym.__version__},
@@ -138,6 +152,9 @@ def format_table(results: list[dict[str, Any]]) -> str:
         for key in RATE_KEYS:
             lines.append(f"{res['family']:<20}{key:<18}{res['rates'][key]:>14,.0f}{res['ratios_to_raw'][key]:>8.2f}")
         lines.append(f"{'':<20}{'native / gym vector':<32}{res['native_over_gymnasium_vector']:>8.2f}")
+        rss = [r for r in res["memory_mib"]["native_workers_peak_rss"] if r is not None]
+        if rss:
+            lines.append(f"{'':<20}native workers' peak memory: {' + '.join(f'{r:.0f}' for r in rss)} MiB")
     return "\n".join(lines)
 
 
