@@ -230,6 +230,9 @@ class Sampler:
         try:
             self.family = family_of(probe)
             self.observation_space, self.action_space = probe.observation_space, probe.action_space
+            # The episode limit the slots use: the env's time limit (env_kwargs max_episode_steps
+            # included), else the family's horizon.
+            self.horizon = int((probe.spec.max_episode_steps if probe.spec else None) or self.family.horizon)
             if backend == "native" and not native_supported(probe):
                 from metarl.envs.native import supported_families
 

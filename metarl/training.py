@@ -177,7 +177,7 @@ def evaluate_run(agent: Any, config: RunConfig, run_dir: Path, split: str, tasks
     title = f"{config.agent_name} on {family.family}"
     summary = write_summary(result, run_dir / "eval" / split, title=title, extra={
         "split": split, "agent": config.agent_name, "family": family.family, "iteration": agent.iteration,
-        "env_steps": agent.env_steps, "horizon": family.horizon,
+        "env_steps": agent.env_steps, "horizon": agent.sampler.horizon,
     })
     if logger is not None:
         logger.log_eval(summary, split, agent.env_steps, title)

@@ -1,6 +1,7 @@
 """Learning benchmark for any agent: train a config, evaluate on held-out tasks, write the figures to a file.
 
     python experiments/benchmarks/learning.py CONFIG [key=value ...] --out experiments/results/NAME.json
+    python experiments/benchmarks/learning.py --resume RUN_DIR iterations=N --out ...   # continue a run
 
 Writes the training curve (pre- and post-adaptation return per iteration), the held-out adaptation
 curve (mean return and 95% bootstrap CI per adaptation stage), wall time, env steps and the resolved
@@ -15,20 +16,33 @@ import time
 from pathlib import Path
 
 from metarl.config import load_config
-from metarl.training import train
+from metarl.training import load_run_config, train
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("config")
+    parser.add_argument("config", nargs="?")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue this run (overrides: iterations=N only)")
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--out", required=True)
     parser.add_argument("--note", default="", help="free text stored with the result (e.g. what to compare with)")
     args = parser.parse_args()
-    config = load_config(args.config, args.overrides)
     start = time.perf_counter()
-    run_dir = train(config)
-    wall = time.perf_counter() - start
+    previous: dict = {}
+    if args.resume:
+        if args.config:  # argparse reads the first key=value as CONFIG
+            args.overrides = [args.config, *args.overrides]
+        run_dir = Path(args.resume)
+        config = load_config(None, args.overrides, data=load_run_config(run_dir).to_dict())
+        train(config, run_dir=run_dir, resume=True)
+        previous = json.loads(Path(args.out).read_text()) if Path(args.out).is_file() else {}
+        args.overrides = [*previous.get("overrides", []), *args.overrides]
+        args.note = args.note or previous.get("note", "")
+        wall = time.perf_counter() - start + float(previous.get("wall_time_s", 0.0))
+    else:
+        config = load_config(args.config, args.overrides)
+        run_dir = train(config)
+        wall = time.perf_counter() - start
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     summary = json.loads((run_dir / "eval" / config.eval.split / "summary.json").read_text())
     result = {
