@@ -30,11 +30,12 @@ from gymnasium.envs.mujoco.half_cheetah_v5 import HalfCheetahEnv
 from gymnasium.envs.mujoco.hopper_v5 import HopperEnv
 from gymnasium.envs.mujoco.walker2d_v5 import Walker2dEnv
 from gymnasium.utils import seeding
+from gymnasium.wrappers import OrderEnforcing, PassiveEnvChecker, TimeLimit
 
 from metarl.envs.ant import AntDir, AntFwdBwd, AntGoal
 from metarl.envs.dynamics import DynamicsFamily
 from metarl.envs.half_cheetah import HalfCheetahDir, HalfCheetahVel
-from metarl.tasks import family_of
+from metarl.tasks import TaskError, family_of
 
 __all__ = ["Kernel", "NativeSlots", "native_kernel", "supported_families"]
 
@@ -253,6 +254,7 @@ _FAMILY_KERNELS: dict[type, type[Kernel]] = {
 _DYNAMICS_KERNELS: dict[type, type[Kernel]] = {HopperEnv: _Hopper, Walker2dEnv: _Planar}
 # v5 envs whose step the kernels above reproduce; a family built on anything else is not native.
 _V5 = (HalfCheetahEnv, AntEnv, HopperEnv, Walker2dEnv)
+_BOOKKEEPING = (TimeLimit, OrderEnforcing, PassiveEnvChecker)
 
 
 def supported_families() -> list[str]:
@@ -265,8 +267,15 @@ def native_kernel(env: gym.Env) -> Kernel | None:
     """The kernel that reproduces ``env``'s steps, or ``None`` if there is none (use Gymnasium then)."""
     try:
         family = family_of(env)
-    except Exception:
+    except TaskError:
         return None
+    # Only Gymnasium's bookkeeping wrappers may sit above the family: any other wrapper could change
+    # observations or rewards, which the kernels would not see.
+    e = env
+    while isinstance(e, gym.Wrapper) and e is not family:
+        if not isinstance(e, _BOOKKEEPING):
+            return None
+        e = e.env
     u = env.unwrapped
     if getattr(u, "render_mode", None) is not None or not isinstance(u, _V5):
         return None

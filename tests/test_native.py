@@ -100,6 +100,9 @@ def test_backend_selection_and_unsupported_envs():
             return super().step(action)
 
     assert native_kernel(Shaped()) is None
+    # a wrapper that may change rewards or observations is not reproduced either
+    assert native_kernel(gym.wrappers.ClipReward(gym.make("metarl/HalfCheetahVel-v0"), -1.0, 1.0)) is None
+    assert native_kernel(gym.wrappers.TimeLimit(gym.make("metarl/HalfCheetahVel-v0"), 50)) is not None
     with pytest.raises(TaskError, match="native sampler backend does not run"):
         NativeSampler("metarl/PointNav2D-v0", workers=0)
     with pytest.raises(ValueError, match="unknown sampler backend 'ray'"):

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes.util
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -43,3 +46,21 @@ def test_a_dead_worker_is_reported_and_the_sampler_recovers():
             s.sample(GaussianActor(policy.config, policy.params(), seed=0), tasks, 2, seed=0)
         again = s.sample(GaussianActor(policy.config, policy.params(), seed=0), tasks, 2, seed=0)
         assert (again.rewards == first.rewards).all()  # fresh workers, same numbers
+
+
+def test_sampler_reports_the_episode_limit_it_uses():
+    with GymnasiumSampler("metarl/HalfCheetahDir-v0", env_kwargs={"max_episode_steps": 100}, workers=0) as s:
+        assert s.horizon == 100 and s.family.horizon == 200
+    with GymnasiumSampler("metarl/PointNav2D-v0", workers=0) as s:
+        assert s.horizon == 100
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tuning is Linux-only")
+def test_malloc_tuning_applies_and_can_be_switched_off():
+    code = "from metarl.system import keep_freed_memory; print(keep_freed_memory())"
+    on = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "METARL_MALLOC_TUNING": "0"})
+    assert off.stdout.strip() == "False"
+    if ctypes.util.find_library("c") and "musl" not in (ctypes.util.find_library("c") or ""):
+        assert on.stdout.strip() == "True"
