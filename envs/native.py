@@ -13,8 +13,9 @@ on persistent ``MjData`` (so the solver's warm start carries over exactly as in 
 ``tests/test_native.py`` checks every MuJoCo family against its Gymnasium env over full episodes.
 
 A *kernel* describes one family's observation and reward; `native_kernel` finds the kernel for an env
-(``None`` where there is none, e.g. PointNav2D, a custom env, a subclass that changes ``step``, or an env
-with a render mode), so the sampler can fall back to Gymnasium.
+(``None`` where there is none: PointNav2D, a custom env, a subclass that changes ``step``, a wrapper
+other than Gymnasium's bookkeeping ones, an env with a render mode; `unsupported_reason` says which), so
+the sampler can fall back to Gymnasium.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from metarl.envs.dynamics import DynamicsFamily
 from metarl.envs.half_cheetah import HalfCheetahDir, HalfCheetahVel
 from metarl.tasks import TaskError, family_of
 
-__all__ = ["Kernel", "NativeSlots", "native_kernel", "supported_families"]
+__all__ = ["Kernel", "NativeSlots", "native_kernel", "supported_families", "unsupported_reason"]
 
 _QPOS_QVEL = int(mujoco.mjtState.mjSTATE_QPOS | mujoco.mjtState.mjSTATE_QVEL)
 
@@ -263,28 +264,41 @@ def supported_families() -> list[str]:
             "Walker2DRandParams"]
 
 
-def native_kernel(env: gym.Env) -> Kernel | None:
-    """The kernel that reproduces ``env``'s steps, or ``None`` if there is none (use Gymnasium then)."""
+def unsupported_reason(env: gym.Env) -> str | None:
+    """Why the native backend cannot reproduce ``env`` (``None`` if it can)."""
     try:
         family = family_of(env)
     except TaskError:
-        return None
+        return "it is not a metarl task family"
     # Only Gymnasium's bookkeeping wrappers may sit above the family: any other wrapper could change
     # observations or rewards, which the kernels would not see.
     e = env
     while isinstance(e, gym.Wrapper) and e is not family:
         if not isinstance(e, _BOOKKEEPING):
-            return None
+            return f"the wrapper {type(e).__name__} may change its observations or rewards"
         e = e.env
     u = env.unwrapped
-    if getattr(u, "render_mode", None) is not None or not isinstance(u, _V5):
-        return None
+    if getattr(u, "render_mode", None) is not None:
+        return f"it renders (render_mode={u.render_mode!r}); native slots have no renderer"
+    if not isinstance(u, _V5):
+        return f"{type(u).__name__} is not one of Gymnasium's v5 HalfCheetah, Ant, Hopper or Walker2d envs"
     if type(family) in _FAMILY_KERNELS:
-        return _FAMILY_KERNELS[type(family)](env)
+        return None
     # A dynamics family over an unmodified v5 Hopper/Walker2d: the v5 reward with a per-task model.
     if type(family) is DynamicsFamily and type(u) in _DYNAMICS_KERNELS:
-        return _DYNAMICS_KERNELS[type(u)](env)
-    return None
+        return None
+    return (f"the family class {type(family).__name__} has no native kernel (native runs "
+            f"{', '.join(supported_families())}; subclasses that change step are not reproduced)")
+
+
+def native_kernel(env: gym.Env) -> Kernel | None:
+    """The kernel that reproduces ``env``'s steps, or ``None`` if there is none (use Gymnasium then)."""
+    if unsupported_reason(env) is not None:
+        return None
+    family = family_of(env)
+    if type(family) in _FAMILY_KERNELS:
+        return _FAMILY_KERNELS[type(family)](env)
+    return _DYNAMICS_KERNELS[type(env.unwrapped)](env)
 
 
 class NativeSlots:
@@ -298,11 +312,10 @@ class NativeSlots:
     def __init__(self, env_id: str, env_kwargs: dict[str, Any]):
         self.env_id, self.env_kwargs = env_id, dict(env_kwargs)
         self.task_envs: list[gym.Env] = [gym.make(env_id, **self.env_kwargs)]
-        kernel = native_kernel(self.task_envs[0])
-        if kernel is None:
-            raise ValueError(f"{env_id}: the native backend does not support this env "
-                             f"(supported families: {', '.join(supported_families())})")
-        self.kernel = kernel
+        reason = unsupported_reason(self.task_envs[0])
+        if reason is not None:
+            raise ValueError(f"{env_id}: the native backend does not support this env: {reason}")
+        self.kernel = native_kernel(self.task_envs[0])
         probe = self.task_envs[0]
         spec_horizon = probe.spec.max_episode_steps if probe.spec else None
         self.horizon = int(spec_horizon or family_of(probe).horizon)

@@ -188,12 +188,19 @@ def _worker(conn: Any, backend: str, env_id: str, env_kwargs: dict[str, Any], sy
     keep_freed_memory()
     import metarl  # noqa: F401  (registers the families)
 
-    slots = _make_slots(backend, env_id, env_kwargs)
+    slots, failure = None, None
+    try:
+        slots = _make_slots(backend, env_id, env_kwargs)
+    except Exception:  # reported in reply to every request, so the main process raises it with its traceback
+        failure = traceback.format_exc()
     try:
         while True:
             command, payload = conn.recv()
             if command == "close":
                 break
+            if failure is not None:
+                conn.send(("error", failure))
+                continue
             try:
                 conn.send(("ok", rollout(slots, *payload)))
             except Exception:  # sent to the main process, which raises it there
@@ -201,7 +208,8 @@ def _worker(conn: Any, backend: str, env_id: str, env_kwargs: dict[str, Any], sy
     except (EOFError, KeyboardInterrupt):
         pass
     finally:
-        slots.close()
+        if slots is not None:
+            slots.close()
         conn.close()
 
 
@@ -217,7 +225,7 @@ class Sampler:
         env_kwargs: passed to ``gymnasium.make``.
         workers: processes to use (default: one per core); capped at the number of tasks per call.
         backend: ``gymnasium`` (any family; the reference) or ``native`` (the built-in MuJoCo families,
-            stepped in batches by `metarl.envs.native`; same numbers, several times faster).
+            stepped in batches by `metarl.envs.native`; same numbers, about twice as fast).
     """
 
     def __init__(self, env_id: str, env_kwargs: dict[str, Any] | None = None, workers: int | None = None,
@@ -233,11 +241,13 @@ class Sampler:
             # The episode limit the slots use: the env's time limit (env_kwargs max_episode_steps
             # included), else the family's horizon.
             self.horizon = int((probe.spec.max_episode_steps if probe.spec else None) or self.family.horizon)
-            if backend == "native" and not native_supported(probe):
-                from metarl.envs.native import supported_families
+            if backend == "native":
+                from metarl.envs.native import unsupported_reason
 
-                raise TaskError(f"{env_id}: the native sampler backend does not run this env (it runs "
-                                f"{', '.join(supported_families())}); use sampler.backend gymnasium or auto")
+                reason = unsupported_reason(probe)
+                if reason is not None:
+                    raise TaskError(f"{env_id}: the native sampler backend does not run this env: {reason}; "
+                                    "use sampler.backend gymnasium or auto")
         finally:
             probe.close()
         if not isinstance(self.action_space, gym.spaces.Box) or not isinstance(self.observation_space, gym.spaces.Box):

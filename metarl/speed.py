@@ -109,11 +109,10 @@ def measure(family: str, tasks: int = 40, episodes: int = 20, repeats: int = 3, 
     task_list = family_env.sample_tasks(tasks, "train", seed=seed)
     family_env.set_task(task_list[0])
     samples: dict[str, list[float]] = {k: [] for k in RATE_KEYS}
-    samplers = {
-        "gymnasium_vector": Sampler(env_id, workers=workers, backend="gymnasium"),
-        "native": Sampler(env_id, workers=workers, backend="native"),
-    }
+    samplers: dict[str, Sampler] = {}
     try:
+        samplers["gymnasium_vector"] = Sampler(env_id, workers=workers, backend="gymnasium")
+        samplers["native"] = Sampler(env_id, workers=workers, backend="native")
         for sampler in samplers.values():  # start the workers and build the env slots before timing
             _sampler_rate(sampler, task_list, episodes, seed)
         for r in range(repeats):

@@ -21,6 +21,7 @@ import sys
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
+_M_MMAP_MAX = -4
 _applied: bool | None = None
 
 
@@ -39,5 +40,9 @@ def keep_freed_memory(threshold: int = 1 << 30) -> bool:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
-    _applied = bool(mallopt(_M_MMAP_THRESHOLD, int(threshold))) and bool(mallopt(_M_TRIM_THRESHOLD, int(threshold)))
+    # Older glibc caps M_MMAP_THRESHOLD at 32 MiB (too low for these tensors) and rejects larger values;
+    # there, stop using mmap for allocations altogether (M_MMAP_MAX 0), which has the same effect.
+    heap_only = bool(mallopt(_M_MMAP_THRESHOLD, int(threshold))) or bool(mallopt(_M_MMAP_MAX, 0))
+    keep = bool(mallopt(_M_TRIM_THRESHOLD, int(threshold)))
+    _applied = heap_only and keep
     return _applied

@@ -11,15 +11,16 @@ import torch
 
 import metarl
 from metarl.agents.policies import GaussianActor, GaussianMLPPolicy
-from metarl.envs.native import NativeSlots, native_kernel, supported_families
+from metarl.envs.native import NativeSlots, native_kernel, supported_families, unsupported_reason
 from metarl.sampling import GymnasiumSampler, NativeSampler, Sampler, make_sampler
 from metarl.tasks import TaskError
 
 MUJOCO_FAMILIES = [name for name in metarl.FAMILIES if name != "PointNav2D"]
 
 
-def _collect(backend: str, family: str, episodes: int = 4, trial: int = 2, std: float = 1.0, seed: int = 3):
-    with Sampler(metarl.env_id(family), workers=0, backend=backend) as s:
+def _collect(backend: str, family: str, episodes: int = 4, trial: int = 2, std: float = 1.0, seed: int = 3,
+             env_kwargs: dict | None = None):
+    with Sampler(metarl.env_id(family), env_kwargs, workers=0, backend=backend) as s:
         torch.manual_seed(0)
         policy = GaussianMLPPolicy(s.observation_space.shape[0], s.action_space.shape[0], (16,), init_std=std)
         tasks = s.family.sample_tasks(2, "train", seed=1) + s.family.sample_tasks(1, "test", seed=0)
@@ -50,6 +51,24 @@ def test_native_equals_gymnasium_over_full_episodes_with_resets(family):
         torch.testing.assert_close(n.reward_terms[key], g.reward_terms[key], rtol=1e-5, atol=1e-5)
     # the episodes really differ from one another (the comparison is not between empty arrays)
     assert g.returns.std() > 0 and g.env_steps > 200
+
+
+@pytest.mark.parametrize("family,kwargs", [
+    ("HalfCheetahVel", {"ctrl_cost_weight": 0.2, "exclude_current_positions_from_observation": False}),
+    ("AntDir", {"include_cfrc_ext_in_observation": False, "terminate_when_unhealthy": False,
+                "healthy_reward": 0.5, "max_episode_steps": 60}),
+    ("HopperRandParams", {"forward_reward_weight": 2.0, "reset_noise_scale": 0.05}),
+])
+def test_native_follows_non_default_env_arguments(family, kwargs):
+    g = _collect("gymnasium", family, env_kwargs=kwargs, std=2.0)
+    n = _collect("native", family, env_kwargs=kwargs, std=2.0)
+    assert g.observations.shape == n.observations.shape
+    assert torch.equal(g.mask, n.mask) and torch.equal(g.terminated, n.terminated)
+    torch.testing.assert_close(n.observations, g.observations, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(n.rewards, g.rewards, rtol=1e-6, atol=1e-6)
+    # and the arguments took effect (this is not the default env)
+    d = _collect("native", family, std=2.0, env_kwargs={"max_episode_steps": kwargs.get("max_episode_steps", 200)})
+    assert g.observations.shape[-1] != d.observations.shape[-1] or not torch.equal(n.rewards, d.rewards)
 
 
 def test_terminating_families_do_terminate_in_the_comparison():
@@ -103,8 +122,16 @@ def test_backend_selection_and_unsupported_envs():
     # a wrapper that may change rewards or observations is not reproduced either
     assert native_kernel(gym.wrappers.ClipReward(gym.make("metarl/HalfCheetahVel-v0"), -1.0, 1.0)) is None
     assert native_kernel(gym.wrappers.TimeLimit(gym.make("metarl/HalfCheetahVel-v0"), 50)) is not None
-    with pytest.raises(TaskError, match="native sampler backend does not run"):
+    with pytest.raises(TaskError, match="native sampler backend does not run .*not one of Gymnasium's v5"):
         NativeSampler("metarl/PointNav2D-v0", workers=0)
+    with pytest.raises(TaskError, match="render_mode='rgb_array'"):
+        NativeSampler("metarl/HalfCheetahVel-v0", {"render_mode": "rgb_array"}, workers=0)
+    # a dynamics family over an env the kernels do not cover runs on Gymnasium
+    from metarl.envs import DynamicsFamily, Vary
+
+    swimmer = DynamicsFamily("Swimmer-v5", [Vary("body_mass")], family="SwimmerMass")
+    assert native_kernel(swimmer) is None
+    assert "not one of Gymnasium's v5" in unsupported_reason(swimmer)
     with pytest.raises(ValueError, match="unknown sampler backend 'ray'"):
         make_sampler("metarl/PointNav2D-v0", backend="ray")
     with pytest.raises(ValueError, match="does not support"):
@@ -138,7 +165,8 @@ def test_config_rejects_an_unknown_backend_and_native_on_an_unsupported_env(tmp_
     assert main(["train", "experiments/maml_trpo/point_nav_2d.yaml", "sampler.backend=native",
                  "--run-dir", str(tmp_path / "b")]) == 2
     err = capsys.readouterr().err
-    assert "native sampler backend does not run" in err and err.count("\n") == 1
+    assert "native sampler backend does not run" in err and "use sampler.backend gymnasium" in err
+    assert err.count("\n") == 1
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
