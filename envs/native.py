@@ -40,8 +40,6 @@ from metarl.tasks import TaskError, family_of
 
 __all__ = ["Kernel", "NativeSlots", "native_kernel", "supported_families", "unsupported_reason"]
 
-_QPOS_QVEL = int(mujoco.mjtState.mjSTATE_QPOS | mujoco.mjtState.mjSTATE_QVEL)
-
 
 class Kernel:
     """Observation, reward and reset of one family, computed for a batch of slots.
@@ -344,12 +342,11 @@ class NativeSlots:
         self.models = [task_models[j] for j in range(n) for _ in range(M)]
         self.params = np.repeat(np.stack(params), M, axis=0)
         S, nq = n * M, model0.nq
-        # qpos and qvel of every slot in one array, filled by one mj_getState call per slot and step.
+        # qpos and qvel of every slot in one array (rows gathered from the slots after each step).
         self.state = np.zeros((S, nq + model0.nv))
         self.qpos, self.qvel = self.state[:, :nq], self.state[:, nq:]
         self.xy = np.zeros((S, 2))
         self.cfrc = np.zeros((S, model0.nbody, 6)) if self.kernel.needs_contacts else None
-        self._slots = list(zip(self.datas, self.models, self.state, strict=False))
         # Views into each slot's MjData, made once: reading d.qpos builds a new array object every time.
         self._ctrl = [d.ctrl for d in self.datas[:S]]
         self._qpos = [d.qpos for d in self.datas[:S]]
@@ -363,9 +360,9 @@ class NativeSlots:
             self.cfrc[s] = d.cfrc_ext
 
     def reset(self, s: int, seed: int) -> np.ndarray:
-        d, m, row = self._slots[s]
-        self.kernel.reset(m, d, seed)
-        mujoco.mj_getState(m, d, row, _QPOS_QVEL)
+        d = self.datas[s]
+        self.kernel.reset(self.models[s], d, seed)
+        self.qpos[s], self.qvel[s] = d.qpos, d.qvel
         self._read_extra(s)
         idx = [s]
         cfrc = None if self.cfrc is None else self.cfrc[idx]
