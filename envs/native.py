@@ -36,7 +36,7 @@ from gymnasium.wrappers import OrderEnforcing, PassiveEnvChecker, TimeLimit
 from metarl.envs.ant import AntDir, AntFwdBwd, AntGoal
 from metarl.envs.dynamics import DynamicsFamily
 from metarl.envs.half_cheetah import HalfCheetahDir, HalfCheetahVel
-from metarl.tasks import TaskError, family_of
+from metarl.tasks import TaskError, episode_limit, family_of
 
 __all__ = ["Kernel", "NativeSlots", "native_kernel", "supported_families", "unsupported_reason"]
 
@@ -315,8 +315,7 @@ class NativeSlots:
             raise ValueError(f"{env_id}: the native backend does not support this env: {reason}")
         self.kernel = native_kernel(self.task_envs[0])
         probe = self.task_envs[0]
-        spec_horizon = probe.spec.max_episode_steps if probe.spec else None
-        self.horizon = int(spec_horizon or family_of(probe).horizon)
+        self.horizon = episode_limit(probe)
         space = probe.action_space
         self.low, self.high = space.low.astype(np.float64), space.high.astype(np.float64)
         self.datas: list[mujoco.MjData] = []

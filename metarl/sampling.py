@@ -37,7 +37,7 @@ import gymnasium as gym
 import numpy as np
 
 from metarl.episodes import EpisodeBatch
-from metarl.tasks import Task, TaskError, family_of
+from metarl.tasks import Task, TaskError, episode_limit, family_of
 
 
 def slot_seed(seed: int, task_index: int, episode: int) -> int:
@@ -52,9 +52,7 @@ class _GymSlots:
         self.env_id, self.env_kwargs = env_id, env_kwargs
         self.envs: list[gym.Env] = [gym.make(env_id, **env_kwargs)]
         probe = self.envs[0]
-        spec_horizon = probe.spec.max_episode_steps if probe.spec else None
-        # An env registered without a time limit is cut at the family's horizon.
-        self.horizon = int(spec_horizon or family_of(probe).horizon)
+        self.horizon = episode_limit(probe)  # the rollout loop truncates there (also envs without a time limit)
         space = probe.action_space
         self.low, self.high = space.low.astype(np.float64), space.high.astype(np.float64)
 
@@ -224,30 +222,31 @@ class Sampler:
         env_id: a registered task family id (``metarl/HalfCheetahVel-v0``, ``module:me/Mine-v0``).
         env_kwargs: passed to ``gymnasium.make``.
         workers: processes to use (default: one per core); capped at the number of tasks per call.
-        backend: ``gymnasium`` (any family; the reference) or ``native`` (the built-in MuJoCo families,
-            stepped in batches by `metarl.envs.native`; same numbers, about twice as fast).
+        backend: ``gymnasium`` (any family; the reference), ``native`` (the built-in MuJoCo families,
+            stepped in batches by `metarl.envs.native`; same numbers, about twice as fast), or ``auto``
+            (native where it reproduces the env, else gymnasium); ``self.backend`` is the one used.
     """
 
     def __init__(self, env_id: str, env_kwargs: dict[str, Any] | None = None, workers: int | None = None,
                  backend: str = "gymnasium"):
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown sampler backend {backend!r}; available: {', '.join(BACKENDS)}")
-        self.backend = backend
+        if backend not in ("auto", *BACKENDS):
+            raise ValueError(f"unknown sampler backend {backend!r}; available: auto, {', '.join(BACKENDS)}")
         self.env_id, self.env_kwargs = env_id, dict(env_kwargs or {})
         probe = gym.make(env_id, **self.env_kwargs)
         try:
             self.family = family_of(probe)
             self.observation_space, self.action_space = probe.observation_space, probe.action_space
-            # The episode limit the slots use: the env's time limit (env_kwargs max_episode_steps
-            # included), else the family's horizon.
-            self.horizon = int((probe.spec.max_episode_steps if probe.spec else None) or self.family.horizon)
-            if backend == "native":
+            self.horizon = episode_limit(probe)  # the episode limit the slots use
+            if backend != "gymnasium":
                 from metarl.envs.native import unsupported_reason
 
                 reason = unsupported_reason(probe)
-                if reason is not None:
+                if backend == "auto":
+                    backend = "gymnasium" if reason is not None else "native"
+                elif reason is not None:
                     raise TaskError(f"{env_id}: the native sampler backend does not run this env: {reason}; "
                                     "use sampler.backend gymnasium or auto")
+            self.backend = backend
         finally:
             probe.close()
         if not isinstance(self.action_space, gym.spaces.Box) or not isinstance(self.observation_space, gym.spaces.Box):
@@ -384,22 +383,7 @@ class NativeSampler(Sampler):
 BACKENDS = ("gymnasium", "native")
 
 
-def native_supported(env: gym.Env) -> bool:
-    """Whether the native backend can run ``env`` (a built-in MuJoCo family without a render mode)."""
-    from metarl.envs.native import native_kernel
-
-    return native_kernel(env) is not None
-
-
 def make_sampler(env_id: str, env_kwargs: dict[str, Any] | None = None, backend: str = "auto",
                  workers: int | None = None) -> Sampler:
     """The sampler for ``backend``: ``native``, ``gymnasium``, or ``auto`` (native where supported)."""
-    if backend == "auto":
-        probe = gym.make(env_id, **dict(env_kwargs or {}))
-        try:
-            backend = "native" if native_supported(probe) else "gymnasium"
-        finally:
-            probe.close()
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown sampler backend {backend!r}; available: auto, {', '.join(BACKENDS)}")
     return Sampler(env_id, env_kwargs, workers, backend=backend)

@@ -50,7 +50,8 @@ def _raw_rate(env: gym.Env, steps: int, seed: int) -> float:
     return steps / (time.perf_counter() - start)
 
 
-def _gym_env_rate(env: gym.Env, steps: int, seed: int) -> float:
+def gym_env_rate(env: gym.Env, steps: int, seed: int) -> float:
+    """``env.step`` rate with random actions (seeded), resetting at episode ends; env steps per second."""
     env.action_space.seed(seed)
     actions = [env.action_space.sample() for _ in range(steps)]
     env.reset(seed=seed)
@@ -118,7 +119,7 @@ def measure(family: str, tasks: int = 40, episodes: int = 20, repeats: int = 3, 
         for r in range(repeats):
             # Interleaved, so a slow spell on a shared machine hits every method alike.
             samples["raw_mj_step"].append(_raw_rate(env, single_steps, seed + r))
-            samples["gymnasium_env"].append(_gym_env_rate(env, single_steps, seed + r))
+            samples["gymnasium_env"].append(gym_env_rate(env, single_steps, seed + r))
             for key, sampler in samplers.items():
                 samples[key].append(_sampler_rate(sampler, task_list, episodes, seed + r))
             log(f"  {family} repeat {r + 1}/{repeats}: "

@@ -335,6 +335,13 @@ class TaskFamily:
         return out
 
 
+def episode_limit(env: Any) -> int:
+    """Steps after which an episode of ``env`` is cut: its time limit (``max_episode_steps`` from the
+    registration or ``gymnasium.make``), else its family's horizon."""
+    spec = getattr(env, "spec", None)
+    return int((spec.max_episode_steps if spec is not None else None) or family_of(env).horizon)
+
+
 def family_of(env: Any) -> TaskFamily:
     """Find the `TaskFamily` inside ``env`` (which may be wrapped, e.g. by ``gymnasium.make``)."""
     current = env

@@ -30,21 +30,15 @@ import metarl
 from metarl.agents.maml_trpo import MAMLTRPO, MAMLTRPOConfig
 from metarl.agents.policies import GaussianActor, GaussianMLPPolicy
 from metarl.sampling import Sampler
+from metarl.speed import gym_env_rate
 
 
 def gymnasium_single_env_rate(steps: int = 5000) -> float:
     env = gym.make("HalfCheetah-v5")
-    env.reset(seed=0)
-    env.action_space.seed(0)
-    actions = [env.action_space.sample() for _ in range(steps)]
-    start = time.perf_counter()
-    for a in actions:
-        _, _, term, trunc, _ = env.step(a)
-        if term or trunc:
-            env.reset()
-    rate = steps / (time.perf_counter() - start)
-    env.close()
-    return rate
+    try:
+        return gym_env_rate(env, steps, seed=0)
+    finally:
+        env.close()
 
 
 def main() -> None:
