@@ -48,6 +48,17 @@ def bootstrap_ci(values: np.ndarray, confidence: float = 0.95, resamples: int = 
     return (float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha)))
 
 
+def iqm(values: np.ndarray) -> float:
+    """Interquartile mean: the mean of the values left after dropping the lowest and the highest quarter
+    (``floor(n / 4)`` values from each end, as ``scipy.stats.trim_mean(values, 0.25)`` and rliable do).
+    Robust to a few failed tasks or seeds, yet uses half the data, unlike the median."""
+    values = np.sort(np.asarray(values, dtype=np.float64).ravel())
+    if values.size == 0:
+        return float("nan")
+    cut = values.size // 4
+    return float(values[cut:values.size - cut].mean())
+
+
 def summarize(result: AdaptationResult, seed: int = 0) -> dict[str, Any]:
     """The JSON summary: one entry per stage with mean, bootstrap CI over tasks and per-task returns."""
     stages = []
@@ -101,8 +112,12 @@ def _csv(rows: list[list[Any]]) -> str:
     return buf.getvalue()
 
 
-def plot_curves(curves: dict[str, dict[str, Any]], path: str | Path | None = None, title: str = ""):
-    """Plot adaptation curves (one line per method, CI band) against adaptation episodes; returns the figure."""
+def plot_curves(curves: dict[str, dict[str, Any]], path: str | Path | None = None, title: str = "",
+                xscale: str = "linear"):
+    """Plot adaptation curves (one line per method, CI band) against adaptation episodes; returns the figure.
+
+    ``xscale="symlog"`` spreads curves measured at very different budgets (RL²'s 0-4 episodes beside a
+    baseline's hundreds) over one readable axis, linear up to one episode and logarithmic beyond."""
     # A bare Figure with its own Agg canvas: no pyplot state (nothing to leak across evaluations) and
     # no change to the user's matplotlib backend.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -118,6 +133,8 @@ def plot_curves(curves: dict[str, dict[str, Any]], path: str | Path | None = Non
         high = [s["ci95"][1] for s in summary["stages"]]
         ax.plot(xs, ys, marker="o", label=label)
         ax.fill_between(xs, low, high, alpha=0.2)
+    if xscale == "symlog":
+        ax.set_xscale("symlog", linthresh=1.0)
     ax.set_xlabel("adaptation episodes per task (before the measured episodes)")
     ax.set_ylabel("mean return (95% CI over tasks)")
     ax.set_title(title)

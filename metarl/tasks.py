@@ -82,6 +82,11 @@ class Task:
             parts.extend(np.asarray(_flatten(value), dtype=np.float64).ravel().tolist())
         return np.asarray(parts, dtype=np.float64)
 
+    def features(self) -> np.ndarray:
+        """The task as a policy input (what an oracle baseline sees): `vector` unless a task type knows
+        a better encoding (an angle as its cosine and sine, a multiplier as its logarithm)."""
+        return self.vector()
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict; `Task.from_dict` inverts it exactly."""
         out: dict[str, Any] = {"type": type(self).__name__, "family": self.family}
@@ -160,6 +165,9 @@ class HeadingTask(Task):
 
     angle: float
 
+    def features(self) -> np.ndarray:
+        return np.array([np.cos(self.angle), np.sin(self.angle)])
+
 
 @dataclasses.dataclass(frozen=True)
 class GoalTask(Task):
@@ -179,6 +187,11 @@ class DynamicsTask(Task):
             if name == field:
                 return values
         raise KeyError(field)
+
+    def features(self) -> np.ndarray:
+        # Multipliers are usually log-uniform (base**U(low, high)); their logarithm is the natural input.
+        vec = self.vector()
+        return np.log(vec) if np.all(vec > 0) else vec
 
 
 # --------------------------------------------------------------------------------------------------
