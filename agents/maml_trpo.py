@@ -49,6 +49,7 @@ from metarl.optim import (
 from metarl.returns import discounted_returns, gae, normalize
 from metarl.system import keep_freed_memory
 from metarl.tasks import Task
+from metarl.video import StageRollout
 
 Params = OrderedDict  # name -> tensor
 
@@ -335,30 +336,45 @@ class MAMLTRPO:
         return metrics
 
     # ---- evaluation protocol -------------------------------------------------------------------------
-    def evaluate_adaptation(self, tasks: list[Task], steps: int, episodes: int, seed: int) -> AdaptationResult:
-        """Stage 0: E episodes with theta; stage k: E episodes after k gradient steps, each step using the
-        previous stage's episodes. Returns the mean return per task and stage."""
+    def _evaluation_stages(self, tasks: list[Task], steps: int, episodes: int, seed: int):
+        """The evaluation protocol's stages in order: yields ``(actor, sample_seed, batch)`` for stage
+        k = 0..steps, the policy after k gradient steps per task, the seed its E episodes per task were
+        sampled with, and those episodes (stage k+1 adapts on them)."""
         rng = np.random.default_rng(seed)
         n = len(tasks)
         params = OrderedDict((k, v.detach()) for k, v in batch_params(self.policy.params(), n).items())
-        returns, env_steps = [], []
-        consumed = 0.0
         for stage in range(steps + 1):
             actor = GaussianActor(self.policy.config, params, seed=int(rng.integers(2**31 - 1)))
-            batch = self.sampler.sample(actor, tasks, episodes, int(rng.integers(2**31 - 1)))
-            returns.append(batch.returns.mean(1).numpy())
-            env_steps.append(consumed)
-            consumed += batch.env_steps / n
+            sample_seed = int(rng.integers(2**31 - 1))
+            batch = self.sampler.sample(actor, tasks, episodes, sample_seed)
+            yield actor, sample_seed, batch
             if stage < steps:
                 adv = self.advantages(batch)
                 grad_params = OrderedDict((k, v.detach().requires_grad_()) for k, v in params.items())
                 params = OrderedDict((k, v.detach()) for k, v in self.adapt(grad_params, batch, adv, False).items())
+
+    def evaluate_adaptation(self, tasks: list[Task], steps: int, episodes: int, seed: int) -> AdaptationResult:
+        """Stage 0: E episodes with theta; stage k: E episodes after k gradient steps, each step using the
+        previous stage's episodes. Returns the mean return per task and stage."""
+        n = len(tasks)
+        returns, env_steps = [], []
+        consumed = 0.0
+        for _, _, batch in self._evaluation_stages(tasks, steps, episodes, seed):
+            returns.append(batch.returns.mean(1).numpy())
+            env_steps.append(consumed)
+            consumed += batch.env_steps / n
         return AdaptationResult(
             tasks=list(tasks),
             returns=np.stack(returns, axis=1),
             adapt_episodes=[stage * episodes for stage in range(steps + 1)],
             adapt_env_steps=env_steps,
         )
+
+    def adaptation_rollouts(self, tasks: list[Task], steps: int, episodes: int, seed: int) -> list[StageRollout]:
+        """How `evaluate_adaptation` with the same arguments sampled each stage (its actor with the
+        per-task adapted parameters, and its seed), for `metarl.video` to replay. Runs the adaptation."""
+        return [StageRollout(actor, (k,), episodes, sample_seed)
+                for k, (actor, sample_seed, _) in enumerate(self._evaluation_stages(tasks, steps, episodes, seed))]
 
     # ---- checkpoints ------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

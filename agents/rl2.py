@@ -35,6 +35,7 @@ from metarl.evaluation import AdaptationResult
 from metarl.returns import discounted_returns, gae
 from metarl.system import keep_freed_memory
 from metarl.tasks import Task, TaskError
+from metarl.video import StageRollout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -398,11 +399,9 @@ class RL2:
     def evaluate_adaptation(self, tasks: list[Task], steps: int, episodes: int, seed: int) -> AdaptationResult:
         """A trial of ``steps + 1`` episodes per held-out task, ``episodes`` trials each; stage k is the
         return of episode k of the trial (it has seen k episodes of the task before)."""
-        rng = np.random.default_rng(seed)
         K = steps + 1
-        actor = RL2Actor(self.model.config, self.model.state_dict(), self._frozen_obs_rms(), self.reward_scale,
-                         seed=int(rng.integers(2**31 - 1)))
-        batch = self.sampler.sample(actor, tasks, episodes * K, int(rng.integers(2**31 - 1)), episodes_per_trial=K)
+        (plan,) = self.adaptation_rollouts(tasks, steps, episodes, seed)
+        batch = self.sampler.sample(plan.actor, tasks, plan.episodes, plan.seed, episodes_per_trial=K)
         n = len(tasks)
         returns = batch.returns.reshape(n, episodes, K)
         lengths = batch.lengths.reshape(n, episodes, K)
@@ -413,6 +412,14 @@ class RL2:
             adapt_episodes=list(range(K)),
             adapt_env_steps=[float(x) for x in before.mean((0, 1))],
         )
+
+    def adaptation_rollouts(self, tasks: list[Task], steps: int, episodes: int, seed: int) -> list[StageRollout]:
+        """How `evaluate_adaptation` with the same arguments samples (for `metarl.video` to replay): one call
+        of ``episodes`` trials of ``steps + 1`` episodes per task, episode k of a trial being stage k."""
+        rng = np.random.default_rng(seed)
+        actor = RL2Actor(self.model.config, self.model.state_dict(), self._frozen_obs_rms(), self.reward_scale,
+                         seed=int(rng.integers(2**31 - 1)))
+        return [StageRollout(actor, tuple(range(steps + 1)), episodes * (steps + 1), int(rng.integers(2**31 - 1)))]
 
     def state_dict(self) -> dict[str, Any]:
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),

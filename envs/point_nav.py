@@ -8,6 +8,8 @@ inferred from rewards.
   ``ood``: goals whose larger coordinate magnitude lies in (0.5, 1.0].
 * step: ``p <- p + clip(a, -0.1, 0.1)``; reward ``-||p - g||_2`` after the move (``info["reward_goal"]``).
 * never terminates; horizon 100 (the registered time limit).
+* ``render_mode="rgb_array"``: a top view (``width`` x ``height`` pixels) of the training square, the
+  goal (green), the path since the reset (blue) and the point, drawn with numpy.
 
 Example:
     >>> import gymnasium as gym, metarl
@@ -37,9 +39,14 @@ class PointNav2D(TaskFamily, gym.Env):
     goal_range = 0.5
     ood_range = 1.0
     max_step = 0.1
-    metadata = {"render_modes": []}
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 20}
 
-    def __init__(self, task: GoalTask | None = None):
+    def __init__(self, task: GoalTask | None = None, render_mode: str | None = None, width: int = 240,
+                 height: int = 240):
+        if render_mode not in (None, "rgb_array"):
+            raise ValueError(f"{self.family}: render_mode must be None or 'rgb_array', got {render_mode!r}")
+        self.render_mode, self.width, self.height = render_mode, int(width), int(height)
+        self._path: list[np.ndarray] = []
         self.observation_space = spaces.Box(-np.inf, np.inf, shape=(2,), dtype=np.float32)
         self.action_space = spaces.Box(-self.max_step, self.max_step, shape=(2,), dtype=np.float32)
         self._position = np.zeros(2, dtype=np.float64)
@@ -73,6 +80,7 @@ class PointNav2D(TaskFamily, gym.Env):
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         super().reset(seed=seed)
         self._position = np.zeros(2, dtype=np.float64)
+        self._path = [self._position]
         return self._position.astype(np.float32), {}
 
     def step(self, action):
@@ -85,4 +93,55 @@ class PointNav2D(TaskFamily, gym.Env):
         distance = float(np.linalg.norm(self._position - self._goal))
         reward = -distance
         info = {"reward_goal": reward, "distance": distance}
+        if self.render_mode is not None:
+            self._path.append(self._position)
         return self._position.astype(np.float32), reward, False, False, info
+
+    def render(self) -> np.ndarray | None:
+        """The top view as an ``[height, width, 3]`` uint8 array (``render_mode="rgb_array"``)."""
+        if self.render_mode != "rgb_array":
+            return None
+        h, w = self.height, self.width
+        # A fixed view per task (the goal stays in sight), so every frame of an episode has the same scale;
+        # a point that leaves the view is drawn at its edge.
+        extent = max(1.2, 1.2 * float(np.abs(self._goal).max()))
+        scale = 0.5 * min(w, h) / extent
+
+        def px(points: np.ndarray) -> np.ndarray:  # world (x, y) -> pixel (column, row), y up
+            points = np.clip(np.atleast_2d(points), -extent, extent)
+            return np.stack([w / 2 + points[:, 0] * scale, h / 2 - points[:, 1] * scale], -1)
+
+        img = np.full((h, w, 3), 250, np.uint8)
+        rows, cols = np.mgrid[0:h, 0:w]
+        for k in np.arange(-np.floor(extent / 0.5), np.floor(extent / 0.5) + 1):  # grid every 0.5
+            c, r = px(np.array([k * 0.5, k * 0.5]))[0]
+            shade = 200 if k == 0 else 228
+            img[:, int(round(c)) % w] = np.minimum(img[:, int(round(c)) % w], shade)
+            img[int(round(r)) % h, :] = np.minimum(img[int(round(r)) % h, :], shade)
+        r = self.goal_range
+        square = np.array([[-r, -r], [r, -r], [r, r], [-r, r], [-r, -r]])
+        _polyline(img, px(square), (150, 150, 150), 1)                      # the training goal range
+        if len(self._path) > 1:
+            _polyline(img, px(np.asarray(self._path)), (120, 160, 230), 2)
+        _disc(img, rows, cols, px(self._goal)[0], max(4.0, 0.06 * scale), (40, 170, 60))
+        _disc(img, rows, cols, px(self._position)[0], max(3.0, 0.04 * scale), (20, 60, 200))
+        return img
+
+
+def _disc(img: np.ndarray, rows: np.ndarray, cols: np.ndarray, center: np.ndarray, radius: float,
+          color: tuple[int, int, int]) -> None:
+    img[(cols - center[0]) ** 2 + (rows - center[1]) ** 2 <= radius**2] = color
+
+
+def _polyline(img: np.ndarray, points: np.ndarray, color: tuple[int, int, int], width: int) -> None:
+    """Draw the segments between consecutive pixel ``points`` (``[P, 2]`` column, row), ``width`` pixels wide."""
+    h, w = img.shape[:2]
+    a, b = points[:-1], points[1:]
+    steps = int(np.ceil(np.abs(b - a).max())) + 1
+    t = np.linspace(0.0, 1.0, max(steps, 2))[:, None, None]
+    samples = (a[None] + t * (b - a)[None]).reshape(-1, 2)
+    for dc in range(width):
+        for dr in range(width):
+            c = np.clip(np.round(samples[:, 0]).astype(int) + dc - width // 2, 0, w - 1)
+            r = np.clip(np.round(samples[:, 1]).astype(int) + dr - width // 2, 0, h - 1)
+            img[r, c] = color

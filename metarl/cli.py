@@ -5,6 +5,7 @@
     metarl check ID                     check a (custom) task family against metarl's contracts
     metarl train CONFIG [k=v ...]       meta-train (see experiments/), --resume RUN_DIR to continue
     metarl eval RUN_DIR [--split S]     adaptation curve on held-out tasks -> RUN_DIR/eval/<split>/
+    metarl eval RUN_DIR --video         ... plus GIFs of held-out episodes before and after adaptation
     metarl speed [--family F] [--json]  simulator / Gymnasium / sampler step rates, side by side
 
 Usage errors (unknown family, bad arguments) print one line and exit with code 2.
@@ -121,8 +122,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    video = _video_options(args)
+    if video is not None:
+        from metarl.video import configure_gl
+
+        configure_gl()  # before anything imports mujoco: a headless Linux machine renders through EGL
+
     from metarl.config import ConfigError
-    from metarl.training import build_agent, evaluate_run, load_checkpoint, load_run_config
+    from metarl.training import build_agent, evaluate_run, load_checkpoint, load_run_config, render_run
+    from metarl.video import VideoError
 
     run_dir = Path(args.run_dir)
     try:
@@ -131,25 +139,58 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             value = getattr(args, name)
             if value is not None and value < (0 if name == "steps" else 1):
                 raise ConfigError(f"--{name} must be {'>= 0' if name == 'steps' else '>= 1'}, got {value}")
+        e = config.eval
+        split, tasks = args.split or e.split, args.tasks or e.tasks
+        steps, episodes = e.steps if args.steps is None else args.steps, args.episodes or e.episodes
+        if video is not None:
+            if video["tasks"] > tasks:
+                raise ConfigError(f"--video-tasks ({video['tasks']}) must be at most the number of tasks evaluated ({tasks})")
+            if steps < 1:
+                raise ConfigError("--video needs at least one adaptation stage (--steps >= 1) to show before and after")
         sampler, agent = build_agent(config)
         try:
             load_checkpoint(run_dir, agent)
-            e = config.eval
-            summary = evaluate_run(
-                agent, config, run_dir, args.split or e.split, args.tasks or e.tasks,
-                e.steps if args.steps is None else args.steps, args.episodes or e.episodes,
-            )
+            summary = evaluate_run(agent, config, run_dir, split, tasks, steps, episodes)
+            print(f"{'stage':>5} {'adapt episodes':>14} {'adapt steps':>11} {'mean return':>11}  95% CI")
+            for s in summary["stages"]:
+                print(f"{s['stage']:>5} {s['adapt_episodes']:>14} {s['adapt_env_steps']:>11.0f} "
+                      f"{s['mean_return']:>11.2f}  [{s['ci95'][0]:.2f}, {s['ci95'][1]:.2f}]")
+            print(f"written to {run_dir / 'eval' / split}/ (summary.json, summary.csv, per_task.csv, "
+                  "adaptation_curve.png)", flush=True)
+            if video is not None:
+                print(f"rendering {video['tasks']} held-out task(s) before and after adaptation "
+                      f"(MUJOCO_GL={os.environ.get('MUJOCO_GL')}) ...", flush=True)
+                paths = render_run(agent, config, run_dir, split, tasks, steps, episodes, video["tasks"],
+                                   video["size"], video["fps"], verbose=True)
+                print(f"written to {paths[0].parent}/ ({len(paths)} GIFs) and TensorBoard (eval/{split}/video/)")
         finally:
             sampler.close()
-    except (ConfigError, TaskError) as exc:
+    except (ConfigError, TaskError, VideoError) as exc:
         raise UsageError(str(exc)) from exc
-    split = args.split or config.eval.split
-    print(f"{'stage':>5} {'adapt episodes':>14} {'adapt steps':>11} {'mean return':>11}  95% CI")
-    for s in summary["stages"]:
-        print(f"{s['stage']:>5} {s['adapt_episodes']:>14} {s['adapt_env_steps']:>11.0f} {s['mean_return']:>11.2f}"
-              f"  [{s['ci95'][0]:.2f}, {s['ci95'][1]:.2f}]")
-    print(f"written to {run_dir / 'eval' / split}/ (summary.json, summary.csv, per_task.csv, adaptation_curve.png)")
     return 0
+
+
+def _video_options(args: argparse.Namespace) -> dict | None:
+    """The checked --video options (None without --video); the others need --video."""
+    if not args.video:
+        given = [flag for flag, value in (("--video-tasks", args.video_tasks), ("--video-size", args.video_size),
+                                          ("--fps", args.fps)) if value is not None]
+        if given:
+            raise UsageError(f"{given[0]} needs --video")
+        return None
+    n = 1 if args.video_tasks is None else args.video_tasks
+    if n < 1:
+        raise UsageError(f"--video-tasks must be >= 1, got {n}")
+    if args.fps is not None and not 1 <= args.fps <= 50:
+        raise UsageError(f"--fps must be between 1 and 50 (GIF frame delays), got {args.fps}")
+    text = args.video_size or "320x240"
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise UsageError(f"--video-size must be WIDTHxHEIGHT in pixels (e.g. 320x240), got {text!r}") from None
+    if not (16 <= width <= 2048 and 16 <= height <= 2048):
+        raise UsageError(f"--video-size: width and height must be between 16 and 2048 pixels, got {text!r}")
+    return {"tasks": n, "size": (width, height), "fps": args.fps}
 
 
 def _cmd_speed(args: argparse.Namespace) -> int:
@@ -212,6 +253,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="adaptation stages after stage 0 (default: config, 3)")
     p.add_argument("--episodes", type=int, default=None, help="episodes per stage (default: config)")
     p.add_argument("--tasks", type=int, default=None, help="number of held-out tasks (default: config)")
+    p.add_argument("--video", action="store_true", help="also render held-out episodes before and after adaptation "
+                   "(off-screen; GIFs in RUN_DIR/eval/<split>/video/ and TensorBoard eval/<split>/video/)")
+    p.add_argument("--video-tasks", type=int, default=None, help="with --video: tasks to render, the first of the "
+                   "evaluation's (default 1)")
+    p.add_argument("--video-size", default=None, metavar="WxH", help="with --video: frame size (default 320x240)")
+    p.add_argument("--fps", type=int, default=None, help="with --video: frames per second (default: the env's rate, "
+                   "at most 25); frames are dropped to play at about real time")
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("speed", help="measure raw MuJoCo, Gymnasium and sampler step rates side by side")

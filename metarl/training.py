@@ -8,10 +8,12 @@ Run folder (nothing a run writes goes elsewhere)::
         metrics.jsonl         one line of training metrics per iteration
         checkpoints/latest.pt written atomically every `checkpoint_every` iterations
         eval/<split>/         summary.json, summary.csv, per_task.csv, adaptation_curve.png
+        eval/<split>/video/   task<j>_before|after|before_after.gif (metarl eval --video)
 
 The loop talks to agents through a small protocol: ``train_step(tasks) -> metrics``,
 ``evaluate_adaptation(tasks, steps, episodes, seed) -> AdaptationResult``, ``state_dict()``,
-``load_state_dict()``, ``env_steps``, ``iteration`` and ``config.tasks_per_batch``.
+``load_state_dict()``, ``env_steps``, ``iteration`` and ``config.tasks_per_batch``; videos also need
+``adaptation_rollouts(tasks, steps, episodes, seed) -> list[metarl.video.StageRollout]``.
 """
 
 from __future__ import annotations
@@ -166,14 +168,23 @@ def _fmt_time(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
+def _eval_tasks(agent: Any, config: RunConfig, split: str, tasks: int) -> list[Any]:
+    """The held-out tasks of a run's evaluation (the same list for its curve and its videos)."""
+    try:
+        return agent.sampler.family.sample_tasks(tasks, split=split, seed=config.seed + 10_000)
+    except TaskError as exc:
+        raise ConfigError(f"eval: {exc}") from exc
+
+
+def _eval_seed(config: RunConfig) -> int:
+    return config.seed + 20_000
+
+
 def evaluate_run(agent: Any, config: RunConfig, run_dir: Path, split: str, tasks: int, steps: int,
                  episodes: int, logger: _Logger | None = None) -> dict[str, Any]:
     family = agent.sampler.family
-    try:
-        eval_tasks = family.sample_tasks(tasks, split=split, seed=config.seed + 10_000)
-    except TaskError as exc:
-        raise ConfigError(f"eval: {exc}") from exc
-    result: AdaptationResult = agent.evaluate_adaptation(eval_tasks, steps, episodes, seed=config.seed + 20_000)
+    eval_tasks = _eval_tasks(agent, config, split, tasks)
+    result: AdaptationResult = agent.evaluate_adaptation(eval_tasks, steps, episodes, seed=_eval_seed(config))
     title = f"{config.agent_name} on {family.family}"
     summary = write_summary(result, run_dir / "eval" / split, title=title, extra={
         "split": split, "agent": config.agent_name, "family": family.family, "iteration": agent.iteration,
@@ -182,6 +193,33 @@ def evaluate_run(agent: Any, config: RunConfig, run_dir: Path, split: str, tasks
     if logger is not None:
         logger.log_eval(summary, split, agent.env_steps, title)
     return summary
+
+
+def render_run(agent: Any, config: RunConfig, run_dir: Path, split: str, tasks: int, steps: int, episodes: int,
+               video_tasks: int = 1, size: tuple[int, int] = (320, 240), fps: float | None = None,
+               verbose: bool = False) -> list[Path]:
+    """Videos of the evaluation `evaluate_run` with the same arguments makes: its first ``video_tasks``
+    held-out tasks before and after adaptation, replayed from the agent's `adaptation_rollouts`, into
+    ``RUN_DIR/eval/<split>/video/`` and TensorBoard (``eval/<split>/video/task<j>``, x = env steps)."""
+    from metarl.video import VideoError, check_renderable, write_videos
+
+    if not hasattr(agent, "adaptation_rollouts"):
+        raise VideoError(f"agent {config.agent_name!r} cannot replay its evaluation (no adaptation_rollouts); "
+                         "videos are not available for it")
+    if steps < 1:
+        raise VideoError("a video needs at least one adaptation stage (--steps >= 1) to show before and after")
+    check_renderable(agent.sampler.env_id, agent.sampler.env_kwargs)  # before the adaptation, which takes time
+    # Per-task results do not depend on the other tasks of a sampler call (seeds and noise are per task
+    # index), so adapting on the first tasks alone reproduces what the evaluation did for them.
+    shown = _eval_tasks(agent, config, split, tasks)[:video_tasks]
+    plans = agent.adaptation_rollouts(shown, steps, episodes, seed=_eval_seed(config))
+    logger = _Logger(run_dir)
+    try:
+        return write_videos(agent.sampler.env_id, agent.sampler.env_kwargs, shown, plans, steps,
+                            run_dir / "eval" / split / "video", size=size, fps=fps, writer=logger.writer,
+                            global_step=agent.env_steps, tag=f"eval/{split}/video", verbose=verbose)
+    finally:
+        logger.close()
 
 
 def write_run_config(run_dir: Path, config: RunConfig, meta: dict[str, Any]) -> None:
