@@ -7,6 +7,7 @@
     metarl eval RUN_DIR [--split S]     adaptation curve on held-out tasks -> RUN_DIR/eval/<split>/
     metarl eval RUN_DIR --video         ... plus GIFs of held-out episodes before and after adaptation
     metarl speed [--family F] [--json]  simulator / Gymnasium / sampler step rates, side by side
+    metarl bench SUITE.yaml [--out DIR] meta-learners and SB3 baselines under one protocol, one report
 
 Usage errors (unknown family, bad arguments) print one line and exit with code 2.
 """
@@ -214,6 +215,21 @@ def _cmd_speed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from metarl.bench import load_suite, run_suite, write_report
+    from metarl.config import ConfigError
+
+    try:
+        suite = load_suite(args.suite, out=args.out)
+        if args.report_only:
+            print(f"report: {write_report(suite)}")
+            return 0
+        run_suite(suite, verbose=not args.quiet)
+    except (ConfigError, TaskError) as exc:
+        raise UsageError(str(exc)) from exc
+    return 0
+
+
 def _short(value) -> str:
     if isinstance(value, float):
         return f"{value:.3g}"
@@ -272,6 +288,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="sampler processes (default: one per core)")
     p.add_argument("--json", metavar="FILE", help="also write the rates to FILE")
     p.set_defaults(func=_cmd_speed)
+
+    p = sub.add_parser("bench", help="run a benchmark suite (meta-learners and baselines) and write its report")
+    p.add_argument("suite", help="suite YAML (e.g. experiments/benchmarks/smoke.yaml)")
+    p.add_argument("--out", help="report folder (default: the suite's out, else runs/bench/<name>)")
+    p.add_argument("--report-only", action="store_true", help="rewrite the report from the finished cells, run nothing")
+    p.add_argument("--quiet", action="store_true", help="no per-iteration training lines")
+    p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("check", help="check that a Gymnasium id is a well-formed task family")
     p.add_argument("family", help="family name or Gymnasium id (module:Id-v0 imports module first)")

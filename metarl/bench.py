@@ -1,0 +1,472 @@
+"""``metarl bench SUITE.yaml``: meta-learners and baselines under one protocol, one report.
+
+A suite lists task families, methods and seeds, and the evaluation protocol they all share::
+
+    name: smoke
+    out: runs/bench/smoke              # the report folder (default: runs/bench/<name>)
+    seeds: [0]
+    eval: {tasks: 5, steps: 2, episodes: 5}   # held-out tasks, adaptation stages, episodes per stage
+    families:
+      PointNav2D: {}                   # or {env_kwargs: {...}, eval: {...}, methods: {<method>: {...}}}
+    methods:
+      maml_trpo: {overrides: [iterations=10]}   # config: experiments/maml_trpo/point_nav_2d.yaml by default
+      rl2: {overrides: [iterations=40]}
+      ppo_scratch: {extra_episodes: [50]}
+      sac_scratch: {}
+      ppo_multitask: {pretrain_steps: 20000}
+      oracle: {pretrain_steps: 20000}
+      random: {}
+
+Methods: ``maml_trpo`` and ``rl2`` (meta-trained from their experiment config, then evaluated), and the
+Stable-Baselines3 baselines of `metarl.agents.sb3_baselines`: ``ppo_scratch``, ``sac_scratch``,
+``ppo_multitask``, ``sac_multitask``, ``oracle`` (PPO given the task parameters) and ``random``. A family
+entry may override the protocol, the env's keyword arguments and any method's options for that family.
+
+Every (family, method, seed) is a *cell* with its own folder ``OUT/cells/<family>/<method>/seed<k>/``;
+a finished cell holds ``cell.json`` and is never rerun (a meta-learner's cell interrupted mid-training
+resumes from its last checkpoint), so rerunning the command continues a suite. The report (``OUT/report.md``,
+``OUT/curves_<family>.png``, ``OUT/results.json`` and ``OUT/results.csv``) is rewritten from the finished
+cells after each one. Everything is validated before any work starts.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import math
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import yaml
+
+import metarl
+from metarl.config import ConfigError, EvalConfig, RunConfig, load_config
+from metarl.evaluation import bootstrap_ci, iqm, plot_curves, write_summary
+from metarl.tasks import TaskError
+
+#: method name -> (kind, algorithm); kind "meta" runs metarl's own agent of that name.
+METHODS: dict[str, tuple[str, str]] = {
+    "maml_trpo": ("meta", "maml_trpo"),
+    "rl2": ("meta", "rl2"),
+    "ppo_scratch": ("scratch", "ppo"),
+    "sac_scratch": ("scratch", "sac"),
+    "ppo_multitask": ("multitask", "ppo"),
+    "sac_multitask": ("multitask", "sac"),
+    "oracle": ("oracle", "ppo"),
+    "random": ("random", "none"),
+}
+
+#: Published results (REFERENCE.md) shown beside ours when the family and horizon match. Returns are
+#: only comparable at the same horizon and reward constants; the budgets are the anchors', not ours.
+PUBLISHED: list[dict[str, Any]] = [
+    {"family": "HalfCheetahDir", "horizon": 100, "source": "learn2learn MAML-TRPO, 3 seeds, 300 iterations",
+     "before": "≈ -40", "after": "≈ 270 after 1 step, ≈ 400 after 3 steps"},
+    {"family": "HalfCheetahDir", "horizon": 100, "source": "RLlib MAML (ProMP-style), 211M env steps",
+     "before": "≈ -14", "after": "≈ 255-265 after 1 step"},
+    {"family": "AntFwdBwd", "horizon": 100, "source": "learn2learn MAML-TRPO, ~800 iterations",
+     "before": "≈ -50", "after": "≈ 185 after 3 steps"},
+    {"family": "AntGoal", "horizon": 200, "source": "RLlib MAML, 372M env steps",
+     "before": "≈ -540", "after": "≈ -530 after 2 steps"},
+]
+
+_BASELINE_OPTIONS = ("pretrain_steps", "extra_episodes", "pretrain_envs", "params")
+_META_OPTIONS = ("config", "overrides")
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    family: str
+    method: str
+    seed: int
+    env_kwargs: dict
+    eval: EvalConfig
+    options: dict
+
+    @property
+    def key(self) -> str:
+        return f"{self.family}/{self.method}/seed{self.seed}"
+
+    def spec(self) -> dict[str, Any]:
+        """What the cell's result depends on (a finished cell run with another spec is an error)."""
+        return {"family": self.family, "method": self.method, "seed": self.seed, "env_kwargs": self.env_kwargs,
+                "eval": dataclasses.asdict(self.eval), "options": self.options}
+
+
+@dataclasses.dataclass
+class Suite:
+    name: str
+    out: Path
+    families: list[str]
+    methods: list[str]
+    cells: list[Cell]
+    path: Path | None = None
+
+
+# ---- loading and validation ------------------------------------------------------------------------------
+def _snake(name: str) -> str:
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name).lower().replace("2_d", "_2d")
+
+
+def _mapping(value: Any, where: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _method_options(method: str, options: dict, where: str) -> dict:
+    kind = METHODS[method][0]
+    allowed = _META_OPTIONS if kind == "meta" else _BASELINE_OPTIONS
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ConfigError(f"{where}.{unknown[0]}: unknown option for {method}; expected one of {', '.join(allowed)}")
+    return dict(options)
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = [*out.get(key, []), *value] if key == "overrides" else value
+    return out
+
+
+def load_suite(path: str | Path | None, data: dict | None = None, out: str | Path | None = None) -> Suite:
+    """Read and validate a suite; every error names the field (nothing has run yet)."""
+    if data is None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"suite file {str(path)!r} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    data = _mapping(data, "suite")
+    unknown = sorted(set(data) - {"name", "out", "seeds", "eval", "families", "methods"})
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: unknown suite field; expected name, out, seeds, eval, families, methods")
+    name = data.get("name") or (Path(path).stem if path else "bench")
+    seeds = data.get("seeds", [0])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
+                                                           for s in seeds):
+        raise ConfigError(f"seeds: expected a non-empty list of integers >= 0, got {seeds!r}")
+    base_eval = _mapping(data.get("eval"), "eval")
+    families = _mapping(data.get("families"), "families")
+    methods = _mapping(data.get("methods"), "methods")
+    if not families:
+        raise ConfigError("families: list at least one task family (e.g. families: {PointNav2D: {}})")
+    if not methods:
+        raise ConfigError(f"methods: list at least one method ({', '.join(METHODS)})")
+    for method in methods:
+        if method not in METHODS:
+            raise ConfigError(f"methods.{method}: unknown method; available: {', '.join(METHODS)}")
+    cells = []
+    for family, fam_opts in families.items():
+        where = f"families.{family}"
+        fam_opts = _mapping(fam_opts, where)
+        bad = sorted(set(fam_opts) - {"env_kwargs", "eval", "methods"})
+        if bad:
+            raise ConfigError(f"{where}.{bad[0]}: unknown field; expected env_kwargs, eval, methods")
+        env_kwargs = _mapping(fam_opts.get("env_kwargs"), f"{where}.env_kwargs")
+        env_id = metarl.env_id(family) if family in metarl.FAMILIES else family
+        try:
+            env = metarl.make_family(env_id, **env_kwargs)
+        except TaskError as exc:
+            raise ConfigError(f"{where}: {exc}") from exc
+        except (gym.error.Error, ImportError, TypeError) as exc:  # unknown id, unimportable module, bad kwargs
+            raise ConfigError(f"{where}: cannot make {family!r}: {exc}") from exc
+        try:
+            protocol = EvalConfig(**{"every": 0, "split": "test", "tasks": 10, "steps": 3, "episodes": 10,
+                                     **base_eval, **_mapping(fam_opts.get("eval"), f"{where}.eval")})
+        except TypeError as exc:
+            raise ConfigError(f"{where}.eval: {exc}") from exc
+        try:  # e.g. more held-out tasks than a finite family has
+            metarl.family_of(env).sample_tasks(protocol.tasks, "test", seed=10_000)
+        except TaskError as exc:
+            raise ConfigError(f"{where}.eval.tasks: {exc}") from exc
+        finally:
+            env.close()
+        fam_methods = _mapping(fam_opts.get("methods"), f"{where}.methods")
+        for method in fam_methods:
+            if method not in methods:
+                raise ConfigError(f"{where}.methods.{method}: not one of the suite's methods ({', '.join(methods)})")
+        for method in methods:
+            options = _merge(_method_options(method, _mapping(methods[method], f"methods.{method}"), f"methods.{method}"),
+                             _method_options(method, _mapping(fam_methods.get(method), f"{where}.methods.{method}"),
+                                             f"{where}.methods.{method}"))
+            _check_method(family, method, options, protocol, f"{where}.methods.{method}" if method in fam_methods
+                          else f"methods.{method}")
+            for seed in seeds:
+                cells.append(Cell(family, method, seed, dict(env_kwargs), protocol, options))
+    out_dir = Path(out or data.get("out") or Path("runs") / "bench" / name)
+    return Suite(name=str(name), out=out_dir, families=list(families), methods=list(methods), cells=cells,
+                 path=Path(path) if path else None)
+
+
+def _check_method(family: str, method: str, options: dict, protocol: EvalConfig, where: str) -> None:
+    kind, algo = METHODS[method]
+    if kind == "meta":
+        meta_config(family, method, options, {}, protocol, 0, where)
+        return
+    try:
+        _baseline_spec(kind, algo, options).check(protocol.steps, protocol.episodes)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+
+
+def _baseline_spec(kind: str, algo: str, options: dict):
+    from metarl.agents.sb3_baselines import BaselineSpec
+
+    opts = dict(options)
+    if "extra_episodes" in opts:
+        extra = opts["extra_episodes"]
+        if not isinstance(extra, list) or not all(isinstance(e, int) for e in extra):
+            raise ValueError(f"extra_episodes: expected a list of integers, got {extra!r}")
+        opts["extra_episodes"] = tuple(extra)
+    for name in ("pretrain_steps", "pretrain_envs"):
+        if name in opts and (isinstance(opts[name], bool) or not isinstance(opts[name], int)):
+            raise ValueError(f"{name}: expected an integer, got {opts[name]!r}")
+    if "params" in opts and not isinstance(opts["params"], dict):
+        raise ValueError(f"params: expected a mapping of SB3 arguments, got {opts['params']!r}")
+    return BaselineSpec(kind=kind, algo=algo, **opts)
+
+
+def meta_config(family: str, method: str, options: dict, env_kwargs: dict, protocol: EvalConfig, seed: int,
+                where: str = "") -> RunConfig:
+    """The run config of a meta-learner cell: its experiment config, the cell's overrides, seed and protocol."""
+    path = options.get("config") or f"experiments/{method}/{_snake(family)}.yaml"
+    overrides = options.get("overrides", [])
+    if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+        raise ConfigError(f"{where}.overrides: expected a list of key=value strings, got {overrides!r}")
+    try:
+        config = load_config(path, overrides)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+    if config.agent_name != method:
+        raise ConfigError(f"{where}.config: {path} configures agent {config.agent_name!r}, not {method!r}")
+    return dataclasses.replace(config, env=family, env_kwargs={**config.env_kwargs, **env_kwargs}, seed=seed,
+                               eval=protocol)
+
+
+# ---- running -----------------------------------------------------------------------------------------------
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def cell_dir(suite: Suite, cell: Cell) -> Path:
+    return suite.out / "cells" / cell.family / cell.method / f"seed{cell.seed}"
+
+
+def finished(suite: Suite, cell: Cell) -> dict | None:
+    """The cell's stored result, or None if it has not finished; error if it ran with other settings."""
+    path = cell_dir(suite, cell) / "cell.json"
+    if not path.is_file():
+        return None
+    stored = json.loads(path.read_text())
+    if stored.get("spec") != json.loads(json.dumps(cell.spec())):
+        raise ConfigError(
+            f"{cell.key}: {path} was run with other settings than the suite now gives; move that cell folder "
+            f"(or the whole {suite.out}) away, or point --out at a new folder")
+    return stored
+
+
+def run_cell(suite: Suite, cell: Cell, log: Callable[[str], None] = print, verbose: bool = True) -> dict:
+    """Run one cell and write its ``cell.json``; returns the stored record."""
+    folder = cell_dir(suite, cell)
+    folder.mkdir(parents=True, exist_ok=True)
+    kind, algo = METHODS[cell.method]
+    start = time.perf_counter()
+    env_id = metarl.env_id(cell.family) if cell.family in metarl.FAMILIES else cell.family
+    if kind == "meta":
+        from metarl.training import train
+
+        config = meta_config(cell.family, cell.method, cell.options, cell.env_kwargs, cell.eval, cell.seed)
+        run_dir = folder / "run"
+        resume = (run_dir / "checkpoints" / "latest.pt").is_file()
+        if run_dir.exists() and not resume:
+            shutil.rmtree(run_dir)  # started but never checkpointed: nothing worth keeping
+        train(config, run_dir=run_dir, resume=resume, verbose=verbose)
+        summary = json.loads((run_dir / "eval" / "test" / "summary.json").read_text())
+        cost = {"pretrain_env_steps": int(summary["env_steps"]),
+                "adapt_env_steps_per_task": float(summary["stages"][-1]["adapt_env_steps"])}
+    else:
+        from metarl.agents.sb3_baselines import run_baseline
+
+        env = metarl.make_family(env_id, **cell.env_kwargs)
+        # the tasks evaluate_run gives the meta-learners of the same seed
+        tasks = metarl.family_of(env).sample_tasks(cell.eval.tasks, "test", seed=cell.seed + 10_000)
+        env.close()
+        spec = _baseline_spec(kind, algo, cell.options)
+        result, used = run_baseline(spec, env_id, cell.env_kwargs, tasks, cell.eval.steps, cell.eval.episodes,
+                                    seed=cell.seed, log=log)
+        summary = write_summary(result, folder, title=f"{cell.method} on {cell.family}", seed=cell.seed)
+        cost = {"pretrain_env_steps": used.pretrain_env_steps, "adapt_env_steps_per_task": used.adapt_env_steps_per_task}
+    record = {"spec": cell.spec(), "summary": summary, "wall_time_s": time.perf_counter() - start, **cost,
+              "resumed": kind == "meta" and resume}
+    _atomic_write(folder / "cell.json", json.dumps(record, indent=2))
+    return record
+
+
+def run_suite(suite: Suite, log: Callable[[str], None] = print, verbose: bool = True) -> Path:
+    """Run every unfinished cell (in order), rewriting the report after each; returns the report path."""
+    suite.out.mkdir(parents=True, exist_ok=True)
+    done = [c for c in suite.cells if finished(suite, c) is not None]
+    todo = [c for c in suite.cells if c not in done]
+    seeds = len({c.seed for c in suite.cells})
+    log(f"bench {suite.name}: {len(suite.cells)} cells ({len(suite.families)} families x {len(suite.methods)} "
+        f"methods x {seeds} seeds), "
+        f"{len(done)} finished already; report in {suite.out}")
+    start = time.perf_counter()
+    for i, cell in enumerate(todo):
+        elapsed = time.perf_counter() - start
+        eta = f", ETA {_fmt(elapsed / i * (len(todo) - i))}" if i else ""
+        log(f"[{len(done) + i + 1}/{len(suite.cells)}] {cell.key} (elapsed {_fmt(elapsed)}{eta})")
+        record = run_cell(suite, cell, log=log, verbose=verbose)
+        curve = " -> ".join(f"{s['mean_return']:.1f}" for s in record["summary"]["stages"])
+        log(f"    done in {_fmt(record['wall_time_s'])}: return by stage {curve}")
+        write_report(suite)
+    report = write_report(suite)
+    log(f"report: {report}")
+    return report
+
+
+def _fmt(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+# ---- the report ----------------------------------------------------------------------------------------------
+def aggregate(records: list[dict]) -> dict[str, Any]:
+    """Pool the cells of one (family, method) over seeds: per stage, the mean, its 95% bootstrap interval
+    and the interquartile mean over every (task, seed) return."""
+    stages = []
+    first = records[0]["summary"]["stages"]
+    for k, stage in enumerate(first):
+        values = np.concatenate([np.asarray(r["summary"]["stages"][k]["per_task"], dtype=np.float64) for r in records])
+        low, high = bootstrap_ci(values, seed=k)
+        stages.append({"stage": k, "adapt_episodes": stage["adapt_episodes"], "adapt_env_steps": stage["adapt_env_steps"],
+                       "mean_return": float(values.mean()), "ci95": [low, high], "iqm": iqm(values), "n": int(values.size)})
+    return {
+        "stages": stages,
+        "seeds": [r["spec"]["seed"] for r in records],
+        "wall_time_s": float(sum(r["wall_time_s"] for r in records)),
+        "pretrain_env_steps": float(np.mean([r["pretrain_env_steps"] for r in records])),
+        "adapt_env_steps_per_task": float(np.mean([r["adapt_env_steps_per_task"] for r in records])),
+    }
+
+
+def _num(x: float) -> str:
+    if not math.isfinite(x):
+        return "-"
+    return f"{x:,.1f}" if abs(x) < 1e4 else f"{x:,.0f}"
+
+
+def _steps(x: float) -> str:
+    return "0" if x == 0 else f"{x / 1e6:.2f}M" if x >= 1e5 else f"{x:,.0f}"
+
+
+def write_report(suite: Suite) -> Path:
+    """Rewrite report.md, curves_<family>.png, results.json and results.csv from the finished cells."""
+    records = {c.key: r for c in suite.cells if (r := finished(suite, c)) is not None}
+    lines = [f"# Benchmark report: {suite.name}", ""]
+    if suite.path is not None:
+        lines += [f"Suite: `{suite.path}`. Re-run `metarl bench {suite.path}` to continue it; finished cells are kept.", ""]
+    lines += [
+        f"{len(records)} of {len(suite.cells)} cells finished. Protocol: held-out (`test`) tasks; stage 0 is the return "
+        "before any experience of the task, stage k after k adaptation stages (a gradient step on `episodes` "
+        "episodes for MAML-TRPO, one more episode of the trial for RL², `episodes × horizon` training steps for "
+        "the SB3 learners); returns are of episodes whose actions are sampled from the policy. Mean over "
+        "tasks × seeds with a 95% percentile-bootstrap interval, and the interquartile mean (IQM). The oracle "
+        "(PPO given the true task parameters) and the random policy do not adapt: one measurement stands for every stage.",
+        "",
+    ]
+    json_out: list[dict] = []
+    csv_rows = [["family", "method", "seed", "task", "stage", "adapt_episodes", "adapt_env_steps", "return"]]
+    for family in suite.families:
+        cells = [c for c in suite.cells if c.family == family]
+        horizon = _horizon(family, cells[0].env_kwargs)
+        lines += [f"## {family}", "", f"Horizon {horizon}; {cells[0].eval.tasks} held-out tasks; "
+                  f"{cells[0].eval.episodes} episodes per stage; env kwargs {cells[0].env_kwargs or '{}'}.", ""]
+        curves: dict[str, dict] = {}
+        summary_rows = []
+        detail_rows = []
+        for method in suite.methods:
+            mine = [records[c.key] for c in cells if c.method == method and c.key in records]
+            if not mine:
+                summary_rows.append(f"| {method} | not run yet | | | | | | | |")
+                continue
+            agg = aggregate(mine)
+            curves[method] = agg
+            json_out.append({"family": family, "method": method, **agg,
+                             "cells": [{"seed": r["spec"]["seed"], "summary": r["summary"]} for r in mine]})
+            for r in mine:
+                for s in r["summary"]["stages"]:
+                    for t, value in enumerate(s["per_task"]):
+                        csv_rows.append([family, method, r["spec"]["seed"], t, s["stage"], s["adapt_episodes"],
+                                         s["adapt_env_steps"], value])
+            # every method's stage `steps` ends the shared protocol; later stages are a larger budget
+            first, last = agg["stages"][0], agg["stages"][min(cells[0].eval.steps, len(agg["stages"]) - 1)]
+            beyond = agg["stages"][-1] if len(agg["stages"]) > cells[0].eval.steps + 1 else None
+            summary_rows.append(
+                f"| {method} | {_num(first['mean_return'])} | {_num(last['mean_return'])} "
+                f"[{_num(last['ci95'][0])}, {_num(last['ci95'][1])}] | {_num(last['iqm'])} | {last['adapt_episodes']} | "
+                + (f"{_num(beyond['mean_return'])} after {beyond['adapt_episodes']} episodes" if beyond else "-")
+                + f" | {_steps(agg['pretrain_env_steps'])} | {_steps(agg['adapt_env_steps_per_task'])} | "
+                f"{_fmt(agg['wall_time_s'])} |")
+            for s in agg["stages"]:
+                detail_rows.append(f"| {method} | {s['stage']} | {s['adapt_episodes']} | {_steps(s['adapt_env_steps'])} | "
+                                   f"{_num(s['mean_return'])} | [{_num(s['ci95'][0])}, {_num(s['ci95'][1])}] | "
+                                   f"{_num(s['iqm'])} |")
+        lines += ["| method | before (stage 0) | after (last protocol stage) [95% CI] | IQM after | adapt. episodes "
+                  "| larger budget | (meta-/pre-)training env steps | adaptation env steps per task | wall time |",
+                  "|---|---|---|---|---|---|---|---|---|", *summary_rows, ""]
+        lines += ["<details><summary>every stage</summary>", "",
+                  "| method | stage | adapt. episodes | adapt. env steps | mean return | 95% CI | IQM |",
+                  "|---|---|---|---|---|---|---|", *detail_rows, "", "</details>", ""]
+        published = [p for p in PUBLISHED if p["family"] == family]
+        matching = [p for p in published if p["horizon"] == horizon]
+        if matching:
+            lines += ["Published (same family and horizon; their budgets, not ours):", "",
+                      "| source | before | after |", "|---|---|---|",
+                      *[f"| {p['source']} | {p['before']} | {p['after']} |" for p in matching], ""]
+        elif published:
+            lines += [f"Published results for {family} use horizon {published[0]['horizon']}, ours {horizon}: "
+                      "not comparable, so not shown.", ""]
+        if curves:
+            png = suite.out / f"curves_{family}.png"
+            plot_curves(curves, png, title=f"{family} (held-out tasks)", xscale="symlog")
+            lines += [f"![{family} adaptation curves]({png.name})", ""]
+    _atomic_write(suite.out / "results.json", json.dumps(json_out, indent=1))
+    buf = io.StringIO()
+    csv.writer(buf).writerows(csv_rows)
+    _atomic_write(suite.out / "results.csv", buf.getvalue())
+    report = suite.out / "report.md"
+    _atomic_write(report, "\n".join(lines))
+    return report
+
+
+def _horizon(family: str, env_kwargs: dict) -> int:
+    from metarl.tasks import episode_limit
+
+    env = metarl.make_family(metarl.env_id(family) if family in metarl.FAMILIES else family, **env_kwargs)
+    try:
+        return episode_limit(env)
+    finally:
+        env.close()
+
+
+__all__ = ["METHODS", "PUBLISHED", "Cell", "Suite", "aggregate", "load_suite", "meta_config", "run_cell", "run_suite",
+           "write_report"]

@@ -1,0 +1,220 @@
+"""Baselines and the benchmark suite: statistics against hand-computed values, the SB3 baselines'
+envs and measurement, small learning runs, a trimmed smoke suite end to end (and resumed), bad suites."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import metarl
+from metarl.agents.sb3_baselines import (
+    BaselineSpec,
+    TaskInObservation,
+    TrainingTasks,
+    make_env,
+    measure,
+    run_baseline,
+)
+from metarl.bench import METHODS, aggregate, load_suite
+from metarl.cli import main
+from metarl.config import ConfigError
+from metarl.evaluation import bootstrap_ci, iqm
+from metarl.tasks import DynamicsTask, GoalTask, HeadingTask
+
+PN = "metarl/PointNav2D-v0"
+
+
+# ---- statistics --------------------------------------------------------------------------------------------
+def test_iqm_drops_a_quarter_from_each_end():
+    assert iqm([1, 2, 3, 4, 5, 6, 7, 100]) == pytest.approx(4.5)  # keeps 3, 4, 5, 6
+    assert iqm([5, -100, 1, 2, 3]) == pytest.approx(2.0)  # n=5 drops one each end: 1, 2, 3
+    assert iqm([7.0]) == 7.0 and iqm([1, 3]) == 2.0 and np.isnan(iqm([]))
+
+
+def test_bootstrap_ci_hand_computed():
+    # Resampling [0, 0, 0, 10]: the mean is 10 B / 4 with B ~ Binomial(4, 1/4). P(B = 0) = 0.316 > 2.5%, so
+    # the lower bound is 0; P(B <= 2) = 0.949 < 97.5% < P(B <= 3) = 0.996, so the upper bound is 7.5.
+    assert bootstrap_ci(np.array([0.0, 0, 0, 10]), seed=3) == (0.0, 7.5)
+    assert bootstrap_ci(np.array([2.5, 2.5, 2.5])) == (2.5, 2.5)
+    assert bootstrap_ci(np.array([4.0])) == (4.0, 4.0)
+    # a large normal sample: the percentile interval is the normal one, mean +- 1.96 sd / sqrt(n)
+    x = np.random.default_rng(0).normal(10.0, 2.0, size=400)
+    low, high = bootstrap_ci(x, seed=1)
+    half = 1.96 * x.std() / np.sqrt(x.size)
+    assert low == pytest.approx(x.mean() - half, abs=0.1 * half)
+    assert high == pytest.approx(x.mean() + half, abs=0.1 * half)
+    assert bootstrap_ci(x, seed=1) == (low, high)  # fixed seed, same interval
+
+
+def test_aggregate_pools_tasks_and_seeds():
+    def record(seed, stage0, stage1):
+        stages = [{"adapt_episodes": 5 * k, "adapt_env_steps": 500.0 * k, "per_task": v} for k, v in enumerate([stage0, stage1])]
+        return {"spec": {"seed": seed}, "summary": {"stages": stages}, "wall_time_s": 2.0, "pretrain_env_steps": 100,
+                "adapt_env_steps_per_task": 1000.0}
+
+    agg = aggregate([record(0, [1, 2], [10, 20]), record(1, [3, 4], [30, 1000])])
+    s0, s1 = agg["stages"]
+    assert s0["mean_return"] == pytest.approx(2.5) and s0["n"] == 4
+    assert s1["mean_return"] == pytest.approx(265.0) and s1["iqm"] == pytest.approx(25.0)  # (20 + 30) / 2
+    assert s1["ci95"] == list(bootstrap_ci(np.array([10.0, 20, 30, 1000]), seed=1))
+    assert agg["wall_time_s"] == 4.0 and agg["seeds"] == [0, 1] and s1["adapt_episodes"] == 5
+
+
+# ---- baseline envs and measurement --------------------------------------------------------------------------
+def test_task_features():
+    assert np.allclose(HeadingTask("AntDir", np.pi / 2).features(), [0.0, 1.0])
+    assert np.allclose(GoalTask("AntGoal", (1.0, -2.0)).features(), [1.0, -2.0])
+    task = DynamicsTask("X", (("body_mass", (1.5, 1 / 1.5)), ("dof_damping", (1.0,))))
+    assert np.allclose(task.features(), [np.log(1.5), -np.log(1.5), 0.0])
+
+
+def test_oracle_observation_carries_the_task():
+    task = metarl.family_of(metarl.make_family("PointNav2D")).sample_tasks(1, "test")[0]
+    env = make_env(PN, {}, task, oracle=True)
+    assert isinstance(env, TaskInObservation) and env.observation_space.shape == (4,)
+    obs, _ = env.reset(seed=0)
+    assert np.allclose(obs[2:], task.goal)
+    obs, *_ = env.step(np.zeros(2, dtype=np.float32))
+    assert np.allclose(obs[2:], task.goal)
+
+
+def test_training_tasks_change_every_episode_and_come_from_the_training_split():
+    env = make_env(PN, {}, training_seed=0)
+    assert isinstance(env, TrainingTasks)
+    family = metarl.family_of(env)
+    heldout = set(family.sample_tasks(family.n_heldout, "test"))
+    seen = set()
+    for _ in range(5):
+        env.reset()
+        seen.add(family.task)
+    assert len(seen) == 5 and not seen & heldout
+
+
+def test_measure_equals_a_hand_rollout():
+    task = metarl.family_of(metarl.make_family("PointNav2D")).sample_tasks(1, "test")[0]
+    action = np.array([0.05, -0.02])
+    returns = measure(lambda obs: np.tile(action, (len(obs), 1)), PN, {}, task, episodes=3, seed=11)
+    for i in range(3):
+        env = make_env(PN, {}, task)
+        env.reset(seed=11 + i)
+        total, done = 0.0, False
+        while not done:
+            _, r, term, trunc, _ = env.step(action)
+            total, done = total + r, term or trunc
+        assert returns[i] == pytest.approx(total)
+
+
+def test_ppo_from_scratch_learns_and_the_protocol_counts_its_experience():
+    task = metarl.family_of(metarl.make_family("PointNav2D")).sample_tasks(1, "test")[0]
+    result, cost = run_baseline(BaselineSpec("scratch", "ppo", extra_episodes=(40,)), PN, {}, [task], steps=1,
+                                episodes=4, seed=0, log=lambda _: None)
+    assert result.adapt_episodes == [0, 4, 40] and result.adapt_env_steps == [0.0, 400.0, 4000.0]
+    assert cost.adapt_env_steps_per_task == 4000
+    assert result.returns[0, -1] > result.returns[0, 0] + 20  # about -87 -> -26 on this task
+
+
+def test_oracle_beats_random():
+    tasks = metarl.family_of(metarl.make_family("PointNav2D")).sample_tasks(3, "test")
+    threads = torch.get_num_threads()
+    oracle, cost = run_baseline(BaselineSpec("oracle", pretrain_steps=20_000), PN, {}, tasks, 1, 4, 0, lambda _: None)
+    rand, _ = run_baseline(BaselineSpec("random"), PN, {}, tasks, 1, 4, 0, lambda _: None)
+    assert cost.pretrain_env_steps >= 20_000
+    assert torch.get_num_threads() == threads  # the baselines run on one torch thread, then restore the setting
+    assert oracle.returns.mean() > rand.returns.mean() + 20  # about -17 against -75
+    assert np.all(oracle.returns[:, 0] == oracle.returns[:, 1])  # no adaptation: one measurement per task
+
+
+# ---- the suite -----------------------------------------------------------------------------------------------
+def _trimmed_smoke(out) -> dict:
+    """experiments/benchmarks/smoke.yaml with every budget cut to seconds."""
+    data = yaml.safe_load(open("experiments/benchmarks/smoke.yaml"))
+    assert set(data["methods"]) == {"maml_trpo", "rl2", "ppo_scratch", "sac_scratch", "ppo_multitask", "oracle", "random"}
+    data["out"] = str(out)
+    data["eval"] = {"tasks": 2, "steps": 1, "episodes": 2}
+    data["methods"].update({
+        "maml_trpo": {"overrides": ["iterations=2", "agent.tasks_per_batch=3", "agent.episodes_per_task=2",
+                                    "agent.hidden=[8]", "sampler.workers=0"]},
+        "rl2": {"overrides": ["iterations=2", "agent.tasks_per_batch=2", "agent.hidden_size=8", "sampler.workers=0"]},
+        "ppo_scratch": {"extra_episodes": [4]},
+        "sac_scratch": {"params": {"learning_starts": 10, "batch_size": 32}},
+        "ppo_multitask": {"pretrain_steps": 512, "pretrain_envs": 2},
+        "oracle": {"pretrain_steps": 512, "pretrain_envs": 2},
+    })
+    return data
+
+
+def test_trimmed_smoke_suite_reports_every_method_and_resumes(tmp_path, capsys):
+    data = _trimmed_smoke(tmp_path / "report")
+    suite_file = tmp_path / "smoke.yaml"
+    suite_file.write_text(yaml.safe_dump(data, sort_keys=False))
+    assert main(["bench", str(suite_file), "--quiet"]) == 0
+    out = tmp_path / "report"
+    report = (out / "report.md").read_text()
+    for method in data["methods"]:
+        assert f"| {method} | " in report and "not run yet" not in report
+    assert (out / "curves_PointNav2D.png").stat().st_size > 10_000
+    results = json.loads((out / "results.json").read_text())
+    assert [r["method"] for r in results] == list(data["methods"])
+    stages = {r["method"]: len(r["stages"]) for r in results}
+    assert stages["maml_trpo"] == stages["rl2"] == stages["random"] == 2 and stages["ppo_scratch"] == 3
+    rows = (out / "results.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + 2 * sum(stages.values())  # a row per task and stage
+    # the meta-learners' held-out tasks are the baselines' tasks
+    tasks = {r["method"]: [json.dumps(t) for t in r["cells"][0]["summary"]["tasks"]] for r in results
+             if "tasks" in r["cells"][0]["summary"]}
+    assert len(set(map(tuple, tasks.values()))) == 1 and len(tasks) == len(data["methods"])
+
+    # again: nothing reruns
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("cells/*/*/*/cell.json")}
+    assert len(stamps) == 7
+    capsys.readouterr()
+    assert main(["bench", str(suite_file), "--quiet"]) == 0
+    assert "7 finished already" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+    # a finished cell run with other settings is an error, and nothing is overwritten
+    data["methods"]["random"] = {"params": {}}
+    suite_file.write_text(yaml.safe_dump(data))
+    assert main(["bench", str(suite_file), "--quiet"]) == 2
+    assert "was run with other settings" in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"methods": {"ppo_scrach": {}}}, "methods.ppo_scrach: unknown method"),
+    ({"families": {"PointNav3D": {}}}, "families.PointNav3D: unknown task family"),
+    ({"methods": {"oracle": {"pretrain_steps": 0}}}, "pretrain_steps: a oracle baseline needs a budget > 0"),
+    ({"methods": {"ppo_multitask": {}}}, "pretrain_steps: a multitask baseline needs a budget > 0"),
+    ({"eval": {"steps": 0}, "methods": {"sac_scratch": {}}}, "needs an adaptation budget"),
+    ({"methods": {"ppo_scratch": {"extra_episodes": [5]}}}, "extra_episodes: 5 must be a multiple"),
+    ({"methods": {"random": {"iterations": 3}}}, "methods.random.iterations: unknown option"),
+    ({"methods": {"maml_trpo": {"overrides": ["agent.inner_lr=fast"]}}}, "agent.inner_lr: expected a number"),
+    ({"families": {"HalfCheetahDir": {"eval": {"tasks": 5}}}}, "HalfCheetahDir.eval.tasks"),
+    ({"seeds": []}, "seeds: expected a non-empty list"),
+])
+def test_bad_suites_fail_before_any_work(tmp_path, capsys, change, message):
+    data = {"out": str(tmp_path / "out"), "eval": {"tasks": 2, "steps": 1, "episodes": 2},
+            "families": {"PointNav2D": {}}, "methods": {"random": {}}}
+    for key, value in change.items():
+        data[key] = value
+    path = tmp_path / "suite.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        load_suite(path)
+    assert main(["bench", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("metarl bench: error:")
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_committed_suites_are_valid():
+    for name in ("smoke", "quick", "full"):
+        suite = load_suite(f"experiments/benchmarks/{name}.yaml")
+        assert set(suite.methods) >= set(METHODS) - {"sac_multitask"}, name
+    quick = load_suite("experiments/benchmarks/quick.yaml")
+    assert quick.families == ["PointNav2D", "HalfCheetahVel", "HalfCheetahDir", "AntGoal", "HopperRandParams"]
