@@ -4,9 +4,10 @@ The meta-learners are judged against what a practitioner would otherwise do, eac
 `AdaptationResult` on the same held-out tasks:
 
 * ``scratch``: a fresh SB3 learner (PPO or SAC) per held-out task, trained on that task alone. Between
-  measurements it gets exactly the adaptation experience a meta-learner's stage gets (``episodes ×
-  horizon`` env steps, the most ``episodes`` episodes can take), and optionally a larger budget
-  (``extra_episodes``) to show what it takes to get there without meta-learning.
+  measurements it gets ``episodes × horizon`` env steps of training, the most experience a meta-learner's
+  stage of ``episodes`` episodes can hold (where episodes end early, as the hoppers' do, more than the
+  meta-learners' episodes actually take: the comparison leans toward the baselines), and optionally a
+  larger budget (``extra_episodes``) to show what it takes to get there without meta-learning.
 * ``multitask``: one SB3 learner pre-trained across the *training* tasks (a new task every episode, no
   task information in the observation), then fine-tuned on each held-out task like ``scratch``.
 * ``oracle``: one SB3 learner pre-trained across the training tasks with the true task parameters
@@ -89,6 +90,17 @@ class BaselineSpec:
                                      f"above the protocol's last stage ({last} episodes)")
         if self.pretrain_envs < 1:
             raise ValueError(f"pretrain_envs: expected >= 1, got {self.pretrain_envs}")
+        if self.kind != "random":
+            import inspect
+
+            accepted = set(inspect.signature(_sb3_class(self.algo).__init__).parameters) - {"self", "policy", "env"}
+            unknown = sorted(set(self.params) - accepted)
+            if unknown:
+                raise ValueError(f"params.{unknown[0]}: not an argument of SB3's {self.algo.upper()}")
+            # the protocol sets how much a learner collects between measurements; these would change it
+            fixed = sorted(set(self.params) & {"n_steps", "train_freq"})
+            if fixed and self.kind in ("scratch", "multitask"):
+                raise ValueError(f"params.{fixed[0]}: set by the protocol (episodes x horizon env steps per stage)")
 
 
 # ---- envs ---------------------------------------------------------------------------------------------
@@ -172,11 +184,14 @@ def _learner(spec: BaselineSpec, env: gym.Env, seed: int, rollout_steps: int, bu
 
     kwargs: dict[str, Any] = {}
     if spec.algo == "ppo":
-        # SB3's default minibatch of 64, or the largest size up to 64 that divides the rollout evenly
-        batch = max(d for d in range(1, min(64, rollout_steps) + 1) if rollout_steps % d == 0)
-        kwargs.update(n_steps=rollout_steps, batch_size=batch)
+        # SB3's default minibatch of 64, or the largest size from 16 to 64 that divides the rollout evenly
+        # (a last, smaller minibatch otherwise: SB3 warns, and trains on it)
+        divisors = [d for d in range(16, min(64, rollout_steps) + 1) if rollout_steps % d == 0]
+        kwargs.update(n_steps=rollout_steps, batch_size=max(divisors) if divisors else min(64, rollout_steps))
     else:
-        kwargs.update(buffer_size=max(budget, 1), learning_starts=min(100, max(budget // 10, 1)))
+        # a fine-tuned learner starts from a trained actor: no random warm-up steps
+        warmup = 0 if spec.kind == "multitask" else min(100, max(budget // 10, 1))
+        kwargs.update(buffer_size=max(budget, 1), learning_starts=warmup)
     kwargs.update(spec.params)
     venv = env if isinstance(env, DummyVecEnv) else DummyVecEnv([lambda: env])
     try:
@@ -202,7 +217,8 @@ def pretrain(spec: BaselineSpec, env_id: str, env_kwargs: dict, seed: int, log: 
     model = _learner(dataclasses.replace(spec, params={**kwargs, **spec.params}), venv, seed,
                      rollout_steps=256, budget=spec.pretrain_steps)
     start = time.perf_counter()
-    model.learn(total_timesteps=spec.pretrain_steps)
+    with _one_torch_thread():
+        model.learn(total_timesteps=spec.pretrain_steps)
     log(f"    pre-trained {spec.algo.upper()} ({spec.kind}) for {model.num_timesteps:,} env steps "
         f"in {time.perf_counter() - start:.0f}s")
     return model
@@ -270,16 +286,23 @@ def _run_baseline(spec: BaselineSpec, env_id: str, env_kwargs: dict, tasks: list
         pretrained = pretrain(spec, env_id, env_kwargs, seed, log)
         cost.pretrain_env_steps = int(pretrained.num_timesteps)
     rollout = episodes * horizon
+    trained = np.zeros(len(stage_episodes))
     for i, task in enumerate(tasks):
         start = time.perf_counter()
         env = make_env(env_id, env_kwargs, task)
         model = _learner(spec, env, seeds[i], rollout, stage_episodes[-1] * horizon)
         if pretrained is not None:
             model.policy.load_state_dict(pretrained.policy.state_dict())
+            if hasattr(pretrained, "log_ent_coef"):  # SAC's tuned entropy coefficient lives outside the policy
+                model.log_ent_coef.data.copy_(pretrained.log_ent_coef.data)
         for k, target in enumerate(stage_episodes):
             todo = target * horizon - model.num_timesteps
             if todo > 0:
                 model.learn(total_timesteps=todo, reset_num_timesteps=False)
+            if model.num_timesteps != target * horizon:
+                raise RuntimeError(f"{spec.kind} {spec.algo}: trained {model.num_timesteps} env steps at stage {k}, "
+                                   f"the protocol gives {target * horizon}")
+            trained[k] = model.num_timesteps
             returns[i, k] = measure(_sb3_act(model), env_id, env_kwargs, task, episodes, seeds[i] + 7919 * k).mean()
             cost.measure_env_steps += episodes * horizon
         cost.adapt_env_steps_per_task += model.num_timesteps / len(tasks)
@@ -287,8 +310,7 @@ def _run_baseline(spec: BaselineSpec, env_id: str, env_kwargs: dict, tasks: list
         log(f"    task {i + 1}/{len(tasks)}: return {returns[i, 0]:.1f} -> {returns[i, steps]:.1f}"
             + (f" -> {returns[i, -1]:.1f} after {stage_episodes[-1]} episodes" if spec.extra_episodes else "")
             + f" ({time.perf_counter() - start:.0f}s)")
-    return AdaptationResult(list(tasks), returns, stage_episodes,
-                            [float(e * horizon) for e in stage_episodes]), cost
+    return AdaptationResult(list(tasks), returns, stage_episodes, [float(n) for n in trained]), cost
 
 
 __all__ = ["ALGOS", "KINDS", "BaselineSpec", "Cost", "TaskInObservation", "TrainingTasks", "make_env", "measure",

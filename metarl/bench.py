@@ -50,7 +50,7 @@ import yaml
 
 import metarl
 from metarl.config import ConfigError, EvalConfig, RunConfig, load_config
-from metarl.evaluation import bootstrap_ci, iqm, plot_curves, write_summary
+from metarl.evaluation import grouped_bootstrap_ci, iqm, plot_curves, write_summary
 from metarl.tasks import TaskError
 
 #: method name -> (kind, algorithm); kind "meta" runs metarl's own agent of that name.
@@ -90,6 +90,7 @@ class Cell:
     env_kwargs: dict
     eval: EvalConfig
     options: dict
+    resolved: dict | None = None  # a meta-learner's whole run config (so an edited experiment file is seen)
 
     @property
     def key(self) -> str:
@@ -97,8 +98,11 @@ class Cell:
 
     def spec(self) -> dict[str, Any]:
         """What the cell's result depends on (a finished cell run with another spec is an error)."""
-        return {"family": self.family, "method": self.method, "seed": self.seed, "env_kwargs": self.env_kwargs,
+        spec = {"family": self.family, "method": self.method, "seed": self.seed, "env_kwargs": self.env_kwargs,
                 "eval": dataclasses.asdict(self.eval), "options": self.options}
+        if self.resolved is not None:
+            spec["config"] = self.resolved
+        return spec
 
 
 @dataclasses.dataclass
@@ -112,8 +116,15 @@ class Suite:
 
 
 # ---- loading and validation ------------------------------------------------------------------------------
-def _snake(name: str) -> str:
-    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name).lower().replace("2_d", "_2d")
+def _default_config(method: str, family: str) -> str:
+    """``experiments/<method>/<file>.yaml`` whose name is the family's without underscores and case
+    (``Walker2DRandParams`` -> ``walker2d_rand_params.yaml``)."""
+    folder = Path("experiments") / method
+    for path in sorted(folder.glob("*.yaml")):
+        if path.stem.replace("_", "") == family.lower():
+            return str(path)
+    snake = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", family).lower()
+    return str(folder / f"{snake}.yaml")  # does not exist: load_config names it in its error
 
 
 def _mapping(value: Any, where: str) -> dict:
@@ -159,6 +170,8 @@ def load_suite(path: str | Path | None, data: dict | None = None, out: str | Pat
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
                                                            for s in seeds):
         raise ConfigError(f"seeds: expected a non-empty list of integers >= 0, got {seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"seeds: {seeds!r} lists a seed twice (its cells would be pooled twice)")
     base_eval = _mapping(data.get("eval"), "eval")
     families = _mapping(data.get("families"), "families")
     methods = _mapping(data.get("methods"), "methods")
@@ -189,8 +202,16 @@ def load_suite(path: str | Path | None, data: dict | None = None, out: str | Pat
                                      **base_eval, **_mapping(fam_opts.get("eval"), f"{where}.eval")})
         except TypeError as exc:
             raise ConfigError(f"{where}.eval: {exc}") from exc
+        for field in ("tasks", "steps", "episodes", "every"):
+            value = getattr(protocol, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if field == "tasks" else 0):
+                raise ConfigError(f"{where}.eval.{field}: expected an integer >= {1 if field == 'tasks' else 0}, "
+                                  f"got {value!r}")
+        if protocol.split not in ("test", "ood"):
+            raise ConfigError(f"{where}.eval.split: a suite evaluates on held-out tasks, 'test' or 'ood'; "
+                              f"got {protocol.split!r}")
         try:  # e.g. more held-out tasks than a finite family has
-            metarl.family_of(env).sample_tasks(protocol.tasks, "test", seed=10_000)
+            metarl.family_of(env).sample_tasks(protocol.tasks, protocol.split, seed=10_000)
         except TaskError as exc:
             raise ConfigError(f"{where}.eval.tasks: {exc}") from exc
         finally:
@@ -203,19 +224,23 @@ def load_suite(path: str | Path | None, data: dict | None = None, out: str | Pat
             options = _merge(_method_options(method, _mapping(methods[method], f"methods.{method}"), f"methods.{method}"),
                              _method_options(method, _mapping(fam_methods.get(method), f"{where}.methods.{method}"),
                                              f"{where}.methods.{method}"))
-            _check_method(family, method, options, protocol, f"{where}.methods.{method}" if method in fam_methods
-                          else f"methods.{method}")
+            at = f"{where}.methods.{method}" if method in fam_methods else f"methods.{method}"
+            _check_method(family, method, options, env_kwargs, protocol, at)
             for seed in seeds:
-                cells.append(Cell(family, method, seed, dict(env_kwargs), protocol, options))
+                resolved = None
+                if METHODS[method][0] == "meta":
+                    resolved = meta_config(family, method, options, env_kwargs, protocol, seed, at).to_dict()
+                cells.append(Cell(family, method, seed, dict(env_kwargs), protocol, options, resolved))
     out_dir = Path(out or data.get("out") or Path("runs") / "bench" / name)
     return Suite(name=str(name), out=out_dir, families=list(families), methods=list(methods), cells=cells,
                  path=Path(path) if path else None)
 
 
-def _check_method(family: str, method: str, options: dict, protocol: EvalConfig, where: str) -> None:
+def _check_method(family: str, method: str, options: dict, env_kwargs: dict, protocol: EvalConfig,
+                  where: str) -> None:
     kind, algo = METHODS[method]
     if kind == "meta":
-        meta_config(family, method, options, {}, protocol, 0, where)
+        meta_config(family, method, options, env_kwargs, protocol, 0, where)
         return
     try:
         _baseline_spec(kind, algo, options).check(protocol.steps, protocol.episodes)
@@ -243,7 +268,7 @@ def _baseline_spec(kind: str, algo: str, options: dict):
 def meta_config(family: str, method: str, options: dict, env_kwargs: dict, protocol: EvalConfig, seed: int,
                 where: str = "") -> RunConfig:
     """The run config of a meta-learner cell: its experiment config, the cell's overrides, seed and protocol."""
-    path = options.get("config") or f"experiments/{method}/{_snake(family)}.yaml"
+    path = options.get("config") or _default_config(method, family)
     overrides = options.get("overrides", [])
     if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
         raise ConfigError(f"{where}.overrides: expected a list of key=value strings, got {overrides!r}")
@@ -253,8 +278,10 @@ def meta_config(family: str, method: str, options: dict, env_kwargs: dict, proto
         raise ConfigError(f"{where}: {exc}") from exc
     if config.agent_name != method:
         raise ConfigError(f"{where}.config: {path} configures agent {config.agent_name!r}, not {method!r}")
-    return dataclasses.replace(config, env=family, env_kwargs={**config.env_kwargs, **env_kwargs}, seed=seed,
-                               eval=protocol)
+    if {**config.env_kwargs, **env_kwargs} != env_kwargs:
+        raise ConfigError(f"{where}: {path} sets env_kwargs {config.env_kwargs}; give them in the suite's "
+                          f"families.{family}.env_kwargs instead, so that every method runs the same env")
+    return dataclasses.replace(config, env=family, env_kwargs=dict(env_kwargs), seed=seed, eval=protocol)
 
 
 # ---- running -----------------------------------------------------------------------------------------------
@@ -281,6 +308,15 @@ def finished(suite: Suite, cell: Cell) -> dict | None:
     return stored
 
 
+def check_partial(suite: Suite, cell: Cell) -> None:
+    """Error if an unfinished meta-learner cell holds a run started with other settings (it would resume)."""
+    path = cell_dir(suite, cell) / "spec.json"
+    if path.is_file() and json.loads(path.read_text()) != json.loads(json.dumps(cell.spec())):
+        raise ConfigError(
+            f"{cell.key}: the unfinished run in {path.parent} was started with other settings than the suite now "
+            "gives, so it cannot be resumed; move that cell folder away, or point --out at a new folder")
+
+
 def run_cell(suite: Suite, cell: Cell, log: Callable[[str], None] = print, verbose: bool = True) -> dict:
     """Run one cell and write its ``cell.json``; returns the stored record."""
     folder = cell_dir(suite, cell)
@@ -293,11 +329,13 @@ def run_cell(suite: Suite, cell: Cell, log: Callable[[str], None] = print, verbo
 
         config = meta_config(cell.family, cell.method, cell.options, cell.env_kwargs, cell.eval, cell.seed)
         run_dir = folder / "run"
-        resume = (run_dir / "checkpoints" / "latest.pt").is_file()
+        check_partial(suite, cell)
+        resume = (run_dir / "checkpoints" / "latest.pt").is_file() and (folder / "spec.json").is_file()
         if run_dir.exists() and not resume:
-            shutil.rmtree(run_dir)  # started but never checkpointed: nothing worth keeping
+            shutil.rmtree(run_dir)  # never checkpointed, or of unknown settings: nothing to resume
+        _atomic_write(folder / "spec.json", json.dumps(cell.spec(), indent=2))
         train(config, run_dir=run_dir, resume=resume, verbose=verbose)
-        summary = json.loads((run_dir / "eval" / "test" / "summary.json").read_text())
+        summary = json.loads((run_dir / "eval" / cell.eval.split / "summary.json").read_text())
         cost = {"pretrain_env_steps": int(summary["env_steps"]),
                 "adapt_env_steps_per_task": float(summary["stages"][-1]["adapt_env_steps"])}
     else:
@@ -305,7 +343,7 @@ def run_cell(suite: Suite, cell: Cell, log: Callable[[str], None] = print, verbo
 
         env = metarl.make_family(env_id, **cell.env_kwargs)
         # the tasks evaluate_run gives the meta-learners of the same seed
-        tasks = metarl.family_of(env).sample_tasks(cell.eval.tasks, "test", seed=cell.seed + 10_000)
+        tasks = metarl.family_of(env).sample_tasks(cell.eval.tasks, cell.eval.split, seed=cell.seed + 10_000)
         env.close()
         spec = _baseline_spec(kind, algo, cell.options)
         result, used = run_baseline(spec, env_id, cell.env_kwargs, tasks, cell.eval.steps, cell.eval.episodes,
@@ -323,6 +361,8 @@ def run_suite(suite: Suite, log: Callable[[str], None] = print, verbose: bool = 
     suite.out.mkdir(parents=True, exist_ok=True)
     done = [c for c in suite.cells if finished(suite, c) is not None]
     todo = [c for c in suite.cells if c not in done]
+    for cell in todo:  # before any work: a partial run that cannot be resumed
+        check_partial(suite, cell)
     seeds = len({c.seed for c in suite.cells})
     log(f"bench {suite.name}: {len(suite.cells)} cells ({len(suite.families)} families x {len(suite.methods)} "
         f"methods x {seeds} seeds), "
@@ -350,14 +390,17 @@ def _fmt(seconds: float) -> str:
 
 # ---- the report ----------------------------------------------------------------------------------------------
 def aggregate(records: list[dict]) -> dict[str, Any]:
-    """Pool the cells of one (family, method) over seeds: per stage, the mean, its 95% bootstrap interval
-    and the interquartile mean over every (task, seed) return."""
+    """Pool the cells of one (family, method) over seeds: per stage, the mean and the interquartile mean
+    over every (task, seed) return, and a 95% bootstrap interval that resamples seeds, then tasks within
+    them (`grouped_bootstrap_ci`; over tasks alone with one seed)."""
     stages = []
     first = records[0]["summary"]["stages"]
     for k, stage in enumerate(first):
-        values = np.concatenate([np.asarray(r["summary"]["stages"][k]["per_task"], dtype=np.float64) for r in records])
-        low, high = bootstrap_ci(values, seed=k)
-        stages.append({"stage": k, "adapt_episodes": stage["adapt_episodes"], "adapt_env_steps": stage["adapt_env_steps"],
+        groups = [np.asarray(r["summary"]["stages"][k]["per_task"], dtype=np.float64) for r in records]
+        values = np.concatenate(groups)
+        low, high = grouped_bootstrap_ci(groups, seed=k)
+        steps = float(np.mean([r["summary"]["stages"][k]["adapt_env_steps"] for r in records]))
+        stages.append({"stage": k, "adapt_episodes": stage["adapt_episodes"], "adapt_env_steps": steps,
                        "mean_return": float(values.mean()), "ci95": [low, high], "iqm": iqm(values), "n": int(values.size)})
     return {
         "stages": stages,
@@ -385,12 +428,14 @@ def write_report(suite: Suite) -> Path:
     if suite.path is not None:
         lines += [f"Suite: `{suite.path}`. Re-run `metarl bench {suite.path}` to continue it; finished cells are kept.", ""]
     lines += [
-        f"{len(records)} of {len(suite.cells)} cells finished. Protocol: held-out (`test`) tasks; stage 0 is the return "
+        f"{len(records)} of {len(suite.cells)} cells finished. Protocol: held-out tasks; stage 0 is the return "
         "before any experience of the task, stage k after k adaptation stages (a gradient step on `episodes` "
         "episodes for MAML-TRPO, one more episode of the trial for RL², `episodes × horizon` training steps for "
-        "the SB3 learners); returns are of episodes whose actions are sampled from the policy. Mean over "
-        "tasks × seeds with a 95% percentile-bootstrap interval, and the interquartile mean (IQM). The oracle "
-        "(PPO given the true task parameters) and the random policy do not adapt: one measurement stands for every stage.",
+        "the SB3 learners: the most `episodes` episodes can take, more than they do where episodes end early); "
+        "returns are of episodes whose actions are sampled from the policy. Mean over tasks × seeds with a 95% "
+        "percentile-bootstrap interval (resampling seeds, then tasks within them), and the interquartile mean "
+        "(IQM). The oracle (PPO given the true task parameters) and the random policy do not adapt: one "
+        "measurement stands for every stage.",
         "",
     ]
     json_out: list[dict] = []
@@ -398,7 +443,7 @@ def write_report(suite: Suite) -> Path:
     for family in suite.families:
         cells = [c for c in suite.cells if c.family == family]
         horizon = _horizon(family, cells[0].env_kwargs)
-        lines += [f"## {family}", "", f"Horizon {horizon}; {cells[0].eval.tasks} held-out tasks; "
+        lines += [f"## {family}", "", f"Horizon {horizon}; {cells[0].eval.tasks} held-out (`{cells[0].eval.split}`) tasks; "
                   f"{cells[0].eval.episodes} episodes per stage; env kwargs {cells[0].env_kwargs or '{}'}.", ""]
         curves: dict[str, dict] = {}
         summary_rows = []

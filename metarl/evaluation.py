@@ -48,6 +48,30 @@ def bootstrap_ci(values: np.ndarray, confidence: float = 0.95, resamples: int = 
     return (float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha)))
 
 
+def grouped_bootstrap_ci(groups: list[np.ndarray], confidence: float = 0.95, resamples: int = 2000,
+                         seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean over several groups (e.g. seeds, each with its per-task
+    values): each resample draws the groups with replacement, then values within each drawn group, so the
+    interval carries the between-group (seed-to-seed) variation too. One group is `bootstrap_ci`."""
+    groups = [np.asarray(g, dtype=np.float64).ravel() for g in groups]
+    if len(groups) == 1:
+        return bootstrap_ci(groups[0], confidence, resamples, seed)
+    if any(g.size == 0 for g in groups):
+        return (float("nan"), float("nan"))
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(groups), size=(resamples, len(groups)))
+    sums, counts = np.zeros(resamples), np.zeros(resamples)
+    for slot in range(len(groups)):
+        for gi, g in enumerate(groups):
+            rows = np.flatnonzero(picks[:, slot] == gi)
+            if rows.size:
+                sums[rows] += g[rng.integers(0, g.size, size=(rows.size, g.size))].sum(axis=1)
+                counts[rows] += g.size
+    means = sums / counts
+    alpha = (1 - confidence) / 2
+    return (float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha)))
+
+
 def iqm(values: np.ndarray) -> float:
     """Interquartile mean: the mean of the values left after dropping the lowest and the highest quarter
     (``floor(n / 4)`` values from each end, as ``scipy.stats.trim_mean(values, 0.25)`` and rliable do).

@@ -18,12 +18,13 @@ from metarl.agents.sb3_baselines import (
     TrainingTasks,
     make_env,
     measure,
+    pretrain,
     run_baseline,
 )
-from metarl.bench import METHODS, aggregate, load_suite
+from metarl.bench import METHODS, _default_config, aggregate, load_suite
 from metarl.cli import main
 from metarl.config import ConfigError
-from metarl.evaluation import bootstrap_ci, iqm
+from metarl.evaluation import bootstrap_ci, grouped_bootstrap_ci, iqm
 from metarl.tasks import DynamicsTask, GoalTask, HeadingTask
 
 PN = "metarl/PointNav2D-v0"
@@ -51,6 +52,16 @@ def test_bootstrap_ci_hand_computed():
     assert bootstrap_ci(x, seed=1) == (low, high)  # fixed seed, same interval
 
 
+def test_grouped_bootstrap_resamples_seeds_then_tasks():
+    # Two seeds, one all 0, one all 10. Resampling seeds gives means 0, 5, 10 with probabilities 1/4, 1/2, 1/4,
+    # so the 95% interval is [0, 10]. Pooling the eight values as independent would give a narrower one: the
+    # mean is 10 K / 8, K ~ Binomial(8, 1/2), P(K <= 0) = 0.4% < 2.5% < P(K <= 1) = 3.5%: [1.25, 8.75].
+    groups = [np.zeros(4), np.full(4, 10.0)]
+    assert grouped_bootstrap_ci(groups, seed=0) == (0.0, 10.0)
+    assert bootstrap_ci(np.concatenate(groups), seed=0) == (1.25, 8.75)
+    assert grouped_bootstrap_ci([np.array([0.0, 0, 0, 10])], seed=3) == (0.0, 7.5)  # one seed: over tasks
+
+
 def test_aggregate_pools_tasks_and_seeds():
     def record(seed, stage0, stage1):
         stages = [{"adapt_episodes": 5 * k, "adapt_env_steps": 500.0 * k, "per_task": v} for k, v in enumerate([stage0, stage1])]
@@ -61,7 +72,7 @@ def test_aggregate_pools_tasks_and_seeds():
     s0, s1 = agg["stages"]
     assert s0["mean_return"] == pytest.approx(2.5) and s0["n"] == 4
     assert s1["mean_return"] == pytest.approx(265.0) and s1["iqm"] == pytest.approx(25.0)  # (20 + 30) / 2
-    assert s1["ci95"] == list(bootstrap_ci(np.array([10.0, 20, 30, 1000]), seed=1))
+    assert s1["ci95"] == list(grouped_bootstrap_ci([np.array([10.0, 20]), np.array([30.0, 1000])], seed=1))
     assert agg["wall_time_s"] == 4.0 and agg["seeds"] == [0, 1] and s1["adapt_episodes"] == 5
 
 
@@ -118,15 +129,34 @@ def test_ppo_from_scratch_learns_and_the_protocol_counts_its_experience():
     assert result.returns[0, -1] > result.returns[0, 0] + 20  # about -87 -> -26 on this task
 
 
-def test_oracle_beats_random():
+def test_budget_is_env_steps_where_episodes_end_early():
+    # HopperRandParams episodes end when the hopper falls: a stage's budget is still episodes x horizon env
+    # steps, counted by the learner, and the result records what it trained on.
+    env_id = metarl.env_id("HopperRandParams")
+    task = metarl.family_of(metarl.make_family(env_id)).sample_tasks(1, "test")[0]
+    result, cost = run_baseline(BaselineSpec("scratch", "ppo"), env_id, {"max_episode_steps": 50}, [task], steps=2,
+                                episodes=2, seed=0, log=lambda _: None)
+    assert result.adapt_episodes == [0, 2, 4] and result.adapt_env_steps == [0.0, 100.0, 200.0]
+    assert cost.adapt_env_steps_per_task == 200
+
+
+def test_oracle_uses_the_task_it_is_told_and_beats_random():
     tasks = metarl.family_of(metarl.make_family("PointNav2D")).sample_tasks(3, "test")
     threads = torch.get_num_threads()
     oracle, cost = run_baseline(BaselineSpec("oracle", pretrain_steps=20_000), PN, {}, tasks, 1, 4, 0, lambda _: None)
     rand, _ = run_baseline(BaselineSpec("random"), PN, {}, tasks, 1, 4, 0, lambda _: None)
-    assert cost.pretrain_env_steps >= 20_000
+    assert cost.pretrain_env_steps >= 20_000 and cost.adapt_env_steps_per_task == 0
     assert torch.get_num_threads() == threads  # the baselines run on one torch thread, then restore the setting
     assert oracle.returns.mean() > rand.returns.mean() + 20  # about -17 against -75
-    assert np.all(oracle.returns[:, 0] == oracle.returns[:, 1])  # no adaptation: one measurement per task
+    # told the wrong goal (the goal mirrored through the origin), the same policy does much worse
+    model = pretrain(BaselineSpec("oracle", pretrain_steps=20_000), PN, {}, seed=0, log=lambda _: None)
+
+    def told(sign):
+        return lambda obs: model.predict(np.concatenate([obs[:, :2], sign * obs[:, 2:]], 1), deterministic=False)[0]
+
+    right = np.mean([measure(told(1.0), PN, {}, t, 4, 0, oracle=True).mean() for t in tasks])
+    wrong = np.mean([measure(told(-1.0), PN, {}, t, 4, 0, oracle=True).mean() for t in tasks])
+    assert right > wrong + 20
 
 
 # ---- the suite -----------------------------------------------------------------------------------------------
@@ -196,6 +226,11 @@ def test_trimmed_smoke_suite_reports_every_method_and_resumes(tmp_path, capsys):
     ({"methods": {"maml_trpo": {"overrides": ["agent.inner_lr=fast"]}}}, "agent.inner_lr: expected a number"),
     ({"families": {"HalfCheetahDir": {"eval": {"tasks": 5}}}}, "HalfCheetahDir.eval.tasks"),
     ({"seeds": []}, "seeds: expected a non-empty list"),
+    ({"seeds": [0, 0]}, "lists a seed twice"),
+    ({"eval": {"tasks": 2, "steps": 1, "episodes": 2, "split": "train"}}, "eval.split: a suite evaluates on held-out"),
+    ({"eval": {"tasks": 2.5, "steps": 1, "episodes": 2}}, "eval.tasks: expected an integer >= 1"),
+    ({"methods": {"sac_scratch": {"params": {"learning_rat": 0.1}}}}, "params.learning_rat: not an argument of SB3's SAC"),
+    ({"methods": {"ppo_scratch": {"params": {"n_steps": 64}}}}, "params.n_steps: set by the protocol"),
 ])
 def test_bad_suites_fail_before_any_work(tmp_path, capsys, change, message):
     data = {"out": str(tmp_path / "out"), "eval": {"tasks": 2, "steps": 1, "episodes": 2},
@@ -218,3 +253,28 @@ def test_committed_suites_are_valid():
         assert set(suite.methods) >= set(METHODS) - {"sac_multitask"}, name
     quick = load_suite("experiments/benchmarks/quick.yaml")
     assert quick.families == ["PointNav2D", "HalfCheetahVel", "HalfCheetahDir", "AntGoal", "HopperRandParams"]
+
+
+def test_an_unfinished_run_with_other_settings_is_not_resumed(tmp_path, capsys):
+    data = {"out": str(tmp_path / "out"), "eval": {"tasks": 2, "steps": 1, "episodes": 2},
+            "families": {"PointNav2D": {}}, "methods": {"maml_trpo": {"overrides": ["iterations=1"]}}}
+    path = tmp_path / "suite.yaml"
+    path.write_text(yaml.safe_dump(data))
+    suite = load_suite(path)
+    assert suite.cells[0].spec()["config"]["agent"]["name"] == "maml_trpo"  # the resolved config is in the spec
+    folder = tmp_path / "out" / "cells" / "PointNav2D" / "maml_trpo" / "seed0"
+    (folder / "run" / "checkpoints").mkdir(parents=True)
+    (folder / "run" / "checkpoints" / "latest.pt").write_bytes(b"a checkpoint of some other run")
+    spec = suite.cells[0].spec()
+    spec["config"]["agent"]["inner_lr"] = 0.5  # as if the experiment file had been edited since
+    (folder / "spec.json").write_text(json.dumps(spec))
+    assert main(["bench", str(path), "--quiet"]) == 2
+    assert "cannot be resumed" in capsys.readouterr().err
+    assert (folder / "run" / "checkpoints" / "latest.pt").read_bytes() == b"a checkpoint of some other run"
+    assert not (folder / "cell.json").exists()
+
+
+def test_default_experiment_configs_are_found_for_every_family():
+    for family in metarl.FAMILIES:
+        for method in ("maml_trpo", "rl2"):
+            assert os.path.isfile(_default_config(method, family)), (method, family)
