@@ -302,6 +302,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_mujoco_gl() -> None:
+    """MuJoCo refuses an unknown ``MUJOCO_GL`` with a traceback when it is imported (the accepted values
+    are those of ``mujoco/rendering/classic/gl_context.py``); say so in one line before anything imports it."""
+    value = os.environ.get("MUJOCO_GL")
+    if value is None or value.lower().strip() in ("disable", "disabled", "off", "false", "0"):
+        return
+    valid = ["enable", "enabled", "on", "true", "1", "glfw", ""]
+    valid += {"linux": ["glx", "egl", "osmesa"], "win32": ["wgl"], "darwin": ["cgl"]}.get(sys.platform, [])
+    if value.lower().strip() not in valid:
+        raise UsageError(f"MUJOCO_GL={value!r} is not a rendering backend MuJoCo accepts here; "
+                         "use egl or osmesa (headless) or glfw (with a display), or unset it")
+
+
 def main(argv: list[str] | None = None) -> int:
     # Like `python -m`, let `module:Id-v0` ids and config entry points import the user's own modules
     # from the directory the command runs in.
@@ -310,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        _check_mujoco_gl()
         return int(args.func(args))
     except UsageError as exc:
         print(f"metarl {args.command}: error: {exc}", file=sys.stderr)

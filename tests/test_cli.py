@@ -148,3 +148,10 @@ def test_existing_run_folder_is_never_overwritten(run_dir, capsys):
 def test_eval_of_a_folder_that_is_not_a_run(tmp_path, capsys):
     assert main(["eval", str(tmp_path)]) == 2
     assert "not a run folder" in capsys.readouterr().err
+
+
+def test_an_invalid_mujoco_gl_is_one_clear_line(monkeypatch, capsys):
+    monkeypatch.setenv("MUJOCO_GL", "bogus")
+    assert main(["families"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "MUJOCO_GL='bogus'" in err and "egl" in err
