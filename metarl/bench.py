@@ -36,7 +36,6 @@ import dataclasses
 import io
 import json
 import math
-import os
 import re
 import shutil
 import time
@@ -46,12 +45,11 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
-import yaml
 
 import metarl
-from metarl.config import ConfigError, EvalConfig, RunConfig, load_config
-from metarl.evaluation import grouped_bootstrap_ci, iqm, plot_curves, write_summary
-from metarl.tasks import TaskError
+from metarl.config import ConfigError, EvalConfig, RunConfig, load_config, read_yaml
+from metarl.evaluation import atomic_write, grouped_bootstrap_ci, iqm, plot_curves, write_summary
+from metarl.tasks import TaskError, episode_limit
 
 #: method name -> (kind, algorithm); kind "meta" runs metarl's own agent of that name.
 METHODS: dict[str, tuple[str, str]] = {
@@ -113,6 +111,7 @@ class Suite:
     methods: list[str]
     cells: list[Cell]
     path: Path | None = None
+    horizons: dict[str, int] = dataclasses.field(default_factory=dict)  # family -> episode limit
 
 
 # ---- loading and validation ------------------------------------------------------------------------------
@@ -155,12 +154,7 @@ def load_suite(path: str | Path | None, data: dict | None = None, out: str | Pat
     """Read and validate a suite; every error names the field (nothing has run yet)."""
     if data is None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"suite file {str(path)!r} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        data = read_yaml(path, "suite file")
     data = _mapping(data, "suite")
     unknown = sorted(set(data) - {"name", "out", "seeds", "eval", "families", "methods"})
     if unknown:
@@ -182,7 +176,7 @@ def load_suite(path: str | Path | None, data: dict | None = None, out: str | Pat
     for method in methods:
         if method not in METHODS:
             raise ConfigError(f"methods.{method}: unknown method; available: {', '.join(METHODS)}")
-    cells = []
+    cells, horizons = [], {}
     for family, fam_opts in families.items():
         where = f"families.{family}"
         fam_opts = _mapping(fam_opts, where)
@@ -190,13 +184,13 @@ def load_suite(path: str | Path | None, data: dict | None = None, out: str | Pat
         if bad:
             raise ConfigError(f"{where}.{bad[0]}: unknown field; expected env_kwargs, eval, methods")
         env_kwargs = _mapping(fam_opts.get("env_kwargs"), f"{where}.env_kwargs")
-        env_id = metarl.env_id(family) if family in metarl.FAMILIES else family
         try:
-            env = metarl.make_family(env_id, **env_kwargs)
+            env = metarl.make_family(family, **env_kwargs)  # a family name or a Gymnasium id
         except TaskError as exc:
             raise ConfigError(f"{where}: {exc}") from exc
         except (gym.error.Error, ImportError, TypeError) as exc:  # unknown id, unimportable module, bad kwargs
             raise ConfigError(f"{where}: cannot make {family!r}: {exc}") from exc
+        horizons[family] = episode_limit(env)
         try:
             protocol = EvalConfig(**{"every": 0, "split": "test", "tasks": 10, "steps": 3, "episodes": 10,
                                      **base_eval, **_mapping(fam_opts.get("eval"), f"{where}.eval")})
@@ -233,7 +227,7 @@ def load_suite(path: str | Path | None, data: dict | None = None, out: str | Pat
                 cells.append(Cell(family, method, seed, dict(env_kwargs), protocol, options, resolved))
     out_dir = Path(out or data.get("out") or Path("runs") / "bench" / name)
     return Suite(name=str(name), out=out_dir, families=list(families), methods=list(methods), cells=cells,
-                 path=Path(path) if path else None)
+                 path=Path(path) if path else None, horizons=horizons)
 
 
 def _check_method(family: str, method: str, options: dict, env_kwargs: dict, protocol: EvalConfig,
@@ -285,12 +279,6 @@ def meta_config(family: str, method: str, options: dict, env_kwargs: dict, proto
 
 
 # ---- running -----------------------------------------------------------------------------------------------
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def cell_dir(suite: Suite, cell: Cell) -> Path:
     return suite.out / "cells" / cell.family / cell.method / f"seed{cell.seed}"
 
@@ -323,7 +311,6 @@ def run_cell(suite: Suite, cell: Cell, log: Callable[[str], None] = print, verbo
     folder.mkdir(parents=True, exist_ok=True)
     kind, algo = METHODS[cell.method]
     start = time.perf_counter()
-    env_id = metarl.env_id(cell.family) if cell.family in metarl.FAMILIES else cell.family
     if kind == "meta":
         from metarl.training import train
 
@@ -333,26 +320,26 @@ def run_cell(suite: Suite, cell: Cell, log: Callable[[str], None] = print, verbo
         resume = (run_dir / "checkpoints" / "latest.pt").is_file() and (folder / "spec.json").is_file()
         if run_dir.exists() and not resume:
             shutil.rmtree(run_dir)  # never checkpointed, or of unknown settings: nothing to resume
-        _atomic_write(folder / "spec.json", json.dumps(cell.spec(), indent=2))
+        atomic_write(folder / "spec.json", json.dumps(cell.spec(), indent=2))
         train(config, run_dir=run_dir, resume=resume, verbose=verbose)
         summary = json.loads((run_dir / "eval" / cell.eval.split / "summary.json").read_text())
         cost = {"pretrain_env_steps": int(summary["env_steps"]),
                 "adapt_env_steps_per_task": float(summary["stages"][-1]["adapt_env_steps"])}
     else:
         from metarl.agents.sb3_baselines import run_baseline
+        from metarl.training import eval_tasks
 
-        env = metarl.make_family(env_id, **cell.env_kwargs)
-        # the tasks evaluate_run gives the meta-learners of the same seed
-        tasks = metarl.family_of(env).sample_tasks(cell.eval.tasks, cell.eval.split, seed=cell.seed + 10_000)
+        env = metarl.make_family(cell.family, **cell.env_kwargs)
+        tasks = eval_tasks(metarl.family_of(env), cell.seed, cell.eval.split, cell.eval.tasks)  # the meta-learners' own
         env.close()
         spec = _baseline_spec(kind, algo, cell.options)
-        result, used = run_baseline(spec, env_id, cell.env_kwargs, tasks, cell.eval.steps, cell.eval.episodes,
+        result, used = run_baseline(spec, cell.family, cell.env_kwargs, tasks, cell.eval.steps, cell.eval.episodes,
                                     seed=cell.seed, log=log)
         summary = write_summary(result, folder, title=f"{cell.method} on {cell.family}", seed=cell.seed)
         cost = {"pretrain_env_steps": used.pretrain_env_steps, "adapt_env_steps_per_task": used.adapt_env_steps_per_task}
     record = {"spec": cell.spec(), "summary": summary, "wall_time_s": time.perf_counter() - start, **cost,
               "resumed": kind == "meta" and resume}
-    _atomic_write(folder / "cell.json", json.dumps(record, indent=2))
+    atomic_write(folder / "cell.json", json.dumps(record, indent=2))
     return record
 
 
@@ -442,7 +429,7 @@ def write_report(suite: Suite) -> Path:
     csv_rows = [["family", "method", "seed", "task", "stage", "adapt_episodes", "adapt_env_steps", "return"]]
     for family in suite.families:
         cells = [c for c in suite.cells if c.family == family]
-        horizon = _horizon(family, cells[0].env_kwargs)
+        horizon = suite.horizons[family]
         lines += [f"## {family}", "", f"Horizon {horizon}; {cells[0].eval.tasks} held-out (`{cells[0].eval.split}`) tasks; "
                   f"{cells[0].eval.episodes} episodes per stage; env kwargs {cells[0].env_kwargs or '{}'}.", ""]
         curves: dict[str, dict] = {}
@@ -494,23 +481,13 @@ def write_report(suite: Suite) -> Path:
             png = suite.out / f"curves_{family}.png"
             plot_curves(curves, png, title=f"{family} (held-out tasks)", xscale="symlog")
             lines += [f"![{family} adaptation curves]({png.name})", ""]
-    _atomic_write(suite.out / "results.json", json.dumps(json_out, indent=1))
+    atomic_write(suite.out / "results.json", json.dumps(json_out, indent=1))
     buf = io.StringIO()
     csv.writer(buf).writerows(csv_rows)
-    _atomic_write(suite.out / "results.csv", buf.getvalue())
+    atomic_write(suite.out / "results.csv", buf.getvalue())
     report = suite.out / "report.md"
-    _atomic_write(report, "\n".join(lines))
+    atomic_write(report, "\n".join(lines))
     return report
-
-
-def _horizon(family: str, env_kwargs: dict) -> int:
-    from metarl.tasks import episode_limit
-
-    env = metarl.make_family(metarl.env_id(family) if family in metarl.FAMILIES else family, **env_kwargs)
-    try:
-        return episode_limit(env)
-    finally:
-        env.close()
 
 
 __all__ = ["METHODS", "PUBLISHED", "Cell", "Suite", "aggregate", "load_suite", "meta_config", "run_cell", "run_suite",

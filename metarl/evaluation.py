@@ -100,9 +100,15 @@ def summarize(result: AdaptationResult, seed: int = 0) -> dict[str, Any]:
     return {"num_tasks": len(result.tasks), "tasks": [t.to_dict() for t in result.tasks], "stages": stages}
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: str | Path, content: str | bytes) -> None:
+    """Write ``content`` to ``path`` through a temporary file beside it, so a reader (or a run killed
+    mid-write) never leaves half a file."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
+    if isinstance(content, bytes):
+        tmp.write_bytes(content)
+    else:
+        tmp.write_text(content)
     os.replace(tmp, path)
 
 
@@ -114,16 +120,16 @@ def write_summary(result: AdaptationResult, out_dir: str | Path, title: str = ""
     summary = summarize(result, seed=seed)
     if extra:
         summary.update(extra)
-    _atomic_write(out / "summary.json", json.dumps(summary, indent=2))
+    atomic_write(out / "summary.json", json.dumps(summary, indent=2))
 
     rows = [["stage", "adapt_episodes", "adapt_env_steps", "mean_return", "ci95_low", "ci95_high"]]
     for s in summary["stages"]:
         rows.append([s["stage"], s["adapt_episodes"], s["adapt_env_steps"], s["mean_return"], *s["ci95"]])
-    _atomic_write(out / "summary.csv", _csv(rows))
+    atomic_write(out / "summary.csv", _csv(rows))
     task_rows = [["task", *[f"stage{s['stage']}" for s in summary["stages"]]]]
     for i, task in enumerate(result.tasks):
         task_rows.append([json.dumps(task.params()), *[float(v) for v in result.returns[i]]])
-    _atomic_write(out / "per_task.csv", _csv(task_rows))
+    atomic_write(out / "per_task.csv", _csv(task_rows))
     plot_curves({title or "metarl": summary}, out / "adaptation_curve.png", title=title)
     return summary
 

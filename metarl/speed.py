@@ -27,6 +27,8 @@ import gymnasium as gym
 import mujoco
 import numpy as np
 
+from metarl.evaluation import atomic_write
+
 RATE_KEYS = ("raw_mj_step", "gymnasium_env", "gymnasium_vector", "native")
 DEFAULT_FAMILIES = ("HalfCheetahVel", "AntGoal", "HopperRandParams")
 
@@ -162,6 +164,4 @@ def write_json(results: list[dict[str, Any]], path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload: Any = results[0] if len(results) == 1 else results
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(payload, indent=2) + "\n")

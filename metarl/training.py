@@ -35,7 +35,7 @@ import yaml
 
 import metarl
 from metarl.config import ConfigError, RunConfig, agent_class, load_config
-from metarl.evaluation import AdaptationResult, plot_curves, write_summary
+from metarl.evaluation import AdaptationResult, atomic_write, plot_curves, write_summary
 from metarl.sampling import make_sampler
 from metarl.tasks import TaskError
 
@@ -156,9 +156,7 @@ def _truncate_jsonl(path: Path, iteration: int) -> None:
             continue
         if row.get("iteration", iteration + 1) <= iteration:
             keep.append(line)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
+    atomic_write(path, "".join(line + "\n" for line in keep))
 
 
 def _fmt_time(seconds: float) -> str:
@@ -168,10 +166,11 @@ def _fmt_time(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
-def _eval_tasks(agent: Any, config: RunConfig, split: str, tasks: int) -> list[Any]:
-    """The held-out tasks of a run's evaluation (the same list for its curve and its videos)."""
+def eval_tasks(family: Any, seed: int, split: str, tasks: int) -> list[Any]:
+    """The held-out tasks a run with ``seed`` is evaluated on (the same list for its curve, its videos and
+    the benchmark baselines set beside it)."""
     try:
-        return agent.sampler.family.sample_tasks(tasks, split=split, seed=config.seed + 10_000)
+        return family.sample_tasks(tasks, split=split, seed=seed + 10_000)
     except TaskError as exc:
         raise ConfigError(f"eval: {exc}") from exc
 
@@ -183,8 +182,8 @@ def _eval_seed(config: RunConfig) -> int:
 def evaluate_run(agent: Any, config: RunConfig, run_dir: Path, split: str, tasks: int, steps: int,
                  episodes: int, logger: _Logger | None = None) -> dict[str, Any]:
     family = agent.sampler.family
-    eval_tasks = _eval_tasks(agent, config, split, tasks)
-    result: AdaptationResult = agent.evaluate_adaptation(eval_tasks, steps, episodes, seed=_eval_seed(config))
+    held_out = eval_tasks(family, config.seed, split, tasks)
+    result: AdaptationResult = agent.evaluate_adaptation(held_out, steps, episodes, seed=_eval_seed(config))
     title = f"{config.agent_name} on {family.family}"
     summary = write_summary(result, run_dir / "eval" / split, title=title, extra={
         "split": split, "agent": config.agent_name, "family": family.family, "iteration": agent.iteration,
@@ -211,7 +210,7 @@ def render_run(agent: Any, config: RunConfig, run_dir: Path, split: str, tasks: 
     check_renderable(agent.sampler.env_id, agent.sampler.env_kwargs)  # before the adaptation, which takes time
     # Per-task results do not depend on the other tasks of a sampler call (seeds and noise are per task
     # index), so adapting on the first tasks alone reproduces what the evaluation did for them.
-    shown = _eval_tasks(agent, config, split, tasks)[:video_tasks]
+    shown = eval_tasks(agent.sampler.family, config.seed, split, tasks)[:video_tasks]
     plans = agent.adaptation_rollouts(shown, steps, episodes, seed=_eval_seed(config))
     logger = _Logger(run_dir)
     try:
@@ -223,9 +222,7 @@ def render_run(agent: Any, config: RunConfig, run_dir: Path, split: str, tasks: 
 
 
 def write_run_config(run_dir: Path, config: RunConfig, meta: dict[str, Any]) -> None:
-    tmp = run_dir / ".config.yaml.tmp"
-    tmp.write_text(yaml.safe_dump({**config.to_dict(), "meta": meta}, sort_keys=False))
-    os.replace(tmp, run_dir / "config.yaml")
+    atomic_write(run_dir / "config.yaml", yaml.safe_dump({**config.to_dict(), "meta": meta}, sort_keys=False))
 
 
 def train(config: RunConfig, run_dir: Path | None = None, resume: bool = False, verbose: bool = True) -> Path:

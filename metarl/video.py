@@ -38,6 +38,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
+from metarl.evaluation import atomic_write
 from metarl.sampling import _GymSlots, rollout
 from metarl.tasks import Task
 
@@ -307,9 +308,7 @@ def write_videos(env_id: str, env_kwargs: dict[str, Any], tasks: Sequence[Task],
         for name, frames in clips.items():
             gif = encode_gif(frames, fps)
             path = out / f"task{j}_{name}.gif"
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_bytes(gif)
-            os.replace(tmp, path)
+            atomic_write(path, gif)
             written.append(path)
             if writer is not None and name == "before_after":
                 h, w = frames[0].shape[:2]
