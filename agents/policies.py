@@ -172,6 +172,7 @@ class GaussianActor:
             for k, v in self.params.items()
         )
         self._generators = task_generators(self.seed, task_indices)
+        self._noise: torch.Tensor | None = None  # the noise buffer, and the std, made at the first act
 
     @torch.no_grad()
     def act(self, obs: np.ndarray) -> np.ndarray:
@@ -180,6 +181,9 @@ class GaussianActor:
         mean = self._policy.forward_mean(o, self._local)
         if self.deterministic:
             return mean.numpy()
-        std = self._policy.log_std_of(self._local, mean).exp()
-        noise = torch.stack([torch.randn(mean.shape[1:], generator=g) for g in self._generators])
-        return (mean + std * noise).numpy()
+        if self._noise is None or self._noise.shape != mean.shape:
+            self._noise = torch.empty_like(mean)
+            self._std = self._policy.log_std_of(self._local, mean).exp()  # does not depend on the observation
+        for row, g in zip(self._noise, self._generators, strict=True):
+            torch.randn(row.shape, generator=g, out=row)
+        return (mean + self._std * self._noise).numpy()

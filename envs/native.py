@@ -313,9 +313,18 @@ class NativeSlots:
     so this is bit for bit the same as a persistent ``MjData`` per slot (tested), and much faster: one
     ``MjData`` stays in the cache, where hundreds were fetched from memory in turn (7% of the step rate on
     HalfCheetah), and ``qpos``/``qvel`` of the whole batch are array views instead of per-slot copies.
+
+    A row leaves out the parts of the integration state that no step or reset of these envs writes
+    (applied forces, mocap poses, equality activations, user data): they keep their ``mj_resetData``
+    values in the shared ``MjData``, the same for every slot, so copying them in and out each step
+    (57 of HalfCheetah's 91 numbers) would change nothing. A row includes the controls, so the actions
+    of the whole batch are written into the rows with one array assignment.
     """
 
-    _SPEC = mujoco.mjtState.mjSTATE_INTEGRATION
+    _S = mujoco.mjtState
+    _SPEC = _S.mjSTATE_INTEGRATION.value & ~int(
+        _S.mjSTATE_QFRC_APPLIED | _S.mjSTATE_XFRC_APPLIED | _S.mjSTATE_MOCAP_POS | _S.mjSTATE_MOCAP_QUAT
+        | _S.mjSTATE_EQ_ACTIVE | _S.mjSTATE_USERDATA)
 
     def __init__(self, env_id: str, env_kwargs: dict[str, Any]):
         self.env_id, self.env_kwargs = env_id, dict(env_kwargs)
@@ -328,6 +337,7 @@ class NativeSlots:
         self.horizon = episode_limit(probe)
         space = probe.action_space
         self.low, self.high = space.low.astype(np.float64), space.high.astype(np.float64)
+        self._q0, self._c0 = self._layout(probe.unwrapped.model)
         self.models: list[mujoco.MjModel] = []
         self._data_of: dict[int, mujoco.MjData] = {}  # id(model) -> the MjData its slots are stepped in
 
@@ -355,11 +365,30 @@ class NativeSlots:
         model0 = task_models[0]
         S, nq, nv = n * M, model0.nq, model0.nv
         self.full = np.zeros((S, mujoco.mj_stateSize(model0, self._SPEC)))
-        first = mujoco.mj_stateSize(model0, mujoco.mjtState.mjSTATE_TIME)  # the state starts with time
-        self.qpos, self.qvel = self.full[:, first:first + nq], self.full[:, first + nq:first + nq + nv]
+        q0, c0 = self._q0, self._c0
+        self.qpos, self.qvel = self.full[:, q0:q0 + nq], self.full[:, q0 + nq:q0 + nq + nv]
+        self.ctrl = self.full[:, c0:c0 + model0.nu]
         self._rows = list(self.full)  # one view per slot, made once
+        # HalfCheetah and Ant: every slot runs in one model and one MjData (the hot loop skips the lookups).
+        self._one = (model0, self._datas[0]) if len(self._data_of) == 1 else None
         self.xy = np.zeros((S, 2))
         self.cfrc = np.zeros((S, model0.nbody, 6)) if self.kernel.needs_contacts else None
+
+    def _layout(self, model: mujoco.MjModel) -> tuple[int, int]:
+        """Where ``qpos`` and ``ctrl`` start in a row. A state is its components in the order of their
+        mjtState bits (time, qpos, qvel, ..., ctrl, ...); checked once against ``mj_getState`` itself."""
+        S = self._S
+        q0 = mujoco.mj_stateSize(model, S.mjSTATE_TIME)
+        c0 = mujoco.mj_stateSize(model, self._SPEC & (S.mjSTATE_CTRL.value - 1))
+        d = mujoco.MjData(model)
+        d.qpos[:], d.qvel[:], d.ctrl[:] = np.arange(1, model.nq + 1), -np.arange(1, model.nv + 1), 0.5
+        row = np.zeros(mujoco.mj_stateSize(model, self._SPEC))
+        mujoco.mj_getState(model, d, row, self._SPEC)
+        if not (np.array_equal(row[q0:q0 + model.nq], d.qpos) and np.array_equal(row[q0 + model.nq:q0 + model.nq + model.nv], d.qvel)
+                and np.array_equal(row[c0:c0 + model.nu], d.ctrl)):
+            raise RuntimeError(f"mujoco {mujoco.__version__} lays out mj_getState differently from what the native "
+                               "backend expects; use sampler.backend gymnasium")
+        return q0, c0
 
     def _read_extra(self, s: int, d: mujoco.MjData) -> None:
         if self.kernel.uses_body_xy:
@@ -381,20 +410,31 @@ class NativeSlots:
         terminated, truncated, terms)`` for those slots (``truncated`` only by the env: always False)."""
         k = self.kernel
         before = (self.xy[idx] if k.uses_body_xy else self.qpos[idx, :1]).copy()
-        frame_skip, models, datas, rows, spec = k.frame_skip, self.models, self._datas, self._rows, self._SPEC
+        if len(actions) != len(idx):
+            raise ValueError(f"step: {len(actions)} actions for {len(idx)} slots")
+        self.ctrl[idx] = actions
+        frame_skip, rows, spec = k.frame_skip, self._rows, self._SPEC
         step, load, store = mujoco.mj_step, mujoco.mj_setState, mujoco.mj_getState
+        # The hot loops: nothing but the simulator.
         extra = k.needs_contacts or k.uses_body_xy
-        # The hot loop: nothing but the simulator.
-        for a, s in zip(actions, idx.tolist(), strict=True):
-            m, d, row = models[s], datas[s], rows[s]
-            load(m, d, row, spec)
-            d.ctrl[:] = a
-            step(m, d, frame_skip)
-            if extra:
-                if k.needs_contacts:
-                    mujoco.mj_rnePostConstraint(m, d)
-                self._read_extra(s, d)
-            store(m, d, row, spec)
+        if self._one is not None and not extra:  # HalfCheetah
+            m, d = self._one
+            for s in idx.tolist():
+                row = rows[s]
+                load(m, d, row, spec)
+                step(m, d, frame_skip)
+                store(m, d, row, spec)
+        else:
+            models, datas = self.models, self._datas
+            for s in idx.tolist():
+                m, d, row = models[s], datas[s], rows[s]
+                load(m, d, row, spec)
+                step(m, d, frame_skip)
+                if extra:
+                    if k.needs_contacts:
+                        mujoco.mj_rnePostConstraint(m, d)
+                    self._read_extra(s, d)
+                store(m, d, row, spec)
         qpos, qvel = self.qpos[idx], self.qvel[idx]
         cfrc = None if self.cfrc is None else self.cfrc[idx]
         after = self.xy[idx] if k.uses_body_xy else qpos[:, :1]

@@ -122,49 +122,60 @@ def rollout(slots: Any, actor: Any, tasks: Sequence[Task], task_indices: Sequenc
     truncated = np.zeros((n, E), bool)
     last_obs = np.zeros((n, E, obs_dim), np.float32)
     terms: dict[str, np.ndarray] = {}
-    active = np.ones(S, bool)
     episode_in_trial = np.zeros(S, int)
     step_in_episode = np.zeros(S, int)
+    # Row j * E + e of the padded arrays: the episode a slot is running (slot j*M + m runs episodes
+    # m*K .. m*K + K-1 of task j); the arrays are written through flat views, one index per slot.
+    slot = np.arange(S)
+    episode_row = (slot // M) * E + (slot % M) * K
+    flat_obs, flat_act = observations.reshape(-1, obs_dim), actions.reshape(-1, act_dim)
+    flat_rewards, flat_mask = rewards.reshape(-1), mask.reshape(-1)
     observe = getattr(actor, "observe", None)
 
     actor.start(list(task_indices), M)
+    idx = slot  # the slots still running, ascending
     t = 0
-    while active.any():
+    while len(idx):
         act = np.asarray(actor.act(obs.reshape(n, M, obs_dim)), dtype=np.float32).reshape(S, act_dim)
         if not np.all(np.isfinite(act)):
             raise FloatingPointError(f"the policy produced non-finite actions at step {t}")
-        idx = np.flatnonzero(active)
         new_obs, r, term, trunc, step_terms = slots.step(idx, np.clip(act[idx], slots.low, slots.high))
-        j, e, i = idx // M, (idx % M) * K + episode_in_trial[idx], step_in_episode[idx]
-        observations[j, e, i] = obs[idx]
-        actions[j, e, i] = act[idx]
-        rewards[j, e, i] = r
-        mask[j, e, i] = 1.0
+        row = episode_row[idx]
+        at = row * horizon + step_in_episode[idx]
+        flat_obs[at] = obs[idx]
+        flat_act[at] = act[idx]
+        flat_rewards[at] = r
+        flat_mask[at] = 1.0
         for key, value in step_terms.items():
             if key not in terms:
                 terms[key] = np.zeros((n, E), np.float32)
-            terms[key][j, e] += value  # accumulated in float32, each step rounded once
+            terms[key].reshape(-1)[row] += value  # accumulated in float32, each step rounded once
         obs[idx] = new_obs
         step_in_episode[idx] += 1
         term = np.asarray(term, bool)
         trunc = np.asarray(trunc, bool) | (~term & (step_in_episode[idx] >= horizon))
         done = term | trunc
-        step_rewards = np.zeros(S, np.float32)
-        step_rewards[idx] = r
-        step_dones = np.zeros(S, bool)
-        step_dones[idx] = done
+        finished = []
         for b in np.flatnonzero(done).tolist():
-            s, jb, eb = int(idx[b]), int(j[b]), int(e[b])
+            s = int(idx[b])
+            jb, eb = divmod(int(row[b]), E)
             terminated[jb, eb], truncated[jb, eb] = bool(term[b]), not term[b]
             last_obs[jb, eb] = new_obs[b]
             if episode_in_trial[s] + 1 < K:  # next episode of the same trial, same task
                 episode_in_trial[s] += 1
+                episode_row[s] += 1
                 step_in_episode[s] = 0
                 obs[s] = slots.reset(s, slot_seed(seed, task_indices[jb], eb + 1))
             else:
-                active[s] = False
+                finished.append(b)
         if observe is not None:
+            step_rewards = np.zeros(S, np.float32)
+            step_rewards[idx] = r
+            step_dones = np.zeros(S, bool)
+            step_dones[idx] = done
             observe(step_rewards.reshape(n, M), step_dones.reshape(n, M))
+        if finished:
+            idx = np.delete(idx, finished)
         t += 1
 
     return {
@@ -344,20 +355,11 @@ class Sampler:
 
 
 def _concat(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The workers' rollouts joined along the task axis (every part is padded to the same horizon)."""
     if len(parts) == 1:
         return parts[0]
-    horizon = max(p["rewards"].shape[2] for p in parts)
-    out: dict[str, Any] = {}
-    for key in ("observations", "actions", "rewards", "mask"):
-        padded = []
-        for p in parts:
-            a = p[key]
-            pad = [(0, 0)] * a.ndim
-            pad[2] = (0, horizon - a.shape[2])
-            padded.append(np.pad(a, pad))
-        out[key] = np.concatenate(padded)
-    for key in ("terminated", "truncated", "last_observations"):
-        out[key] = np.concatenate([p[key] for p in parts])
+    out: dict[str, Any] = {key: np.concatenate([p[key] for p in parts]) for key in (
+        "observations", "actions", "rewards", "mask", "terminated", "truncated", "last_observations")}
     names = sorted({k for p in parts for k in p["reward_terms"]})
     out["reward_terms"] = {
         k: np.concatenate([p["reward_terms"].get(k, np.zeros(p["rewards"].shape[:2], np.float32)) for p in parts])
