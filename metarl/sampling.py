@@ -192,9 +192,10 @@ def _worker(conn: Any, backend: str, env_id: str, env_kwargs: dict[str, Any], sy
 
     sys.path[:] = sys_path
     torch.set_num_threads(1)  # one core per worker; the workers are the parallelism
-    from metarl.system import keep_freed_memory
+    from metarl.system import keep_freed_memory, skip_mujoco_timers
 
     keep_freed_memory()
+    skip_mujoco_timers()  # this process never reads mjData.timer
     import metarl  # noqa: F401  (registers the families)
 
     slots, failure = None, None

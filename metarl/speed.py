@@ -4,9 +4,12 @@ For one family and one meta-batch (default the standard 40 tasks x 20 episodes x
 
 * ``raw_mj_step``: the simulator's own limit: ``mj_step(model, data, nstep=frame_skip)`` in a bare loop on
   one thread, random controls (one env step per call, so the rate is comparable to the others);
+* ``raw_mj_step_native_settings``: the same loop with the MuJoCo settings the native workers use (MuJoCo
+  4's stage timers skipped, the island search off; same results), the limit for the native sampler's
+  per-core rate;
 * ``gymnasium_env``: one Gymnasium env, ``env.step`` with random actions, resets on episode end;
 * ``gymnasium_vector``: the ``gymnasium`` sampler backend collecting the meta-batch with policy inference
-  (a 64x64 Gaussian MLP, per-task parameters) on all workers;
+  (a 64x64 Gaussian MLP, per-task parameters) on all workers (which skip MuJoCo 4's stage timers too);
 * ``native``: the ``native`` backend on the same batch, same policy, same workers.
 
 Rates are env steps per second (median over ``repeats``), printed with their ratio to ``raw_mj_step``;
@@ -15,6 +18,7 @@ Rates are env steps per second (median over ``repeats``), printed with their rat
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import platform
@@ -29,13 +33,27 @@ import numpy as np
 
 from metarl.evaluation import atomic_write
 
-RATE_KEYS = ("raw_mj_step", "gymnasium_env", "gymnasium_vector", "native")
+RATE_KEYS = ("raw_mj_step", "raw_mj_step_native_settings", "gymnasium_env", "gymnasium_vector", "native")
 DEFAULT_FAMILIES = ("HalfCheetahVel", "AntGoal", "HopperRandParams")
 
 
-def _raw_rate(env: gym.Env, steps: int, seed: int) -> float:
+def _raw_rate(env: gym.Env, steps: int, seed: int, native_settings: bool = False) -> float:
     u = env.unwrapped
-    model, data = u.model, mujoco.MjData(u.model)
+    model = u.model
+    if native_settings:
+        from metarl.envs.native import skip_island_search
+        from metarl.system import mujoco_timers_skipped
+
+        model = copy.deepcopy(model)
+        skip_island_search(model)
+        with mujoco_timers_skipped():
+            return _raw_loop(env, model, steps, seed)
+    return _raw_loop(env, model, steps, seed)
+
+
+def _raw_loop(env: gym.Env, model: mujoco.MjModel, steps: int, seed: int) -> float:
+    u = env.unwrapped
+    data = mujoco.MjData(model)
     rng = np.random.default_rng(seed)
     low, high = env.action_space.low, env.action_space.high
     controls = rng.uniform(low, high, size=(steps, low.size))
@@ -121,6 +139,7 @@ def measure(family: str, tasks: int = 40, episodes: int = 20, repeats: int = 3, 
         for r in range(repeats):
             # Interleaved, so a slow spell on a shared machine hits every method alike.
             samples["raw_mj_step"].append(_raw_rate(env, single_steps, seed + r))
+            samples["raw_mj_step_native_settings"].append(_raw_rate(env, single_steps, seed + r, native_settings=True))
             samples["gymnasium_env"].append(gym_env_rate(env, single_steps, seed + r))
             for key, sampler in samplers.items():
                 samples[key].append(_sampler_rate(sampler, task_list, episodes, seed + r))
@@ -149,11 +168,11 @@ def measure(family: str, tasks: int = 40, episodes: int = 20, repeats: int = 3, 
 
 
 def format_table(results: list[dict[str, Any]]) -> str:
-    lines = [f"{'family':<20}{'method':<18}{'env steps/s':>14}{'x raw':>8}"]
+    lines = [f"{'family':<20}{'method':<30}{'env steps/s':>14}{'x raw':>8}"]
     for res in results:
         for key in RATE_KEYS:
-            lines.append(f"{res['family']:<20}{key:<18}{res['rates'][key]:>14,.0f}{res['ratios_to_raw'][key]:>8.2f}")
-        lines.append(f"{'':<20}{'native / gym vector':<32}{res['native_over_gymnasium_vector']:>8.2f}")
+            lines.append(f"{res['family']:<20}{key:<30}{res['rates'][key]:>14,.0f}{res['ratios_to_raw'][key]:>8.2f}")
+        lines.append(f"{'':<20}{'native / gym vector':<44}{res['native_over_gymnasium_vector']:>8.2f}")
         rss = [r for r in res["memory_mib"]["native_workers_peak_rss"] if r is not None]
         if rss:
             lines.append(f"{'':<20}native workers' peak memory: {' + '.join(f'{r:.0f}' for r in rss)} MiB")

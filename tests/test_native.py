@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import gymnasium as gym
 import numpy as np
@@ -69,6 +72,64 @@ def test_native_follows_non_default_env_arguments(family, kwargs):
     # and the arguments took effect (this is not the default env)
     d = _collect("native", family, std=2.0, env_kwargs={"max_episode_steps": kwargs.get("max_episode_steps", 200)})
     assert g.observations.shape[-1] != d.observations.shape[-1] or not torch.equal(n.rewards, d.rewards)
+
+
+@pytest.mark.parametrize("family", MUJOCO_FAMILIES)
+def test_native_steps_are_bit_identical_to_gymnasium_with_the_native_settings(family):
+    """The native slots run with MuJoCo 4's stage timers off (as the sampler workers do) and the island
+    search off; Gymnasium's envs with MuJoCo's defaults. Every observation, reward and termination over
+    300 steps with resets must be the same float64 number."""
+    import ctypes
+
+    import mujoco
+
+    if mujoco.get_mjcb_time() is not None:
+        pytest.skip("a MuJoCo clock is installed in this process")
+    env_id = metarl.env_id(family)
+    family_env = metarl.family_of(gym.make(env_id))
+    tasks = family_env.sample_tasks(2, "train", seed=2)
+    slots = NativeSlots(env_id, {})
+    slots.configure(tasks, 2)
+    envs = []
+    for task in tasks:
+        for _ in range(2):
+            env = gym.make(env_id)
+            metarl.family_of(env).set_task(task)
+            envs.append(env)
+    island_flag = int(getattr(mujoco.mjtDisableBit, "mjDSBL_ISLAND", 0))  # MuJoCo >= 3.3.6
+    assert slots.models[0].opt.disableflags & island_flag == island_flag
+    rng = np.random.default_rng(0)
+    for s, env in enumerate(envs):
+        assert np.array_equal(slots.reset(s, 10 + s), env.reset(seed=10 + s)[0])
+    resets = 0
+    try:
+        for t in range(300):
+            actions = rng.uniform(slots.low, slots.high, (len(envs), slots.low.size))
+            mujoco.set_mjcb_time(ctypes.pythonapi.PyFloat_GetMax)
+            obs, reward, terminated, _, _ = slots.step(np.arange(len(envs)), actions)
+            mujoco.set_mjcb_time(None)
+            for s, env in enumerate(envs):
+                o, r, term, trunc, _ = env.step(actions[s])
+                assert np.array_equal(obs[s], o) and reward[s] == r and terminated[s] == term, (family, t, s)
+                if term or trunc:
+                    resets += 1
+                    assert np.array_equal(slots.reset(s, 1000 * t + s), env.reset(seed=1000 * t + s)[0])
+    finally:
+        mujoco.set_mjcb_time(None)
+    assert resets > 0
+
+
+def test_mujoco_timers_are_skipped_in_a_fresh_process_only_where_mujoco_times_itself():
+    code = ("import mujoco; from metarl.system import skip_mujoco_timers, _mujoco_times_itself as t; "
+            "before = t(); print(before, skip_mujoco_timers(), t(), mujoco.get_mjcb_time() is not None)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    times_itself = out[0] == "True"
+    # MuJoCo 4 times every step by itself: skipped, and no duration is measured any more. MuJoCo 3 does
+    # not: nothing to skip, nothing installed.
+    assert out[1:] == (["True", "False", "True"] if times_itself else ["False", "False", "False"])
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "METARL_MUJOCO_TIMERS": "1"}).stdout.split()
+    assert out[1] == "False" and out[2] == out[0]
 
 
 def test_terminating_families_do_terminate_in_the_comparison():
@@ -178,7 +239,8 @@ def test_speed_command_writes_the_rates(tmp_path, capsys):
                  "--steps", "200", "--workers", "0", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["family"] == "HalfCheetahVel"
-    assert set(result["rates"]) == {"raw_mj_step", "gymnasium_env", "gymnasium_vector", "native"}
+    assert set(result["rates"]) == {"raw_mj_step", "raw_mj_step_native_settings", "gymnasium_env", "gymnasium_vector",
+                                    "native"}
     assert all(rate > 0 for rate in result["rates"].values())
     assert "native / gym vector" in capsys.readouterr().out
     assert main(["speed", "--family", "PointNav2D"]) == 2
