@@ -308,8 +308,10 @@ _ISLAND_FLAG = getattr(mujoco.mjtDisableBit, "mjDSBL_ISLAND", None)
 
 
 def skip_island_search(model: mujoco.MjModel) -> None:
-    """Turn off the island search in a model where it cannot find more than one island (same results:
-    tests/test_native.py compares every family with its Gymnasium env step by step)."""
+    """Turn off the island search in a model where it cannot find more than one island. That the results
+    stay the same is shown by testing, not promised by MuJoCo: tests/test_native.py compares every family
+    bit for bit with its Gymnasium env (island search on) on MuJoCo 4.0; a new single-tree family needs
+    the same test."""
     if _ISLAND_FLAG is not None and getattr(model, "ntree", 2) <= 1:
         model.opt.disableflags |= int(_ISLAND_FLAG)
 
@@ -319,8 +321,9 @@ class NativeSlots:
 
     A Gymnasium env provides each task's reward parameters and model (one env per task for the dynamics
     families, whose tasks change the model; one env for all tasks otherwise). Each slot's simulation
-    state is a row of one array (MuJoCo's *integration state*: time, ``qpos``, ``qvel``, the solver's warm
-    start, controls, applied forces, ...), and each model has one ``MjData`` that every slot of that model
+    state is a row of one array (the part of MuJoCo's *integration state* that changes: time, ``qpos``,
+    ``qvel``, actuator activations, the solver's warm start, controls, ...), and each model has one
+    ``MjData`` that every slot of that model
     is stepped in: `step` loads a slot's row into it (``mj_setState``), runs ``mj_step``, and stores the row
     back (``mj_getState``). The integration state is all that ``mj_step`` reads from one step to the next,
     so this is bit for bit the same as a persistent ``MjData`` per slot (tested), and much faster: one

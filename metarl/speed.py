@@ -7,9 +7,11 @@ For one family and one meta-batch (default the standard 40 tasks x 20 episodes x
 * ``raw_mj_step_native_settings``: the same loop with the MuJoCo settings the native workers use (MuJoCo
   4's stage timers skipped, the island search off; same results), the limit for the native sampler's
   per-core rate;
-* ``gymnasium_env``: one Gymnasium env, ``env.step`` with random actions, resets on episode end;
+* ``gymnasium_env``: one Gymnasium env, ``env.step`` with random actions, resets on episode end (in this
+  process, with MuJoCo's defaults, as a user's own loop runs it);
 * ``gymnasium_vector``: the ``gymnasium`` sampler backend collecting the meta-batch with policy inference
-  (a 64x64 Gaussian MLP, per-task parameters) on all workers (which skip MuJoCo 4's stage timers too);
+  (a 64x64 Gaussian MLP, per-task parameters) on all workers, whose processes skip MuJoCo 4's stage
+  timers as the native ones do (with ``--workers 0`` both samplers run here, with MuJoCo's defaults);
 * ``native``: the ``native`` backend on the same batch, same policy, same workers.
 
 Rates are env steps per second (median over ``repeats``), printed with their ratio to ``raw_mj_step``;

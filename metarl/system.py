@@ -67,6 +67,17 @@ def _mujoco_times_itself() -> bool:
     return data.timer[mujoco.mjtTimer.mjTIMER_STEP].duration > 0
 
 
+_times_by_default: bool | None = None
+
+
+def _times_itself_by_default() -> bool:
+    """`_mujoco_times_itself`, probed once; only call it while no ``mjcb_time`` is installed."""
+    global _times_by_default
+    if _times_by_default is None:
+        _times_by_default = _mujoco_times_itself()
+    return _times_by_default
+
+
 def skip_mujoco_timers() -> bool:
     """Stop MuJoCo from timing every pipeline stage of every step, in a process that never reads
     ``mjData.timer`` (the sampler workers); returns whether it changed anything.
@@ -86,7 +97,7 @@ def skip_mujoco_timers() -> bool:
         return False
     import mujoco
 
-    if mujoco.get_mjcb_time() is not None or not _mujoco_times_itself():
+    if mujoco.get_mjcb_time() is not None or not _times_itself_by_default():
         return False
     mujoco.set_mjcb_time(_CONSTANT_CLOCK)
     _timers_skipped = True
@@ -103,7 +114,7 @@ def mujoco_timers_skipped() -> Iterator[None]:
     import mujoco
 
     previous = mujoco.get_mjcb_time()
-    if previous is None and _mujoco_times_itself():
+    if previous is None and _times_itself_by_default():
         mujoco.set_mjcb_time(_CONSTANT_CLOCK)
     try:
         yield

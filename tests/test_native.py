@@ -78,10 +78,11 @@ def test_native_follows_non_default_env_arguments(family, kwargs):
 def test_native_steps_are_bit_identical_to_gymnasium_with_the_native_settings(family):
     """The native slots run with MuJoCo 4's stage timers off (as the sampler workers do) and the island
     search off; Gymnasium's envs with MuJoCo's defaults. Every observation, reward and termination over
-    300 steps with resets must be the same float64 number."""
-    import ctypes
-
+    300 steps with resets, and at the end every slot's whole integration state (warm start included), must
+    be the same float64 numbers."""
     import mujoco
+
+    from metarl.system import mujoco_timers_skipped
 
     if mujoco.get_mjcb_time() is not None:
         pytest.skip("a MuJoCo clock is installed in this process")
@@ -102,33 +103,39 @@ def test_native_steps_are_bit_identical_to_gymnasium_with_the_native_settings(fa
     for s, env in enumerate(envs):
         assert np.array_equal(slots.reset(s, 10 + s), env.reset(seed=10 + s)[0])
     resets = 0
-    try:
-        for t in range(300):
-            actions = rng.uniform(slots.low, slots.high, (len(envs), slots.low.size))
-            mujoco.set_mjcb_time(ctypes.pythonapi.PyFloat_GetMax)
+    for t in range(300):
+        actions = rng.uniform(slots.low, slots.high, (len(envs), slots.low.size))
+        with mujoco_timers_skipped():
             obs, reward, terminated, _, _ = slots.step(np.arange(len(envs)), actions)
-            mujoco.set_mjcb_time(None)
-            for s, env in enumerate(envs):
-                o, r, term, trunc, _ = env.step(actions[s])
-                assert np.array_equal(obs[s], o) and reward[s] == r and terminated[s] == term, (family, t, s)
-                if term or trunc:
-                    resets += 1
-                    assert np.array_equal(slots.reset(s, 1000 * t + s), env.reset(seed=1000 * t + s)[0])
-    finally:
-        mujoco.set_mjcb_time(None)
+        for s, env in enumerate(envs):
+            o, r, term, trunc, _ = env.step(actions[s])
+            assert np.array_equal(obs[s], o) and reward[s] == r and terminated[s] == term, (family, t, s)
+            if term or trunc:
+                resets += 1
+                assert np.array_equal(slots.reset(s, 1000 * t + s), env.reset(seed=1000 * t + s)[0])
     assert resets > 0
+    spec = mujoco.mjtState.mjSTATE_INTEGRATION
+    for s, env in enumerate(envs):
+        u = env.unwrapped
+        native, reference = np.zeros(mujoco.mj_stateSize(u.model, spec)), np.zeros(mujoco.mj_stateSize(u.model, spec))
+        # The slot's row loaded into the shared MjData, read back as the full integration state:
+        mujoco.mj_setState(slots.models[s], slots._datas[s], slots.full[s], slots._SPEC)
+        mujoco.mj_getState(slots.models[s], slots._datas[s], native, spec)
+        mujoco.mj_getState(u.model, u.data, reference, spec)
+        assert np.array_equal(native, reference), (family, s)
 
 
 def test_mujoco_timers_are_skipped_in_a_fresh_process_only_where_mujoco_times_itself():
     code = ("import mujoco; from metarl.system import skip_mujoco_timers, _mujoco_times_itself as t; "
             "before = t(); print(before, skip_mujoco_timers(), t(), mujoco.get_mjcb_time() is not None)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    env = {k: v for k, v in os.environ.items() if k != "METARL_MUJOCO_TIMERS"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout.split()
     times_itself = out[0] == "True"
     # MuJoCo 4 times every step by itself: skipped, and no duration is measured any more. MuJoCo 3 does
     # not: nothing to skip, nothing installed.
     assert out[1:] == (["True", "False", "True"] if times_itself else ["False", "False", "False"])
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**os.environ, "METARL_MUJOCO_TIMERS": "1"}).stdout.split()
+                         env={**env, "METARL_MUJOCO_TIMERS": "1"}).stdout.split()
     assert out[1] == "False" and out[2] == out[0]
 
 
