@@ -18,7 +18,7 @@ Results do not depend on the number of workers: env seeds are derived from (seed
 index) and actors seed their noise per task. Each slot runs exactly one trial (``episodes_per_trial`` episodes, default 1) per call; no autoreset.
 
 Backends differ only in their *env slots* (``configure`` / ``reset`` / ``step`` for a set of slots, see
-`_GymSlots`); the rollout loop, the workers and the batch are shared. ``gymnasium`` (one
+`GymSlots`); the rollout loop, the workers and the batch are shared. ``gymnasium`` (one
 ``gymnasium.make`` env per slot) is the reference and works with any registered task family; ``native``
 (`metarl.envs.native`) steps the built-in MuJoCo families' ``MjData`` directly and computes observations
 and rewards for the whole batch at once, producing the same numbers. ``make_sampler(backend="auto")``
@@ -45,8 +45,13 @@ def slot_seed(seed: int, task_index: int, episode: int) -> int:
     return int(np.random.SeedSequence([seed, task_index, episode]).generate_state(1)[0])
 
 
-class _GymSlots:
-    """Env slots stepped one at a time through Gymnasium (the reference backend; any registered family)."""
+class GymSlots:
+    """Env slots stepped one at a time through Gymnasium (the reference backend; any registered family).
+
+    The slot protocol that `rollout` drives, which `metarl.envs.native.NativeSlots` and the video recorder
+    (`metarl.video`, a subclass that renders) also follow: ``horizon``, ``low``/``high`` (action bounds),
+    ``configure(tasks, slots_per_task)``, ``reset(slot, seed) -> obs``, ``step(slots, actions)``, ``close()``.
+    """
 
     def __init__(self, env_id: str, env_kwargs: dict[str, Any]):
         self.env_id, self.env_kwargs = env_id, env_kwargs
@@ -94,7 +99,7 @@ def _make_slots(backend: str, env_id: str, env_kwargs: dict[str, Any]) -> Any:
         from metarl.envs.native import NativeSlots
 
         return NativeSlots(env_id, env_kwargs)
-    return _GymSlots(env_id, env_kwargs)
+    return GymSlots(env_id, env_kwargs)
 
 
 def rollout(slots: Any, actor: Any, tasks: Sequence[Task], task_indices: Sequence[int], episodes: int,

@@ -39,7 +39,7 @@ import gymnasium as gym
 import numpy as np
 
 from metarl.evaluation import atomic_write
-from metarl.sampling import _GymSlots, rollout
+from metarl.sampling import GymSlots, rollout
 from metarl.tasks import Task
 
 MAX_DEFAULT_FPS = 25  # default playback rate cap; faster envs (Hopper: 125 Hz) drop frames to stay real time
@@ -83,7 +83,7 @@ def configure_gl() -> str | None:
     return os.environ.get("MUJOCO_GL")
 
 
-class _RenderingSlots(_GymSlots):
+class _RenderingSlots(GymSlots):
     """The sampler's Gymnasium env slots, with slot 0 made with ``render_mode="rgb_array"``: it records
     one frame after every reset and step of the episodes (of its trial) listed in ``keep``."""
 
