@@ -401,7 +401,7 @@ class NativeSlots:
         d.qpos[:], d.qvel[:], d.ctrl[:] = np.arange(1, model.nq + 1), -np.arange(1, model.nv + 1), 0.5
         row = np.zeros(mujoco.mj_stateSize(model, self._SPEC))
         mujoco.mj_getState(model, d, row, self._SPEC)
-        if not (np.array_equal(row[q0:q0 + model.nq], d.qpos) and np.array_equal(row[q0 + model.nq:q0 + model.nq + model.nv], d.qvel)
+        if not (np.array_equal(row[q0:q0 + model.nq + model.nv], np.concatenate((d.qpos, d.qvel)))
                 and np.array_equal(row[c0:c0 + model.nu], d.ctrl)):
             raise RuntimeError(f"mujoco {mujoco.__version__} lays out mj_getState differently from what the native "
                                "backend expects; use sampler.backend gymnasium")

@@ -127,7 +127,6 @@ def rollout(slots: Any, actor: Any, tasks: Sequence[Task], task_indices: Sequenc
     truncated = np.zeros((n, E), bool)
     last_obs = np.zeros((n, E, obs_dim), np.float32)
     terms: dict[str, np.ndarray] = {}
-    episode_in_trial = np.zeros(S, int)
     step_in_episode = np.zeros(S, int)
     # Row j * E + e of the padded arrays: the episode a slot is running (slot j*M + m runs episodes
     # m*K .. m*K + K-1 of task j); the arrays are written through flat views, one index per slot.
@@ -166,8 +165,7 @@ def rollout(slots: Any, actor: Any, tasks: Sequence[Task], task_indices: Sequenc
             jb, eb = divmod(int(row[b]), E)
             terminated[jb, eb], truncated[jb, eb] = bool(term[b]), not term[b]
             last_obs[jb, eb] = new_obs[b]
-            if episode_in_trial[s] + 1 < K:  # next episode of the same trial, same task
-                episode_in_trial[s] += 1
+            if eb % K + 1 < K:  # next episode of the same trial, same task
                 episode_row[s] += 1
                 step_in_episode[s] = 0
                 obs[s] = slots.reset(s, slot_seed(seed, task_indices[jb], eb + 1))

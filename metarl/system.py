@@ -53,7 +53,7 @@ def keep_freed_memory(threshold: int = 1 << 30) -> bool:
     return _applied
 
 
-_timers_skipped: bool | None = None
+_CONSTANT_CLOCK = ctypes.pythonapi.PyFloat_GetMax  # double (void), returns DBL_MAX: every duration is 0
 
 
 def _mujoco_times_itself() -> bool:
@@ -70,11 +70,18 @@ def _mujoco_times_itself() -> bool:
 _times_by_default: bool | None = None
 
 
-def _times_itself_by_default() -> bool:
-    """`_mujoco_times_itself`, probed once; only call it while no ``mjcb_time`` is installed."""
+def _install_constant_clock() -> bool:
+    """Install `_CONSTANT_CLOCK` where no clock is installed and MuJoCo would time itself; returns whether it did.
+    (Whether MuJoCo times itself is probed once, while no clock is installed.)"""
     global _times_by_default
+    import mujoco
+
+    if mujoco.get_mjcb_time() is not None:
+        return False
     if _times_by_default is None:
         _times_by_default = _mujoco_times_itself()
+    if _times_by_default:
+        mujoco.set_mjcb_time(_CONSTANT_CLOCK)
     return _times_by_default
 
 
@@ -86,25 +93,12 @@ def skip_mujoco_timers() -> bool:
     clock about 30 times per ``mj_step`` when none is, which is 12-15% of a HalfCheetah step on this
     machine. Installing a native function that returns a constant (CPython's ``PyFloat_GetMax``, called
     without Python's overhead) makes every duration 0, as in MuJoCo 3. Nothing in the simulation reads the
-    timers, so its results are unchanged (tests/test_native.py compares them bit for bit). A clock someone
-    else installed is left alone; ``METARL_MUJOCO_TIMERS=1`` keeps MuJoCo's own.
+    timers, so its results are unchanged (tests/test_native.py compares them bit for bit). A clock already
+    installed (ours included) is left alone; ``METARL_MUJOCO_TIMERS=1`` keeps MuJoCo's own.
     """
-    global _timers_skipped
-    if _timers_skipped is not None:
-        return _timers_skipped
-    _timers_skipped = False
     if os.environ.get("METARL_MUJOCO_TIMERS", "0") == "1":
         return False
-    import mujoco
-
-    if mujoco.get_mjcb_time() is not None or not _times_itself_by_default():
-        return False
-    mujoco.set_mjcb_time(_CONSTANT_CLOCK)
-    _timers_skipped = True
-    return True
-
-
-_CONSTANT_CLOCK = ctypes.pythonapi.PyFloat_GetMax  # double (void), returns DBL_MAX: every duration is 0
+    return _install_constant_clock()
 
 
 @contextlib.contextmanager
@@ -114,8 +108,7 @@ def mujoco_timers_skipped() -> Iterator[None]:
     import mujoco
 
     previous = mujoco.get_mjcb_time()
-    if previous is None and _times_itself_by_default():
-        mujoco.set_mjcb_time(_CONSTANT_CLOCK)
+    _install_constant_clock()
     try:
         yield
     finally:
