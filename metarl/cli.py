@@ -18,6 +18,8 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -102,11 +104,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
     try:
         if args.resume:
             run_dir = Path(args.resume)
-            config = load_run_config(run_dir)
-            overrides = list(args.overrides) + ([args.config] if args.config and "=" in args.config else [])
+            if args.config and "=" not in args.config:
+                raise ConfigError(f"--resume continues {run_dir} with its own config.yaml; {args.config!r} would be "
+                                  "ignored (to train with another config, start a new run without --resume)")
+            if args.run_dir:
+                raise ConfigError("--resume RUN_DIR names the run folder; --run-dir is for new runs")
+            overrides = list(args.overrides) + ([args.config] if args.config else [])
             bad = [o for o in overrides if not o.startswith("iterations=")]
             if bad:
                 raise ConfigError(f"--resume continues a run with its own config; only iterations=N may be changed, got {bad[0]!r}")
+            for o in overrides:
+                if o.split("=", 1)[1].strip().startswith(("+", "-")):
+                    raise ConfigError(f"{o}: iterations=N is the run's new total number of iterations, not an "
+                                      "increment; give the total (e.g. iterations=12)")
+            config = load_run_config(run_dir)
             if overrides:
                 config = load_config(None, overrides, data=config.to_dict())
             train(config, run_dir=run_dir, resume=True, verbose=not args.quiet)
@@ -130,7 +141,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         configure_gl()  # before anything imports mujoco: a headless Linux machine renders through EGL
 
     from metarl.config import ConfigError
-    from metarl.training import build_agent, evaluate_run, load_checkpoint, load_run_config, render_run
+    from metarl.runfolder import run_lock
+    from metarl.training import load_run_config
     from metarl.video import VideoError
 
     run_dir = Path(args.run_dir)
@@ -148,27 +160,36 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                 raise ConfigError(f"--video-tasks ({video['tasks']}) must be at most the number of tasks evaluated ({tasks})")
             if steps < 1:
                 raise ConfigError("--video needs at least one adaptation stage (--steps >= 1) to show before and after")
-        sampler, agent = build_agent(config)
-        try:
-            load_checkpoint(run_dir, agent)
-            summary = evaluate_run(agent, config, run_dir, split, tasks, steps, episodes)
-            print(f"{'stage':>5} {'adapt episodes':>14} {'adapt steps':>11} {'mean return':>11}  95% CI")
-            for s in summary["stages"]:
-                print(f"{s['stage']:>5} {s['adapt_episodes']:>14} {s['adapt_env_steps']:>11.0f} "
-                      f"{s['mean_return']:>11.2f}  [{s['ci95'][0]:.2f}, {s['ci95'][1]:.2f}]")
-            print(f"written to {run_dir / 'eval' / split}/ (summary.json, summary.csv, per_task.csv, "
-                  "adaptation_curve.png)", flush=True)
-            if video is not None:
-                print(f"rendering {video['tasks']} held-out task(s) before and after adaptation "
-                      f"(MUJOCO_GL={os.environ.get('MUJOCO_GL')}) ...", flush=True)
-                paths = render_run(agent, config, run_dir, split, tasks, steps, episodes, video["tasks"],
-                                   video["size"], video["fps"], verbose=True)
-                print(f"written to {paths[0].parent}/ ({len(paths)} GIFs) and TensorBoard (eval/{split}/video/)")
-        finally:
-            sampler.close()
+        with run_lock(run_dir):
+            _evaluate(run_dir, config, split, tasks, steps, episodes, video)
     except (ConfigError, TaskError, VideoError) as exc:
         raise UsageError(str(exc)) from exc
     return 0
+
+
+def _evaluate(run_dir: Path, config: Any, split: str, tasks: int, steps: int, episodes: int, video: dict | None) -> None:
+    from metarl.runfolder import check_writable
+    from metarl.training import build_agent, evaluate_run, load_checkpoint, render_run
+
+    check_writable(run_dir, run_dir / "eval", run_dir / "eval" / split)
+    sampler, agent = build_agent(config)
+    try:
+        load_checkpoint(run_dir, agent, config)
+        summary = evaluate_run(agent, config, run_dir, split, tasks, steps, episodes)
+        print(f"{'stage':>5} {'adapt episodes':>14} {'adapt steps':>11} {'mean return':>11}  95% CI")
+        for s in summary["stages"]:
+            print(f"{s['stage']:>5} {s['adapt_episodes']:>14} {s['adapt_env_steps']:>11.0f} "
+                  f"{s['mean_return']:>11.2f}  [{s['ci95'][0]:.2f}, {s['ci95'][1]:.2f}]")
+        print(f"written to {run_dir / 'eval' / split}/ (summary.json, summary.csv, per_task.csv, "
+              "adaptation_curve.png)", flush=True)
+        if video is not None:
+            print(f"rendering {video['tasks']} held-out task(s) before and after adaptation "
+                  f"(MUJOCO_GL={os.environ.get('MUJOCO_GL')}) ...", flush=True)
+            paths = render_run(agent, config, run_dir, split, tasks, steps, episodes, video["tasks"],
+                               video["size"], video["fps"], verbose=True)
+            print(f"written to {paths[0].parent}/ ({len(paths)} GIFs) and TensorBoard (eval/{split}/video/)")
+    finally:
+        sampler.close()
 
 
 def _video_options(args: argparse.Namespace) -> dict | None:

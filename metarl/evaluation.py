@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from metarl.system import fault_point
 from metarl.tasks import Task
 
 
@@ -121,6 +122,7 @@ def write_summary(result: AdaptationResult, out_dir: str | Path, title: str = ""
     if extra:
         summary.update(extra)
     atomic_write(out / "summary.json", json.dumps(summary, indent=2))
+    fault_point("eval_files")
 
     rows = [["stage", "adapt_episodes", "adapt_env_steps", "mean_return", "ci95_low", "ci95_high"]]
     for s in summary["stages"]:

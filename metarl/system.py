@@ -113,3 +113,28 @@ def mujoco_timers_skipped() -> Iterator[None]:
         yield
     finally:
         mujoco.set_mjcb_time(previous)
+
+
+_fault_hits: dict[str, int] = {}
+
+
+def fault_point(name: str) -> None:
+    """A named moment at which the fault-injection tests kill the process: with ``METARL_FAULT=name`` (or
+    ``name:N``, the N-th time it is reached) this process sends itself SIGKILL there. Without the variable
+    it costs one dictionary lookup. Points: ``iteration`` (start of an iteration), ``metrics`` (metrics
+    appended, checkpoint not yet written), ``checkpoint`` (new checkpoint written beside the old one, not
+    yet renamed), ``eval`` (held-out evaluation computed, nothing written), ``eval_files`` (summary.json
+    written, the csv and plot not yet), ``eval_logged`` (files and TensorBoard written, not yet recorded
+    as done)."""
+    target = os.environ.get("METARL_FAULT")
+    if not target:
+        return
+    want, _, nth = target.partition(":")
+    if want != name:
+        return
+    _fault_hits[name] = _fault_hits.get(name, 0) + 1
+    if _fault_hits[name] == int(nth or 1):
+        import signal
+
+        sys.stdout.flush()
+        os.kill(os.getpid(), signal.SIGKILL)

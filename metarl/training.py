@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
 import platform
 import subprocess
 import sys
@@ -34,9 +33,21 @@ import torch
 import yaml
 
 import metarl
-from metarl.config import ConfigError, RunConfig, agent_class, load_config
+from metarl.config import ConfigError, RunConfig, agent_class, load_config, read_yaml
 from metarl.evaluation import AdaptationResult, atomic_write, plot_curves, write_summary
+from metarl.runfolder import (
+    check_writable,
+    config_changes,
+    config_record,
+    evals_done,
+    latest_checkpoint,
+    record_eval_done,
+    run_lock,
+    save_checkpoint,
+    warn,
+)
 from metarl.sampling import make_sampler
+from metarl.system import fault_point
 from metarl.tasks import TaskError
 
 
@@ -88,31 +99,45 @@ def _meta(sampler: Any = None) -> dict[str, Any]:
     }
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def load_run_config(run_dir: Path) -> RunConfig:
     path = run_dir / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"{run_dir}: not a run folder (no config.yaml)")
-    data = yaml.safe_load(path.read_text())
+    data = read_yaml(path, "run config")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: damaged run config (expected a mapping, got {type(data).__name__})")
     data.pop("meta", None)
-    return load_config(None, data=data)
+    try:
+        return load_config(None, data=data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
 
 
-def load_checkpoint(run_dir: Path, agent: Any) -> dict[str, Any]:
-    path = run_dir / "checkpoints" / "latest.pt"
-    if not path.is_file():
-        raise ConfigError(f"{run_dir}: no checkpoint at {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+def load_checkpoint(run_dir: Path, agent: Any, config: RunConfig | None = None,
+                    move_damaged: bool = False) -> dict[str, Any]:
+    """Load the run's newest usable checkpoint into ``agent`` (falling back to ``previous.pt``, with a
+    warning, when ``latest.pt`` is damaged); with ``config``, refuse a config.yaml edited since it was
+    written. ConfigError in one line naming the file otherwise."""
+    folder = run_dir / "checkpoints"
+    state = latest_checkpoint(folder, move_damaged=move_damaged)
+    if state is None:
+        raise ConfigError(f"{run_dir}: no checkpoint at {folder / 'latest.pt'}")
+    _check_config_unchanged(run_dir, state, config)
     try:
         agent.load_state_dict(state["agent"])
-    except (RuntimeError, KeyError) as exc:
-        raise ConfigError(f"{path}: checkpoint does not match the run's config: {exc}") from exc
+    except (RuntimeError, KeyError, ValueError, TypeError) as exc:
+        raise ConfigError(f"{folder}: checkpoint does not match the run's config: {exc}") from exc
     return state
+
+
+def _check_config_unchanged(run_dir: Path, state: dict[str, Any], config: RunConfig | None) -> None:
+    if config is None or "config" not in state:
+        return
+    changes = config_changes(state["config"], config.to_dict())
+    if changes:
+        raise ConfigError(f"{run_dir / 'config.yaml'} was edited after the checkpoint at iteration "
+                          f"{state['iteration']} was written ({'; '.join(changes[:3])}); restore it, or start "
+                          "a new run with the new settings")
 
 
 class _Logger:
@@ -144,19 +169,38 @@ class _Logger:
         self.writer.close()
 
 
-def _truncate_jsonl(path: Path, iteration: int) -> None:
-    """Keep the lines of iterations up to the checkpoint; drop later ones and a line cut by a kill."""
+def _truncate_jsonl(path: Path, iteration: int) -> dict[str, Any] | None:
+    """Keep the lines of iterations up to the checkpoint's; drop later ones (the work a resume redoes).
+    A damaged line (cut by a kill, garbled) is dropped with a warning naming it, the original file kept
+    beside as ``metrics.jsonl.damaged``; missing or repeated iterations are reported. Returns the row of
+    ``iteration`` (None if absent)."""
     if not path.is_file():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
+        return None
+    lines = path.read_bytes().decode("utf-8", errors="replace").splitlines()
+    keep, rows, damaged = [], [], []
+    for number, line in enumerate(lines, 1):
         try:
             row = json.loads(line)
-        except json.JSONDecodeError:
+            if not isinstance(row, dict) or not isinstance(row.get("iteration"), int):
+                raise ValueError("no integer 'iteration'")
+        except ValueError as exc:
+            damaged.append(number)
+            warn(f"{path} line {number} is damaged ({str(exc)[:60]}); dropped")
             continue
-        if row.get("iteration", iteration + 1) <= iteration:
+        if row["iteration"] <= iteration:
             keep.append(line)
-    atomic_write(path, "".join(line + "\n" for line in keep))
+            rows.append(row)
+    seen = [r["iteration"] for r in rows]
+    if seen != list(range(1, iteration + 1)):
+        missing = sorted(set(range(1, iteration + 1)) - set(seen))
+        repeated = sorted({i for i in seen if seen.count(i) > 1})
+        warn(f"{path} does not hold exactly one line per iteration up to the checkpoint's {iteration} "
+             f"(missing: {missing[:10] or 'none'}, repeated: {repeated[:10] or 'none'})")
+    if damaged:
+        atomic_write(path.with_name(path.name + ".damaged"), "".join(line + "\n" for line in lines))
+    if len(keep) != len(lines):
+        atomic_write(path, "".join(line + "\n" for line in keep))
+    return next((r for r in reversed(rows) if r["iteration"] == iteration), None)
 
 
 def _fmt_time(seconds: float) -> str:
@@ -184,6 +228,7 @@ def evaluate_run(agent: Any, config: RunConfig, run_dir: Path, split: str, tasks
     family = agent.sampler.family
     held_out = eval_tasks(family, config.seed, split, tasks)
     result: AdaptationResult = agent.evaluate_adaptation(held_out, steps, episodes, seed=_eval_seed(config))
+    fault_point("eval")
     title = f"{config.agent_name} on {family.family}"
     summary = write_summary(result, run_dir / "eval" / split, title=title, extra={
         "split": split, "agent": config.agent_name, "family": family.family, "iteration": agent.iteration,
@@ -225,57 +270,145 @@ def write_run_config(run_dir: Path, config: RunConfig, meta: dict[str, Any]) -> 
     atomic_write(run_dir / "config.yaml", yaml.safe_dump({**config.to_dict(), "meta": meta}, sort_keys=False))
 
 
+def _eval_due(config: RunConfig, iteration: int) -> bool:
+    """Whether the training schedule evaluates after ``iteration`` (mid-run every ``eval.every``, and at
+    the end)."""
+    if iteration < 1:
+        return False
+    return iteration == config.iterations or bool(config.eval.every and iteration % config.eval.every == 0)
+
+
+def _legacy_eval_done(run_dir: Path, config: RunConfig, iteration: int) -> bool:
+    """For a run folder without ``checkpoints/evals.json``: its summary files are complete and of ``iteration``."""
+    out = run_dir / "eval" / config.eval.split
+    try:
+        summary = json.loads((out / "summary.json").read_text())
+    except (OSError, ValueError):
+        return False
+    files = ("summary.csv", "per_task.csv", "adaptation_curve.png")
+    return summary.get("iteration") == iteration and all((out / f).is_file() for f in files)
+
+
 def train(config: RunConfig, run_dir: Path | None = None, resume: bool = False, verbose: bool = True) -> Path:
-    """Meta-train as ``config`` says; returns the run folder. With ``resume``, continue ``run_dir``."""
-    sampler, agent = build_agent(config)
+    """Meta-train as ``config`` says; returns the run folder. With ``resume``, continue ``run_dir``: from its
+    newest usable checkpoint, or from iteration 0 in place if it was killed before its first one. Only one
+    process at a time trains or evaluates in a run folder (`metarl.runfolder.run_lock`)."""
+    sampler, agent = build_agent(config)  # validates the env, sampler and agent before anything is written
+    try:
+        eval_tasks(sampler.family, config.seed, config.eval.split, config.eval.tasks)  # refused before training
+        if not resume:
+            stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+            run_dir = run_dir or Path(config.run_root) / config.experiment / f"{stamp}-{config.seed}"
+            _check_new_run_folder(run_dir)
+        elif not (run_dir / "config.yaml").is_file():
+            raise ConfigError(f"{run_dir}: not a run folder (no config.yaml)")
+        with run_lock(run_dir):
+            if not resume:
+                _check_new_run_folder(run_dir)  # again, now that no other process can start one there
+            return _train_locked(config, run_dir, resume, verbose, sampler, agent)
+    finally:
+        sampler.close()
+
+
+def _check_new_run_folder(run_dir: Path) -> None:
+    """A new run starts in a missing or empty folder (a lock file and an empty checkpoints/ left by a run
+    killed at once count as empty)."""
+    if not run_dir.exists():
+        return
+    if not run_dir.is_dir():
+        raise ConfigError(f"run folder {run_dir} is a file")
+    leftovers = [p.name for p in run_dir.iterdir() if p.name != ".lock"
+                 and not (p.name == "checkpoints" and p.is_dir() and not any(p.iterdir()))]
+    if leftovers:
+        raise ConfigError(f"run folder {run_dir} already exists and is not empty (use --resume to continue it)")
+
+
+def _train_locked(config: RunConfig, run_dir: Path, resume: bool, verbose: bool, sampler: Any, agent: Any) -> Path:
+    ckpt_dir = run_dir / "checkpoints"
+    check_writable(run_dir, ckpt_dir, run_dir / "eval", run_dir / "eval" / config.eval.split)
     logger: _Logger | None = None
     try:
+        done: list[int] = []
+        redo_eval = False
         if resume:
-            assert run_dir is not None
-            state = load_checkpoint(run_dir, agent)
-            start = int(state["iteration"])
-            stored = yaml.safe_load((run_dir / "config.yaml").read_text())
+            state = latest_checkpoint(ckpt_dir, move_damaged=True)
+            if state is not None:
+                _check_config_unchanged(run_dir, state, config)
+                try:
+                    agent.load_state_dict(state["agent"])
+                except (RuntimeError, KeyError, ValueError, TypeError) as exc:
+                    raise ConfigError(f"{ckpt_dir}: checkpoint does not match the run's config: {exc}") from exc
+                start = int(state["iteration"])
+            else:  # killed before its first checkpoint: start again in place, unless checkpoints were removed
+                start = 0
+                rows = [line for line in (run_dir / "metrics.jsonl").read_text(errors="replace").splitlines()
+                        if line.strip()] if (run_dir / "metrics.jsonl").is_file() else []
+                if len(rows) >= config.checkpoint_every:
+                    raise ConfigError(f"{run_dir}: no checkpoint, yet metrics.jsonl records {len(rows)} iterations "
+                                      "(the checkpoints were removed?); refusing to restart it in place")
+            if config.iterations < start:
+                raise ConfigError(f"iterations: the checkpoint of {run_dir} is at iteration {start}; "
+                                  f"iterations={config.iterations} would shrink the run below it")
+            recorded = evals_done(run_dir)
+            if recorded is None:  # a run folder from before the record: trust complete summaries of this iteration
+                recorded = [start] if _legacy_eval_done(run_dir, config, start) else []
+            done = [k for k in recorded if k <= start]
+            redo_eval = _eval_due(config, start) and start not in done
+            if start == config.iterations and not redo_eval:
+                if verbose:
+                    print(f"{run_dir} is finished (iteration {start} of {config.iterations}, evaluated); nothing to do")
+                return run_dir
+            stored = read_yaml(run_dir / "config.yaml", "run config") or {}
             if stored.get("iterations") != config.iterations:  # resumed with iterations=N: keep the folder true
                 meta = dict(stored.get("meta") or {})
                 meta.setdefault("changes", []).append(
                     {"at_iteration": start, "iterations": [stored.get("iterations"), config.iterations],
                      "command": " ".join(sys.argv)})
                 write_run_config(run_dir, config, meta)
-            _truncate_jsonl(run_dir / "metrics.jsonl", start)
-            logger = _Logger(run_dir, purge_step=agent.env_steps + 1)
+            row = _truncate_jsonl(run_dir / "metrics.jsonl", start)
+            # Events after the checkpoint are dropped (purge_step); when the evaluation at the checkpoint's
+            # iteration is redone, its partial points too, and the iteration's own scalars are logged again.
+            logger = _Logger(run_dir, purge_step=agent.env_steps + (0 if (redo_eval or not start) else 1))
+            if start == 0:  # all of it purged, the config text included
+                logger.writer.add_text("config", "```\n" + yaml.safe_dump(config.to_dict(), sort_keys=False) + "\n```")
+            elif redo_eval and row is not None:
+                for key, value in row.items():
+                    if "/" in key:
+                        logger.writer.add_scalar(key, value, agent.env_steps)
             if verbose:
-                print(f"resuming {run_dir} at iteration {start} ({agent.env_steps:,} env steps)")
+                print(f"resuming {run_dir} at iteration {start} ({agent.env_steps:,} env steps)"
+                      + (" (redoing the interrupted evaluation)" if redo_eval else ""))
         else:
-            stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-            run_dir = run_dir or Path(config.run_root) / config.experiment / f"{stamp}-{config.seed}"
-            if run_dir.exists() and any(run_dir.iterdir()):
-                raise ConfigError(f"run folder {run_dir} already exists and is not empty (use --resume to continue it)")
-            (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
             write_run_config(run_dir, config, _meta(sampler))
             logger = _Logger(run_dir)
             logger.writer.add_text("config", "```\n" + yaml.safe_dump(config.to_dict(), sort_keys=False) + "\n```")
             start = 0
             if verbose:
                 print(f"run folder: {run_dir} (sampler backend: {sampler.backend})")
+        if redo_eval:
+            _eval_and_report(agent, config, run_dir, logger, verbose, done)
         family = sampler.family
         n_tasks = config.agent.tasks_per_batch
+        record = config_record(config.to_dict())
         t_start = time.perf_counter()
-        it = start
         for it in range(start, config.iterations):
             task_seed = int(np.random.SeedSequence([config.seed, it]).generate_state(1)[0])
             tasks = family.sample_tasks(n_tasks, "train", seed=task_seed)
+            fault_point("iteration")
             metrics = agent.train_step(tasks)
             for key, value in metrics.items():
                 if not np.isfinite(value):
                     raise FloatingPointError(f"iteration {it + 1}: {key} is {value}; stopping (last checkpoint kept)")
             logger.log(metrics, agent.env_steps, it + 1)
+            fault_point("metrics")
             if (it + 1) % config.checkpoint_every == 0 or it + 1 == config.iterations:
                 logger.writer.flush()  # events up to the checkpoint are on disk before it is
-                _atomic_save({"agent": agent.state_dict(), "iteration": it + 1, "env_steps": agent.env_steps},
-                             run_dir / "checkpoints" / "latest.pt")
+                save_checkpoint(ckpt_dir, {"agent": agent.state_dict(), "iteration": it + 1,
+                                           "env_steps": agent.env_steps, "config": record})
             if verbose:
-                done = it + 1 - start
-                per_it = (time.perf_counter() - t_start) / done
+                done_its = it + 1 - start
+                per_it = (time.perf_counter() - t_start) / done_its
                 print(
                     f"[{it + 1}/{config.iterations}] {agent.env_steps / 1e6:.2f}M steps | "
                     f"{metrics.get('time/env_steps_per_s', 0):,.0f} steps/s | "
@@ -284,20 +417,20 @@ def train(config: RunConfig, run_dir: Path | None = None, resume: bool = False, 
                     f"{per_it:.1f}s/it | ETA {_fmt_time(per_it * (config.iterations - it - 1))}",
                     flush=True,
                 )
-            if config.eval.every and (it + 1) % config.eval.every == 0 and it + 1 < config.iterations:
-                _eval_and_report(agent, config, run_dir, logger, verbose)
-        if start < config.iterations or not (run_dir / "eval" / config.eval.split / "summary.json").exists():
-            _eval_and_report(agent, config, run_dir, logger, verbose)
+            if _eval_due(config, it + 1):
+                _eval_and_report(agent, config, run_dir, logger, verbose, done)
         return run_dir
     finally:
         if logger is not None:
             logger.close()
-        sampler.close()
 
 
-def _eval_and_report(agent, config: RunConfig, run_dir: Path, logger: _Logger, verbose: bool) -> None:
+def _eval_and_report(agent, config: RunConfig, run_dir: Path, logger: _Logger, verbose: bool, done: list[int]) -> None:
     e = config.eval
     summary = evaluate_run(agent, config, run_dir, e.split, e.tasks, e.steps, e.episodes, logger)
+    fault_point("eval_logged")
+    done.append(agent.iteration)  # files and TensorBoard points (flushed by log_eval) are all written
+    record_eval_done(run_dir, done)
     if verbose:
         curve = " -> ".join(f"{s['mean_return']:.1f}" for s in summary["stages"])
         print(f"  eval ({e.split}, {e.tasks} tasks): return by adaptation stage {curve}", flush=True)

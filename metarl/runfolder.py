@@ -1,0 +1,224 @@
+"""What keeps a run folder trustworthy: verified checkpoints, one writer at a time, and a record of the
+evaluations a run has finished.
+
+* **Checkpoints** (``checkpoints/latest.pt``) are ordinary ``torch.save`` files (``torch.load(...,
+  weights_only=True)`` reads them) holding ``agent``, ``iteration``, ``env_steps``, the run's resolved
+  config (``config``, JSON) and ``sha256``: a digest of everything else in the file, computed over the
+  tensors' bytes and the plain values in order. A load recomputes it, so a bit flip, a truncation or a
+  hand edit is found instead of trained on. Each save first keeps the checkpoint it replaces as
+  ``checkpoints/previous.pt`` (a hard link, then an atomic rename), so a damaged latest checkpoint falls
+  back to the one before it, with a warning.
+* **One writer**: `run_lock` takes an advisory lock (``fcntl.flock``) on ``.lock`` in a folder for as
+  long as a command writes there; a second ``train``/``eval``/``bench`` on the same folder stops with one
+  line. The kernel drops the lock when its process dies, so a killed run never blocks its resume.
+* **Evaluations done**: ``checkpoints/evals.json`` lists the iterations whose scheduled held-out
+  evaluation (the config's ``eval``) finished, files and TensorBoard points included; a resume redoes one
+  that a kill interrupted, so ``eval/<split>/`` always belongs to the iteration it names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from metarl.config import ConfigError
+from metarl.evaluation import atomic_write
+from metarl.system import fault_point
+
+LATEST, PREVIOUS = "latest.pt", "previous.pt"
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be trusted (missing, unreadable, or failing its checksum)."""
+
+
+def warn(message: str) -> None:
+    print(f"metarl: warning: {message}", file=sys.stderr, flush=True)
+
+
+# ---- checksums ------------------------------------------------------------------------------------------
+def _digest(obj: Any, h: Any) -> None:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}:".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(obj, dict):
+        h.update(f"D{len(obj)}:".encode())
+        for key, value in obj.items():
+            _digest(key, h)
+            _digest(value, h)
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"{type(obj).__name__[0]}{len(obj)}:".encode())
+        for value in obj:
+            _digest(value, h)
+    else:  # None, bool, int, float (repr round-trips exactly), str, bytes
+        h.update(f"{type(obj).__name__}:{obj!r};".encode())
+
+
+def checksum(payload: dict[str, Any]) -> str:
+    """sha256 over a checkpoint's content except its ``sha256`` entry."""
+    h = hashlib.sha256()
+    _digest({k: v for k, v in payload.items() if k != "sha256"}, h)
+    return h.hexdigest()
+
+
+# ---- checkpoints ----------------------------------------------------------------------------------------
+def save_checkpoint(folder: Path, payload: dict[str, Any]) -> Path:
+    """Write ``payload`` (plus its checksum) as ``folder/latest.pt`` atomically, keeping the checkpoint it
+    replaces as ``previous.pt``. A kill at any moment leaves a complete latest.pt (old or new)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    latest, previous = folder / LATEST, folder / PREVIOUS
+    tmp = folder / f".{LATEST}.tmp"
+    torch.save({**payload, "sha256": checksum(payload)}, tmp)
+    if latest.is_file():
+        keep = folder / f".{PREVIOUS}.tmp"
+        with contextlib.suppress(FileNotFoundError):
+            keep.unlink()
+        try:
+            os.link(latest, keep)
+        except OSError:  # a file system without hard links: a copy does the same job
+            keep.write_bytes(latest.read_bytes())
+        os.replace(keep, previous)
+    fault_point("checkpoint")
+    os.replace(tmp, latest)
+    return latest
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """The verified content of one checkpoint file; CheckpointError (naming the file) if it cannot be used."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: damaged checkpoint (empty file)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # any failure to parse an untrusted file means it is damaged
+        reason = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: damaged checkpoint (cannot be read: {type(exc).__name__}: {reason})") from None
+    if not isinstance(state, dict) or not {"agent", "iteration", "env_steps"} <= set(state):
+        raise CheckpointError(f"{path}: damaged checkpoint (not a metarl checkpoint: missing agent/iteration/env_steps)")
+    if "sha256" not in state:
+        warn(f"{path} has no checksum (written by an older metarl); loaded unverified")
+    elif state["sha256"] != checksum(state):
+        raise CheckpointError(f"{path}: damaged checkpoint (checksum mismatch: its content changed after it was written)")
+    if not isinstance(state["iteration"], int) or state["iteration"] < 0:
+        raise CheckpointError(f"{path}: damaged checkpoint (iteration {state['iteration']!r})")
+    return state
+
+
+def latest_checkpoint(folder: Path, move_damaged: bool = False) -> dict[str, Any] | None:
+    """The newest usable checkpoint in ``folder``: latest.pt, or previous.pt with a warning when latest.pt
+    is damaged or missing; None when neither exists (a run killed before its first checkpoint).
+
+    ``move_damaged`` (training resumes) renames a damaged latest.pt to ``latest.damaged.pt`` so the next
+    save does not keep it as the fallback. CheckpointError if no usable checkpoint is left."""
+    latest, previous = folder / LATEST, folder / PREVIOUS
+    if not latest.exists() and not previous.exists():
+        return None
+    try:
+        return read_checkpoint(latest)
+    except CheckpointError as exc:
+        first = exc
+    if not previous.is_file():
+        raise first
+    try:
+        state = read_checkpoint(previous)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{first}; the fallback {exc}") from None
+    warn(f"{first}; using {previous} (iteration {state['iteration']}) instead")
+    if move_damaged and latest.exists():
+        os.replace(latest, folder / "latest.damaged.pt")
+    return state
+
+
+def config_record(config_dict: dict[str, Any]) -> str:
+    """What a checkpoint stores of its run's config: everything but ``iterations`` (which a resume may
+    extend), as JSON."""
+    return json.dumps({k: v for k, v in config_dict.items() if k != "iterations"}, sort_keys=True)
+
+
+def config_changes(stored: str, config_dict: dict[str, Any]) -> list[str]:
+    """The dotted fields whose value differs between a checkpoint's config record and ``config_dict``."""
+    old, new = json.loads(stored), json.loads(config_record(config_dict))
+    out: list[str] = []
+
+    def walk(a: Any, b: Any, where: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in sorted(set(a) | set(b)):
+                walk(a.get(key), b.get(key), f"{where}.{key}" if where else key)
+        elif a != b:
+            out.append(f"{where} {a!r} -> {b!r}")
+
+    walk(old, new, "")
+    return out
+
+
+# ---- one writer -------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def run_lock(folder: Path, what: str = "run folder") -> Iterator[None]:
+    """Hold an exclusive advisory lock on ``folder/.lock`` (created with the folder if needed).
+    ConfigError in one line if another process holds it or the folder cannot be written."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle = open(folder / ".lock", "a+")  # noqa: SIM115 (held for the whole block)
+    except OSError as exc:
+        raise ConfigError(f"cannot write to {what} {folder}: {exc.strerror or exc}") from None
+    try:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock, as before
+            fcntl = None
+        if fcntl is not None:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+                raise ConfigError(f"{what} {folder} is in use by {holder}; wait for it to finish "
+                                  "(only one metarl command may write to a folder at a time)") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} ({' '.join(sys.argv[:3])[:200]})\n")
+        handle.flush()
+        yield
+    finally:
+        handle.close()  # releases the lock
+
+
+def check_writable(*folders: Path) -> None:
+    """ConfigError if any existing folder of ``folders`` cannot be written (checked before any work)."""
+    for folder in folders:
+        if not folder.exists():
+            continue
+        probe = folder / f".write-test-{os.getpid()}"
+        try:
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise ConfigError(f"cannot write to {folder}: {exc.strerror or exc}") from None
+
+
+# ---- evaluations done -------------------------------------------------------------------------------------
+def evals_done(run_dir: Path) -> list[int] | None:
+    """Iterations whose scheduled evaluation finished (None: the run predates this record)."""
+    path = run_dir / "checkpoints" / "evals.json"
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        return sorted({int(k) for k in data["done"]})
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        warn(f"{path} is damaged; the evaluation at the checkpoint's iteration will be redone")
+        return []
+
+
+def record_eval_done(run_dir: Path, done: list[int]) -> None:
+    atomic_write(run_dir / "checkpoints" / "evals.json", json.dumps({"done": sorted(set(done))}))

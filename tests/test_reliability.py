@@ -1,0 +1,209 @@
+"""Reliability: runs killed at chosen moments resume to the uninterrupted run; damaged or edited run files
+are found and named; one writer per run folder; bad numbers stop at their source; hardened configs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from metarl.cli import main
+
+CONFIG = "experiments/maml_trpo/point_nav_2d.yaml"
+TINY = ["agent.tasks_per_batch=3", "agent.episodes_per_task=3", "agent.hidden=[8]", "sampler.workers=0",
+        "eval.tasks=3", "eval.steps=1", "eval.episodes=2", "eval.every=1", "iterations=2"]
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cli(*args: str, fault: str | None = None, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "METARL_FAULT"}
+    if fault:
+        env["METARL_FAULT"] = fault
+    return subprocess.run([sys.executable, "-m", "metarl.cli", *args], env=env, cwd=cwd, capture_output=True,
+                          text=True, timeout=600)
+
+
+def _scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]
+            if not tag.startswith("time/")}
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
+
+
+def _assert_same_run(a: Path, b: Path) -> None:
+    x = torch.load(a / "checkpoints" / "latest.pt", weights_only=True)
+    y = torch.load(b / "checkpoints" / "latest.pt", weights_only=True)
+    assert x["iteration"] == y["iteration"]
+    for key, value in x["agent"]["policy"].items():
+        assert torch.equal(value, y["agent"]["policy"][key]), key
+    assert _metrics(a) == _metrics(b)
+    sa = json.loads((a / "eval" / "test" / "summary.json").read_text())
+    sb = json.loads((b / "eval" / "test" / "summary.json").read_text())
+    assert sa["iteration"] == sb["iteration"] and sa["stages"] == sb["stages"]
+    for name in ("summary.csv", "per_task.csv"):
+        assert (a / "eval" / "test" / name).read_text() == (b / "eval" / "test" / name).read_text(), name
+    assert (b / "eval" / "test" / "adaptation_curve.png").stat().st_size > 0
+    assert _scalars(a) == _scalars(b)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight") / "run"
+    assert main(["train", CONFIG, *TINY, "--run-dir", str(out), "--quiet"]) == 0
+    return out
+
+
+# ---- resume always right --------------------------------------------------------------------------------
+@pytest.mark.parametrize("fault", [
+    "eval_files:2",   # final evaluation killed between summary.json and summary.csv
+    "eval:1",         # mid-run evaluation killed after computing, before writing
+    "iteration:1",    # killed before the first checkpoint
+    "checkpoint:2",   # killed while the second checkpoint is being put in place
+])
+def test_a_killed_run_resumes_to_the_uninterrupted_run(straight, tmp_path, fault):
+    run = tmp_path / "run"
+    killed = _cli("train", CONFIG, *TINY, "--run-dir", str(run), "--quiet", fault=fault)
+    assert killed.returncode == -9, killed.stderr
+    assert main(["train", "--resume", str(run), "--quiet"]) == 0
+    _assert_same_run(straight, run)
+    assert json.loads((run / "checkpoints" / "evals.json").read_text())["done"] == [1, 2]
+
+
+def test_resuming_a_finished_run_does_nothing(straight, capsys):
+    before = sorted(p.name for p in straight.iterdir())
+    mtimes = {p: p.stat().st_mtime_ns for p in straight.rglob("*") if p.is_file() and p.name != ".lock"}
+    assert main(["train", "--resume", str(straight)]) == 0
+    assert "finished" in capsys.readouterr().out
+    assert sorted(p.name for p in straight.iterdir()) == before  # no new events file
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["iterations=+4"], "not an increment"),
+    (["iterations=1"], "shrink"),
+    ([CONFIG], "its own config.yaml"),
+    (["agent.inner_lr=0.5"], "only iterations=N"),
+])
+def test_misread_resume_arguments_are_refused(straight, capsys, args, message):
+    config = (straight / "config.yaml").read_bytes()
+    assert main(["train", "--resume", str(straight), *args, "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert (straight / "config.yaml").read_bytes() == config
+
+
+# ---- integrity ---------------------------------------------------------------------------------------------
+def _copy(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".lock"))
+    return dst
+
+
+def _flip(path: Path) -> None:
+    """Flip one exponent bit of a stored policy weight (as a failing disk or a bad copy might)."""
+    state = torch.load(path, weights_only=True)
+    weights = next(v for k, v in state["agent"]["policy"].items() if v.numel() >= 8)
+    data = bytearray(path.read_bytes())
+    at = bytes(data).index(weights.numpy().tobytes())
+    data[at + 3] ^= 0x20
+    path.write_bytes(bytes(data))
+
+
+def test_checkpoints_are_kept_two_deep_and_carry_a_checksum(straight):
+    from metarl.runfolder import checksum
+
+    latest = torch.load(straight / "checkpoints" / "latest.pt", weights_only=True)
+    previous = torch.load(straight / "checkpoints" / "previous.pt", weights_only=True)
+    assert (latest["iteration"], previous["iteration"]) == (2, 1)
+    assert latest["sha256"] == checksum(latest)
+    latest["agent"]["policy"]["log_std"] = latest["agent"]["policy"]["log_std"] + 1e-6
+    assert latest["sha256"] != checksum(latest)
+
+
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(straight, tmp_path, capsys):
+    run = _copy(straight, tmp_path / "run")
+    _flip(run / "checkpoints" / "latest.pt")
+    assert main(["eval", str(run)]) == 0  # reads only: warns and evaluates the previous checkpoint
+    err = capsys.readouterr().err
+    assert "latest.pt: damaged checkpoint" in err and "previous.pt (iteration 1)" in err
+    assert json.loads((run / "eval" / "test" / "summary.json").read_text())["iteration"] == 1
+    # a resume moves the damaged file aside and trains iteration 2 again: the same run as before
+    assert main(["train", "--resume", str(run), "--quiet"]) == 0
+    assert "damaged checkpoint" in capsys.readouterr().err
+    assert (run / "checkpoints" / "latest.damaged.pt").is_file()
+    _assert_same_run(straight, run)
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "random", "bitflip", "iteration"])
+def test_a_damaged_checkpoint_without_fallback_is_one_line_exit_2(straight, tmp_path, capsys, damage):
+    run = _copy(straight, tmp_path / "run")
+    (run / "checkpoints" / "previous.pt").unlink()
+    path = run / "checkpoints" / "latest.pt"
+    data = path.read_bytes()
+    if damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif damage == "random":
+        path.write_bytes(os.urandom(len(data)))
+    elif damage == "bitflip":
+        _flip(path)
+    else:  # a hand edit that makes the run look finished at another iteration
+        state = torch.load(path, weights_only=True)
+        torch.save({**state, "iteration": 7}, path)
+    for argv in (["eval", str(run)], ["train", "--resume", str(run), "--quiet"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and str(path) in err and "damaged checkpoint" in err, err
+    assert path.is_file()  # kept for inspection
+
+
+def test_damaged_metrics_lines_are_reported(straight, tmp_path, capsys):
+    run = _copy(straight, tmp_path / "run")
+    path = run / "metrics.jsonl"
+    lines = path.read_text().splitlines()
+    path.write_text(lines[0][:-7] + "\n" + lines[1] + "\n")  # iteration 1's line garbled
+    assert main(["train", "--resume", str(run), "iterations=3", "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert f"{path} line 1 is damaged" in err and "missing: [1]" in err
+    assert [r["iteration"] for r in _metrics(run)] == [2, 3]
+    assert (run / "metrics.jsonl.damaged").read_text().startswith(lines[0][:-7])
+
+
+def test_an_edited_config_is_refused(straight, tmp_path, capsys):
+    run = _copy(straight, tmp_path / "run")
+    data = yaml.safe_load((run / "config.yaml").read_text())
+    data["agent"]["inner_lr"] = 0.5
+    (run / "config.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    for argv in (["eval", str(run)], ["train", "--resume", str(run), "--quiet"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "config.yaml was edited" in err and "agent.inner_lr 0.1 -> 0.5" in err
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (b"", "expected a mapping"),
+    (b"experiment: [x\n", "not valid YAML"),
+    (b"experiment: \xff\xfe x\n", "not UTF-8"),
+])
+def test_a_broken_run_config_is_one_line(straight, tmp_path, capsys, content, message):
+    run = _copy(straight, tmp_path / "run")
+    (run / "config.yaml").write_bytes(content)
+    for argv in (["eval", str(run)], ["train", "--resume", str(run), "--quiet"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err and "config.yaml" in err, err
