@@ -317,12 +317,17 @@ def run_cell(suite: Suite, cell: Cell, log: Callable[[str], None] = print, verbo
         config = meta_config(cell.family, cell.method, cell.options, cell.env_kwargs, cell.eval, cell.seed)
         run_dir = folder / "run"
         check_partial(suite, cell)
-        resume = (run_dir / "checkpoints" / "latest.pt").is_file() and (folder / "spec.json").is_file()
+        # a run started with the cell's settings (spec.json) resumes, even one killed before its first checkpoint
+        resume = (run_dir / "config.yaml").is_file() and (folder / "spec.json").is_file()
         if run_dir.exists() and not resume:
-            shutil.rmtree(run_dir)  # never checkpointed, or of unknown settings: nothing to resume
+            shutil.rmtree(run_dir)  # of unknown settings: nothing to resume
         atomic_write(folder / "spec.json", json.dumps(cell.spec(), indent=2))
         train(config, run_dir=run_dir, resume=resume, verbose=verbose)
         summary = json.loads((run_dir / "eval" / cell.eval.split / "summary.json").read_text())
+        if summary.get("iteration") != config.iterations:  # never report an earlier evaluation as the cell's
+            raise ConfigError(f"{cell.key}: {run_dir / 'eval' / cell.eval.split / 'summary.json'} is of iteration "
+                              f"{summary.get('iteration')}, not the run's last ({config.iterations}); rerun the suite "
+                              "to redo the evaluation")
         cost = {"pretrain_env_steps": int(summary["env_steps"]),
                 "adapt_env_steps_per_task": float(summary["stages"][-1]["adapt_env_steps"])}
     else:

@@ -239,13 +239,15 @@ def _cmd_speed(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from metarl.bench import load_suite, run_suite, write_report
     from metarl.config import ConfigError
+    from metarl.runfolder import run_lock
 
     try:
         suite = load_suite(args.suite, out=args.out)
-        if args.report_only:
-            print(f"report: {write_report(suite)}")
-            return 0
-        run_suite(suite, verbose=not args.quiet)
+        with run_lock(suite.out, "bench folder"):
+            if args.report_only:
+                print(f"report: {write_report(suite)}")
+                return 0
+            run_suite(suite, verbose=not args.quiet)
     except (ConfigError, TaskError) as exc:
         raise UsageError(str(exc)) from exc
     return 0

@@ -207,3 +207,59 @@ def test_a_broken_run_config_is_one_line(straight, tmp_path, capsys, content, me
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and message in err and "config.yaml" in err, err
+
+
+# ---- one writer per folder ---------------------------------------------------------------------------------
+def _hold_lock(folder: Path) -> subprocess.Popen:
+    """Another process that holds the folder's lock until it is killed."""
+    code = ("import sys, time; from pathlib import Path; from metarl.runfolder import run_lock\n"
+            "with run_lock(Path(sys.argv[1])):\n    print('locked', flush=True); time.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_one_writer_per_run_folder_and_a_dead_holder_releases_it(straight, tmp_path, capsys):
+    run = _copy(straight, tmp_path / "run")
+    metrics = (run / "metrics.jsonl").read_bytes()
+    holder = _hold_lock(run)
+    try:
+        for argv in (["train", "--resume", str(run), "iterations=3", "--quiet"], ["eval", str(run)]):
+            assert main(argv) == 2
+            err = capsys.readouterr().err.strip()
+            assert len(err.splitlines()) == 1 and "is in use by pid" in err, err
+        assert (run / "metrics.jsonl").read_bytes() == metrics
+        assert yaml.safe_load((run / "config.yaml").read_text())["iterations"] == 2
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(["train", "--resume", str(run), "iterations=3", "--quiet"]) == 0  # the kernel dropped the lock
+    assert [r["iteration"] for r in _metrics(run)] == [1, 2, 3]
+
+
+def _tiny_suite(tmp_path: Path) -> Path:
+    data = {"name": "tiny", "out": str(tmp_path / "bench"), "eval": {"tasks": 2, "steps": 1, "episodes": 2},
+            "families": {"PointNav2D": {}},
+            "methods": {"maml_trpo": {"overrides": ["iterations=2", "agent.tasks_per_batch=2",
+                                                    "agent.episodes_per_task=2", "agent.hidden=[8]",
+                                                    "sampler.workers=0"]}}}
+    path = tmp_path / "suite.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_a_bench_killed_in_its_final_evaluation_reports_the_final_iteration(tmp_path, capsys):
+    suite = _tiny_suite(tmp_path)
+    killed = _cli("bench", str(suite), "--quiet", fault="eval_files:1")
+    assert killed.returncode == -9, killed.stderr
+    holder = _hold_lock(tmp_path / "bench")
+    try:
+        assert main(["bench", str(suite), "--quiet"]) == 2
+        assert "bench folder" in capsys.readouterr().err
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(["bench", str(suite), "--quiet"]) == 0
+    cell = json.loads((tmp_path / "bench" / "cells" / "PointNav2D" / "maml_trpo" / "seed0" / "cell.json").read_text())
+    assert cell["summary"]["iteration"] == 2 and cell["resumed"]
+    assert cell["pretrain_env_steps"] == 2 * 2 * 2 * 2 * 100
