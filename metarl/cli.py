@@ -82,6 +82,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
     from metarl.checks import FamilyCheckError, check_family
 
     gid = metarl.env_id(args.family) if args.family in metarl.FAMILIES else args.family
+    allow_user_module(gid)
     try:
         passed = check_family(gid)
     except TaskError as exc:
@@ -120,11 +121,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
             config = load_run_config(run_dir)
             if overrides:
                 config = load_config(None, overrides, data=config.to_dict())
+            allow_user_module(config.env)
             train(config, run_dir=run_dir, resume=True, verbose=not args.quiet)
         else:
             if not args.config:
                 raise ConfigError("train: give a CONFIG file (e.g. experiments/maml_trpo/point_nav_2d.yaml) or --resume RUN_DIR")
             config = load_config(args.config, args.overrides)
+            allow_user_module(config.env)
             train(config, run_dir=Path(args.run_dir) if args.run_dir else None, verbose=not args.quiet)
     except (ConfigError, TaskError) as exc:
         raise UsageError(str(exc)) from exc
@@ -148,6 +151,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     try:
         config = load_run_config(run_dir)
+        allow_user_module(config.env)
         for name in ("steps", "episodes", "tasks"):
             value = getattr(args, name)
             if value is not None and value < (0 if name == "steps" else 1):
@@ -338,11 +342,27 @@ def _check_mujoco_gl() -> None:
                          "use egl or osmesa (headless) or glfw (with a display), or unset it")
 
 
+def _drop_cwd_from_path() -> None:
+    """Never import code from the current directory by accident (a run folder someone shared may hold a
+    ``yaml.py``): drop it from ``sys.path`` where Python put it (``''`` for ``-c``, the directory itself
+    for ``python -m``; the ``metarl`` script puts its own bin folder there instead)."""
+    cwd = os.path.realpath(os.getcwd())
+    sys.path[:] = [p for p in sys.path if p != "" and os.path.realpath(p) != cwd]
+
+
+def allow_user_module(ident: str) -> None:
+    """``module:Id-v0`` names a module of the user's: let it (and only such a named module) be found in the
+    current directory, after everything installed, so it cannot shadow a package. Sampler workers inherit
+    the path."""
+    if ":" in ident:
+        cwd = os.getcwd()
+        if cwd not in sys.path:
+            sys.path.append(cwd)
+
+
 def main(argv: list[str] | None = None) -> int:
-    # Like `python -m`, let `module:Id-v0` ids and config entry points import the user's own modules
-    # from the directory the command runs in.
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
+    if argv is None:  # run as the program (the metarl script, python -m metarl.cli), not called from Python
+        _drop_cwd_from_path()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -263,3 +263,23 @@ def test_a_bench_killed_in_its_final_evaluation_reports_the_final_iteration(tmp_
     cell = json.loads((tmp_path / "bench" / "cells" / "PointNav2D" / "maml_trpo" / "seed0" / "cell.json").read_text())
     assert cell["summary"]["iteration"] == 2 and cell["resumed"]
     assert cell["pretrain_env_steps"] == 2 * 2 * 2 * 2 * 100
+
+
+# ---- no code from the current directory ------------------------------------------------------------------
+def test_the_cli_never_imports_code_from_the_current_directory(tmp_path):
+    (tmp_path / "yaml.py").write_text(f"open({str(tmp_path / 'MARKER')!r}, 'w').write('ran')\n")
+    script = Path(sys.executable).parent / "metarl"
+    for argv in ([str(script), "eval", "."], [sys.executable, "-P", "-m", "metarl.cli", "eval", "."]):
+        done = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 2 and "not a run folder" in done.stderr, done.stderr
+        assert not (tmp_path / "MARKER").exists(), argv
+
+
+def test_a_module_the_user_names_still_loads_from_the_current_directory(tmp_path):
+    (tmp_path / "my_family.py").write_text(
+        "import gymnasium\nfrom metarl.envs.point_nav import PointNav2D\n"
+        "gymnasium.register('me/Point-v0', entry_point=PointNav2D, max_episode_steps=100)\n")
+    script = Path(sys.executable).parent / "metarl"
+    done = subprocess.run([str(script), "check", "my_family:me/Point-v0"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0 and "checks passed" in done.stdout, done.stderr
