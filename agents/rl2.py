@@ -85,17 +85,28 @@ class RL2Config:
 
 
 class RunningMeanStd:
-    """Running mean and variance over a stream of batches (parallel Welford/Chan update)."""
+    """Running mean and variance over a stream of batches (parallel Welford/Chan update).
 
-    def __init__(self, shape: tuple[int, ...] = ()):
+    ``limit`` (the observation normaliser's: 1e6) refuses inputs of larger magnitude: one absurd value
+    would blow the variance up for the rest of training (a 1e30 observation: 1e57) and every later input
+    would normalise to about 0. Non-finite inputs are always refused."""
+
+    def __init__(self, shape: tuple[int, ...] = (), limit: float | None = None, name: str = "normaliser"):
         self.mean = np.zeros(shape, np.float64)
         self.var = np.ones(shape, np.float64)
         self.count = 1e-4
+        self.limit, self.name = limit, name
 
     def update(self, x: np.ndarray) -> None:
         x = np.asarray(x, np.float64).reshape(-1, *self.mean.shape)
         if len(x) == 0:
             return
+        biggest = float(np.max(np.abs(x)))  # nan propagates, so one reduction checks both
+        if not np.isfinite(biggest) or (self.limit is not None and biggest > self.limit):
+            raise FloatingPointError(
+                f"RL² {self.name}: refusing an input of magnitude {biggest:.3g}"
+                + (f" (limit {self.limit:.0e}); an env whose values are this large needs rescaling, or "
+                   "agent.normalize_obs: false" if np.isfinite(biggest) else "") + "; stopping before it is used")
         b_mean, b_var, b_count = x.mean(0), x.var(0), len(x)
         delta, total = b_mean - self.mean, self.count + b_count
         self.mean = self.mean + delta * b_count / total
@@ -265,8 +276,8 @@ class RL2:
         torch.manual_seed(seed)
         self.model = RecurrentActorCritic(obs_dim, act_dim, config.hidden_size, config.init_std)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr, eps=1e-5)
-        self.obs_rms = RunningMeanStd((obs_dim,)) if config.normalize_obs else None
-        self.ret_rms = RunningMeanStd(())
+        self.obs_rms = RunningMeanStd((obs_dim,), limit=1e6, name="observation normaliser") if config.normalize_obs else None
+        self.ret_rms = RunningMeanStd((), name="return normaliser")
         self.rng = np.random.default_rng(seed)
         self.env_steps = 0
         self.iteration = 0

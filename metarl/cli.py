@@ -129,7 +129,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             config = load_config(args.config, args.overrides)
             allow_user_module(config.env)
             train(config, run_dir=Path(args.run_dir) if args.run_dir else None, verbose=not args.quiet)
-    except (ConfigError, TaskError) as exc:
+    except (ConfigError, TaskError, FloatingPointError) as exc:
         raise UsageError(str(exc)) from exc
     return 0
 
@@ -166,7 +166,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                 raise ConfigError("--video needs at least one adaptation stage (--steps >= 1) to show before and after")
         with run_lock(run_dir):
             _evaluate(run_dir, config, split, tasks, steps, episodes, video)
-    except (ConfigError, TaskError, VideoError) as exc:
+    except (ConfigError, TaskError, VideoError, FloatingPointError) as exc:
         raise UsageError(str(exc)) from exc
     return 0
 
@@ -252,7 +252,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                 print(f"report: {write_report(suite)}")
                 return 0
             run_suite(suite, verbose=not args.quiet)
-    except (ConfigError, TaskError) as exc:
+    except (ConfigError, TaskError, FloatingPointError) as exc:
         raise UsageError(str(exc)) from exc
     return 0
 

@@ -144,6 +144,8 @@ def rollout(slots: Any, actor: Any, tasks: Sequence[Task], task_indices: Sequenc
         if not np.all(np.isfinite(act)):
             raise FloatingPointError(f"the policy produced non-finite actions at step {t}")
         new_obs, r, term, trunc, step_terms = slots.step(idx, np.clip(act[idx], slots.low, slots.high))
+        if not (np.isfinite(new_obs).all() and np.isfinite(r).all() and all(np.isfinite(v).all() for v in step_terms.values())):
+            _non_finite(slots, tasks, task_indices, idx, episode_row, step_in_episode, E, new_obs, r, step_terms)
         row = episode_row[idx]
         at = row * horizon + step_in_episode[idx]
         flat_obs[at] = obs[idx]
@@ -188,6 +190,31 @@ def rollout(slots: Any, actor: Any, tasks: Sequence[Task], task_indices: Sequenc
     }
 
 
+class NonFiniteError(FloatingPointError):
+    """An env returned a NaN or infinite reward, reward term or observation (the message says where)."""
+
+
+def _non_finite(slots: Any, tasks: Sequence[Task], task_indices: Sequence[int], idx: np.ndarray,
+                episode_row: np.ndarray, step_in_episode: np.ndarray, E: int, obs: np.ndarray, rewards: np.ndarray,
+                terms: dict[str, np.ndarray]) -> None:
+    """Raise NonFiniteError naming the env, task, episode and step of the first non-finite value of a step."""
+    values = [("reward", np.asarray(rewards, np.float64).reshape(len(idx), 1))]
+    values += [(f"{key} term", np.asarray(v, np.float64).reshape(len(idx), 1)) for key, v in terms.items()]
+    values.append(("observation", np.asarray(obs, np.float64).reshape(len(idx), -1)))
+    for what, array in values:
+        rows, cols = np.nonzero(~np.isfinite(array))
+        if len(rows):
+            b, d = int(rows[0]), int(cols[0])
+            s = int(idx[b])
+            j, e = divmod(int(episode_row[s]), E)
+            raise NonFiniteError(
+                f"env {getattr(slots, 'env_id', '?')} returned a non-finite "
+                f"{what + f'[{d}]' if what == 'observation' else what} ({array[b, d]}) on task {task_indices[j]} "
+                f"({tasks[j]}), episode {e}, step {int(step_in_episode[s])}; stopped before it reached any "
+                "statistics or update")
+    raise NonFiniteError(f"env {getattr(slots, 'env_id', '?')} returned a non-finite value")
+
+
 def _worker(conn: Any, backend: str, env_id: str, env_kwargs: dict[str, Any], sys_path: list[str]) -> None:
     import sys
 
@@ -216,6 +243,8 @@ def _worker(conn: Any, backend: str, env_id: str, env_kwargs: dict[str, Any], sy
                 continue
             try:
                 conn.send(("ok", rollout(slots, *payload)))
+            except NonFiniteError as exc:  # one line, raised again as itself in the main process
+                conn.send(("non_finite", str(exc)))
             except Exception:  # sent to the main process, which raises it there
                 conn.send(("error", traceback.format_exc()))
     except (EOFError, KeyboardInterrupt):
@@ -321,13 +350,18 @@ class Sampler:
                                           episodes_per_trial)))
                 for conn in self._conns[: len(chunks)]:
                     status, result = conn.recv()
-                    (parts if status == "ok" else errors).append(result)
+                    if status == "ok":
+                        parts.append(result)
+                    else:
+                        errors.append((status, result))
             except (EOFError, OSError) as exc:  # a worker died (killed, out of memory, crashed)
                 codes = [p.exitcode for p in self._procs]
                 self.close()  # no stale replies can be read by a later call
                 raise WorkerError(f"a sampler worker died (exit codes {codes}): {exc!r}") from exc
             if errors:
-                raise WorkerError("a sampler worker failed:\n" + errors[0])
+                if errors[0][0] == "non_finite":
+                    raise NonFiniteError(errors[0][1])
+                raise WorkerError("a sampler worker failed:\n" + errors[0][1])
         return EpisodeBatch.from_numpy(tasks, _concat(parts))
 
     def close(self) -> None:

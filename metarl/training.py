@@ -203,6 +203,20 @@ def _truncate_jsonl(path: Path, iteration: int) -> dict[str, Any] | None:
     return next((r for r in reversed(rows) if r["iteration"] == iteration), None)
 
 
+def check_finite_state(state: Any, what: str, where: str = "") -> None:
+    """FloatingPointError naming the first non-finite floating-point tensor of a (nested) state dict."""
+    if isinstance(state, torch.Tensor):
+        if state.is_floating_point() and not bool(torch.isfinite(state).all()):
+            raise FloatingPointError(f"{what} {where or 'tensor'} non-finite; stopping before anything of it is "
+                                     "written (last checkpoint kept)")
+    elif isinstance(state, dict):
+        for key, value in state.items():
+            check_finite_state(value, what, f"{where}.{key}" if where else str(key))
+    elif isinstance(state, (list, tuple)):
+        for i, value in enumerate(state):
+            check_finite_state(value, what, f"{where}[{i}]")
+
+
 def _fmt_time(seconds: float) -> str:
     seconds = int(max(0, seconds))
     h, rem = divmod(seconds, 3600)
@@ -400,6 +414,7 @@ def _train_locked(config: RunConfig, run_dir: Path, resume: bool, verbose: bool,
             for key, value in metrics.items():
                 if not np.isfinite(value):
                     raise FloatingPointError(f"iteration {it + 1}: {key} is {value}; stopping (last checkpoint kept)")
+            check_finite_state(agent.state_dict(), f"iteration {it + 1}: the update made agent state")
             logger.log(metrics, agent.env_steps, it + 1)
             fault_point("metrics")
             if (it + 1) % config.checkpoint_every == 0 or it + 1 == config.iterations:

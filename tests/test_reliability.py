@@ -283,3 +283,99 @@ def test_a_module_the_user_names_still_loads_from_the_current_directory(tmp_path
     done = subprocess.run([str(script), "check", "my_family:me/Point-v0"], cwd=tmp_path, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0 and "checks passed" in done.stdout, done.stderr
+
+
+# ---- non-finite numbers stop at their source -----------------------------------------------------------------
+FAULTY = '''
+import gymnasium, numpy as np
+from metarl.envs.point_nav import PointNav2D
+
+class FaultyPoint(PointNav2D):
+    """PointNav2D whose step `at` (0-based, every episode) returns a bad value in `what`."""
+    def __init__(self, what="reward", at=5, **kwargs):
+        super().__init__(**kwargs)
+        self.what, self.at, self.t = what, at, 0
+    def reset(self, **kwargs):
+        self.t = 0
+        return super().reset(**kwargs)
+    def step(self, action):
+        obs, reward, terminated, truncated, info = super().step(action)
+        if self.t == self.at:
+            if self.what == "reward":
+                reward = float("nan")
+            elif self.what == "term":
+                info = {**info, "reward_goal": float("inf")}
+            elif self.what == "obs":
+                obs = np.array([obs[0], np.nan], np.float32)
+            elif self.what == "huge_obs":
+                obs = np.array([1e30, obs[1]], np.float32)
+        self.t += 1
+        return obs, reward, terminated, truncated, info
+
+gymnasium.register("test/FaultyPoint-v0", entry_point=FaultyPoint, max_episode_steps=100)
+'''
+
+
+@pytest.fixture
+def faulty(tmp_path, monkeypatch):
+    """A module ``faulty_point`` registering test/FaultyPoint-v0, importable here and in sampler workers."""
+    (tmp_path / "faulty_point.py").write_text(FAULTY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import faulty_point  # noqa: F401
+
+    return "test/FaultyPoint-v0"
+
+
+@pytest.mark.parametrize(("what", "at", "named"), [
+    ("reward", 5, "non-finite reward (nan)"),
+    ("term", 5, "non-finite reward_goal term (inf)"),
+    ("obs", 99, "non-finite observation[1] (nan)"),   # the final observation of an episode
+])
+def test_a_non_finite_env_value_stops_training_naming_where(faulty, tmp_path, capsys, what, at, named):
+    run = tmp_path / "run"
+    argv = ["train", CONFIG, *TINY, f"env={faulty}", f"env_kwargs={{what: {what}, at: {at}}}", "--run-dir", str(run),
+            "--quiet"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and named in err, err
+    assert f"env {faulty}" in err and "on task 0 (" in err and f"episode 0, step {at};" in err, err
+    assert not (run / "checkpoints" / "latest.pt").exists() and not (run / "metrics.jsonl").exists()
+
+
+def test_a_sampler_worker_reports_a_non_finite_value_as_such(faulty):
+    from metarl.sampling import NonFiniteError, make_sampler
+
+    with make_sampler(f"faulty_point:{faulty}", {"what": "reward", "at": 3}, backend="gymnasium", workers=1) as sampler:
+        tasks = sampler.family.sample_tasks(2, "train", seed=0)
+        with pytest.raises(NonFiniteError, match=r"on task 0 .*episode 0, step 3;"):
+            sampler.sample(_RandomActor(sampler.action_space.shape[0]), tasks, 2, seed=0)
+
+
+class _RandomActor:
+    def __init__(self, act_dim: int):
+        self.act_dim = act_dim
+
+    def start(self, task_indices, slots_per_task):
+        self.rng = __import__("numpy").random.default_rng(0)
+
+    def act(self, obs):
+        return self.rng.uniform(-0.1, 0.1, size=(*obs.shape[:2], self.act_dim))
+
+
+def test_rl2_refuses_an_absurd_observation_before_its_normaliser_uses_it(faulty, tmp_path, capsys):
+    run = tmp_path / "run"
+    argv = ["train", "experiments/rl2/point_nav_2d.yaml", "quick=true", "agent.hidden_size=8", "sampler.workers=0",
+            f"env={faulty}", "env_kwargs={what: huge_obs, at: 7}", "--run-dir", str(run), "--quiet"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "observation normaliser" in err and "1e+30" in err, err
+    assert not (run / "checkpoints" / "latest.pt").exists()
+
+
+def test_non_finite_agent_state_is_named():
+    from metarl.training import check_finite_state
+
+    state = {"policy": {"w": torch.ones(3), "b": torch.tensor([0.0, float("nan")])}, "steps": torch.tensor([1, 2])}
+    with pytest.raises(FloatingPointError, match=r"policy\.b non-finite"):
+        check_finite_state(state, "iteration 3: the update made agent state")
+    check_finite_state({"policy": {"w": torch.ones(3)}}, "fine")
