@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -185,12 +186,54 @@ def build(cls: Any, data: dict[str, Any], where: str = "") -> Any:
         raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {message}") from exc
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, plus: ``1e-3`` is a float (YAML 1.1 wants ``1.0e-3``; users mean the number)
+    and a mapping that repeats a key is an error (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                repeated = key in seen
+            except TypeError:  # an unhashable key: PyYAML's own error follows
+                break
+            if repeated:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first at line {seen[key].start_mark.line + 1})",
+                    key_node.start_mark)
+            seen[key] = key_node
+        return super().construct_mapping(node, deep=deep)
+
+
+_Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                              list("-+0123456789"))
+
+
+class _Dumper(yaml.SafeDumper):
+    """Quotes the strings `_Loader` would read back as floats (``'1e5'``)."""
+
+
+_Dumper.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeDumper.yaml_implicit_resolvers.items()}
+_Dumper.add_implicit_resolver("tag:yaml.org,2002:float", _Loader.yaml_implicit_resolvers["1"][-1][1], list("-+0123456789"))
+
+
+def yaml_dump(data: Any) -> str:
+    return yaml.dump(data, Dumper=_Dumper, sort_keys=False)
+
+
+def yaml_load(text: str) -> Any:
+    """Parse YAML text with metarl's loader (see `_Loader`)."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def parse_value(text: str) -> Any:
-    """Parse an override's value as YAML (``3`` -> int, ``0.1`` -> float, ``[64, 64]`` -> list, ...)."""
+    """Parse an override's value as YAML (``3`` -> int, ``0.1`` or ``1e-3`` -> float, ``[64, 64]`` -> list, ...)."""
     try:
-        return yaml.safe_load(text)
+        return yaml_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"cannot parse override value {text!r}: {exc}") from exc
+        raise ConfigError(f"cannot parse override value {text!r}: {' '.join(str(exc).split())}") from exc
 
 
 def apply_override(data: dict[str, Any], key: str, value: Any) -> None:
@@ -210,7 +253,7 @@ def read_yaml(path: str | Path, what: str) -> Any:
     if not path.is_file():
         raise ConfigError(f"{what} {str(path)!r} does not exist")
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml_load(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except yaml.YAMLError as exc:
@@ -267,4 +310,14 @@ def load_config(path: str | Path | None, overrides: list[str] = (), data: dict[s
         raise ConfigError(f"iterations: expected a positive integer, got {config.iterations}")
     if config.checkpoint_every < 1:
         raise ConfigError(f"checkpoint_every: expected a positive integer, got {config.checkpoint_every}")
+    experiment = Path(config.experiment)
+    if not config.experiment.strip() or experiment.is_absolute() or ".." in experiment.parts:
+        raise ConfigError(f"experiment: expected a relative name inside run_root (e.g. maml_trpo/point_nav_2d), "
+                          f"got {config.experiment!r}")
+    activation = getattr(agent_config, "activation", None)
+    if activation is not None:
+        from metarl.agents.policies import ACTIVATIONS
+
+        if activation not in ACTIVATIONS:
+            raise ConfigError(f"agent.activation: expected one of {', '.join(sorted(ACTIVATIONS))}, got {activation!r}")
     return config

@@ -33,7 +33,7 @@ import torch
 import yaml
 
 import metarl
-from metarl.config import ConfigError, RunConfig, agent_class, load_config, read_yaml
+from metarl.config import ConfigError, RunConfig, agent_class, load_config, read_yaml, yaml_dump
 from metarl.evaluation import AdaptationResult, atomic_write, plot_curves, write_summary
 from metarl.runfolder import (
     check_writable,
@@ -71,6 +71,11 @@ def build_agent(config: RunConfig):
     except TaskError as exc:  # e.g. backend native on an env it does not run
         raise ConfigError(f"sampler: {exc}") from exc
     try:
+        check_budget(config, sampler.horizon)
+    except ConfigError:
+        sampler.close()
+        raise
+    try:
         agent = agent_class(config.agent_name)(config.agent, sampler, seed=config.seed)
     except TaskError as exc:  # e.g. an agent that cannot run on this env's spaces
         sampler.close()
@@ -78,6 +83,34 @@ def build_agent(config: RunConfig):
     if hasattr(agent, "set_total_iterations"):
         agent.set_total_iterations(config.iterations)
     return sampler, agent
+
+
+#: Sizes beyond these are typos, not experiments: refused before any work (the anchors' largest
+#: settings are ~3e5 env steps an iteration and ~2e8 in all).
+MAX_STEPS_PER_ITERATION = 10**8
+MAX_TOTAL_STEPS = 10**12
+
+
+def check_budget(config: RunConfig, horizon: int) -> None:
+    """ConfigError if an iteration, an evaluation or the whole run would take absurdly many env steps."""
+    a = config.agent
+    episodes = getattr(a, "episodes_per_task", None)
+    if episodes is not None:  # gradient-based: sampled before and after each inner step
+        episodes *= getattr(a, "inner_steps", 0) + 1
+    else:
+        episodes = getattr(a, "trials_per_task", 1) * getattr(a, "episodes_per_trial", 1)
+    per_iteration = a.tasks_per_batch * episodes * horizon
+    if per_iteration > MAX_STEPS_PER_ITERATION:
+        raise ConfigError(f"agent: an iteration would take up to {per_iteration:.3g} env steps ({a.tasks_per_batch} "
+                          f"tasks x {episodes} episodes x horizon {horizon}); the limit is {MAX_STEPS_PER_ITERATION:.0e}")
+    if per_iteration * config.iterations > MAX_TOTAL_STEPS:
+        raise ConfigError(f"iterations: {config.iterations} iterations would take up to "
+                          f"{per_iteration * config.iterations:.3g} env steps; the limit is {MAX_TOTAL_STEPS:.0e}")
+    e = config.eval
+    per_eval = e.tasks * e.episodes * (e.steps + 1) * horizon
+    if per_eval > MAX_STEPS_PER_ITERATION:
+        raise ConfigError(f"eval: an evaluation would take up to {per_eval:.3g} env steps; the limit is "
+                          f"{MAX_STEPS_PER_ITERATION:.0e}")
 
 
 def _meta(sampler: Any = None) -> dict[str, Any]:
@@ -281,7 +314,7 @@ def render_run(agent: Any, config: RunConfig, run_dir: Path, split: str, tasks: 
 
 
 def write_run_config(run_dir: Path, config: RunConfig, meta: dict[str, Any]) -> None:
-    atomic_write(run_dir / "config.yaml", yaml.safe_dump({**config.to_dict(), "meta": meta}, sort_keys=False))
+    atomic_write(run_dir / "config.yaml", yaml_dump({**config.to_dict(), "meta": meta}))
 
 
 def _eval_due(config: RunConfig, iteration: int) -> bool:

@@ -379,3 +379,46 @@ def test_non_finite_agent_state_is_named():
     with pytest.raises(FloatingPointError, match=r"policy\.b non-finite"):
         check_finite_state(state, "iteration 3: the update made agent state")
     check_finite_state({"policy": {"w": torch.ones(3)}}, "fine")
+
+
+# ---- config hardening ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["experiment=/tmp/elsewhere"], "experiment: expected a relative name"),
+    (["experiment=../../outside"], "experiment: expected a relative name"),
+    (["iterations=1000000000000000000000000000000"], "iterations: 1000000000000000000000000000000 iterations would take"),
+    (["agent.episodes_per_task=100000000"], "agent: an iteration would take"),
+    (["eval.tasks=1000"], "fixed list of 40 tasks"),
+    (["agent.activation=swish"], "agent.activation: expected one of relu, tanh"),
+])
+def test_hardened_config_fields_are_one_line_before_any_work(tmp_path, capsys, overrides, message):
+    out = tmp_path / "run"
+    assert main(["train", CONFIG, *overrides, "--run-dir", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert not out.exists()
+
+
+def test_duplicate_yaml_keys_are_refused(tmp_path, capsys):
+    path = tmp_path / "dup.yaml"
+    path.write_text(Path(CONFIG).read_text().replace("  inner_lr: 0.1\n", "  inner_lr: 0.1\n  inner_lr: 0.5\n"))
+    assert main(["train", str(path), "--run-dir", str(tmp_path / "run"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "duplicate key 'inner_lr'" in err, err
+
+
+def test_exponent_floats_mean_numbers(tmp_path):
+    from metarl.config import load_config
+
+    path = tmp_path / "exp.yaml"
+    path.write_text(Path(CONFIG).read_text().replace("  inner_lr: 0.1\n", "  inner_lr: 1e-3\n"))
+    assert load_config(path).agent.inner_lr == 0.001
+    assert load_config(CONFIG, ["agent.max_kl=5e-3"]).agent.max_kl == 0.005
+
+
+def test_an_unwritable_run_root_is_one_line_before_any_work(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    assert main(["train", CONFIG, *TINY, f"run_root={blocker / 'runs'}", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cannot write to run folder" in err, err
+    assert blocker.read_text() == "not a folder"
