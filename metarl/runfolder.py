@@ -114,12 +114,10 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     return state
 
 
-def latest_checkpoint(folder: Path, move_damaged: bool = False) -> dict[str, Any] | None:
+def latest_checkpoint(folder: Path) -> dict[str, Any] | None:
     """The newest usable checkpoint in ``folder``: latest.pt, or previous.pt with a warning when latest.pt
     is damaged or missing; None when neither exists (a run killed before its first checkpoint).
-
-    ``move_damaged`` (training resumes) renames a damaged latest.pt to ``latest.damaged.pt`` so the next
-    save does not keep it as the fallback. CheckpointError if no usable checkpoint is left."""
+    CheckpointError if no usable checkpoint is left."""
     latest, previous = folder / LATEST, folder / PREVIOUS
     if not latest.exists() and not previous.exists():
         return None
@@ -134,9 +132,19 @@ def latest_checkpoint(folder: Path, move_damaged: bool = False) -> dict[str, Any
     except CheckpointError as exc:
         raise CheckpointError(f"{first}; the fallback {exc}") from None
     warn(f"{first}; using {previous} (iteration {state['iteration']}) instead")
-    if move_damaged and latest.exists():
-        os.replace(latest, folder / "latest.damaged.pt")
     return state
+
+
+def set_aside_damaged(folder: Path) -> None:
+    """Rename a damaged latest.pt to ``latest.damaged.pt`` (kept for inspection), so that the next save
+    does not keep it as the fallback ``previous.pt``. For a resume that continues from previous.pt."""
+    latest = folder / LATEST
+    if not latest.exists():
+        return
+    try:
+        read_checkpoint(latest)
+    except CheckpointError:
+        os.replace(latest, folder / "latest.damaged.pt")
 
 
 def config_record(config_dict: dict[str, Any]) -> str:
@@ -145,8 +153,13 @@ def config_record(config_dict: dict[str, Any]) -> str:
     return json.dumps({k: v for k, v in config_dict.items() if k != "iterations"}, sort_keys=True)
 
 
+#: Fields a resume may change by hand: results do not depend on them (sampler.workers is tested so).
+MAY_CHANGE = frozenset({"sampler.workers"})
+
+
 def config_changes(stored: str, config_dict: dict[str, Any]) -> list[str]:
-    """The dotted fields whose value differs between a checkpoint's config record and ``config_dict``."""
+    """The dotted fields whose value differs between a checkpoint's config record and ``config_dict``
+    (but `MAY_CHANGE`)."""
     old, new = json.loads(stored), json.loads(config_record(config_dict))
     out: list[str] = []
 
@@ -154,7 +167,7 @@ def config_changes(stored: str, config_dict: dict[str, Any]) -> list[str]:
         if isinstance(a, dict) and isinstance(b, dict):
             for key in sorted(set(a) | set(b)):
                 walk(a.get(key), b.get(key), f"{where}.{key}" if where else key)
-        elif a != b:
+        elif a != b and where not in MAY_CHANGE:
             out.append(f"{where} {a!r} -> {b!r}")
 
     walk(old, new, "")

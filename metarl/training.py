@@ -6,7 +6,10 @@ Run folder (nothing a run writes goes elsewhere)::
         config.yaml           resolved config + meta (package versions, git revision, command)
         events.out.tfevents.* TensorBoard: meta/, loss/, time/, eval/ keyed by total env steps
         metrics.jsonl         one line of training metrics per iteration
-        checkpoints/latest.pt written atomically every `checkpoint_every` iterations
+        checkpoints/latest.pt written atomically every `checkpoint_every` iterations, with a checksum;
+                              previous.pt, the one before; evals.json, the evaluations finished
+                              (`metarl.runfolder`)
+        .lock                 the advisory lock of the one command writing here
         eval/<split>/         summary.json, summary.csv, per_task.csv, adaptation_curve.png
         eval/<split>/video/   task<j>_before|after|before_after.gif (metarl eval --video)
 
@@ -44,6 +47,7 @@ from metarl.runfolder import (
     record_eval_done,
     run_lock,
     save_checkpoint,
+    set_aside_damaged,
     warn,
 )
 from metarl.sampling import make_sampler
@@ -146,13 +150,12 @@ def load_run_config(run_dir: Path) -> RunConfig:
         raise ConfigError(f"{path}: {exc}") from None
 
 
-def load_checkpoint(run_dir: Path, agent: Any, config: RunConfig | None = None,
-                    move_damaged: bool = False) -> dict[str, Any]:
+def load_checkpoint(run_dir: Path, agent: Any, config: RunConfig | None = None) -> dict[str, Any]:
     """Load the run's newest usable checkpoint into ``agent`` (falling back to ``previous.pt``, with a
     warning, when ``latest.pt`` is damaged); with ``config``, refuse a config.yaml edited since it was
     written. ConfigError in one line naming the file otherwise."""
     folder = run_dir / "checkpoints"
-    state = latest_checkpoint(folder, move_damaged=move_damaged)
+    state = latest_checkpoint(folder)
     if state is None:
         raise ConfigError(f"{run_dir}: no checkpoint at {folder / 'latest.pt'}")
     _check_config_unchanged(run_dir, state, config)
@@ -378,7 +381,7 @@ def _train_locked(config: RunConfig, run_dir: Path, resume: bool, verbose: bool,
         done: list[int] = []
         redo_eval = False
         if resume:
-            state = latest_checkpoint(ckpt_dir, move_damaged=True)
+            state = latest_checkpoint(ckpt_dir)
             if state is not None:
                 _check_config_unchanged(run_dir, state, config)
                 try:
@@ -390,7 +393,7 @@ def _train_locked(config: RunConfig, run_dir: Path, resume: bool, verbose: bool,
                 start = 0
                 rows = [line for line in (run_dir / "metrics.jsonl").read_text(errors="replace").splitlines()
                         if line.strip()] if (run_dir / "metrics.jsonl").is_file() else []
-                if len(rows) >= config.checkpoint_every:
+                if len(rows) > config.checkpoint_every:  # (== : killed while writing the first checkpoint)
                     raise ConfigError(f"{run_dir}: no checkpoint, yet metrics.jsonl records {len(rows)} iterations "
                                       "(the checkpoints were removed?); refusing to restart it in place")
             if config.iterations < start:
@@ -405,6 +408,7 @@ def _train_locked(config: RunConfig, run_dir: Path, resume: bool, verbose: bool,
                 if verbose:
                     print(f"{run_dir} is finished (iteration {start} of {config.iterations}, evaluated); nothing to do")
                 return run_dir
+            set_aside_damaged(ckpt_dir)  # all checks passed: from here on the resume writes
             stored = read_yaml(run_dir / "config.yaml", "run config") or {}
             if stored.get("iterations") != config.iterations:  # resumed with iterations=N: keep the folder true
                 meta = dict(stored.get("meta") or {})

@@ -71,6 +71,7 @@ def straight(tmp_path_factory):
     "eval_files:2",   # final evaluation killed between summary.json and summary.csv
     "eval:1",         # mid-run evaluation killed after computing, before writing
     "iteration:1",    # killed before the first checkpoint
+    "metrics:1",      # killed after iteration 1's metrics line, before the first checkpoint
     "checkpoint:2",   # killed while the second checkpoint is being put in place
 ])
 def test_a_killed_run_resumes_to_the_uninterrupted_run(straight, tmp_path, fault):
@@ -89,6 +90,16 @@ def test_resuming_a_finished_run_does_nothing(straight, capsys):
     assert "finished" in capsys.readouterr().out
     assert sorted(p.name for p in straight.iterdir()) == before  # no new events file
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
+
+
+def test_a_run_whose_checkpoints_were_removed_is_not_restarted_in_place(straight, tmp_path, capsys):
+    run = _copy(straight, tmp_path / "run")
+    for path in (run / "checkpoints").glob("*.pt"):
+        path.unlink()
+    metrics = (run / "metrics.jsonl").read_bytes()
+    assert main(["train", "--resume", str(run), "--quiet"]) == 2
+    assert "the checkpoints were removed?" in capsys.readouterr().err
+    assert (run / "metrics.jsonl").read_bytes() == metrics
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -187,6 +198,9 @@ def test_damaged_metrics_lines_are_reported(straight, tmp_path, capsys):
 def test_an_edited_config_is_refused(straight, tmp_path, capsys):
     run = _copy(straight, tmp_path / "run")
     data = yaml.safe_load((run / "config.yaml").read_text())
+    data["sampler"]["workers"] = 1  # may change: results do not depend on it
+    (run / "config.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    assert main(["eval", str(run)]) == 0
     data["agent"]["inner_lr"] = 0.5
     (run / "config.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
     for argv in (["eval", str(run)], ["train", "--resume", str(run), "--quiet"]):
