@@ -92,6 +92,25 @@ def test_resuming_a_finished_run_does_nothing(straight, capsys):
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
 
 
+def test_a_run_folder_from_before_the_evaluation_record_resumes_by_its_summary(straight, tmp_path, capsys):
+    run = _copy(straight, tmp_path / "run")
+    (run / "checkpoints" / "evals.json").unlink()
+    events = sorted(run.glob("events.out.tfevents.*"))
+    assert main(["train", "--resume", str(run)]) == 0  # complete summary files of iteration 2: finished
+    assert "finished" in capsys.readouterr().out and sorted(run.glob("events.out.tfevents.*")) == events
+    (run / "eval" / "test" / "per_task.csv").unlink()  # as a kill between the files of that evaluation leaves it
+    assert main(["train", "--resume", str(run), "--quiet"]) == 0
+    _assert_same_run(straight, run)
+
+
+def test_eval_checks_its_folder_is_writable_before_evaluating(straight, tmp_path, capsys):
+    run = _copy(straight, tmp_path / "run")
+    (run / "eval" / "ood").write_text("a file where the split's folder goes")
+    assert main(["eval", str(run), "--split", "ood"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"cannot write to {run / 'eval' / 'ood'}" in err, err
+
+
 def test_a_run_whose_checkpoints_were_removed_is_not_restarted_in_place(straight, tmp_path, capsys):
     run = _copy(straight, tmp_path / "run")
     for path in (run / "checkpoints").glob("*.pt"):
