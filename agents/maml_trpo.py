@@ -75,6 +75,11 @@ class MAMLTRPOConfig:
     activation: str = "tanh"
     init_std: float = 1.0
     init: str = "xavier"            # "xavier" (pytorch-maml-rl) or "orthogonal" (small output layer)
+    # Conventions where the anchors differ (agents/policies.py): "sum" of log-probs and KLs over action
+    # dimensions (cbfinn, pytorch-maml-rl, ProMP, garage) or their "mean" (learn2learn); the env sees
+    # clip(action_scale * a) (0.1: pytorch-maml-rl's and ProMP's division of the output by 10).
+    log_prob_reduction: str = "sum"
+    action_scale: float = 1.0
 
     def __post_init__(self) -> None:
         positive_ints = ("tasks_per_batch", "episodes_per_task", "inner_steps", "cg_iters", "ls_max_steps")
@@ -82,7 +87,7 @@ class MAMLTRPOConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"agent.{name} must be a positive integer, got {value!r}")
-        for name in ("inner_lr", "max_kl", "init_std"):
+        for name in ("inner_lr", "max_kl", "init_std", "action_scale"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"agent.{name} must be a positive number, got {value!r}")
@@ -96,6 +101,10 @@ class MAMLTRPOConfig:
             raise ValueError(f"agent.cg_damping must be >= 0, got {self.cg_damping!r}")
         if self.init not in ("xavier", "orthogonal"):
             raise ValueError(f"agent.init must be 'xavier' or 'orthogonal', got {self.init!r}")
+        if self.log_prob_reduction not in ("sum", "mean"):
+            raise ValueError(f"agent.log_prob_reduction must be 'sum' or 'mean', got {self.log_prob_reduction!r}")
+        if self.activation not in ("tanh", "relu"):
+            raise ValueError(f"agent.activation must be 'tanh' or 'relu', got {self.activation!r}")
         if not self.hidden or any((not isinstance(h, int)) or h < 1 for h in self.hidden):
             raise ValueError(f"agent.hidden must be a non-empty list of positive integers, got {self.hidden!r}")
 
@@ -125,7 +134,8 @@ class MAMLTRPO:
         act_dim = int(np.prod(sampler.action_space.shape))
         torch.manual_seed(seed)
         self.policy = GaussianMLPPolicy(obs_dim, act_dim, config.hidden, config.activation, config.init_std,
-                                        init=config.init)
+                                        init=config.init, log_prob_reduction=config.log_prob_reduction,
+                                        action_scale=config.action_scale)
         self.baseline = LinearFeatureBaseline()
         self.rng = np.random.default_rng(seed)
         self.env_steps = 0
@@ -157,6 +167,23 @@ class MAMLTRPO:
         loss = self.inner_loss(params, batch, advantages)
         grads = torch.autograd.grad(loss, list(params.values()), create_graph=create_graph)
         return OrderedDict((k, p - self.config.inner_lr * g) for (k, p), g in zip(params.items(), grads, strict=True))
+
+    @torch.no_grad()
+    def inner_step_stats(self, before: Params, after: Params, batch: EpisodeBatch) -> dict[str, float]:
+        """How far one inner step moved each task's policy, on the observations it adapted on.
+
+        ``meta/inner_kl``: KL(pi_before || pi_after) summed over action dimensions (the true KL whatever
+        ``log_prob_reduction`` is), averaged over steps, then over tasks; ``meta/inner_kl_max``: the largest
+        task's; ``meta/inner_param_change``: the mean over tasks of ||theta'_i - theta_i||_2.
+        """
+        mask = batch.mask
+        p = self.policy.distribution(batch.observations, before)
+        q = self.policy.distribution(batch.observations, after)
+        kl = (p.kl(q, reduction="sum") * mask).sum((1, 2)) / mask.sum((1, 2)).clamp_min(1.0)
+        change = torch.sqrt(sum((a - b).pow(2).flatten(1).sum(1) for a, b in zip(after.values(), before.values(),
+                                                                                strict=True)))
+        return {"meta/inner_kl": kl.mean().item(), "meta/inner_kl_max": kl.max().item(),
+                "meta/inner_param_change": change.mean().item()}
 
     def adapted_params(self, theta: Params, train: list[tuple[EpisodeBatch, torch.Tensor]], create_graph: bool) -> Params:
         """theta'(theta) after the inner steps on the recorded episodes, differentiable w.r.t. theta."""
@@ -254,6 +281,7 @@ class MAMLTRPO:
         train: list[tuple[EpisodeBatch, torch.Tensor]] = []
         params = OrderedDict((k, v.detach()) for k, v in batch_params(theta, n).items())
         stage_returns = []
+        inner_stats: list[dict[str, float]] = []
         for _ in range(c.inner_steps):
             ts = time.perf_counter()
             batch = self.sampler.sample(self._actor(params), tasks, c.episodes_per_task, self._seed())
@@ -261,8 +289,10 @@ class MAMLTRPO:
             adv = self.advantages(batch)
             train.append((batch, adv))
             stage_returns.append(batch.returns.mean().item())
+            before = params
             params = OrderedDict((k, v.detach().requires_grad_()) for k, v in params.items())
             params = OrderedDict((k, v.detach()) for k, v in self.adapt(params, batch, adv, False).items())
+            inner_stats.append(self.inner_step_stats(before, params, batch))
         ts = time.perf_counter()
         valid = self.sampler.sample(self._actor(params), tasks, c.episodes_per_task, self._seed())
         sample_time += time.perf_counter() - ts
@@ -316,6 +346,9 @@ class MAMLTRPO:
         self.iteration += 1
         total = time.perf_counter() - t0
         metrics = {f"meta/return_step{k}": r for k, r in enumerate(stage_returns)}
+        for k, stats in enumerate(inner_stats):
+            suffix = "" if k == 0 else f"_step{k + 1}"  # meta/inner_kl is the first inner step's
+            metrics.update({f"{name}{suffix}": value for name, value in stats.items()})
         metrics.update({
             "meta/return_pre_adaptation": stage_returns[0],
             "meta/return_post_adaptation": stage_returns[-1],

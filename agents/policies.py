@@ -7,6 +7,18 @@ lines up with the leading axis of ``obs``; then all tasks run in one batched mat
 
 `GaussianActor` is the picklable object the sampler ships to its workers: detached per-task parameters
 plus the noise seeds, no autograd.
+
+Two conventions differ between the MAML anchors and are options here (REFERENCE.md, "MAML-TRPO settings"):
+
+* ``log_prob_reduction``: how a log-probability (and a KL, and an entropy) is reduced over the action
+  dimensions. ``"sum"`` is the density of the action vector (cbfinn, pytorch-maml-rl, ProMP, garage);
+  ``"mean"`` divides it by ``act_dim`` (learn2learn's ``.mean(dim=1)``). At the same nominal inner
+  learning rate a ``"mean"`` inner step is ``1/act_dim`` the size, and at the same nominal ``max_kl`` its
+  trust region holds ``act_dim`` times the KL of a ``"sum"`` policy.
+* ``action_scale``: the env is stepped with ``clip(action_scale * a, low, high)`` while the policy's own
+  action ``a`` (the one its log-probabilities are of) is what the episode records. ``0.1`` is
+  pytorch-maml-rl's and ProMP's division of the policy output by 10: a standard deviation of 1 in policy
+  units is 0.1 in the env's, and far fewer components are clipped at the start.
 """
 
 from __future__ import annotations
@@ -19,6 +31,7 @@ import torch
 from torch import nn
 
 ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu}
+REDUCTIONS = ("sum", "mean")
 
 Params = "OrderedDict[str, torch.Tensor]"
 
@@ -32,17 +45,26 @@ class GaussianMLPPolicy(nn.Module):
         activation: ``tanh`` or ``relu``.
         init_std: initial standard deviation of every action dimension.
         min_std: floor on the standard deviation (keeps log-probabilities finite).
+        init: ``xavier`` (every layer at full scale) or ``orthogonal`` (small output layer).
+        log_prob_reduction: ``sum`` or ``mean`` over action dimensions (see the module docstring).
+        action_scale: the env sees ``clip(action_scale * a, low, high)`` (see the module docstring).
     """
 
     def __init__(self, obs_dim: int, act_dim: int, hidden: tuple[int, ...] = (64, 64),
-                 activation: str = "tanh", init_std: float = 1.0, min_std: float = 1e-6, init: str = "xavier"):
+                 activation: str = "tanh", init_std: float = 1.0, min_std: float = 1e-6, init: str = "xavier",
+                 log_prob_reduction: str = "sum", action_scale: float = 1.0):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
         if init not in ("xavier", "orthogonal"):
             raise ValueError(f"init must be 'xavier' or 'orthogonal', got {init!r}")
+        if log_prob_reduction not in REDUCTIONS:
+            raise ValueError(f"log_prob_reduction must be one of {REDUCTIONS}, got {log_prob_reduction!r}")
+        if not (np.isfinite(action_scale) and action_scale > 0):
+            raise ValueError(f"action_scale must be a positive number, got {action_scale!r}")
         self.config = {"obs_dim": int(obs_dim), "act_dim": int(act_dim), "hidden": tuple(int(h) for h in hidden),
-                       "activation": activation, "init_std": float(init_std), "min_std": float(min_std), "init": init}
+                       "activation": activation, "init_std": float(init_std), "min_std": float(min_std), "init": init,
+                       "log_prob_reduction": log_prob_reduction, "action_scale": float(action_scale)}
         sizes = (obs_dim, *hidden, act_dim)
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:], strict=True))
         for i, layer in enumerate(self.layers):
@@ -88,7 +110,7 @@ class GaussianMLPPolicy(nn.Module):
         """The action distribution for ``obs`` ``[..., obs_dim]``."""
         params = self.params() if params is None else params
         mean = self.forward_mean(obs, params)
-        return DiagGaussian(mean, self.log_std_of(params, mean))
+        return DiagGaussian(mean, self.log_std_of(params, mean), self.config["log_prob_reduction"])
 
     def log_prob(self, obs: torch.Tensor, actions: torch.Tensor, params: dict[str, torch.Tensor] | None = None):
         return self.distribution(obs, params).log_prob(actions)
@@ -97,30 +119,40 @@ class GaussianMLPPolicy(nn.Module):
 class DiagGaussian:
     """A diagonal Gaussian over the last axis, written out by hand.
 
-    Same numbers as ``Independent(Normal(mean, exp(log_std)), 1)`` with fewer tensor operations, which
-    matters in MAML's third-order graphs (Hessian-vector products through the adaptation).
+    With ``reduction="sum"`` (the default) the same numbers as ``Independent(Normal(mean, exp(log_std)), 1)``
+    with fewer tensor operations, which matters in MAML's third-order graphs (Hessian-vector products
+    through the adaptation). ``reduction="mean"`` divides log-probabilities, KLs and entropies by the
+    number of action dimensions (learn2learn's convention); ``kl(..., reduction="sum")`` always gives the
+    true KL between the two distributions.
     """
 
     _HALF_LOG_2PI = 0.5 * float(np.log(2 * np.pi))
 
-    def __init__(self, mean: torch.Tensor, log_std: torch.Tensor):
-        self.mean, self.log_std = mean, log_std
+    def __init__(self, mean: torch.Tensor, log_std: torch.Tensor, reduction: str = "sum"):
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        self.mean, self.log_std, self.reduction = mean, log_std, reduction
+
+    def _reduce(self, x: torch.Tensor, reduction: str | None = None) -> torch.Tensor:
+        return x.mean(-1) if (reduction or self.reduction) == "mean" else x.sum(-1)
 
     def log_prob(self, actions: torch.Tensor) -> torch.Tensor:
         z = (actions - self.mean) * torch.exp(-self.log_std)
-        return (-0.5 * z.pow(2) - self.log_std).sum(-1) - self._HALF_LOG_2PI * self.mean.shape[-1]
+        return self._reduce(-0.5 * z.pow(2) - self.log_std) - self._HALF_LOG_2PI * (
+            1.0 if self.reduction == "mean" else self.mean.shape[-1])
 
-    def kl(self, other: DiagGaussian) -> torch.Tensor:
-        """KL(self || other), summed over action dimensions."""
+    def kl(self, other: DiagGaussian, reduction: str | None = None) -> torch.Tensor:
+        """KL(self || other), reduced over action dimensions by ``reduction`` (default: this distribution's)."""
         var_ratio = torch.exp(2 * (self.log_std - other.log_std))
         diff = (self.mean - other.mean) * torch.exp(-other.log_std)
-        return 0.5 * (var_ratio + diff.pow(2) - 1).sum(-1) + (other.log_std - self.log_std).sum(-1)
+        return (self._reduce(0.5 * (var_ratio + diff.pow(2) - 1), reduction)
+                + self._reduce(other.log_std - self.log_std, reduction))
 
     def entropy(self) -> torch.Tensor:
-        return (self.log_std + 0.5 + self._HALF_LOG_2PI).sum(-1)
+        return self._reduce(self.log_std + 0.5 + self._HALF_LOG_2PI)
 
     def detach(self) -> DiagGaussian:
-        return DiagGaussian(self.mean.detach(), self.log_std.detach())
+        return DiagGaussian(self.mean.detach(), self.log_std.detach(), self.reduction)
 
 
 def batch_params(params: dict[str, torch.Tensor], n: int) -> OrderedDict[str, torch.Tensor]:
@@ -155,6 +187,7 @@ class GaussianActor:
         self.params = {k: v.detach().cpu().float().numpy().copy() for k, v in params.items()}
         self.batched = self.params["layers.0.weight"].ndim == 3
         self.seed, self.deterministic = int(seed), bool(deterministic)
+        self.action_scale = float(self.policy_config.get("action_scale", 1.0))  # the rollout scales, then clips
         self._policy: GaussianMLPPolicy | None = None
 
     def __getstate__(self) -> dict[str, Any]:

@@ -314,10 +314,4 @@ def load_config(path: str | Path | None, overrides: list[str] = (), data: dict[s
     if not config.experiment.strip() or experiment.is_absolute() or ".." in experiment.parts:
         raise ConfigError(f"experiment: expected a relative name inside run_root (e.g. maml_trpo/point_nav_2d), "
                           f"got {config.experiment!r}")
-    activation = getattr(agent_config, "activation", None)
-    if activation is not None:
-        from metarl.agents.policies import ACTIVATIONS
-
-        if activation not in ACTIVATIONS:
-            raise ConfigError(f"agent.activation: expected one of {', '.join(sorted(ACTIVATIONS))}, got {activation!r}")
     return config

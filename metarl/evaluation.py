@@ -73,6 +73,26 @@ def grouped_bootstrap_ci(groups: list[np.ndarray], confidence: float = 0.95, res
     return (float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha)))
 
 
+# Two-sided 95% quantiles of Student's t distribution, t_{0.975, df} (standard tables).
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+         11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
+         20: 2.086, 25: 2.060, 30: 2.042, 40: 2.021, 60: 2.000, 120: 1.980}
+
+
+def t_ci95(values: np.ndarray) -> tuple[float, float]:
+    """95% confidence interval of the mean of a few independent values (seeds): mean +- t * s / sqrt(n),
+    with Student's t at n - 1 degrees of freedom (a bootstrap over 3 seeds would be far too narrow).
+    One value gives (nan, nan)."""
+    values = np.asarray(values, dtype=np.float64)
+    n = len(values)
+    if n < 2:
+        return (float("nan"), float("nan"))
+    df = n - 1
+    t = _T975.get(df) or _T975[max(k for k in _T975 if k <= df)]  # conservative between table rows
+    half = t * values.std(ddof=1) / np.sqrt(n)
+    return (float(values.mean() - half), float(values.mean() + half))
+
+
 def iqm(values: np.ndarray) -> float:
     """Interquartile mean: the mean of the values left after dropping the lowest and the highest quarter
     (``floor(n / 4)`` values from each end, as ``scipy.stats.trim_mean(values, 0.25)`` and rliable do).

@@ -11,6 +11,8 @@ Actor protocol (see `metarl.agents.policies.GaussianActor`):
 * ``actor.start(task_indices, slots_per_task)``: called in the worker before a rollout, with the
   global indices of the worker's tasks (to pick per-task parameters and seed per-task noise);
 * ``actor.act(obs) -> actions``: ``obs`` is ``[n_tasks, slots, obs_dim]``, returns ``[n_tasks, slots, act_dim]``;
+* optional ``actor.action_scale`` (default 1): the env is stepped with ``clip(action_scale * a, low,
+  high)``; the episode records the actor's own ``a``;
 * optional ``actor.observe(rewards, dones)``: ``[n_tasks, slots]`` after every step, ``dones`` marking
   episode ends (recurrent actors; a slot runs ``episodes_per_trial`` episodes without a restart).
 
@@ -135,6 +137,7 @@ def rollout(slots: Any, actor: Any, tasks: Sequence[Task], task_indices: Sequenc
     flat_obs, flat_act = observations.reshape(-1, obs_dim), actions.reshape(-1, act_dim)
     flat_rewards, flat_mask = rewards.reshape(-1), mask.reshape(-1)
     observe = getattr(actor, "observe", None)
+    action_scale = float(getattr(actor, "action_scale", 1.0))  # env action: clip(scale * a); `a` is recorded
 
     actor.start(list(task_indices), M)
     idx = slot  # the slots still running, ascending
@@ -143,7 +146,8 @@ def rollout(slots: Any, actor: Any, tasks: Sequence[Task], task_indices: Sequenc
         act = np.asarray(actor.act(obs.reshape(n, M, obs_dim)), dtype=np.float32).reshape(S, act_dim)
         if not np.all(np.isfinite(act)):
             raise FloatingPointError(f"the policy produced non-finite actions at step {t}")
-        new_obs, r, term, trunc, step_terms = slots.step(idx, np.clip(act[idx], slots.low, slots.high))
+        env_act = act[idx] if action_scale == 1.0 else act[idx] * action_scale
+        new_obs, r, term, trunc, step_terms = slots.step(idx, np.clip(env_act, slots.low, slots.high))
         if not (np.isfinite(new_obs).all() and np.isfinite(r).all() and all(np.isfinite(v).all() for v in step_terms.values())):
             _non_finite(slots, tasks, task_indices, idx, episode_row, step_in_episode, E, new_obs, r, step_terms)
         row = episode_row[idx]

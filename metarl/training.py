@@ -10,7 +10,8 @@ Run folder (nothing a run writes goes elsewhere)::
                               previous.pt, the one before; evals.json, the evaluations finished
                               (`metarl.runfolder`)
         .lock                 the advisory lock of the one command writing here
-        eval/<split>/         summary.json, summary.csv, per_task.csv, adaptation_curve.png
+        eval/<split>/         summary.json, summary.csv, per_task.csv, adaptation_curve.png (the latest
+                              evaluation); history.jsonl (every evaluation made during training)
         eval/<split>/video/   task<j>_before|after|before_after.gif (metarl eval --video)
 
 The loop talks to agents through a small protocol: ``train_step(tasks) -> metrics``,
@@ -253,6 +254,26 @@ def check_finite_state(state: Any, what: str, where: str = "") -> None:
             check_finite_state(value, what, f"{where}[{i}]")
 
 
+def record_eval_history(path: Path, summary: dict[str, Any]) -> None:
+    """Add one training-time evaluation to ``eval/<split>/history.jsonl`` (the held-out curve over
+    iterations, so that a reported number is never one phase of an oscillation). Lines of the same or
+    later iterations (left by a run that was killed and resumed from an earlier checkpoint) are replaced."""
+    rows = read_eval_history(path)
+    rows = [r for r in rows if r["iteration"] < summary["iteration"]]
+    rows.append({
+        "iteration": summary["iteration"], "env_steps": summary["env_steps"],
+        "stages": [{k: s[k] for k in ("stage", "adapt_episodes", "mean_return", "ci95")} for s in summary["stages"]],
+    })
+    atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def read_eval_history(path: Path) -> list[dict[str, Any]]:
+    """The evaluations ``record_eval_history`` wrote, in iteration order ([] if none yet)."""
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def _fmt_time(seconds: float) -> str:
     seconds = int(max(0, seconds))
     h, rem = divmod(seconds, 3600)
@@ -480,8 +501,9 @@ def _train_locked(config: RunConfig, run_dir: Path, resume: bool, verbose: bool,
 def _eval_and_report(agent, config: RunConfig, run_dir: Path, logger: _Logger, verbose: bool, done: list[int]) -> None:
     e = config.eval
     summary = evaluate_run(agent, config, run_dir, e.split, e.tasks, e.steps, e.episodes, logger)
+    record_eval_history(run_dir / "eval" / e.split / "history.jsonl", summary)
     fault_point("eval_logged")
-    done.append(agent.iteration)  # files and TensorBoard points (flushed by log_eval) are all written
+    done.append(agent.iteration)  # files, history and TensorBoard points (flushed by log_eval) are all written
     record_eval_done(run_dir, done)
     if verbose:
         curve = " -> ".join(f"{s['mean_return']:.1f}" for s in summary["stages"])

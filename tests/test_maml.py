@@ -213,3 +213,117 @@ def test_diag_gaussian_matches_torch_distributions():
     torch.testing.assert_close(mine_p.kl(mine_q), torch.distributions.kl_divergence(p, q))
     torch.testing.assert_close(mine_p.entropy(), p.entropy())
     assert torch.all(mine_p.kl(mine_p) == 0)  # KL at a zero step is exactly zero
+
+
+# ---- conventions where the anchors differ (issue: reproducing the published curves) --------------------
+def test_diag_gaussian_mean_reduction_hand_computed():
+    """One action vector in 2-D: p = N((0, 0), diag(1, 2^2)), a = (1, 2), q = N((1, 0), diag(2^2, 2^2))."""
+    from metarl.agents.policies import DiagGaussian
+
+    mean = torch.tensor([[0.0, 0.0]], dtype=torch.float64)
+    log_std = torch.tensor([[0.0, np.log(2.0)]], dtype=torch.float64)
+    a = torch.tensor([[1.0, 2.0]], dtype=torch.float64)
+    # per dimension: log N(1; 0, 1) = -0.5 - 0.5 log 2pi; log N(2; 0, 4) = -0.5 - log 2 - 0.5 log 2pi
+    total = -1.0 - np.log(2.0) - np.log(2 * np.pi)
+    p_sum, p_mean = DiagGaussian(mean, log_std), DiagGaussian(mean, log_std, "mean")
+    assert p_sum.log_prob(a).item() == pytest.approx(total, abs=1e-12)
+    assert p_mean.log_prob(a).item() == pytest.approx(total / 2, abs=1e-12)
+    # KL(N(m1, s1^2) || N(m2, s2^2)) = log(s2 / s1) + (s1^2 + (m1 - m2)^2) / (2 s2^2) - 1/2 per dimension:
+    # dim 1: log 2 + (1 + 1) / 8 - 0.5 = log 2 - 0.25; dim 2: 0 + 4 / 8 - 0.5 = 0
+    q_mean = DiagGaussian(torch.tensor([[1.0, 0.0]], dtype=torch.float64),
+                          torch.full((1, 2), np.log(2.0), dtype=torch.float64), "mean")
+    kl = np.log(2.0) - 0.25
+    assert p_mean.kl(q_mean).item() == pytest.approx(kl / 2, abs=1e-12)
+    assert p_mean.kl(q_mean, reduction="sum").item() == pytest.approx(kl, abs=1e-12)
+    assert DiagGaussian(mean, log_std).kl(q_mean).item() == pytest.approx(kl, abs=1e-12)  # the caller's convention
+    # entropy per dimension: log s + 0.5 + 0.5 log 2pi
+    ent = np.log(2.0) + 1.0 + np.log(2 * np.pi)
+    assert p_sum.entropy().item() == pytest.approx(ent, abs=1e-12)
+    assert p_mean.entropy().item() == pytest.approx(ent / 2, abs=1e-12)
+    with pytest.raises(ValueError, match="reduction"):
+        DiagGaussian(mean, log_std, "max")
+
+
+def test_mean_reduction_is_the_sum_step_divided_by_act_dim(sampler):
+    """The inner step of a 'mean' policy at lr alpha is exactly the 'sum' policy's at alpha / act_dim (the
+    loss is linear in the log-probs), and its surrogate ratios are the 'sum' ratios' act_dim-th root."""
+    agents = {}
+    for reduction in ("sum", "mean"):
+        config = MAMLTRPOConfig(tasks_per_batch=2, episodes_per_task=3, hidden=(5,), log_prob_reduction=reduction,
+                                inner_lr=0.1 if reduction == "mean" else 0.05)
+        agents[reduction] = MAMLTRPO(config, sampler, seed=3)
+        agents[reduction].policy.double()
+    assert all(torch.equal(a, b) for a, b in zip(agents["sum"].policy.parameters(), agents["mean"].policy.parameters(), strict=True))
+    tasks = sampler.family.sample_tasks(2, "train", seed=1)
+    params = batch_params(agents["sum"].policy.params(), 2)
+    batch = _double(sampler.sample(GaussianActor(agents["sum"].policy.config, params, seed=0), tasks, 3, seed=0))
+    adv = agents["sum"].advantages(batch).double()
+    act_dim = batch.actions.shape[-1]
+    assert act_dim == 2
+    logp = {r: a.policy.log_prob(batch.observations, batch.actions, params) for r, a in agents.items()}
+    torch.testing.assert_close(logp["mean"], logp["sum"] / act_dim)
+    stepped = {}
+    for reduction, agent in agents.items():
+        leaf = OrderedDict((k, v.detach().clone().requires_grad_()) for k, v in params.items())
+        stepped[reduction] = agent.adapt(leaf, batch, adv, create_graph=False)
+    for name in params:  # mean at 0.1 == sum at 0.1 / 2
+        torch.testing.assert_close(stepped["mean"][name], stepped["sum"][name], rtol=1e-12, atol=1e-12)
+    # and the diagnostics report the same true (summed) KL for the same step
+    stats = {r: agents[r].inner_step_stats(params, stepped[r], batch) for r in agents}
+    assert stats["mean"]["meta/inner_kl"] == pytest.approx(stats["sum"]["meta/inner_kl"], rel=1e-9)
+    assert stats["sum"]["meta/inner_kl"] > 0 and stats["sum"]["meta/inner_param_change"] > 0
+
+
+def test_inner_step_stats_hand_checked(sampler):
+    """meta/inner_kl is the masked mean over steps of the summed KL, averaged over tasks; the parameter
+    change is the Euclidean norm per task, averaged. Checked with torch.distributions on a shifted bias."""
+    agent = MAMLTRPO(MAMLTRPOConfig(tasks_per_batch=2, episodes_per_task=2, hidden=(4,)), sampler, seed=0)
+    tasks = sampler.family.sample_tasks(2, "train", seed=0)
+    before = OrderedDict((k, v.detach()) for k, v in batch_params(agent.policy.params(), 2).items())
+    batch = sampler.sample(GaussianActor(agent.policy.config, before, seed=0), tasks, 2, seed=0)
+    after = OrderedDict((k, v.clone()) for k, v in before.items())
+    last = f"layers.{len(agent.policy.layers) - 1}.bias"
+    after[last][0] += torch.tensor([0.3, -0.4])  # task 0: mean shifted by (0.3, -0.4), std 1: KL = 0.125
+    after["log_std"][1] += np.log(2.0)           # task 1: std doubled in both dims
+    stats = agent.inner_step_stats(before, after, batch)
+    kl1 = 2 * (np.log(2.0) + 1 / 8 - 0.5)       # per dim: log 2 + 1/(2*4) - 1/2
+    assert stats["meta/inner_kl"] == pytest.approx((0.125 + kl1) / 2, rel=1e-5)
+    assert stats["meta/inner_kl_max"] == pytest.approx(max(0.125, kl1), rel=1e-5)
+    assert stats["meta/inner_param_change"] == pytest.approx((0.5 + np.log(2.0) * np.sqrt(2)) / 2, rel=1e-5)
+
+
+def test_action_scale_steps_the_env_with_scaled_actions_and_records_the_policys():
+    """An actor with action_scale 0.1 drives the env exactly as one that outputs 0.1 * a with scale 1;
+    the episode records the policy's own (unscaled) actions."""
+    from metarl.agents.policies import GaussianMLPPolicy
+
+    sampler = GymnasiumSampler("metarl/HalfCheetahVel-v0", workers=0, env_kwargs={"max_episode_steps": 20})
+    try:
+        policy = GaussianMLPPolicy(17, 6, (8,), action_scale=0.1)
+        tasks = sampler.family.sample_tasks(2, "train", seed=0)
+        scaled = sampler.sample(GaussianActor(policy.config, policy.params(), seed=4), tasks, 2, seed=1)
+
+        class Prescaled(GaussianActor):  # scales inside act, steps the env with what it returns
+            def act(self, obs):
+                return super().act(obs) * np.float32(0.1)
+
+        plain = Prescaled({**policy.config, "action_scale": 1.0}, policy.params(), seed=4)
+        assert plain.action_scale == 1.0
+        reference = sampler.sample(plain, tasks, 2, seed=1)
+        torch.testing.assert_close(scaled.observations, reference.observations, rtol=0, atol=0)
+        torch.testing.assert_close(scaled.rewards, reference.rewards, rtol=0, atol=0)
+        torch.testing.assert_close(scaled.actions * 0.1, reference.actions)
+        assert scaled.actions.abs().max() > 1.0  # sigma 1 in policy units: many actions beyond the env's bound
+    finally:
+        sampler.close()
+
+
+def test_new_options_are_validated():
+    from metarl.config import ConfigError, load_config
+
+    base = {"experiment": "x", "env": "PointNav2D", "agent": {"name": "maml_trpo"}}
+    for field, value in (("log_prob_reduction", "max"), ("action_scale", 0.0), ("activation", "gelu")):
+        with pytest.raises(ConfigError, match=f"agent.{field}"):
+            load_config(None, data={**base, "agent": {"name": "maml_trpo", field: value}})
+    config = load_config(None, ["agent.log_prob_reduction=mean", "agent.action_scale=0.1"], data=base)
+    assert (config.agent.log_prob_reduction, config.agent.action_scale) == ("mean", 0.1)

@@ -421,7 +421,7 @@ def test_non_finite_agent_state_is_named():
     (["iterations=1000000000000000000000000000000"], "iterations: 1000000000000000000000000000000 iterations would take"),
     (["agent.episodes_per_task=100000000"], "agent: an iteration would take"),
     (["eval.tasks=1000"], "fixed list of 40 tasks"),
-    (["agent.activation=swish"], "agent.activation: expected one of relu, tanh"),
+    (["agent.activation=swish"], "agent.activation must be 'tanh' or 'relu', got 'swish'"),
 ])
 def test_hardened_config_fields_are_one_line_before_any_work(tmp_path, capsys, overrides, message):
     out = tmp_path / "run"

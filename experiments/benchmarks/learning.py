@@ -1,11 +1,21 @@
-"""Learning benchmark for any agent: train a config, evaluate on held-out tasks, write the figures to a file.
+"""Learning benchmark for any agent: train a config (over one or several seeds), evaluate on held-out tasks,
+write the figures to a file.
 
     python experiments/benchmarks/learning.py CONFIG [key=value ...] --out experiments/results/NAME.json
-    python experiments/benchmarks/learning.py --resume RUN_DIR iterations=N --out ...   # continue a run
+    python experiments/benchmarks/learning.py CONFIG [key=value ...] --seeds 0 1 2 --out ...   # several seeds
+    python experiments/benchmarks/learning.py --resume RUN_DIR iterations=N --out ...   # continue one run
 
-Writes the training curve (pre- and post-adaptation return per iteration), the held-out adaptation
-curve (mean return and 95% bootstrap CI per adaptation stage), wall time, env steps and the resolved
-config. The run folder itself goes to runs/ as usual (git-ignored).
+One seed writes the training curve (pre- and post-adaptation return per iteration), the held-out adaptation
+curve of the final policy (mean return and 95% bootstrap CI over tasks per adaptation stage), the held-out
+curve over training (every ``eval.every`` iterations, from the run's ``eval/<split>/history.jsonl``), wall
+time, env steps and the resolved config.
+
+``--seeds`` runs the seeds one after the other (the cores are the parallelism) in the run folders
+``<run_root>/<experiment>/learning-seed<k>``, writes the file after every seed, and is resumable: run the
+same command again and finished seeds are read back, a killed seed continues from its checkpoint (its
+``wall_time_s`` is then that of the resumed part, ``resumed: true``; ``train_time_s`` is always whole). The
+file holds every seed's result and ``aggregate``: per adaptation stage and per evaluation iteration, the
+mean over seeds with a 95% t-interval across seeds; beside it a PNG of the per-seed curves and their mean.
 """
 
 from __future__ import annotations
@@ -14,19 +24,121 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Any
 
-from metarl.config import load_config
-from metarl.training import load_run_config, train
+import numpy as np
+
+from metarl.config import RunConfig, load_config
+from metarl.evaluation import atomic_write, t_ci95
+from metarl.training import load_run_config, read_eval_history, train
+
+
+def run_result(config: RunConfig, run_dir: Path, wall: float) -> dict[str, Any]:
+    """What one finished run contributes: curves, held-out stages, cost."""
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    summary = json.loads((run_dir / "eval" / config.eval.split / "summary.json").read_text())
+    return {
+        "seed": config.seed,
+        "wall_time_s": wall,
+        "train_time_s": sum(r["time/iteration_s"] for r in rows),
+        "iterations": len(rows),
+        "env_steps": rows[-1]["env_steps"],
+        "training_curve": [
+            {"iteration": r["iteration"], "env_steps": r["env_steps"], "pre": r["meta/return_pre_adaptation"],
+             "post": r["meta/return_post_adaptation"],
+             **({"inner_kl": r["meta/inner_kl"]} if "meta/inner_kl" in r else {})} for r in rows
+        ],
+        "heldout": {
+            "split": summary["split"], "num_tasks": summary["num_tasks"], "horizon": summary["horizon"],
+            "stages": [{k: s[k] for k in ("stage", "adapt_episodes", "adapt_env_steps", "mean_return", "ci95")}
+                       for s in summary["stages"]],
+        },
+        "heldout_curve": read_eval_history(run_dir / "eval" / config.eval.split / "history.jsonl"),
+        "run_dir": str(run_dir),
+    }
+
+
+def aggregate(seeds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean over seeds and a 95% t-interval across seeds: the final held-out stages, the held-out curve at
+    the iterations every seed evaluated, and the training curve's post-adaptation return."""
+    def stat(values: list[float]) -> dict[str, Any]:
+        return {"mean": float(np.mean(values)), "ci95": list(t_ci95(np.array(values))), "per_seed": values}
+
+    n_stages = min(len(s["heldout"]["stages"]) for s in seeds)
+    stages = [{"stage": k, **stat([s["heldout"]["stages"][k]["mean_return"] for s in seeds])} for k in range(n_stages)]
+    common = sorted(set.intersection(*({e["iteration"] for e in s["heldout_curve"]} for s in seeds)))
+    curve = []
+    for it in common:
+        evals = [next(e for e in s["heldout_curve"] if e["iteration"] == it) for s in seeds]
+        k_max = min(len(e["stages"]) for e in evals)
+        curve.append({"iteration": it, "stages": [
+            {"stage": k, **stat([e["stages"][k]["mean_return"] for e in evals])} for k in range(k_max)]})
+    n_it = min(len(s["training_curve"]) for s in seeds)
+    training = [{"iteration": i + 1, "pre": float(np.mean([s["training_curve"][i]["pre"] for s in seeds])),
+                 "post": float(np.mean([s["training_curve"][i]["post"] for s in seeds]))} for i in range(n_it)]
+    return {"seeds": [s["seed"] for s in seeds], "heldout_stages": stages, "heldout_curve": curve,
+            "training_curve_mean": training,
+            "wall_time_s": stat([s["wall_time_s"] for s in seeds]),
+            "train_time_s": stat([s["train_time_s"] for s in seeds])}
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    seeds = result["per_seed"]
+    for s in seeds:
+        axes[0].plot([r["iteration"] for r in s["training_curve"]], [r["post"] for r in s["training_curve"]],
+                     lw=0.6, alpha=0.5, label=f"seed {s['seed']} post")
+        curve = s["heldout_curve"]
+        if curve and len(curve[0]["stages"]) > 1:
+            axes[1].plot([e["iteration"] for e in curve], [e["stages"][1]["mean_return"] for e in curve],
+                         lw=0.8, alpha=0.6, label=f"seed {s['seed']}")
+    agg = result.get("aggregate")
+    if agg and agg["heldout_curve"] and len(agg["heldout_curve"][0]["stages"]) > 1:
+        its = [e["iteration"] for e in agg["heldout_curve"]]
+        for k, style in ((0, "--"), (1, "-")):
+            mean = [e["stages"][k]["mean"] for e in agg["heldout_curve"]]
+            axes[1].plot(its, mean, "k" + style, lw=2, label=f"mean, stage {k}")
+            if len(seeds) > 1:
+                lo = [e["stages"][k]["ci95"][0] for e in agg["heldout_curve"]]
+                hi = [e["stages"][k]["ci95"][1] for e in agg["heldout_curve"]]
+                axes[1].fill_between(its, lo, hi, color="k", alpha=0.12)
+    axes[0].set(title="training: return after adaptation", xlabel="iteration", ylabel="return")
+    axes[1].set(title="held-out: after 1 step (seeds), mean stage 0 / 1", xlabel="iteration", ylabel="return")
+    for ax in axes:
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{result['agent']} on {result['config']['env']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def print_stages(name: str, stages: list[dict[str, Any]], key: str = "mean_return") -> None:
+    curve = " -> ".join(f"{s[key]:.1f} [{s['ci95'][0]:.1f}, {s['ci95'][1]:.1f}]" for s in stages)
+    print(f"{name}: held-out return by adaptation stage: {curve}", flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config", nargs="?")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue this run (overrides: iterations=N only)")
+    parser.add_argument("--seeds", type=int, nargs="+", help="run these seeds one after another (resumable)")
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--out", required=True)
     parser.add_argument("--note", default="", help="free text stored with the result (e.g. what to compare with)")
     args = parser.parse_args()
+    out = Path(args.out)
+    if args.seeds:
+        if args.resume:
+            parser.error("--seeds and --resume do not go together (rerun the --seeds command to resume)")
+        if len(set(args.seeds)) != len(args.seeds):
+            parser.error(f"--seeds: duplicate seeds in {args.seeds}")
+        return multi_seed(args, out)
     start = time.perf_counter()
     previous: dict = {}
     if args.resume:
@@ -35,7 +147,7 @@ def main() -> None:
         run_dir = Path(args.resume)
         config = load_config(None, args.overrides, data=load_run_config(run_dir).to_dict())
         train(config, run_dir=run_dir, resume=True)
-        previous = json.loads(Path(args.out).read_text()) if Path(args.out).is_file() else {}
+        previous = json.loads(out.read_text()) if out.is_file() else {}
         args.overrides = [*previous.get("overrides", []), *args.overrides]
         args.note = args.note or previous.get("note", "")
         wall = time.perf_counter() - start + float(previous.get("wall_time_s", 0.0))
@@ -43,34 +155,48 @@ def main() -> None:
         config = load_config(args.config, args.overrides)
         run_dir = train(config)
         wall = time.perf_counter() - start
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    summary = json.loads((run_dir / "eval" / config.eval.split / "summary.json").read_text())
-    result = {
-        "benchmark": "learning",
-        "agent": config.agent_name,
-        "config": config.to_dict(),
-        "overrides": args.overrides,
-        "note": args.note,
-        "wall_time_s": wall,
-        "train_time_s": sum(r["time/iteration_s"] for r in rows),
-        "iterations": len(rows),
-        "env_steps": rows[-1]["env_steps"],
-        "training_curve": [
-            {"iteration": r["iteration"], "env_steps": r["env_steps"], "pre": r["meta/return_pre_adaptation"],
-             "post": r["meta/return_post_adaptation"]} for r in rows
-        ],
-        "heldout": {
-            "split": summary["split"], "num_tasks": summary["num_tasks"], "horizon": summary["horizon"],
-            "stages": [{k: s[k] for k in ("stage", "adapt_episodes", "adapt_env_steps", "mean_return", "ci95")}
-                       for s in summary["stages"]],
-        },
-        "run_dir": str(run_dir),
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    curve = " -> ".join(f"{s['mean_return']:.1f} [{s['ci95'][0]:.1f}, {s['ci95'][1]:.1f}]" for s in result["heldout"]["stages"])
-    print(f"{config.env}: {len(rows)} iterations, {result['env_steps']:,} env steps, training {result['train_time_s']:.0f} s; "
-          f"held-out return by adaptation stage: {curve}; written to {args.out}")
+    result = {"benchmark": "learning", "agent": config.agent_name, "config": config.to_dict(),
+              "overrides": args.overrides, "note": args.note, **run_result(config, run_dir, wall)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out, json.dumps(result, indent=2) + "\n")
+    print(f"{config.env}: {result['iterations']} iterations, {result['env_steps']:,} env steps, training "
+          f"{result['train_time_s']:.0f} s; written to {out}")
+    print_stages(config.env, result["heldout"]["stages"])
+
+
+def multi_seed(args: argparse.Namespace, out: Path) -> None:
+    previous = json.loads(out.read_text()) if out.is_file() else {}
+    done = {s["seed"]: s for s in previous.get("per_seed", [])}
+    if previous and previous.get("overrides") != args.overrides:
+        raise SystemExit(f"{out}: written with overrides {previous.get('overrides')}, not {args.overrides}; "
+                         "use another --out (or delete it) rather than mixing settings")
+    per_seed = []
+    config = None
+    for seed in args.seeds:
+        config = load_config(args.config, [*args.overrides, f"seed={seed}"])
+        if done.get(seed, {}).get("iterations") == config.iterations:
+            per_seed.append(done[seed])  # finished earlier
+            continue
+        run_dir = Path(config.run_root) / config.experiment / f"learning-seed{seed}"
+        resume = (run_dir / "checkpoints" / "latest.pt").is_file()
+        if resume:  # a killed seed continues from its checkpoint, with the config its folder holds
+            config = load_config(None, [f"iterations={config.iterations}"], data=load_run_config(run_dir).to_dict())
+        start = time.perf_counter()
+        train(config, run_dir=run_dir, resume=resume)
+        per_seed.append({**run_result(config, run_dir, time.perf_counter() - start), "resumed": resume})
+        print_stages(f"seed {seed}", per_seed[-1]["heldout"]["stages"])
+        write_multi(out, args, config, per_seed, complete=False)
+    write_multi(out, args, config, per_seed, complete=True)
+    print_stages(f"mean of {len(per_seed)} seeds", aggregate(per_seed)["heldout_stages"], key="mean")
+
+
+def write_multi(out: Path, args: argparse.Namespace, config: RunConfig, per_seed: list[dict], complete: bool) -> None:
+    result = {"benchmark": "learning", "agent": config.agent_name, "config": {**config.to_dict(), "seed": None},
+              "overrides": args.overrides, "note": args.note, "seeds": args.seeds, "complete": complete,
+              "per_seed": per_seed, "aggregate": aggregate(per_seed)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out, json.dumps(result, indent=2) + "\n")
+    plot(result, out.with_suffix(".png"))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,91 @@
+"""The learning benchmark script: several seeds through one command, resumable, with the held-out curve over
+training and the mean and t-interval across seeds."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from metarl.evaluation import t_ci95
+from metarl.training import read_eval_history
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "experiments" / "benchmarks" / "learning.py"
+
+
+def test_t_ci95_hand_computed():
+    # [1, 2, 3]: mean 2, s = 1, t_{0.975, 2} = 4.303 -> 2 +- 4.303 / sqrt(3)
+    lo, hi = t_ci95(np.array([1.0, 2.0, 3.0]))
+    assert (lo, hi) == pytest.approx((2 - 4.303 / np.sqrt(3), 2 + 4.303 / np.sqrt(3)))
+    # two values 0 and 10: mean 5, s = sqrt(50), t_{0.975, 1} = 12.706
+    lo, hi = t_ci95(np.array([0.0, 10.0]))
+    assert (lo, hi) == pytest.approx((5 - 12.706 * np.sqrt(50) / np.sqrt(2), 5 + 12.706 * np.sqrt(50) / np.sqrt(2)))
+    assert all(np.isnan(t_ci95(np.array([4.0]))))
+    # 22 values: between table rows the next smaller df's (larger) quantile is used: t_{0.975, 20} = 2.086
+    values = np.arange(22, dtype=float)
+    half = (t_ci95(values)[1] - t_ci95(values)[0]) / 2
+    assert half == pytest.approx(2.086 * values.std(ddof=1) / np.sqrt(22))
+
+
+def _run(args, cwd):
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def test_two_seeds_one_command_resumable(tmp_path):
+    config = ROOT / "experiments" / "maml_trpo" / "point_nav_2d.yaml"
+    out = tmp_path / "two_seeds.json"
+    overrides = ["iterations=4", "agent.tasks_per_batch=4", "agent.episodes_per_task=4", "eval.every=2",
+                 "eval.tasks=4", "eval.steps=1", "eval.episodes=4", f"run_root={tmp_path / 'runs'}",
+                 "sampler.workers=0"]
+    done = _run([str(config), *overrides, "--seeds", "0", "1", "--out", str(out)], tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["complete"] and result["seeds"] == [0, 1]
+    assert [s["seed"] for s in result["per_seed"]] == [0, 1]
+    for s in result["per_seed"]:
+        assert s["iterations"] == 4 and len(s["training_curve"]) == 4
+        # evaluated at iteration 2 (every 2) and at the end (4): the held-out curve over training
+        assert [e["iteration"] for e in s["heldout_curve"]] == [2, 4]
+        assert s["heldout_curve"][-1]["stages"][1]["mean_return"] == s["heldout"]["stages"][1]["mean_return"]
+        assert "inner_kl" in s["training_curve"][0]
+    # different seeds, different numbers; the aggregate is their mean with a t-interval around it
+    a, b = (s["heldout"]["stages"][1]["mean_return"] for s in result["per_seed"])
+    assert a != b
+    agg = result["aggregate"]["heldout_stages"][1]
+    assert agg["mean"] == pytest.approx((a + b) / 2)
+    assert agg["ci95"] == pytest.approx(list(t_ci95(np.array([a, b]))))
+    assert [e["iteration"] for e in result["aggregate"]["heldout_curve"]] == [2, 4]
+    assert out.with_suffix(".png").stat().st_size > 1000
+
+    # The same command again: finished seeds are read back, nothing is retrained
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("latest.pt")}
+    again = _run([str(config), *overrides, "--seeds", "0", "1", "--out", str(out)], tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("latest.pt")} == before
+    assert json.loads(out.read_text())["per_seed"] == result["per_seed"]
+
+    # A third seed added later resumes the file; other overrides are refused rather than mixed in
+    mixed = _run([str(config), *overrides, "agent.inner_lr=0.2", "--seeds", "0", "1", "--out", str(out)], tmp_path)
+    assert mixed.returncode != 0 and "overrides" in mixed.stderr
+
+
+def test_eval_history_replaces_later_iterations(tmp_path):
+    from metarl.training import record_eval_history
+
+    path = tmp_path / "history.jsonl"
+
+    def summary(it, value):
+        return {"iteration": it, "env_steps": 10 * it,
+                "stages": [{"stage": 0, "adapt_episodes": 0, "mean_return": value, "ci95": [value, value]}]}
+
+    for it, v in ((10, 1.0), (20, 2.0), (30, 3.0)):
+        record_eval_history(path, summary(it, v))
+    # a run resumed from iteration 15 evaluates again at 20: the lines of 20 and 30 are replaced
+    record_eval_history(path, summary(20, 5.0))
+    rows = read_eval_history(path)
+    assert [(r["iteration"], r["stages"][0]["mean_return"]) for r in rows] == [(10, 1.0), (20, 5.0)]
