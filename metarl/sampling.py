@@ -226,7 +226,7 @@ def _worker(conn: Any, backend: str, env_id: str, env_kwargs: dict[str, Any], sy
 
     sys.path[:] = sys_path
     torch.set_num_threads(1)  # one core per worker; the workers are the parallelism
-    from metarl.system import keep_freed_memory, skip_mujoco_timers
+    from metarl.system import fault_point, keep_freed_memory, skip_mujoco_timers
 
     keep_freed_memory()
     skip_mujoco_timers()  # this process never reads mjData.timer
@@ -245,6 +245,7 @@ def _worker(conn: Any, backend: str, env_id: str, env_kwargs: dict[str, Any], sy
             if failure is not None:
                 conn.send(("error", failure))
                 continue
+            fault_point("worker")  # the fault-injection tests kill a worker here
             try:
                 conn.send(("ok", rollout(slots, *payload)))
             except NonFiniteError as exc:  # one line, raised again as itself in the main process

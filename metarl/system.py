@@ -125,7 +125,7 @@ def fault_point(name: str) -> None:
     appended, checkpoint not yet written), ``checkpoint`` (new checkpoint written beside the old one, not
     yet renamed), ``eval`` (held-out evaluation computed, nothing written), ``eval_files`` (summary.json
     written, the csv and plot not yet), ``eval_logged`` (files and TensorBoard written, not yet recorded
-    as done)."""
+    as done), ``worker`` (a sampler worker process, before a rollout; the count is per worker)."""
     target = os.environ.get("METARL_FAULT")
     if not target:
         return

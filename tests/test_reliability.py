@@ -83,6 +83,15 @@ def test_a_killed_run_resumes_to_the_uninterrupted_run(straight, tmp_path, fault
     assert json.loads((run / "checkpoints" / "evals.json").read_text())["done"] == [1, 2]
 
 
+def test_a_run_whose_sampler_worker_was_killed_resumes_to_the_uninterrupted_run(straight, tmp_path):
+    run = tmp_path / "run"
+    workers = [a if a != "sampler.workers=0" else "sampler.workers=1" for a in TINY]
+    failed = _cli("train", CONFIG, *workers, "--run-dir", str(run), "--quiet", fault="worker:3")
+    assert failed.returncode == 1 and "a sampler worker died" in failed.stderr, failed.stderr
+    assert main(["train", "--resume", str(run), "--quiet"]) == 0
+    _assert_same_run(straight, run)  # results do not depend on the number of workers
+
+
 def test_resuming_a_finished_run_does_nothing(straight, capsys):
     before = sorted(p.name for p in straight.iterdir())
     mtimes = {p: p.stat().st_mtime_ns for p in straight.rglob("*") if p.is_file() and p.name != ".lock"}

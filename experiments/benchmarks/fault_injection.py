@@ -3,14 +3,16 @@
     python experiments/benchmarks/fault_injection.py [--out experiments/results/fault_injection.json]
 
 For MAML-TRPO and RL² on PointNav2D (tiny settings: 3 iterations, a mid-run evaluation after iteration 2,
-the final one after 3, everything in one process), each case runs ``metarl train`` with
+the final one after 3, sampler.workers=0 unless a case says otherwise), each case runs ``metarl train`` with
 ``METARL_FAULT=<point>[:N]`` (`metarl.system.fault_point`: the process SIGKILLs itself the N-th time it
 reaches that point), then ``metarl train --resume`` (with the next fault of a double kill, then without)
-until it exits 0, and compares the run folder with an uninterrupted run's: every value of the final
+until it exits 0 (one case kills a sampler worker process instead, which stops training with exit code
+1), and compares the run folder with an uninterrupted run's: every value of the final
 checkpoint (agent state, iteration, env steps), ``metrics.jsonl`` (all but the ``time/`` keys),
 ``eval/test/summary.json``, ``summary.csv`` and ``per_task.csv``, and every TensorBoard scalar point (all
 but ``time/``, duplicates counted). Kills of ``metarl eval`` (compared with an uninterrupted eval of the
-same run) and of ``metarl bench`` (a one-cell suite, compared with an uninterrupted suite's cell) follow.
+same run) and of ``metarl bench`` (a MAML-TRPO cell and a random-policy cell, compared with an uninterrupted
+suite) follow.
 The results file lists every case with what differed; ``all_identical`` is the verdict.
 """
 
@@ -54,7 +56,11 @@ CASES = [
     ("double_kill", ["iteration:3", "eval_files:1"], "iteration 3, then the resume in its final evaluation"),
     ("double_kill_checkpoint", ["checkpoint:1", "checkpoint:1"], "first checkpoint write, then the resume's "
      "next checkpoint write"),
+    ("sampler_worker", ["worker:3"], "a sampler worker process (sampler.workers=1) before its third rollout; "
+     "the main process stops with exit code 1"),
 ]
+#: per case: overrides beyond COMMON, and the exit code of the interrupted command (SIGKILL: -9)
+VARIANTS = {"sampler_worker": (["sampler.workers=1"], 1)}
 
 
 def _cli(args: list[str], fault: str | None = None) -> subprocess.CompletedProcess:
@@ -110,6 +116,12 @@ def compare_summaries(a: Path, b: Path) -> list[str]:
     return diffs
 
 
+def _without_workers(record: str | None) -> Any:
+    data = json.loads(record) if record else {}
+    data.get("sampler", {}).pop("workers", None)
+    return data
+
+
 def compare_runs(a: Path, b: Path) -> list[str]:
     """What differs between run folders ``a`` (uninterrupted) and ``b`` (killed and resumed)."""
     diffs = []
@@ -119,6 +131,8 @@ def compare_runs(a: Path, b: Path) -> list[str]:
         if key == "sha256":
             continue
         u, v = x.get(key), y.get(key)
+        if key == "config":  # the sampler_worker case runs with sampler.workers=1, which may differ
+            u, v = (_without_workers(c) for c in (u, v))
         same = (torch.equal(u, v) if isinstance(u, torch.Tensor) and isinstance(v, torch.Tensor) else u == v)
         if not same:
             diffs.append(f"checkpoint {key}")
@@ -134,9 +148,10 @@ def compare_runs(a: Path, b: Path) -> list[str]:
     return diffs
 
 
-def run_case(agent: str, faults: list[str], work: Path, reference: Path) -> dict[str, Any]:
-    run = work / f"{agent}-{'-'.join(f.replace(':', '') for f in faults)}"
-    args = [*AGENTS[agent], *COMMON, "--run-dir", str(run), "--quiet"]
+def run_case(agent: str, name: str, faults: list[str], work: Path, reference: Path) -> dict[str, Any]:
+    run = work / f"{agent}-{name}"
+    extra, expected = VARIANTS.get(name, ([], -9))
+    args = [*AGENTS[agent], *COMMON, *extra, "--run-dir", str(run), "--quiet"]
     record: dict[str, Any] = {"agent": agent, "faults": faults, "exit_codes": []}
     done = _cli(["train", *args], fault=faults[0])
     record["exit_codes"].append(done.returncode)
@@ -145,7 +160,7 @@ def run_case(agent: str, faults: list[str], work: Path, reference: Path) -> dict
             break
         done = _cli(["train", "--resume", str(run), "--quiet"], fault=fault)
         record["exit_codes"].append(done.returncode)
-    record["killed"] = all(code == -9 for code in record["exit_codes"][: len(faults)])
+    record["killed"] = all(code == expected for code in record["exit_codes"][: len(faults)])
     record["finished"] = done.returncode == 0
     if done.returncode != 0:
         record["error"] = done.stderr.strip().splitlines()[-1:] if done.stderr.strip() else []
@@ -235,7 +250,7 @@ def main() -> None:
         assert done.returncode == 0, done.stderr
         references[agent] = reference
         for name, faults, what in CASES:
-            record = {"case": name, "interrupts": what, **run_case(agent, faults, work, reference)}
+            record = {"case": name, "interrupts": what, **run_case(agent, name, faults, work, reference)}
             cases.append(record)
             print(f"{agent:<10} {name:<24} exit codes {record['exit_codes']} "
                   f"{'identical' if record['identical'] else 'DIFFERS: ' + ', '.join(record['differences'])}",
