@@ -406,11 +406,13 @@ class RL2:
         returns = batch.returns.reshape(n, episodes, K)
         lengths = batch.lengths.reshape(n, episodes, K)
         before = torch.cat([torch.zeros(n, episodes, 1), torch.cumsum(lengths, -1)[..., :-1]], -1)
+        within = batch.binned_returns()  # [n, episodes * K, bins]; episode k of a trial is stage k
         return AdaptationResult(
             tasks=list(tasks),
             returns=returns.mean(1).numpy(),
             adapt_episodes=list(range(K)),
             adapt_env_steps=[float(x) for x in before.mean((0, 1))],
+            within_episode=within.reshape(n, episodes, K, -1).mean(1).numpy(),
         )
 
     def adaptation_rollouts(self, tasks: list[Task], steps: int, episodes: int, seed: int) -> list[StageRollout]:

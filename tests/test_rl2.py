@@ -201,3 +201,7 @@ def test_probe_episode_two_beats_episode_one_after_training():
     assert episode2 > episode1 + 0.3, result.returns
     assert episode2 > -0.6
     assert result.adapt_episodes == [0, 1] and result.adapt_env_steps == [0.0, 4.0]
+    # within each episode: horizon 4 in 10 bins puts steps 0..3 in bins 0, 2, 5, 7; they sum to the returns
+    assert result.within_episode.shape == (2, 2, 10)
+    np.testing.assert_allclose(result.within_episode.sum(-1), result.returns, rtol=1e-5, atol=1e-5)
+    assert np.all(result.within_episode[:, :, [1, 3, 4, 6, 8, 9]] == 0)
