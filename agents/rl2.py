@@ -148,6 +148,12 @@ def make_inputs(obs: torch.Tensor, prev_action: torch.Tensor, prev_reward: torch
     return torch.cat([obs, prev_action, (prev_reward / reward_scale).unsqueeze(-1), ended.unsqueeze(-1)], -1)
 
 
+# The parts of the model whose gradient norms are logged (loss/grad_norm_<part>): the input encoder, the
+# GRU, the actor (mean head and log-std) and the critic (value head).
+GRAD_PARTS = {"encoder": ("encoder.",), "gru": ("gru.",), "actor": ("mean_head.", "log_std"),
+              "critic": ("value_head.",)}
+
+
 class RL2Actor:
     """Picklable sampling-side RL² policy: steps the GRU for every slot, carrying the state within a trial."""
 
@@ -333,7 +339,8 @@ class RL2:
         if self.total_iterations and c.lr_schedule == "linear":
             for group in self.optimizer.param_groups:
                 group["lr"] = c.lr * max(0.0, 1 - self.iteration / self.total_iterations)
-        stats: dict[str, list[float]] = {k: [] for k in ("policy", "value", "entropy", "approx_kl", "clip_frac")}
+        stats: dict[str, list[float]] = {k: [] for k in ("policy", "value", "entropy", "approx_kl", "clip_frac",
+                                                         *GRAD_PARTS, "total")}
         for _ in range(c.epochs):
             perm = self.rng.permutation(len(pieces))
             for mb in np.array_split(perm, min(c.minibatches, len(pieces))):
@@ -356,6 +363,8 @@ class RL2:
                 loss = ((policy_loss + c.value_coef * value_loss - c.entropy_coef * entropy) * m).sum() / denom
                 self.optimizer.zero_grad()
                 loss.backward()
+                for part, norm in self.grad_norms().items():  # before clipping: which part the loss pulls on
+                    stats[part].append(norm)
                 nn.utils.clip_grad_norm_(self.model.parameters(), c.max_grad_norm)
                 self.optimizer.step()
                 with torch.no_grad():
@@ -387,6 +396,7 @@ class RL2:
             "loss/clip_fraction": float(np.mean(stats["clip_frac"])),
             "loss/explained_variance": explained,
             "loss/learning_rate": float(self.optimizer.param_groups[0]["lr"]),
+            **{f"loss/grad_norm_{part}": float(np.mean(stats[part])) for part in (*GRAD_PARTS, "total")},
             "time/sampling_s": sample_time,
             "time/update_s": total - sample_time,
             "time/iteration_s": total,
@@ -422,6 +432,15 @@ class RL2:
         actor = RL2Actor(self.model.config, self.model.state_dict(), self._frozen_obs_rms(), self.reward_scale,
                          seed=int(rng.integers(2**31 - 1)))
         return [StageRollout(actor, tuple(range(steps + 1)), episodes * (steps + 1), int(rng.integers(2**31 - 1)))]
+
+    def grad_norms(self) -> dict[str, float]:
+        """L2 norm of the current gradient of each part of the model (`GRAD_PARTS`) and of all of it."""
+        sq = dict.fromkeys(GRAD_PARTS, 0.0)
+        for name, p in self.model.named_parameters():
+            if p.grad is not None:
+                part = next(k for k, prefixes in GRAD_PARTS.items() if name.startswith(prefixes))
+                sq[part] += float(p.grad.pow(2).sum())
+        return {**{k: v ** 0.5 for k, v in sq.items()}, "total": sum(sq.values()) ** 0.5}
 
     def state_dict(self) -> dict[str, Any]:
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),

@@ -205,3 +205,22 @@ def test_probe_episode_two_beats_episode_one_after_training():
     assert result.within_episode.shape == (2, 2, 10)
     np.testing.assert_allclose(result.within_episode.sum(-1), result.returns, rtol=1e-5, atol=1e-5)
     assert np.all(result.within_episode[:, :, [1, 3, 4, 6, 8, 9]] == 0)
+
+
+def test_gradient_norms_per_part(cheetah):
+    """A loss on the value alone reaches encoder, GRU and critic but not the actor; the parts' squares add up
+    to the total; a training step logs every part."""
+    agent = RL2(_small(), cheetah, seed=0)
+    model = agent.model
+    inputs = torch.randn(3, 5, model.encoder.in_features)
+    _, value, _ = model.unroll(inputs, torch.zeros(3, model.config["hidden_size"]))
+    model.zero_grad()
+    value.sum().backward()
+    norms = agent.grad_norms()
+    assert norms["actor"] == 0.0 and min(norms["critic"], norms["gru"], norms["encoder"]) > 0
+    assert norms["total"] ** 2 == pytest.approx(sum(norms[k] ** 2 for k in ("encoder", "gru", "actor", "critic")))
+    assert norms["critic"] == pytest.approx(float(torch.cat([model.value_head.weight.grad.reshape(-1),
+                                                             model.value_head.bias.grad]).norm()))
+    metrics = agent.train_step(cheetah.family.sample_tasks(2, "train", seed=0))
+    for part in ("encoder", "gru", "actor", "critic", "total"):
+        assert np.isfinite(metrics[f"loss/grad_norm_{part}"]) and metrics[f"loss/grad_norm_{part}"] > 0
