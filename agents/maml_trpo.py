@@ -390,10 +390,11 @@ class MAMLTRPO:
         """Stage 0: E episodes with theta; stage k: E episodes after k gradient steps, each step using the
         previous stage's episodes. Returns the mean return per task and stage."""
         n = len(tasks)
-        returns, env_steps = [], []
+        returns, env_steps, within = [], [], []
         consumed = 0.0
         for _, _, batch in self._evaluation_stages(tasks, steps, episodes, seed):
             returns.append(batch.returns.mean(1).numpy())
+            within.append(batch.binned_returns().mean(1).numpy())
             env_steps.append(consumed)
             consumed += batch.env_steps / n
         return AdaptationResult(
@@ -401,6 +402,7 @@ class MAMLTRPO:
             returns=np.stack(returns, axis=1),
             adapt_episodes=[stage * episodes for stage in range(steps + 1)],
             adapt_env_steps=env_steps,
+            within_episode=np.stack(within, axis=1),
         )
 
     def adaptation_rollouts(self, tasks: list[Task], steps: int, episodes: int, seed: int) -> list[StageRollout]:

@@ -61,6 +61,16 @@ class RL2Config:
     bptt_chunk: int = 0             # 0: back-propagate through whole trials
     bootstrap_trial_end: bool = True
     init_std: float = 1.0
+    # The input path and losses (VariBAD's RL², REFERENCE.md, is embedding "separate", reward_input "raw",
+    # head_hidden [128], gru_init "orthogonal", value_loss "huber", value_clip true; the defaults keep the
+    # original model: one tanh layer over all inputs, linear heads, squared value error).
+    embedding: str = "tanh"         # "tanh": one tanh layer over [obs, action, reward, flag]; "separate": a ReLU
+    embed_sizes: tuple[int, ...] = (32, 16, 16)  # embedding each of [obs + flag], action, reward (sizes here)
+    reward_input: str = "scaled"    # "scaled": previous reward / return std (as PPO sees it); "raw": as the env gave it
+    head_hidden: tuple[int, ...] = ()  # tanh MLP layers of the actor and of the critic after the GRU
+    gru_init: str = "default"       # "default": PyTorch's; "orthogonal": orthogonal weights, zero biases
+    value_loss: str = "mse"         # "mse" or "huber" (smooth L1, delta 1) against the GAE returns
+    value_clip: bool = False        # PPO's clipped value loss: max(l(v), l(v_old + clip(v - v_old, +-clip)))
 
     def __post_init__(self) -> None:
         for name in ("tasks_per_batch", "trials_per_task", "episodes_per_trial", "hidden_size", "epochs", "minibatches"):
@@ -82,6 +92,16 @@ class RL2Config:
             raise ValueError(f"agent.lr_schedule must be 'constant' or 'linear', got {self.lr_schedule!r}")
         if self.bptt_chunk < 0:
             raise ValueError(f"agent.bptt_chunk must be >= 0 (0: whole trials), got {self.bptt_chunk}")
+        choices = {"embedding": ("tanh", "separate"), "reward_input": ("scaled", "raw"),
+                   "gru_init": ("default", "orthogonal"), "value_loss": ("mse", "huber")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"agent.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if len(self.embed_sizes) != 3 or any((not isinstance(k, int)) or k < 1 for k in self.embed_sizes):
+            raise ValueError(f"agent.embed_sizes must be three positive integers (obs, action, reward), "
+                             f"got {self.embed_sizes!r}")
+        if any((not isinstance(k, int)) or k < 1 for k in self.head_hidden):
+            raise ValueError(f"agent.head_hidden must be positive integers, got {self.head_hidden!r}")
 
 
 class RunningMeanStd:
@@ -122,20 +142,53 @@ class RunningMeanStd:
 
 
 class RecurrentActorCritic(nn.Module):
-    """Input [obs, prev action, prev reward, episode-ended flag] -> tanh encoder -> GRU cell -> Gaussian
-    action head and value head. ``step`` is the single-step form used both by the sampler and the update."""
+    """Input [obs, prev action, prev reward, episode-ended flag] -> embedding -> GRU cell -> Gaussian action
+    head and value head. ``step`` is the single-step form used both by the sampler and the update.
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden_size: int = 128, init_std: float = 1.0):
+    ``embedding="tanh"``: one tanh layer over the whole input. ``"separate"`` (VariBAD's RL²): ReLU layers
+    embed [obs, flag], the action and the reward separately (``embed_sizes``) and their concatenation
+    enters the GRU, so the one-number reward channel is not drowned by the observation's. ``head_hidden``
+    puts tanh MLPs between the GRU and each head; ``gru_init="orthogonal"``: orthogonal GRU weights, zero
+    biases."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden_size: int = 128, init_std: float = 1.0,
+                 embedding: str = "tanh", embed_sizes: tuple[int, ...] = (32, 16, 16),
+                 head_hidden: tuple[int, ...] = (), gru_init: str = "default"):
         super().__init__()
-        self.config = {"obs_dim": obs_dim, "act_dim": act_dim, "hidden_size": hidden_size, "init_std": init_std}
+        embed_sizes, head_hidden = tuple(int(k) for k in embed_sizes), tuple(int(k) for k in head_hidden)
+        self.config = {"obs_dim": obs_dim, "act_dim": act_dim, "hidden_size": hidden_size, "init_std": init_std,
+                       "embedding": embedding, "embed_sizes": embed_sizes, "head_hidden": head_hidden,
+                       "gru_init": gru_init}
+        self.obs_dim, self.act_dim = obs_dim, act_dim
         in_dim = obs_dim + act_dim + 2
-        self.encoder = nn.Linear(in_dim, hidden_size)
-        self.gru = nn.GRU(hidden_size, hidden_size, batch_first=True)
-        self.mean_head = nn.Linear(hidden_size, act_dim)
-        self.value_head = nn.Linear(hidden_size, 1)
+        if embedding == "separate":
+            self.encoder = nn.ModuleDict({"obs": nn.Linear(obs_dim + 1, embed_sizes[0]),
+                                          "action": nn.Linear(act_dim, embed_sizes[1]),
+                                          "reward": nn.Linear(1, embed_sizes[2])})
+            gru_in = sum(embed_sizes)
+        else:
+            self.encoder = nn.Linear(in_dim, hidden_size)
+            gru_in = hidden_size
+        self.embedding = embedding
+        self.gru = nn.GRU(gru_in, hidden_size, batch_first=True)
+        if gru_init == "orthogonal":
+            for name, param in self.gru.named_parameters():
+                (nn.init.orthogonal_ if "weight" in name else nn.init.zeros_)(param)
+        self.mean_head = _head(hidden_size, head_hidden, act_dim)
+        self.value_head = _head(hidden_size, head_hidden, 1)
         self.log_std = nn.Parameter(torch.full((act_dim,), float(np.log(init_std))))
-        nn.init.orthogonal_(self.mean_head.weight, gain=0.01)
-        nn.init.zeros_(self.mean_head.bias)
+        last = self.mean_head if isinstance(self.mean_head, nn.Linear) else self.mean_head[-1]
+        nn.init.orthogonal_(last.weight, gain=0.01)
+        nn.init.zeros_(last.bias)
+
+    def embed(self, inputs: torch.Tensor) -> torch.Tensor:
+        if self.embedding == "tanh":
+            return torch.tanh(self.encoder(inputs))
+        o, a = self.obs_dim, self.act_dim
+        state = torch.cat([inputs[..., :o], inputs[..., o + a + 1:]], -1)  # the flag travels with the state
+        return torch.cat([torch.relu(self.encoder["obs"](state)),
+                          torch.relu(self.encoder["action"](inputs[..., o:o + a])),
+                          torch.relu(self.encoder["reward"](inputs[..., o + a:o + a + 1]))], -1)
 
     def step(self, inputs: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One step for a batch: ``inputs [B, in]``, ``hidden [B, H]`` -> mean, value, new hidden."""
@@ -145,18 +198,49 @@ class RecurrentActorCritic(nn.Module):
     def unroll(self, inputs: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``inputs [B, L, in]`` from ``hidden [B, H]``: means ``[B, L, act]``, values ``[B, L]``, hiddens ``[B, L, H]``
         (the state *after* each step). One fused GRU call: the time loop runs in C++, not Python."""
-        out, _ = self.gru(torch.tanh(self.encoder(inputs)), hidden.unsqueeze(0).contiguous())
+        out, _ = self.gru(self.embed(inputs), hidden.unsqueeze(0).contiguous())
         return self.mean_head(out), self.value_head(out).squeeze(-1), out
+
+
+def _head(in_dim: int, hidden: tuple[int, ...], out_dim: int) -> nn.Module:
+    """A linear head, or a tanh MLP ending in one."""
+    if not hidden:
+        return nn.Linear(in_dim, out_dim)
+    layers: list[nn.Module] = []
+    for size in hidden:
+        layers += [nn.Linear(in_dim, size), nn.Tanh()]
+        in_dim = size
+    return nn.Sequential(*layers, nn.Linear(in_dim, out_dim))
+
+
+def value_loss(value: torch.Tensor, old_value: torch.Tensor, target: torch.Tensor, kind: str = "mse",
+               clip: float | None = None) -> torch.Tensor:
+    """Per-step value loss: squared error, or Huber (smooth L1 with delta 1: 0.5 e^2 for |e| <= 1, |e| - 0.5
+    beyond); with ``clip``, PPO's pessimistic clipped form max(l(v), l(v_old + clip(v - v_old, -clip, clip)))."""
+    def one(v: torch.Tensor) -> torch.Tensor:
+        err = v - target
+        return err.pow(2) if kind == "mse" else nn.functional.smooth_l1_loss(v, target, reduction="none")
+
+    loss = one(value)
+    if clip is not None:
+        loss = torch.max(loss, one(old_value + (value - old_value).clamp(-clip, clip)))
+    return loss
 
 
 def make_inputs(obs: torch.Tensor, prev_action: torch.Tensor, prev_reward: torch.Tensor, ended: torch.Tensor,
                 obs_rms: RunningMeanStd | None, reward_scale: float) -> torch.Tensor:
-    """The policy input: normalised observation, previous action, scaled previous reward, flag."""
+    """The policy input: normalised observation, previous action, previous reward / ``reward_scale``, flag."""
     if obs_rms is not None:
         mean = torch.as_tensor(obs_rms.mean, dtype=obs.dtype)
         std = torch.as_tensor(np.sqrt(obs_rms.var + 1e-8), dtype=obs.dtype)
         obs = ((obs - mean) / std).clamp(-10, 10)
     return torch.cat([obs, prev_action, (prev_reward / reward_scale).unsqueeze(-1), ended.unsqueeze(-1)], -1)
+
+
+# The parts of the model whose gradient norms are logged (loss/grad_norm_<part>): the input encoder, the
+# GRU, the actor (mean head and log-std) and the critic (value head).
+GRAD_PARTS = {"encoder": ("encoder.",), "gru": ("gru.",), "actor": ("mean_head.", "log_std"),
+              "critic": ("value_head.",)}
 
 
 class RL2Actor:
@@ -274,7 +358,8 @@ class RL2:
                             f"{sampler.observation_space.shape} and {sampler.action_space.shape}")
         obs_dim, act_dim = sampler.observation_space.shape[0], sampler.action_space.shape[0]
         torch.manual_seed(seed)
-        self.model = RecurrentActorCritic(obs_dim, act_dim, config.hidden_size, config.init_std)
+        self.model = RecurrentActorCritic(obs_dim, act_dim, config.hidden_size, config.init_std, config.embedding,
+                                          config.embed_sizes, config.head_hidden, config.gru_init)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr, eps=1e-5)
         self.obs_rms = RunningMeanStd((obs_dim,), limit=1e6, name="observation normaliser") if config.normalize_obs else None
         self.ret_rms = RunningMeanStd((), name="return normaliser")
@@ -290,11 +375,16 @@ class RL2:
     def reward_scale(self) -> float:
         return float(np.sqrt(self.ret_rms.var + 1e-8)) if self.config.normalize_rewards else 1.0
 
+    @property
+    def input_reward_scale(self) -> float:
+        """What the previous reward is divided by in the policy's input (1: ``reward_input: raw``)."""
+        return 1.0 if self.config.reward_input == "raw" else self.reward_scale
+
     def _seed(self) -> int:
         return int(self.rng.integers(2**31 - 1))
 
     def actor(self, deterministic: bool = False, record_hidden: bool = False) -> RL2Actor:
-        return RL2Actor(self.model.config, self.model.state_dict(), self._frozen_obs_rms(), self.reward_scale,
+        return RL2Actor(self.model.config, self.model.state_dict(), self._frozen_obs_rms(), self.input_reward_scale,
                         seed=self._seed(), deterministic=deterministic, record_hidden=record_hidden)
 
     def _frozen_obs_rms(self) -> RunningMeanStd | None:
@@ -324,8 +414,8 @@ class RL2:
         self.env_steps += batch.env_steps
         trials = to_trials(batch, c.episodes_per_trial)
         obs_rms, scale = self._frozen_obs_rms(), self.reward_scale  # what the sampler used
-        inputs = self.inputs(trials, obs_rms, scale)
-        rewards = trials.rewards / scale
+        inputs = self.inputs(trials, obs_rms, self.input_reward_scale)
+        rewards = trials.rewards / scale  # PPO learns from normalised rewards whatever the input sees
         B, L = trials.rewards.shape
         with torch.no_grad():
             means, values, hiddens = self.model.unroll(inputs, torch.zeros(B, c.hidden_size))
@@ -344,7 +434,8 @@ class RL2:
         if self.total_iterations and c.lr_schedule == "linear":
             for group in self.optimizer.param_groups:
                 group["lr"] = c.lr * max(0.0, 1 - self.iteration / self.total_iterations)
-        stats: dict[str, list[float]] = {k: [] for k in ("policy", "value", "entropy", "approx_kl", "clip_frac")}
+        stats: dict[str, list[float]] = {k: [] for k in ("policy", "value", "entropy", "approx_kl", "clip_frac",
+                                                         *GRAD_PARTS, "total")}
         for _ in range(c.epochs):
             perm = self.rng.permutation(len(pieces))
             for mb in np.array_split(perm, min(c.minibatches, len(pieces))):
@@ -361,12 +452,14 @@ class RL2:
                 ratio = torch.exp(logp - old_logp[rows, cols])
                 adv = adv_norm[rows, cols]
                 policy_loss = -torch.min(ratio * adv, ratio.clamp(1 - c.clip, 1 + c.clip) * adv)
-                value_loss = (value - returns[rows, cols]).pow(2)
+                value_loss = self._value_loss(value, values[rows, cols], returns[rows, cols])
                 entropy = dist.entropy()
                 denom = m.sum().clamp_min(1.0)
                 loss = ((policy_loss + c.value_coef * value_loss - c.entropy_coef * entropy) * m).sum() / denom
                 self.optimizer.zero_grad()
                 loss.backward()
+                for part, norm in self.grad_norms().items():  # before clipping: which part the loss pulls on
+                    stats[part].append(norm)
                 nn.utils.clip_grad_norm_(self.model.parameters(), c.max_grad_norm)
                 self.optimizer.step()
                 with torch.no_grad():
@@ -398,6 +491,7 @@ class RL2:
             "loss/clip_fraction": float(np.mean(stats["clip_frac"])),
             "loss/explained_variance": explained,
             "loss/learning_rate": float(self.optimizer.param_groups[0]["lr"]),
+            **{f"loss/grad_norm_{part}": float(np.mean(stats[part])) for part in (*GRAD_PARTS, "total")},
             "time/sampling_s": sample_time,
             "time/update_s": total - sample_time,
             "time/iteration_s": total,
@@ -417,20 +511,35 @@ class RL2:
         returns = batch.returns.reshape(n, episodes, K)
         lengths = batch.lengths.reshape(n, episodes, K)
         before = torch.cat([torch.zeros(n, episodes, 1), torch.cumsum(lengths, -1)[..., :-1]], -1)
+        within = batch.binned_returns()  # [n, episodes * K, bins]; episode k of a trial is stage k
         return AdaptationResult(
             tasks=list(tasks),
             returns=returns.mean(1).numpy(),
             adapt_episodes=list(range(K)),
             adapt_env_steps=[float(x) for x in before.mean((0, 1))],
+            within_episode=within.reshape(n, episodes, K, -1).mean(1).numpy(),
         )
 
     def adaptation_rollouts(self, tasks: list[Task], steps: int, episodes: int, seed: int) -> list[StageRollout]:
         """How `evaluate_adaptation` with the same arguments samples (for `metarl.video` to replay): one call
         of ``episodes`` trials of ``steps + 1`` episodes per task, episode k of a trial being stage k."""
         rng = np.random.default_rng(seed)
-        actor = RL2Actor(self.model.config, self.model.state_dict(), self._frozen_obs_rms(), self.reward_scale,
+        actor = RL2Actor(self.model.config, self.model.state_dict(), self._frozen_obs_rms(), self.input_reward_scale,
                          seed=int(rng.integers(2**31 - 1)))
         return [StageRollout(actor, tuple(range(steps + 1)), episodes * (steps + 1), int(rng.integers(2**31 - 1)))]
+
+    def _value_loss(self, value: torch.Tensor, old_value: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        return value_loss(value, old_value, target, c.value_loss, c.clip if c.value_clip else None)
+
+    def grad_norms(self) -> dict[str, float]:
+        """L2 norm of the current gradient of each part of the model (`GRAD_PARTS`) and of all of it."""
+        sq = dict.fromkeys(GRAD_PARTS, 0.0)
+        for name, p in self.model.named_parameters():
+            if p.grad is not None:
+                part = next(k for k, prefixes in GRAD_PARTS.items() if name.startswith(prefixes))
+                sq[part] += float(p.grad.pow(2).sum())
+        return {**{k: v ** 0.5 for k, v in sq.items()}, "total": sum(sq.values()) ** 0.5}
 
     def state_dict(self) -> dict[str, Any]:
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),

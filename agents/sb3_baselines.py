@@ -43,6 +43,7 @@ import gymnasium as gym
 import numpy as np
 
 import metarl
+from metarl.episodes import WITHIN_EPISODE_BINS
 from metarl.evaluation import AdaptationResult
 from metarl.tasks import Task, episode_limit, family_of
 
@@ -151,20 +152,31 @@ def make_env(env_id: str, env_kwargs: dict, task: Task | None = None, oracle: bo
 def measure(act: Callable[[np.ndarray], np.ndarray], env_id: str, env_kwargs: dict, task: Task, episodes: int,
             seed: int, oracle: bool = False) -> np.ndarray:
     """Returns of ``episodes`` episodes of ``task``, run side by side (one batched ``act`` per step)."""
+    return measure_binned(act, env_id, env_kwargs, task, episodes, seed, oracle).sum(-1)
+
+
+def measure_binned(act: Callable[[np.ndarray], np.ndarray], env_id: str, env_kwargs: dict, task: Task, episodes: int,
+                   seed: int, oracle: bool = False, bins: int = WITHIN_EPISODE_BINS) -> np.ndarray:
+    """``[episodes, bins]``: the reward of each episode in each of ``bins`` equal spans of the horizon (the
+    binning of `EpisodeBatch.binned_returns`); the rows sum to the returns."""
     envs = [make_env(env_id, env_kwargs, task, oracle) for _ in range(episodes)]
     try:
+        horizon = episode_limit(envs[0])
         obs = np.stack([env.reset(seed=seed + i)[0] for i, env in enumerate(envs)])
-        returns = np.zeros(episodes)
+        binned = np.zeros((episodes, bins))
         running = np.ones(episodes, dtype=bool)
         low, high = envs[0].action_space.low, envs[0].action_space.high
+        t = 0
         while running.any():
             actions = np.clip(act(obs), low, high)
+            b = min(t * bins // horizon, bins - 1)
             for i in np.flatnonzero(running):
                 o, r, terminated, truncated, _ = envs[i].step(actions[i])
                 obs[i] = o
-                returns[i] += float(r)
+                binned[i, b] += float(r)
                 running[i] = not (terminated or truncated)
-        return returns
+            t += 1
+        return binned
     finally:
         for env in envs:
             env.close()
@@ -266,6 +278,7 @@ def _run_baseline(spec: BaselineSpec, env_id: str, env_kwargs: dict, tasks: list
     rng = np.random.default_rng(seed)
     seeds = [int(s) for s in rng.integers(2**31 - 1, size=len(tasks))]
     returns = np.zeros((len(tasks), len(stage_episodes)))
+    within = np.zeros((len(tasks), len(stage_episodes), WITHIN_EPISODE_BINS))
 
     if spec.kind in ("random", "oracle"):
         if spec.kind == "oracle":
@@ -277,9 +290,10 @@ def _run_baseline(spec: BaselineSpec, env_id: str, env_kwargs: dict, tasks: list
             act_rng = np.random.default_rng(seed)
             act = lambda obs: act_rng.uniform(space.low, space.high, size=(len(obs), *space.shape))  # noqa: E731
         for i, task in enumerate(tasks):
-            returns[i, :] = measure(act, env_id, env_kwargs, task, episodes, seeds[i], spec.kind == "oracle").mean()
+            within[i, :] = measure_binned(act, env_id, env_kwargs, task, episodes, seeds[i], spec.kind == "oracle").mean(0)
+            returns[i, :] = within[i, 0].sum()
             cost.measure_env_steps += episodes * horizon
-        return AdaptationResult(list(tasks), returns, stage_episodes, [0.0] * len(stage_episodes)), cost
+        return AdaptationResult(list(tasks), returns, stage_episodes, [0.0] * len(stage_episodes), within), cost
 
     pretrained = None
     if spec.kind == "multitask":
@@ -303,15 +317,16 @@ def _run_baseline(spec: BaselineSpec, env_id: str, env_kwargs: dict, tasks: list
                 raise RuntimeError(f"{spec.kind} {spec.algo}: trained {model.num_timesteps} env steps at stage {k}, "
                                    f"the protocol gives {target * horizon}")
             trained[k] = model.num_timesteps
-            returns[i, k] = measure(_sb3_act(model), env_id, env_kwargs, task, episodes, seeds[i] + 7919 * k).mean()
+            within[i, k] = measure_binned(_sb3_act(model), env_id, env_kwargs, task, episodes, seeds[i] + 7919 * k).mean(0)
+            returns[i, k] = within[i, k].sum()
             cost.measure_env_steps += episodes * horizon
         cost.adapt_env_steps_per_task += model.num_timesteps / len(tasks)
         env.close()
         log(f"    task {i + 1}/{len(tasks)}: return {returns[i, 0]:.1f} -> {returns[i, steps]:.1f}"
             + (f" -> {returns[i, -1]:.1f} after {stage_episodes[-1]} episodes" if spec.extra_episodes else "")
             + f" ({time.perf_counter() - start:.0f}s)")
-    return AdaptationResult(list(tasks), returns, stage_episodes, [float(n) for n in trained]), cost
+    return AdaptationResult(list(tasks), returns, stage_episodes, [float(n) for n in trained], within), cost
 
 
 __all__ = ["ALGOS", "KINDS", "BaselineSpec", "Cost", "TaskInObservation", "TrainingTasks", "make_env", "measure",
-           "pretrain", "run_baseline"]
+           "measure_binned", "pretrain", "run_baseline"]

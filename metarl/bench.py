@@ -473,6 +473,19 @@ def write_report(suite: Suite) -> Path:
         lines += ["<details><summary>every stage</summary>", "",
                   "| method | stage | adapt. episodes | adapt. env steps | mean return | 95% CI | IQM |",
                   "|---|---|---|---|---|---|---|", *detail_rows, "", "</details>", ""]
+        within_rows = []
+        for method in suite.methods:  # mean over cells of each tenth of the first measured episode
+            bins = [r["summary"]["stages"][0]["within_episode"] for c in cells
+                    if c.method == method and c.key in records
+                    and "within_episode" in (r := records[c.key])["summary"]["stages"][0]]
+            if bins:
+                within_rows.append(f"| {method} | " + " | ".join(_num(v) for v in np.mean(bins, axis=0)) + " |")
+        if within_rows:
+            n_bins = len(within_rows[0].split("|")) - 3
+            lines += ["<details><summary>within the first measured episode (stage 0): reward per tenth of the "
+                      "horizon, so that adaptation inside one episode shows</summary>", "",
+                      "| method | " + " | ".join(f"{b + 1}/{n_bins}" for b in range(n_bins)) + " |",
+                      "|---|" + "---|" * n_bins, *within_rows, "", "</details>", ""]
         published = [p for p in PUBLISHED if p["family"] == family]
         matching = [p for p in published if p["horizon"] == horizon]
         if matching:

@@ -14,6 +14,8 @@ import torch
 
 from metarl.tasks import Task
 
+WITHIN_EPISODE_BINS = 10  # the evaluation reports the return in each tenth of the horizon
+
 
 @dataclasses.dataclass
 class EpisodeBatch:
@@ -58,6 +60,15 @@ class EpisodeBatch:
     def returns(self) -> torch.Tensor:
         """``[N, E]`` undiscounted episode returns."""
         return (self.rewards * self.mask).sum(-1)
+
+    def binned_returns(self, bins: int = WITHIN_EPISODE_BINS) -> torch.Tensor:
+        """``[N, E, bins]`` rewards summed within each of ``bins`` equal spans of the horizon ``T`` (step t is
+        in bin ``floor(t * bins / T)``): the return over time inside each episode. An episode that ended
+        early has 0 in the bins after its end; the bins sum to `returns`."""
+        T = self.rewards.shape[-1]
+        which = (torch.arange(T) * bins) // T
+        out = torch.zeros(*self.rewards.shape[:-1], bins, dtype=self.rewards.dtype)
+        return out.index_add_(-1, which, self.rewards * self.mask)
 
     @property
     def env_steps(self) -> int:

@@ -7,8 +7,9 @@ mean return of the measured episodes, per task, summarised across tasks with a b
 Gradient-based agents adapt by gradient steps, recurrent agents by carrying their state, baselines by
 training; every agent returns an `AdaptationResult` and the files below are the same for all of them.
 
-Written to ``RUN_DIR/eval/<split>/``: ``summary.json``, ``summary.csv``, ``per_task.csv`` and
-``adaptation_curve.png``.
+Written to ``RUN_DIR/eval/<split>/``: ``summary.json``, ``summary.csv``, ``per_task.csv``,
+``adaptation_curve.png`` and, where the agent reports it, ``within_episode.png`` (the return in each tenth
+of the horizon inside the measured episodes, per stage; ``within_episode`` in each stage of the summary).
 """
 
 from __future__ import annotations
@@ -28,12 +29,18 @@ from metarl.tasks import Task
 
 @dataclasses.dataclass
 class AdaptationResult:
-    """Returns ``[n_tasks, n_stages]`` and the adaptation experience consumed before each stage."""
+    """Returns ``[n_tasks, n_stages]`` and the adaptation experience consumed before each stage.
+
+    ``within_episode`` (optional) ``[n_tasks, n_stages, bins]``: the mean over the measured episodes of the
+    reward collected in each of ``bins`` equal spans of the horizon (`EpisodeBatch.binned_returns`), so
+    that adaptation *inside* an episode shows (RL² on HalfCheetahVel infers the target speed within the
+    first episode). Summed over bins it is ``returns``."""
 
     tasks: list[Task]
     returns: np.ndarray
     adapt_episodes: list[int]
     adapt_env_steps: list[float]
+    within_episode: np.ndarray | None = None
 
 
 def bootstrap_ci(values: np.ndarray, confidence: float = 0.95, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
@@ -118,7 +125,38 @@ def summarize(result: AdaptationResult, seed: int = 0) -> dict[str, Any]:
             "ci95": [low, high],
             "per_task": [float(v) for v in column],
         })
+        if result.within_episode is not None:  # mean over tasks of each bin's reward
+            stages[-1]["within_episode"] = [float(v) for v in result.within_episode[:, k].mean(0)]
     return {"num_tasks": len(result.tasks), "tasks": [t.to_dict() for t in result.tasks], "stages": stages}
+
+
+def plot_within_episode(summary: dict[str, Any], title: str = "", path: str | Path | None = None):
+    """The return in each span of the horizon inside the measured episodes, one line per stage (None if the
+    summary has no within-episode bins)."""
+    stages = [s for s in summary["stages"] if "within_episode" in s]
+    if not stages:
+        return None
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.5, 3.8), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    bins = len(stages[0]["within_episode"])
+    for s in stages:
+        ax.plot([(b + 0.5) / bins for b in range(bins)], s["within_episode"], marker=".",
+                label=f"stage {s['stage']} ({s['adapt_episodes']} episodes before)")
+    ax.set_xlabel("fraction of the horizon")
+    ax.set_ylabel(f"reward per 1/{bins} of the horizon (mean over tasks)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    if path is not None:
+        tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
+        fig.savefig(tmp)
+        os.replace(tmp, path)
+    return fig
 
 
 def atomic_write(path: str | Path, content: str | bytes) -> None:
@@ -153,6 +191,7 @@ def write_summary(result: AdaptationResult, out_dir: str | Path, title: str = ""
         task_rows.append([json.dumps(task.params()), *[float(v) for v in result.returns[i]]])
     atomic_write(out / "per_task.csv", _csv(task_rows))
     plot_curves({title or "metarl": summary}, out / "adaptation_curve.png", title=title)
+    plot_within_episode(summary, title=f"{title}: within the measured episodes", path=out / "within_episode.png")
     return summary
 
 

@@ -38,7 +38,7 @@ import yaml
 
 import metarl
 from metarl.config import ConfigError, RunConfig, agent_class, load_config, read_yaml, yaml_dump
-from metarl.evaluation import AdaptationResult, atomic_write, plot_curves, write_summary
+from metarl.evaluation import AdaptationResult, atomic_write, plot_curves, plot_within_episode, write_summary
 from metarl.runfolder import (
     check_writable,
     config_changes,
@@ -200,6 +200,11 @@ class _Logger:
         self.writer.add_scalar(f"eval/{split}/adaptation_gain", last - first, step)
         fig = plot_curves({title: summary}, title=f"{title} ({split}, {step:,} env steps)")
         self.writer.add_figure(f"eval/{split}/adaptation_curve", fig, step)
+        within = plot_within_episode(summary, title=f"{title}: within the measured episodes ({step:,} env steps)")
+        if within is not None:
+            self.writer.add_figure(f"eval/{split}/within_episode", within, step)
+            bins = summary["stages"][0]["within_episode"]
+            self.writer.add_scalar(f"eval/{split}/stage0_last_minus_first_bin", bins[-1] - bins[0], step)
         self.writer.flush()
 
     def close(self) -> None:

@@ -18,6 +18,7 @@ from metarl.agents.sb3_baselines import (
     TrainingTasks,
     make_env,
     measure,
+    measure_binned,
     pretrain,
     run_baseline,
 )
@@ -120,6 +121,20 @@ def test_measure_equals_a_hand_rollout():
         assert returns[i] == pytest.approx(total)
 
 
+def test_measure_binned_splits_each_episode_over_the_horizon():
+    """PointNav2D (horizon 100) in 10 bins: each bin holds the rewards of 10 consecutive steps."""
+    task = metarl.family_of(metarl.make_family("PointNav2D")).sample_tasks(1, "test")[0]
+    action = np.array([0.03, 0.01])
+    binned = measure_binned(lambda obs: np.tile(action, (len(obs), 1)), PN, {}, task, episodes=2, seed=5)
+    assert binned.shape == (2, 10)
+    env = make_env(PN, {}, task)
+    env.reset(seed=6)  # the second episode
+    rewards = [env.step(action)[1] for _ in range(100)]
+    np.testing.assert_allclose(binned[1], np.add.reduceat(rewards, np.arange(0, 100, 10)))
+    np.testing.assert_allclose(binned.sum(-1), measure(lambda obs: np.tile(action, (len(obs), 1)), PN, {}, task,
+                                                       episodes=2, seed=5))
+
+
 def test_ppo_from_scratch_learns_and_the_protocol_counts_its_experience():
     task = metarl.family_of(metarl.make_family("PointNav2D")).sample_tasks(1, "test")[0]
     result, cost = run_baseline(BaselineSpec("scratch", "ppo", extra_episodes=(40,)), PN, {}, [task], steps=1,
@@ -188,6 +203,11 @@ def test_trimmed_smoke_suite_reports_every_method_and_resumes(tmp_path, capsys):
     for method in data["methods"]:
         assert f"| {method} | " in report and "not run yet" not in report
     assert (out / "curves_PointNav2D.png").stat().st_size > 10_000
+    # every method, meta-learner or baseline, reports its return inside the first measured episode
+    within = report[report.index("within the first measured episode"):].split("</details>")[0]
+    for method in data["methods"]:
+        row = next(line for line in within.splitlines() if line.startswith(f"| {method} | "))
+        assert len(row.strip("|").split("|")) == 1 + 10
     results = json.loads((out / "results.json").read_text())
     assert [r["method"] for r in results] == list(data["methods"])
     stages = {r["method"]: len(r["stages"]) for r in results}

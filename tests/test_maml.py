@@ -192,7 +192,13 @@ def test_short_training_run_learns_to_adapt():
         initial = agent.evaluate_adaptation(test, steps=1, episodes=10, seed=0).returns.mean(0)
         for it in range(12):
             agent.train_step(s.family.sample_tasks(10, "train", seed=it))
-        final = agent.evaluate_adaptation(test, steps=1, episodes=10, seed=0).returns.mean(0)
+        result = agent.evaluate_adaptation(test, steps=1, episodes=10, seed=0)
+        final = result.returns.mean(0)
+    # the within-episode view: 10 tenths of the horizon per task and stage, summing to the returns
+    assert result.within_episode.shape == (10, 2, 10)
+    np.testing.assert_allclose(result.within_episode.sum(-1), result.returns, rtol=1e-4, atol=1e-3)
+    # PointNav2D starts at the origin, away from the goal: the adapted policy's first tenth is its worst
+    assert result.within_episode[:, 1, 0].mean() < result.within_episode[:, 1, -1].mean()
     # Random init: ~ -90 per episode and one step barely helps. After meta-training: stage 0 improved and
     # the one-step adaptation gain is large.
     assert final[0] > initial[0] + 20

@@ -515,3 +515,22 @@ def test_line_search_returns_zero_when_nothing_works():
     assert backtracking_line_search(evaluate, torch.ones(3)) == (0.0, 15, False)
     assert len(seen) == 15
     close(seen[-1], torch.full((3,), 0.8**14))
+
+
+def test_binned_returns_hand_computed():
+    """Step t of a T-step horizon goes to bin floor(t * bins / T); padding (mask 0) adds nothing."""
+    import numpy as np
+
+    from metarl.episodes import EpisodeBatch
+
+    rewards = np.array([[[1.0, 2.0, 3.0, 4.0, 5.0], [10.0, 20.0, 30.0, 40.0, 50.0]]], np.float32)
+    mask = np.array([[[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]], np.float32)  # the second episode ended after 3 steps
+    batch = EpisodeBatch.from_numpy([None], {
+        "observations": np.zeros((1, 2, 5, 1)), "actions": np.zeros((1, 2, 5, 1)), "rewards": rewards,
+        "mask": mask, "terminated": np.zeros((1, 2), bool), "truncated": np.zeros((1, 2), bool),
+        "last_observations": np.zeros((1, 2, 1))})
+    # T = 5, 2 bins: t * 2 // 5 = 0, 0, 0, 1, 1
+    assert batch.binned_returns(2).tolist() == [[[6.0, 9.0], [60.0, 0.0]]]
+    # 10 bins over 5 steps: t * 10 // 5 = 0, 2, 4, 6, 8
+    assert batch.binned_returns(10)[0, 0].tolist() == [1.0, 0, 2.0, 0, 3.0, 0, 4.0, 0, 5.0, 0]
+    torch.testing.assert_close(batch.binned_returns().sum(-1), batch.returns)

@@ -73,17 +73,27 @@ def _small(**kw):
     return RL2Config(**base)
 
 
-def test_hidden_state_is_carried_within_a_trial_and_reset_between_trials(cheetah):
+VARIBAD = dict(embedding="separate", reward_input="raw", head_hidden=(12,), gru_init="orthogonal",
+               value_loss="huber", value_clip=True)
+
+
+@pytest.mark.parametrize("options", [{}, VARIBAD], ids=["default", "varibad"])
+def test_hidden_state_is_carried_within_a_trial_and_reset_between_trials(cheetah, options):
     """The sampler's GRU states, recorded step by step, equal an unroll of the whole trial from zero —
     including across the episode boundaries inside the trial — and every sample() starts from zero."""
-    agent = RL2(_small(normalize_obs=False), cheetah, seed=0)
+    agent = RL2(_small(normalize_obs=False, **options), cheetah, seed=0)
+    if options:  # a reward scale that is not 1, so a raw reward input differs from the scaled one
+        agent.ret_rms.var = np.array(9.0)
+        assert agent.reward_scale == pytest.approx(3.0) and agent.input_reward_scale == 1.0
     tasks = cheetah.family.sample_tasks(2, "train", seed=0)
     actor = agent.actor(record_hidden=True)
+    assert actor.reward_scale == agent.input_reward_scale
     batch = cheetah.sample(actor, tasks, 6, seed=1, episodes_per_trial=3)
     assert batch.lengths.eq(6).all()  # 2 tasks x 2 trials x 3 episodes of 6 steps
     recorded = torch.from_numpy(np.stack(actor.hidden_log, 1))  # [slots, steps, H]: state before each step
     trials = to_trials(batch, 3)
-    inputs = make_inputs(trials.obs, trials.prev_action, trials.prev_reward, trials.ended, None, agent.reward_scale)
+    inputs = make_inputs(trials.obs, trials.prev_action, trials.prev_reward, trials.ended, None,
+                         agent.input_reward_scale)
     with torch.no_grad():
         _, _, hiddens = agent.model.unroll(inputs, torch.zeros(4, 16))
     before = torch.cat([torch.zeros(4, 1, 16), hiddens[:, :-2]], 1)  # state before each of the 18 steps
@@ -176,8 +186,10 @@ def test_mismatched_checkpoint_is_refused(cheetah):
         other.load_state_dict(agent.state_dict())
 
 
-def test_recurrent_step_and_unroll_agree():
-    model = RecurrentActorCritic(3, 2, 8)
+@pytest.mark.parametrize("options", [{}, dict(embedding="separate", head_hidden=(6, 5), gru_init="orthogonal")],
+                         ids=["default", "varibad"])
+def test_recurrent_step_and_unroll_agree(options):
+    model = RecurrentActorCritic(3, 2, 8, **options)
     x, h = torch.randn(4, 5, 3 + 2 + 2), torch.zeros(4, 8)
     means, values, hiddens = model.unroll(x, h)
     for t in range(5):
@@ -186,12 +198,14 @@ def test_recurrent_step_and_unroll_agree():
         torch.testing.assert_close(h, hiddens[:, t])
 
 
-def test_probe_episode_two_beats_episode_one_after_training():
+@pytest.mark.parametrize("options", [{}, {**VARIBAD, "head_hidden": (32,)}], ids=["default", "varibad"])
+def test_probe_episode_two_beats_episode_one_after_training(options):
     """Where only memory helps (HiddenSide), a trained RL² agent does clearly better in the second episode
-    of a held-out trial than in the first."""
+    of a held-out trial than in the first (with either input path)."""
     with GymnasiumSampler("tests/HiddenSide-v0", workers=0) as s:
         config = RL2Config(tasks_per_batch=32, trials_per_task=2, episodes_per_trial=2, hidden_size=32, lr=3e-3,
-                           epochs=4, minibatches=2, gamma=0.9, gae_lambda=0.95, normalize_obs=False, init_std=0.5)
+                           epochs=4, minibatches=2, gamma=0.9, gae_lambda=0.95, normalize_obs=False, init_std=0.5,
+                           **options)
         agent = RL2(config, s, seed=0)
         for it in range(110):
             agent.train_step(s.family.sample_tasks(32, "train", seed=it))
@@ -201,3 +215,67 @@ def test_probe_episode_two_beats_episode_one_after_training():
     assert episode2 > episode1 + 0.3, result.returns
     assert episode2 > -0.6
     assert result.adapt_episodes == [0, 1] and result.adapt_env_steps == [0.0, 4.0]
+    # within each episode: horizon 4 in 10 bins puts steps 0..3 in bins 0, 2, 5, 7; they sum to the returns
+    assert result.within_episode.shape == (2, 2, 10)
+    np.testing.assert_allclose(result.within_episode.sum(-1), result.returns, rtol=1e-5, atol=1e-5)
+    assert np.all(result.within_episode[:, :, [1, 3, 4, 6, 8, 9]] == 0)
+
+
+def test_gradient_norms_per_part(cheetah):
+    """A loss on the value alone reaches encoder, GRU and critic but not the actor; the parts' squares add up
+    to the total; a training step logs every part."""
+    agent = RL2(_small(), cheetah, seed=0)
+    model = agent.model
+    inputs = torch.randn(3, 5, model.encoder.in_features)
+    _, value, _ = model.unroll(inputs, torch.zeros(3, model.config["hidden_size"]))
+    model.zero_grad()
+    value.sum().backward()
+    norms = agent.grad_norms()
+    assert norms["actor"] == 0.0 and min(norms["critic"], norms["gru"], norms["encoder"]) > 0
+    assert norms["total"] ** 2 == pytest.approx(sum(norms[k] ** 2 for k in ("encoder", "gru", "actor", "critic")))
+    assert norms["critic"] == pytest.approx(float(torch.cat([model.value_head.weight.grad.reshape(-1),
+                                                             model.value_head.bias.grad]).norm()))
+    metrics = agent.train_step(cheetah.family.sample_tasks(2, "train", seed=0))
+    for part in ("encoder", "gru", "actor", "critic", "total"):
+        assert np.isfinite(metrics[f"loss/grad_norm_{part}"]) and metrics[f"loss/grad_norm_{part}"] > 0
+
+
+def test_separate_embeddings_by_hand():
+    """'separate': ReLU(W_s [obs, flag] + b), ReLU(W_a a + b), ReLU(W_r r + b), concatenated, into the GRU."""
+    model = RecurrentActorCritic(3, 2, 8, embedding="separate", embed_sizes=(4, 3, 2))
+    x = torch.tensor([[0.5, -1.0, 2.0, 0.3, -0.7, 1.5, 1.0]])  # obs (3), action (2), reward, flag
+    e = model.encoder
+    expected = torch.cat([torch.relu(e["obs"](torch.tensor([[0.5, -1.0, 2.0, 1.0]]))),
+                          torch.relu(e["action"](torch.tensor([[0.3, -0.7]]))),
+                          torch.relu(e["reward"](torch.tensor([[1.5]])))], -1)
+    torch.testing.assert_close(model.embed(x), expected)
+    assert model.gru.input_size == 9
+    assert all(torch.all(b == 0) for name, b in RecurrentActorCritic(3, 2, 8, gru_init="orthogonal").gru.named_parameters()
+               if "bias" in name)
+
+
+def test_value_losses_by_hand():
+    from metarl.agents.rl2 import value_loss
+
+    v, old, target = torch.tensor([0.0, 3.0, 1.2]), torch.tensor([0.0, 1.0, 1.0]), torch.tensor([0.5, 0.0, 2.0])
+    # squared error: 0.25, 9, 0.64; Huber (delta 1): 0.5 * 0.25, |3| - 0.5, 0.5 * 0.64
+    torch.testing.assert_close(value_loss(v, old, target, "mse"), torch.tensor([0.25, 9.0, 0.64]))
+    torch.testing.assert_close(value_loss(v, old, target, "huber"), torch.tensor([0.125, 2.5, 0.32]))
+    # clipped at 0.1 around the old value: v_clip = 0, 1.1, 1.1 -> mse 0.25, 1.21, 0.81; the max of both
+    torch.testing.assert_close(value_loss(v, old, target, "mse", clip=0.1), torch.tensor([0.25, 9.0, 0.81]))
+
+
+def test_new_options_validated_and_train(cheetah):
+    from metarl.config import ConfigError, load_config
+
+    base = {"experiment": "x", "env": "PointNav2D", "agent": {"name": "rl2"}}
+    for field, value in (("embedding", "mlp"), ("reward_input", "log"), ("gru_init", "xavier"),
+                         ("value_loss", "l1"), ("embed_sizes", [32, 16]), ("head_hidden", [0])):
+        with pytest.raises(ConfigError, match=f"agent.{field}"):
+            load_config(None, data={**base, "agent": {"name": "rl2", field: value}})
+    agent = RL2(_small(**VARIBAD), cheetah, seed=0)
+    before = [p.detach().clone() for p in agent.model.parameters()]
+    for it in range(2):
+        metrics = agent.train_step(cheetah.family.sample_tasks(2, "train", seed=it))
+    assert all(np.isfinite(v) for v in metrics.values())
+    assert all(not torch.equal(a, b) for a, b in zip(before, agent.model.parameters(), strict=True))
