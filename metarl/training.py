@@ -177,12 +177,30 @@ def _check_config_unchanged(run_dir: Path, state: dict[str, Any], config: RunCon
                           "a new run with the new settings")
 
 
+def _after_existing_event_files(run_dir: Path) -> None:
+    """TensorBoard reads a folder's event files in name order, and a name starts with the second it was
+    created in, then the host and pid: a file created in the same second as an existing one (a resume
+    right after a kill) may sort before it, so the older file's points would be read after the newer
+    file's purge. Wait (at most a second) until a new file's second is later than every existing one's."""
+    stamps = []
+    for path in run_dir.glob("events.out.tfevents.*"):
+        try:
+            stamps.append(int(path.name.split(".")[3]))
+        except (IndexError, ValueError):
+            continue
+    if stamps:
+        wait = max(stamps) + 1 - time.time()
+        if 0 < wait <= 2:
+            time.sleep(wait)
+
+
 class _Logger:
     """TensorBoard + metrics.jsonl; the x axis is total env steps."""
 
     def __init__(self, run_dir: Path, purge_step: int | None = None):
         from torch.utils.tensorboard import SummaryWriter
 
+        _after_existing_event_files(run_dir)
         self.writer = SummaryWriter(log_dir=str(run_dir), purge_step=purge_step)
         self.jsonl = run_dir / "metrics.jsonl"
 

@@ -83,6 +83,22 @@ def test_a_killed_run_resumes_to_the_uninterrupted_run(straight, tmp_path, fault
     assert json.loads((run / "checkpoints" / "evals.json").read_text())["done"] == [1, 2]
 
 
+def test_a_resume_in_the_same_second_as_the_kill_keeps_tensorboard_in_order(straight, tmp_path):
+    """TensorBoard reads event files in name order (second, host, pid): the resume's file must not sort
+    before the killed run's, or the killed run's points come back after the resume purged them."""
+    import time
+
+    run = tmp_path / "run"
+    killed = _cli("train", CONFIG, *TINY, "--run-dir", str(run), "--quiet", fault="eval:1")
+    assert killed.returncode == -9, killed.stderr
+    (old,) = run.glob("events.out.tfevents.*")
+    parts = old.name.split(".")
+    parts[3], parts[-2] = f"{int(time.time()) + 1:010d}", "99999999"  # same second as the resume, larger pid
+    old.rename(run / ".".join(parts))
+    assert main(["train", "--resume", str(run), "--quiet"]) == 0
+    _assert_same_run(straight, run)
+
+
 def test_a_run_whose_sampler_worker_was_killed_resumes_to_the_uninterrupted_run(straight, tmp_path):
     run = tmp_path / "run"
     workers = [a if a != "sampler.workers=0" else "sampler.workers=1" for a in TINY]
