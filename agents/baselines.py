@@ -84,7 +84,8 @@ def _solve(lhs: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     try:
         return torch.linalg.lstsq(lhs, rhs.unsqueeze(-1), driver="gels").solution.squeeze(-1)
     except torch.linalg.LinAlgError:
-        # On CPU an exactly singular matrix raises, and takes the whole batch down with it. Solve the
+        # On CPU a matrix whose QR meets an exactly zero pivot raises (one that is singular only up to
+        # round-off gets a finite answer, CPU-dependent), and takes the whole batch down with it. Solve the
         # tasks one by one so that only the singular ones are marked failed (NaN) and retried.
         out = torch.full_like(rhs, float("nan"))
         for i in range(len(lhs)):

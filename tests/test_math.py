@@ -335,10 +335,11 @@ def test_baseline_ridge_escalates_per_task(monkeypatch):
 
 
 def test_baseline_solver_isolates_an_exactly_singular_task():
-    # LAPACK raises for a whole batch if one matrix is exactly singular ([[1,1],[1,1]]). The solver must
-    # mark only that task as failed (NaN, so the fit retries it with more ridge) and still solve the
-    # other one: [[2,0],[0,4]] x = [2, 2] -> x = [1, 0.5].
-    lhs = torch.tensor([[[1.0, 1.0], [1.0, 1.0]], [[2.0, 0.0], [0.0, 4.0]]], dtype=torch.float64)
+    # LAPACK raises for a whole batch if one matrix's QR has an exactly zero pivot ([[1,0],[0,0]]: exact on
+    # every CPU; [[1,1],[1,1]], used before, leaves a pivot of round-off size (-4.7e-17 on some CPUs) and
+    # then gets a finite solution instead). The solver must mark only that task as failed (NaN, so the fit
+    # retries it with more ridge) and still solve the other one: [[2,0],[0,4]] x = [2, 2] -> x = [1, 0.5].
+    lhs = torch.tensor([[[1.0, 0.0], [0.0, 0.0]], [[2.0, 0.0], [0.0, 4.0]]], dtype=torch.float64)
     rhs = torch.tensor([[1.0, 1.0], [2.0, 2.0]], dtype=torch.float64)
     sol = baselines._solve(lhs, rhs)
     assert torch.isnan(sol[0]).all()
