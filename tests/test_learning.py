@@ -69,7 +69,23 @@ def test_two_seeds_one_command_resumable(tmp_path):
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("latest.pt")} == before
     assert json.loads(out.read_text())["per_seed"] == result["per_seed"]
 
-    # A third seed added later resumes the file; other overrides are refused rather than mixed in
+    # A seed killed before its first checkpoint (its folder holds config.yaml and no checkpoint yet) is
+    # trained again in place by the same command, to the same numbers
+    import shutil
+
+    seed1 = tmp_path / "runs" / "maml_trpo" / "point_nav_2d" / "learning-seed1"
+    for name in ("checkpoints", "eval"):
+        shutil.rmtree(seed1 / name)
+    for name in ("metrics.jsonl",):
+        (seed1 / name).unlink()
+    out.write_text(json.dumps({**result, "per_seed": result["per_seed"][:1]}))
+    redo = _run([str(config), *overrides, "--seeds", "0", "1", "--out", str(out)], tmp_path)
+    assert redo.returncode == 0, redo.stderr[-2000:]
+    again_seed1 = json.loads(out.read_text())["per_seed"][1]
+    assert again_seed1["heldout"] == result["per_seed"][1]["heldout"]
+    assert again_seed1["training_curve"] == result["per_seed"][1]["training_curve"]
+
+    # Other overrides are refused rather than mixed in
     mixed = _run([str(config), *overrides, "agent.inner_lr=0.2", "--seeds", "0", "1", "--out", str(out)], tmp_path)
     assert mixed.returncode != 0 and "overrides" in mixed.stderr
 

@@ -178,8 +178,8 @@ def multi_seed(args: argparse.Namespace, out: Path) -> None:
             per_seed.append(done[seed])  # finished earlier
             continue
         run_dir = Path(config.run_root) / config.experiment / f"learning-seed{seed}"
-        resume = (run_dir / "checkpoints" / "latest.pt").is_file()
-        if resume:  # a killed seed continues from its checkpoint, with the config its folder holds
+        resume = (run_dir / "config.yaml").is_file()
+        if resume:  # a killed seed continues in its folder (from its checkpoint, if it got one), with its config
             config = load_config(None, [f"iterations={config.iterations}"], data=load_run_config(run_dir).to_dict())
         start = time.perf_counter()
         train(config, run_dir=run_dir, resume=resume)
