@@ -148,15 +148,7 @@ def plot_within_episode(summary: dict[str, Any], title: str = "", path: str | Pa
                 label=f"stage {s['stage']} ({s['adapt_episodes']} episodes before)")
     ax.set_xlabel("fraction of the horizon")
     ax.set_ylabel(f"reward per 1/{bins} of the horizon (mean over tasks)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    if path is not None:
-        tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
-        fig.savefig(tmp)
-        os.replace(tmp, path)
-    return fig
+    return _finish(fig, ax, title, path)
 
 
 def atomic_write(path: str | Path, content: str | bytes) -> None:
@@ -228,6 +220,11 @@ def plot_curves(curves: dict[str, dict[str, Any]], path: str | Path | None = Non
         ax.set_xscale("symlog", linthresh=1.0)
     ax.set_xlabel("adaptation episodes per task (before the measured episodes)")
     ax.set_ylabel("mean return (95% CI over tasks)")
+    return _finish(fig, ax, title, path)
+
+
+def _finish(fig, ax, title: str, path: str | Path | None):
+    """Title, grid and legend; written atomically to ``path`` when given; returns the figure."""
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
