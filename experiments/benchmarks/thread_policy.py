@@ -56,10 +56,12 @@ def main() -> None:
     parser.add_argument("--load", type=int, default=1, help="competing CPU-bound processes in the shared condition")
     parser.add_argument("--iterations", type=int, default=4)
     parser.add_argument("--agents", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--out")
     args = parser.parse_args()
     if args.child:
         return _child(args.child[0], int(args.child[1]))
+    if not args.out:
+        parser.error("--out FILE.json is required")
     results = []
     for agent in args.agents:
         for load in (0, args.load):
@@ -72,7 +74,9 @@ def main() -> None:
                 try:
                     out = subprocess.run([sys.executable, __file__, "--child", agent, str(args.iterations)], cwd=ROOT,
                                          env={**os.environ, "OMP_WAIT_POLICY": policy}, capture_output=True,
-                                         text=True, check=True, timeout=3600)
+                                         text=True, timeout=3600)
+                    if out.returncode != 0:
+                        raise SystemExit(f"{agent} under {policy} failed:\n{out.stderr[-3000:]}")
                 finally:
                     for b in burners:
                         b.terminate()
