@@ -29,18 +29,18 @@ def _cli(*args: str, fault: str | None = None, cwd: Path = REPO) -> subprocess.C
                           text=True, timeout=600)
 
 
-def _scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+def _load_fault_injection():
+    """The fault-injection script's run-folder readers serve these tests too (one definition of 'the same')."""
+    import importlib.util
 
-    acc = EventAccumulator(str(run_dir))
-    acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]
-            if not tag.startswith("time/")}
+    spec = importlib.util.spec_from_file_location("fault_injection", REPO / "experiments/benchmarks/fault_injection.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def _metrics(run_dir: Path) -> list[dict]:
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
+_fault_injection = _load_fault_injection()
+_scalars, _metrics = _fault_injection.scalars, _fault_injection.metrics_rows
 
 
 def _assert_same_run(a: Path, b: Path) -> None:

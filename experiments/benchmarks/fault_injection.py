@@ -85,7 +85,7 @@ def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: obj}
 
 
-def _scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(run_dir))
@@ -94,7 +94,7 @@ def _scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
             if not tag.startswith("time/")}
 
 
-def _metrics(run_dir: Path) -> list[dict]:
+def metrics_rows(run_dir: Path) -> list[dict]:
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
 
@@ -136,10 +136,10 @@ def compare_runs(a: Path, b: Path) -> list[str]:
         same = (torch.equal(u, v) if isinstance(u, torch.Tensor) and isinstance(v, torch.Tensor) else u == v)
         if not same:
             diffs.append(f"checkpoint {key}")
-    if _metrics(a) != _metrics(b):
+    if metrics_rows(a) != metrics_rows(b):
         diffs.append("metrics.jsonl")
     diffs += compare_summaries(a / "eval" / "test", b / "eval" / "test")
-    sa, sb = _scalars(a), _scalars(b)
+    sa, sb = scalars(a), scalars(b)
     for tag in sorted(set(sa) | set(sb)):
         if sa.get(tag) != sb.get(tag):
             diffs.append(f"tensorboard {tag}: {len(sa.get(tag, []))} vs {len(sb.get(tag, []))} points")
