@@ -9,7 +9,16 @@ import pytest
 import torch
 from gymnasium import spaces
 
-from metarl.agents.rl2 import RL2, RecurrentActorCritic, RL2Config, make_inputs, to_trials
+from metarl.agents import rl2 as rl2_module
+from metarl.agents.rl2 import (
+    RL2,
+    NumpyRecurrentPolicy,
+    RecurrentActorCritic,
+    RL2Config,
+    gru_sequence,
+    make_inputs,
+    to_trials,
+)
 from metarl.sampling import GymnasiumSampler
 from metarl.tasks import DirectionTask, TaskError, TaskFamily
 
@@ -279,3 +288,56 @@ def test_new_options_validated_and_train(cheetah):
         metrics = agent.train_step(cheetah.family.sample_tasks(2, "train", seed=it))
     assert all(np.isfinite(v) for v in metrics.values())
     assert all(not torch.equal(a, b) for a, b in zip(before, agent.model.parameters(), strict=True))
+
+
+def test_gru_sequence_matches_nn_gru_and_its_gradient_by_finite_differences():
+    """The numpy GRU (forward and hand-written backward) is PyTorch's GRU: gradcheck in float64 against
+    finite differences, and the same outputs and gradients as autograd through ``nn.GRU`` in float32."""
+    torch.manual_seed(0)
+    gru = torch.nn.GRU(5, 4, batch_first=True).double()
+    x = torch.randn(3, 7, 5, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    weights = (gru.weight_ih_l0, gru.weight_hh_l0, gru.bias_ih_l0, gru.bias_hh_l0)
+    assert torch.autograd.gradcheck(gru_sequence, (x, h0, *weights))
+
+    gru = torch.nn.GRU(6, 8, batch_first=True)
+    x, h0 = torch.randn(5, 40, 6, requires_grad=True), torch.randn(5, 8, requires_grad=True)
+    weights = (gru.weight_ih_l0, gru.weight_hh_l0, gru.bias_ih_l0, gru.bias_hh_l0)
+    g_out = torch.randn(5, 40, 8)
+    ref, _ = gru(x, h0.unsqueeze(0))
+    ref_grads = torch.autograd.grad(ref, (x, h0, *weights), g_out)
+    out = gru_sequence(x, h0, *weights)
+    grads = torch.autograd.grad(out, (x, h0, *weights), g_out)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    for mine, theirs in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("options", [{}, dict(embedding="separate", head_hidden=(6, 5), gru_init="orthogonal")],
+                         ids=["default", "varibad"])
+def test_unroll_is_the_same_function_on_either_gru_path(options, monkeypatch):
+    """Up to NUMPY_GRU_MAX_BATCH sequences the update's unroll runs `gru_sequence`, above it ``nn.GRU``:
+    same outputs and parameter gradients; and the sampler's numpy step equals the model's step."""
+    model = RecurrentActorCritic(3, 2, 8, **options)
+    x, h = torch.randn(4, 9, 3 + 2 + 2), torch.randn(4, 8)
+    results = []
+    for limit in (64, 0):  # numpy path, then nn.GRU
+        monkeypatch.setattr(rl2_module, "NUMPY_GRU_MAX_BATCH", limit)
+        model.zero_grad()
+        means, values, hiddens = model.unroll(x, h)
+        (means.square().sum() + values.sum() + hiddens.sum()).backward()
+        results.append((means, values, hiddens, [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (m1, v1, h1, g1), (m2, v2, h2, g2) = results
+    torch.testing.assert_close(m1, m2)
+    torch.testing.assert_close(v1, v2)
+    torch.testing.assert_close(h1, h2)
+    assert len(g1) == len(g2) == len(list(model.parameters())) - 1  # all but log_std, which the loss skips
+    for a, b in zip(g1, g2, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    policy = NumpyRecurrentPolicy(model)
+    with torch.no_grad():
+        mean, _, h_next = model.step(x[:, 0], h)
+    np_mean, np_h = policy.step(x[:, 0].numpy(), h.numpy())
+    np.testing.assert_allclose(np_mean, mean.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np_h, h_next.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(policy.std, model.log_std.exp().detach().numpy(), rtol=1e-6)
