@@ -29,10 +29,11 @@ def _double(batch: EpisodeBatch) -> EpisodeBatch:
     )
 
 
-def _tiny_problem(sampler, first_order: bool, inner_steps: int = 1):
-    """Real PointNav2D episodes (2 tasks x 3 episodes, horizon cut to 12 steps) and a tiny float64 policy."""
+def _tiny_problem(sampler, first_order: bool, inner_steps: int = 1, inner_max_kl: float = 0.0):
+    """Real PointNav2D episodes (2 tasks x 3 episodes, horizon cut to 12 steps) and a tiny float64 policy
+    (with ``inner_max_kl``, the recorded per-task step sizes go into the OuterBatch as sampling used them)."""
     config = MAMLTRPOConfig(tasks_per_batch=2, episodes_per_task=3, inner_steps=inner_steps, inner_lr=0.5,
-                            first_order=first_order, hidden=(5,), init_std=0.5)
+                            first_order=first_order, hidden=(5,), init_std=0.5, inner_max_kl=inner_max_kl)
     agent = MAMLTRPO(config, sampler, seed=3)
     agent.policy.double()
     tasks = sampler.family.sample_tasks(2, "train", seed=1)
@@ -45,15 +46,21 @@ def _tiny_problem(sampler, first_order: bool, inner_steps: int = 1):
                                     rewards=batch.rewards[:, :, :cut], mask=batch.mask[:, :, :cut])
         return _double(batch)
 
-    train = []
+    train, lrs = [], []
+    params = batch_params(agent.policy.params(), 2)
     for k in range(inner_steps):
         b = collect(10 + k)
         train.append((b, agent.advantages(b).double()))
+        params, lr = agent.adapt_bounded(params, *train[-1])
+        lrs.append(lr)
+    if inner_max_kl:
+        assert torch.all(torch.cat(lrs) < 0.5)  # the bound is active, so the tests below exercise it
     valid = collect(20)
-    params = agent.adapted_params(agent.policy.params(), train, create_graph=False)  # needs autograd: no no_grad
+    params = agent.adapted_params(agent.policy.params(), train, create_graph=False,  # needs autograd: no no_grad
+                                  inner_lrs=lrs if inner_max_kl else None)
     with torch.no_grad():
         old_dist = agent.policy.distribution(valid.observations, OrderedDict((k, v.detach()) for k, v in params.items()))
-    outer = OuterBatch(train, valid, agent.advantages(valid).double(), old_dist)
+    outer = OuterBatch(train, valid, agent.advantages(valid).double(), old_dist, lrs if inner_max_kl else None)
     return agent, outer
 
 
@@ -77,10 +84,11 @@ def _grad_and_fd(agent, outer, coords, eps=1e-6):
     return grad, np.array(fd)
 
 
-@pytest.mark.parametrize("inner_steps", [1, 2])
-def test_meta_gradient_matches_finite_differences(sampler, inner_steps):
-    """d/dtheta of the post-adaptation surrogate, through the inner step(s), equals central differences."""
-    agent, outer = _tiny_problem(sampler, first_order=False, inner_steps=inner_steps)
+@pytest.mark.parametrize("inner_steps,inner_max_kl", [(1, 0.0), (2, 0.0), (2, 1e-3)])
+def test_meta_gradient_matches_finite_differences(sampler, inner_steps, inner_max_kl):
+    """d/dtheta of the post-adaptation surrogate, through the inner step(s), equals central differences
+    (with a KL-bounded inner step: its per-task step sizes held at the values sampling used)."""
+    agent, outer = _tiny_problem(sampler, first_order=False, inner_steps=inner_steps, inner_max_kl=inner_max_kl)
     n = sum(p.numel() for p in agent.policy.parameters())
     coords = np.random.default_rng(0).choice(n, size=8, replace=False)
     grad, fd = _grad_and_fd(agent, outer, coords)
@@ -110,13 +118,15 @@ def test_first_order_drops_the_second_order_terms(sampler):
     torch.testing.assert_close(first, expected, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("inner_steps,first_order", [(1, False), (2, False), (1, True)])
-def test_chain_rule_operators_equal_differentiating_through_the_adaptation(sampler, inner_steps, first_order):
+@pytest.mark.parametrize("inner_steps,first_order,inner_max_kl", [(1, False, 0.0), (2, False, 0.0), (1, True, 0.0),
+                                                                 (2, False, 1e-3)])
+def test_chain_rule_operators_equal_differentiating_through_the_adaptation(sampler, inner_steps, first_order,
+                                                                            inner_max_kl):
     """trpo_operators (J^T grad L and J^T F' J v, second order only) give the same meta-gradient and the
     same KL Hessian-vector products as autograd through the whole adaptation (a third-order graph)."""
     from metarl.optim import flat_grad, hessian_vector_product
 
-    agent, outer = _tiny_problem(sampler, first_order=first_order, inner_steps=inner_steps)
+    agent, outer = _tiny_problem(sampler, first_order=first_order, inner_steps=inner_steps, inner_max_kl=inner_max_kl)
     theta = agent.policy.params()
     loss, _ = agent.meta_objective(theta, outer, create_graph=True)
     expected_grad = flat_grad(loss, list(theta.values()))
@@ -333,3 +343,33 @@ def test_new_options_are_validated():
             load_config(None, data={**base, "agent": {"name": "maml_trpo", field: value}})
     config = load_config(None, ["agent.log_prob_reduction=mean", "agent.action_scale=0.1"], data=base)
     assert (config.agent.log_prob_reduction, config.agent.action_scale) == ("mean", 0.1)
+
+
+def test_kl_bounded_inner_step_by_hand(sampler):
+    """inner_max_kl: a task whose full step (inner_lr) moves its policy by KL_i > bound takes
+    alpha_i = inner_lr * sqrt(bound / KL_i) and lands near the bound (KL is quadratic in the step to second
+    order); a task already inside keeps inner_lr; off (0), the step is exactly `adapt`'s."""
+    agent, outer = _tiny_problem(sampler, first_order=False)
+    batch, adv = outer.train[0]
+    theta = batch_params(OrderedDict((k, v.detach()) for k, v in agent.policy.params().items()), 2)
+    off, lr_off = agent.adapt_bounded(theta, batch, adv)
+    leaf = OrderedDict((k, v.clone().requires_grad_()) for k, v in theta.items())
+    plain = agent.adapt(leaf, batch, adv, create_graph=False)
+    for name in theta:
+        assert torch.equal(off[name], plain[name].detach())
+    assert torch.all(lr_off == 0.5)
+    full_kl = agent.task_kl(theta, off, batch)                    # [2]: each task's KL at the full step
+    bound = float(full_kl.min() + full_kl.max()) / 2              # one task above the bound, one below
+    agent.config = dataclasses.replace(agent.config, inner_max_kl=bound)
+    bounded, lr = agent.adapt_bounded(theta, batch, adv)
+    above, below = int(full_kl.argmax()), int(full_kl.argmin())
+    assert lr[below] == 0.5
+    assert lr[above].item() == pytest.approx(0.5 * (bound / full_kl[above].item()) ** 0.5, rel=1e-12)
+    kl = agent.task_kl(theta, bounded, batch)
+    assert kl[below].item() == pytest.approx(full_kl[below].item(), rel=1e-12)
+    assert kl[above].item() == pytest.approx(bound, rel=0.05)
+    for name in theta:  # the step is the same gradient, scaled per task
+        torch.testing.assert_close(theta[name][above] - bounded[name][above],
+                                   (theta[name][above] - off[name][above]) * lr[above] / 0.5)
+    with pytest.raises(ValueError, match="inner_max_kl"):
+        MAMLTRPOConfig(inner_max_kl=-1.0)
