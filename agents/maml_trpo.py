@@ -414,17 +414,24 @@ class MAMLTRPO:
         return metrics
 
     # ---- evaluation protocol -------------------------------------------------------------------------
-    def _evaluation_stages(self, tasks: list[Task], steps: int, episodes: int, seed: int):
+    def _evaluation_stages(self, tasks: list[Task], steps: int, episodes: int, seed: int,
+                           sample: Callable[..., EpisodeBatch] | None = None, sample_last: bool = True):
         """The evaluation protocol's stages in order: yields ``(actor, sample_seed, batch)`` for stage
         k = 0..steps, the policy after k gradient steps per task, the seed its E episodes per task were
-        sampled with, and those episodes (stage k+1 adapts on them)."""
+        sampled with, and those episodes (stage k+1 adapts on them). ``sample(actor, tasks, episodes, seed)``
+        collects them (default: the agent's sampler; `metarl.api` passes a collector on a user's env);
+        without ``sample_last`` the last stage's batch is not collected (None): deployment needs only its actor."""
+        sample = self.sampler.sample if sample is None else sample
         rng = np.random.default_rng(seed)
         n = len(tasks)
         params = OrderedDict((k, v.detach()) for k, v in batch_params(self.policy.params(), n).items())
         for stage in range(steps + 1):
             actor = GaussianActor(self.policy.config, params, seed=int(rng.integers(2**31 - 1)))
             sample_seed = int(rng.integers(2**31 - 1))
-            batch = self.sampler.sample(actor, tasks, episodes, sample_seed)
+            if stage == steps and not sample_last:
+                yield actor, sample_seed, None
+                return
+            batch = sample(actor, tasks, episodes, sample_seed)
             yield actor, sample_seed, batch
             if stage < steps:
                 params, _ = self.adapt_bounded(params, batch, self.advantages(batch))
@@ -453,6 +460,14 @@ class MAMLTRPO:
         per-task adapted parameters, and its seed), for `metarl.video` to replay. Runs the adaptation."""
         return [StageRollout(actor, (k,), episodes, sample_seed)
                 for k, (actor, sample_seed, _) in enumerate(self._evaluation_stages(tasks, steps, episodes, seed))]
+
+    def adapt_with(self, sample: Callable[..., EpisodeBatch], task: Any, steps: int, episodes: int,
+                   seed: int) -> GaussianActor:
+        """Deployment (`metarl.api`): the evaluation protocol's adaptation on one task whose episodes
+        ``sample(actor, [task], episodes, seed)`` collects; returns the actor after ``steps`` gradient steps."""
+        for actor, _, _ in self._evaluation_stages([task], steps, episodes, seed, sample=sample, sample_last=False):
+            pass
+        return actor
 
     # ---- checkpoints ------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -676,6 +676,19 @@ class RL2:
                          seed=int(rng.integers(2**31 - 1)))
         return [StageRollout(actor, tuple(range(steps + 1)), episodes * (steps + 1), int(rng.integers(2**31 - 1)))]
 
+    def adapt_with(self, sample: Any, task: Any, steps: int, episodes: int, seed: int) -> RL2Actor:
+        """Deployment (`metarl.api`): a trial of ``steps`` episodes of one task collected by
+        ``sample(actor, [task], steps, seed, episodes_per_trial=steps)``; returns the actor, its hidden state
+        carried to the end of that trial, to act on from there (``episodes`` is MAML's: unused)."""
+        rng = np.random.default_rng(seed)
+        actor = RL2Actor(self.model.config, self.model.state_dict(), self._frozen_obs_rms(), self.input_reward_scale,
+                         seed=int(rng.integers(2**31 - 1)))
+        if steps > 0:
+            sample(actor, [task], steps, int(rng.integers(2**31 - 1)), episodes_per_trial=steps)
+        else:
+            actor.start([0], 1)
+        return actor
+
     def _value_loss(self, value: torch.Tensor, old_value: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         c = self.config
         return value_loss(value, old_value, target, c.value_loss, c.clip if c.value_clip else None)

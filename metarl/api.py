@@ -1,0 +1,296 @@
+"""metarl's Python API: meta-train, load a run, adapt to a new env, act.
+
+The moment meta-learning is for comes after training: a new task appears (a robot with another payload,
+a new target) and the agent adapts from a few episodes of it. Here that task is any Gymnasium env instance
+with the spaces the agent was trained on, not only a task drawn from the family's lists::
+
+    import metarl.api as mrl
+
+    learner = mrl.train("experiments/maml_trpo/point_nav_2d.yaml", ["quick=true"])   # or mrl.load(RUN_DIR)
+    env = gym.make("metarl/PointNav2D-v0")
+    metarl.family_of(env).set_task(metarl.GoalTask("PointNav2D", goal=(0.3, -0.2)))  # a goal of your own
+    policy = learner.adapt(env)            # MAML-TRPO: gradient steps on episodes collected in env;
+                                           # RL²: a trial of episodes, its hidden state carried on
+    obs, _ = env.reset(seed=0)
+    action = policy.predict(obs, deterministic=True)
+    obs, reward, terminated, truncated, _ = env.step(action)
+    policy.observe(reward, terminated or truncated)   # RL² reads the reward in context; MAML ignores it
+    policy.save("adapted.pt")                          # AdaptedPolicy.load("adapted.pt") acts the same
+
+Adaptation runs through the same code as the evaluator: the agent's evaluation stages (its inner steps, or
+its recurrent trial) and `metarl.sampling.rollout`, driven on the given env instead of the sampler's. The
+command line's ``train`` and ``eval`` are `train` and `MetaLearner.evaluate`.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from metarl.config import ConfigError, RunConfig, load_config
+from metarl.episodes import EpisodeBatch
+from metarl.sampling import GymSlots, rollout
+from metarl.tasks import TaskError, family_of
+
+__all__ = ["AdaptedPolicy", "MetaLearner", "load", "train"]
+
+
+def train(config: str | Path | RunConfig, overrides: list[str] | tuple[str, ...] = (),
+          run_dir: str | Path | None = None, verbose: bool = False) -> MetaLearner:
+    """Meta-train from a config file (with ``key=value`` overrides, as on the command line) or a
+    `RunConfig`; returns the trained run, loaded. The run folder is ``run_dir`` or
+    ``runs/<experiment>/<timestamp>-<seed>`` as for ``metarl train``."""
+    from metarl.training import train as train_run
+
+    if not isinstance(config, RunConfig):
+        config = load_config(config, list(overrides))
+    elif overrides:
+        config = load_config(None, list(overrides), data=config.to_dict())
+    folder = train_run(config, run_dir=None if run_dir is None else Path(run_dir), verbose=verbose)
+    return load(folder)
+
+
+def load(run_dir: str | Path) -> MetaLearner:
+    """A trained run (its config.yaml and newest usable checkpoint) as a `MetaLearner`."""
+    from metarl.training import build_agent, load_checkpoint, load_run_config
+
+    run_dir = Path(run_dir)
+    config = load_run_config(run_dir)
+    sampler, agent = build_agent(config)  # the sampler starts no worker until something samples
+    try:
+        load_checkpoint(run_dir, agent, config)
+    except BaseException:
+        sampler.close()
+        raise
+    return MetaLearner(run_dir, config, agent)
+
+
+class MetaLearner:
+    """A meta-trained agent and its run: adapt it to new envs (`adapt`), evaluate it on its family's
+    held-out tasks (`evaluate`). Close it (or use ``with``) to stop the sampler's workers."""
+
+    def __init__(self, run_dir: Path, config: RunConfig, agent: Any):
+        self.run_dir, self.config, self.agent = Path(run_dir), config, agent
+
+    @property
+    def name(self) -> str:
+        return self.config.agent_name
+
+    def adapt(self, env: gym.Env, steps: int | None = None, episodes: int | None = None, seed: int = 0,
+              horizon: int | None = None) -> AdaptedPolicy:
+        """Adapt to ``env`` (any env instance with the trained spaces) from episodes collected in it.
+
+        MAML-TRPO: ``steps`` gradient steps, each on ``episodes`` fresh episodes of the policy so far
+        (defaults: the run's ``eval.steps`` and ``eval.episodes``). RL²: one trial of ``steps`` episodes; the
+        returned policy carries the hidden state on from its end (``episodes`` is not used). ``steps=0``
+        gives the unadapted policy. Episodes are cut at ``horizon`` (default: the env's time limit, else its
+        family's horizon). ``env`` is reset with seeds derived from ``seed`` and is not closed."""
+        e = self.config.eval
+        steps = e.steps if steps is None else int(steps)
+        episodes = e.episodes if episodes is None else int(episodes)
+        if steps < 0 or episodes < 1:
+            raise ValueError(f"adapt: steps must be >= 0 and episodes >= 1, got steps={steps}, episodes={episodes}")
+        slots = _EnvSlots(env, self._spaces(env), horizon)
+        task = _task_of(env)
+
+        def sample(actor: Any, tasks: list[Any], count: int, sample_seed: int, episodes_per_trial: int = 1) -> EpisodeBatch:
+            # one env: the episodes run one after another, as one trial of `count` episodes (a stateless
+            # actor is indifferent; a recurrent one is meant to carry its state through them)
+            return EpisodeBatch.from_numpy(tasks, rollout(slots, actor, tasks, [0], count, sample_seed,
+                                                          episodes_per_trial=count))
+
+        actor = self.agent.adapt_with(sample, task, steps, episodes, seed)
+        return AdaptedPolicy(actor, slots.low, slots.high, self.name, steps)
+
+    def evaluate(self, split: str | None = None, tasks: int | None = None, steps: int | None = None,
+                 episodes: int | None = None) -> dict[str, Any]:
+        """The evaluation protocol on the family's held-out tasks (defaults: the run's ``eval`` settings);
+        writes ``RUN_DIR/eval/<split>/`` (summary.json, CSVs, PNGs) as ``metarl eval`` does, and returns the
+        summary."""
+        from metarl.runfolder import check_writable, run_lock
+        from metarl.training import evaluate_run
+
+        e = self.config.eval
+        split, tasks = split or e.split, tasks or e.tasks
+        steps, episodes = e.steps if steps is None else steps, episodes or e.episodes
+        check_writable(self.run_dir, self.run_dir / "eval", self.run_dir / "eval" / split)
+        with run_lock(self.run_dir):
+            return evaluate_run(self.agent, self.config, self.run_dir, split, tasks, steps, episodes)
+
+    def _spaces(self, env: gym.Env) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        sampler = self.agent.sampler
+        want = (sampler.observation_space.shape, sampler.action_space.shape)
+        got = (getattr(env.observation_space, "shape", None), getattr(env.action_space, "shape", None))
+        if got != want:
+            raise ValueError(f"adapt: the env's observation and action shapes {got} differ from the ones "
+                             f"{self.name} was trained on ({self.config.env}: {want})")
+        return want
+
+    def close(self) -> None:
+        self.agent.sampler.close()
+
+    def __enter__(self) -> MetaLearner:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"MetaLearner({self.name} on {self.config.env}, iteration {self.agent.iteration}, "
+                f"{self.agent.env_steps:,} env steps, run {self.run_dir})")
+
+
+class AdaptedPolicy:
+    """A policy adapted to one env: ``predict(obs)`` gives the action to step the env with (in the env's
+    units, clipped to its bounds); call ``observe(reward, done)`` after each step (RL² reads it, as its
+    input carries the last reward and the end of an episode; for MAML-TRPO it is a no-op). ``save`` /
+    `AdaptedPolicy.load` keep it, adapted state included."""
+
+    def __init__(self, actor: Any, low: np.ndarray, high: np.ndarray, agent: str, adapted_steps: int):
+        self._actor = actor
+        self.low, self.high = np.asarray(low, np.float64), np.asarray(high, np.float64)
+        self.agent, self.adapted_steps = agent, int(adapted_steps)
+        self._scale = float(getattr(actor, "action_scale", 1.0))
+        self._observe = getattr(actor, "observe", None)
+        if not hasattr(actor, "_shape") and not hasattr(actor, "_local"):  # a fresh actor: ready it for one env
+            actor.start([0], 1)
+
+    def predict(self, obs: np.ndarray, deterministic: bool = False) -> np.ndarray:
+        """The action for one observation, as the env takes it: ``clip(action_scale * a, low, high)``."""
+        obs = np.asarray(obs, np.float32)
+        if not np.all(np.isfinite(obs)):
+            raise ValueError(f"predict: the observation has non-finite values: {obs}")
+        saved, self._actor.deterministic = self._actor.deterministic, bool(deterministic)
+        try:
+            action = np.asarray(self._actor.act(obs.reshape(1, 1, -1)), np.float64).reshape(-1)
+        finally:
+            self._actor.deterministic = saved
+        return np.clip(action * self._scale, self.low, self.high).astype(np.float32)
+
+    def observe(self, reward: float, done: bool) -> None:
+        """What the env returned for the last action: its reward, and whether the episode ended there."""
+        if self._observe is not None:
+            self._observe(np.array([[reward]], np.float32), np.array([[bool(done)]]))
+
+    def run_episodes(self, env: gym.Env, episodes: int = 1, seed: int | None = None,
+                     deterministic: bool = False) -> list[float]:
+        """Roll out ``episodes`` episodes in ``env`` with `predict` / `observe`; returns their returns (the
+        time limit of ``env`` ends an episode; wrap it in one if it has none)."""
+        returns = []
+        for k in range(episodes):
+            obs, _ = env.reset(seed=None if seed is None else seed + k)
+            total, done = 0.0, False
+            while not done:
+                obs, reward, terminated, truncated, _ = env.step(self.predict(obs, deterministic))
+                done = bool(terminated or truncated)
+                self.observe(float(reward), done)
+                total += float(reward)
+            returns.append(total)
+        return returns
+
+    def save(self, path: str | Path) -> Path:
+        """Write the adapted policy (parameters and, for RL², its hidden state) to ``path`` (a torch file
+        loadable with ``weights_only=True``), atomically."""
+        import io
+
+        from metarl.evaluation import atomic_write
+
+        buffer = io.BytesIO()
+        torch.save({"format": 1, "agent": self.agent, "adapted_steps": self.adapted_steps,
+                    "low": torch.from_numpy(self.low), "high": torch.from_numpy(self.high),
+                    "actor": _actor_state(self._actor)}, buffer)
+        atomic_write(Path(path), buffer.getvalue())
+        return Path(path)
+
+    @staticmethod
+    def load(path: str | Path) -> AdaptedPolicy:
+        """An adapted policy written by `save` (deterministic actions are the same; the exploration noise
+        starts again from its seed)."""
+        try:
+            state = torch.load(Path(path), weights_only=True)
+            actor = _actor_from_state(state["actor"])
+            return AdaptedPolicy(actor, state["low"].numpy(), state["high"].numpy(), state["agent"],
+                                 state["adapted_steps"])
+        except (OSError, EOFError, RuntimeError, KeyError, TypeError, ValueError, pickle.UnpicklingError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ConfigError(f"{path}: not an adapted policy written by AdaptedPolicy.save ({first})") from None
+
+    def __repr__(self) -> str:
+        return f"AdaptedPolicy({self.agent}, adapted with {self.adapted_steps} step(s))"
+
+
+class _EnvSlots(GymSlots):
+    """The rollout's slot protocol over one given env instance (the user's, with its task already set)."""
+
+    def __init__(self, env: gym.Env, spaces: tuple[tuple[int, ...], tuple[int, ...]], horizon: int | None):
+        self.env_id, self.env_kwargs = None, {}
+        self.envs = [env]
+        if horizon is None:
+            spec = getattr(env, "spec", None)
+            horizon = getattr(spec, "max_episode_steps", None)
+            if horizon is None:
+                try:
+                    horizon = family_of(env).horizon
+                except TaskError:
+                    raise ValueError("adapt: the env has no time limit and no family horizon; pass horizon=") from None
+        if int(horizon) < 1:
+            raise ValueError(f"adapt: horizon must be >= 1, got {horizon}")
+        self.horizon = int(horizon)
+        space = env.action_space
+        self.low, self.high = space.low.astype(np.float64), space.high.astype(np.float64)
+
+    def configure(self, tasks: Any, slots_per_task: int) -> None:
+        """The env keeps the task it was given: nothing to set."""
+
+    def close(self) -> None:
+        """The env is the caller's: it stays open."""
+
+
+def _task_of(env: gym.Env) -> Any:
+    try:
+        return family_of(env).task
+    except (TaskError, AttributeError):
+        return None  # any env will do; episodes of an env that is not a family carry no task
+
+
+def _actor_state(actor: Any) -> dict[str, Any]:
+    from metarl.agents.policies import GaussianActor
+    from metarl.agents.rl2 import RL2Actor
+
+    if isinstance(actor, GaussianActor):
+        return {"kind": "gaussian", "policy_config": dict(actor.policy_config), "seed": actor.seed,
+                "params": {k: torch.from_numpy(np.asarray(v)[0] if actor.batched else np.asarray(v))
+                           for k, v in actor.params.items()}}
+    if isinstance(actor, RL2Actor):
+        rms = None if actor.obs_rms is None else actor.obs_rms.state()
+        return {"kind": "rl2", "model_config": dict(actor.model_config), "state_dict": dict(actor.state_dict),
+                "obs_rms": rms, "reward_scale": actor.reward_scale, "seed": actor.seed,
+                "hidden": torch.from_numpy(actor._hidden.copy()), "prev_action": actor._prev_action.clone(),
+                "prev_reward": actor._prev_reward.clone(), "ended": actor._ended.clone()}
+    raise TypeError(f"cannot save an adapted {type(actor).__name__}")
+
+
+def _actor_from_state(state: dict[str, Any]) -> Any:
+    from metarl.agents.policies import GaussianActor
+    from metarl.agents.rl2 import RL2Actor, RunningMeanStd
+
+    if state["kind"] == "gaussian":
+        actor = GaussianActor(state["policy_config"], state["params"], seed=state["seed"])
+        actor.start([0], 1)
+        return actor
+    if state["kind"] == "rl2":
+        rms = None
+        if state["obs_rms"] is not None:
+            rms = RunningMeanStd(tuple(state["obs_rms"]["mean"].shape))
+            rms.load(state["obs_rms"])
+        actor = RL2Actor(state["model_config"], state["state_dict"], rms, state["reward_scale"], seed=state["seed"])
+        actor.start([0], 1)
+        actor._hidden = state["hidden"].numpy().copy()
+        actor._prev_action, actor._prev_reward, actor._ended = state["prev_action"], state["prev_reward"], state["ended"]
+        return actor
+    raise ValueError(f"unknown adapted policy kind {state['kind']!r}")
