@@ -238,7 +238,8 @@ class _GRUSequence(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh):  # noqa: D102
-        X, W_ih, W_hh = x.detach().numpy(), w_ih.detach().numpy(), w_hh.detach().numpy()
+        # the weights are copied: an optimizer step before this backward must not change what it differentiates
+        X, W_ih, W_hh = x.detach().numpy(), w_ih.detach().numpy().copy(), w_hh.detach().numpy().copy()
         B, L, _ = X.shape
         H = W_hh.shape[1]
         gi = (X.reshape(B * L, -1) @ W_ih.T + b_ih.detach().numpy()).reshape(B, L, 3 * H).transpose(1, 0, 2)

@@ -1,11 +1,14 @@
 """RL² training throughput beside Stable-Baselines3 PPO on the same family, measured in one run.
 
-    python experiments/benchmarks/rl2_speed.py [--family HalfCheetahVel] [--repeats 3] [--out experiments/results/rl2_speed.json]
+    python experiments/benchmarks/rl2_speed.py [--config experiments/rl2/half_cheetah_vel_varibad.yaml]
+        [--repeats 3] [--out experiments/results/rl2_speed.json]
 
 Both numbers are env steps per second of *training* (collection + update), medians over ``--repeats``:
 
-* RL²: ``RL2.train_step`` at the experiment's default setting (16 tasks x 1 trial x 2 episodes, GRU 128,
-  2 epochs x 4 minibatches) on the default sampler (one worker per core);
+* RL²: ``RL2.train_step`` with the config's agent settings (default: VariBAD's RL² on HalfCheetahVel, 16 tasks
+  x 2 trials x 2 episodes = 12,800 frames per update, GRU 128, 2 epochs x 4 minibatches of whole trials) on
+  the config's sampler (default: the native backend, one worker per core); its collection-only rate and
+  update time are reported too;
 * SB3 PPO: ``PPO("MlpPolicy")`` with 8 envs in a ``DummyVecEnv`` (SB3's defaults: 2048 steps per env per
   rollout, 10 epochs, minibatch 64), ``learn`` for two rollouts, each env set to a training task.
 """
@@ -23,8 +26,9 @@ import gymnasium as gym
 import torch
 
 import metarl
-from metarl.agents.rl2 import RL2, RL2Config
-from metarl.sampling import GymnasiumSampler
+from metarl.agents.rl2 import RL2
+from metarl.config import RunConfig, load_config
+from metarl.sampling import make_sampler
 
 
 def sb3_ppo_rate(env_id: str, n_envs: int = 8, rollouts: int = 2) -> float:
@@ -50,37 +54,50 @@ def sb3_ppo_rate(env_id: str, n_envs: int = 8, rollouts: int = 2) -> float:
     return rate
 
 
-def rl2_rate(env_id: str, iterations: int = 4) -> float:
-    with GymnasiumSampler(env_id) as sampler:
-        agent = RL2(RL2Config(), sampler, seed=0)
-        agent.train_step(sampler.family.sample_tasks(16, "train", seed=0))  # warm-up: starts the workers
-        start, steps = time.perf_counter(), agent.env_steps
+def rl2_rate(config: RunConfig, iterations: int = 4) -> tuple[float, float, float]:
+    """(training env steps/s, collection-only env steps/s, update seconds per iteration), over ``iterations``."""
+    n = config.agent.tasks_per_batch
+    with make_sampler(metarl.env_id(config.env), config.env_kwargs, config.sampler.backend, config.sampler.workers) as sampler:
+        agent = RL2(config.agent, sampler, seed=0)
+        agent.train_step(sampler.family.sample_tasks(n, "train", seed=0))  # warm-up: starts the workers
+        start, steps, sampling, update = time.perf_counter(), agent.env_steps, 0.0, 0.0
         for i in range(iterations):
-            agent.train_step(sampler.family.sample_tasks(16, "train", seed=i + 1))
-        return (agent.env_steps - steps) / (time.perf_counter() - start)
+            m = agent.train_step(sampler.family.sample_tasks(n, "train", seed=i + 1))
+            sampling, update = sampling + m["time/sampling_s"], update + m["time/update_s"]
+        new = agent.env_steps - steps
+        return new / (time.perf_counter() - start), new / sampling, update / iterations
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--family", default="HalfCheetahVel")
+    parser.add_argument("--config", default=str(Path(__file__).parents[1] / "rl2" / "half_cheetah_vel_varibad.yaml"))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default="experiments/results/rl2_speed.json")
     args = parser.parse_args()
-    env_id = metarl.env_id(args.family)
-    rl2, sb3 = [], []
+    config = load_config(args.config)
+    env_id = metarl.env_id(config.env)
+    rl2, collect, update, sb3 = [], [], [], []
     for r in range(args.repeats):  # interleaved, so both see the same machine load
-        rl2.append(rl2_rate(env_id))
+        rate, collect_rate, update_s = rl2_rate(config)
+        rl2.append(rate)
+        collect.append(collect_rate)
+        update.append(update_s)
         sb3.append(sb3_ppo_rate(env_id))
-        print(f"repeat {r + 1}: RL² {rl2[-1]:,.0f} steps/s, SB3 PPO {sb3[-1]:,.0f} steps/s", flush=True)
+        print(f"repeat {r + 1}: RL² {rl2[-1]:,.0f} steps/s (collection {collect_rate:,.0f}/s, update {update_s:.2f} s), "
+              f"SB3 PPO {sb3[-1]:,.0f} steps/s", flush=True)
+    a = config.agent
     result = {
-        "benchmark": "rl2_speed", "family": args.family, "cpus": os.cpu_count(), "torch": str(torch.__version__),
+        "benchmark": "rl2_speed", "family": config.env, "config": Path(args.config).name, "cpus": os.cpu_count(),
+        "torch": str(torch.__version__), "sampler_backend": config.sampler.backend,
+        "frames_per_update": a.tasks_per_batch * a.trials_per_task * a.episodes_per_trial * gym.make(env_id).spec.max_episode_steps,
         "rl2_steps_per_s": statistics.median(rl2), "sb3_ppo_steps_per_s": statistics.median(sb3),
         "ratio_rl2_over_sb3": statistics.median(rl2) / statistics.median(sb3),
-        "raw": {"rl2": rl2, "sb3_ppo": sb3},
+        "rl2_collection_steps_per_s": statistics.median(collect), "rl2_update_s": statistics.median(update),
+        "raw": {"rl2": rl2, "rl2_collection": collect, "rl2_update_s": update, "sb3_ppo": sb3},
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"{args.family}: RL² {result['rl2_steps_per_s']:,.0f} steps/s, SB3 PPO {result['sb3_ppo_steps_per_s']:,.0f} "
+    print(f"{config.env}: RL² {result['rl2_steps_per_s']:,.0f} steps/s, SB3 PPO {result['sb3_ppo_steps_per_s']:,.0f} "
           f"steps/s (ratio {result['ratio_rl2_over_sb3']:.2f}); written to {args.out}")
 
 
