@@ -104,7 +104,7 @@ def test_bad_input_is_one_clear_error(maml_run, tmp_path):
     with pytest.raises(ConfigError, match="not an adapted policy") as err:
         mrl.AdaptedPolicy.load(bad)
     assert len(str(err.value).splitlines()) == 1
-    text = tmp_path / "config.yaml"
+    text = tmp_path / "notes.yaml"
     text.write_text("experiment: x\n")
     with pytest.raises(ConfigError, match="not an adapted policy"):
         mrl.AdaptedPolicy.load(text)
