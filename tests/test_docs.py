@@ -83,10 +83,28 @@ def metarl_command() -> list[str]:
     return [found] if found else [sys.executable, "-P", "-m", "metarl.cli"]
 
 
-def test_every_page_is_checked():
-    """The examples below cover the pages that have any; a page with none is only built."""
+#: Languages a page may use. Only python and bash run; the others are shown. An alias such as ``py`` or
+#: ``sh`` would be highlighted the same and silently skipped, so it is refused.
+SHOWN = {"text", "yaml", "json", "toml"}
+
+
+def test_every_block_is_run_or_deliberately_shown():
     assert PAGES, "no page in docs/ has a runnable example"
-    assert (DOCS / "index.md").is_file()
+    for page in sorted(DOCS.glob("*.md")):
+        for lang, _, _, line in blocks(page):
+            assert lang in SHOWN | {"python", "bash"}, (
+                f"{page.name}:{line}: ```{lang} is neither run (python, bash) nor one of {sorted(SHOWN)}")
+
+
+def test_block_rules(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text('Text\n\n```python\nx = 1\n```\n\n!!! note\n    ```bash\n    metarl train a.yaml \\\n'
+                    '        seed=1   # comment\n    # only a comment\n    metarl eval runs/x\n    ```\n\n'
+                    '```yaml title="s.yaml"\nname: s\n```\n')
+    found = blocks(page)
+    assert [(lang, title) for lang, title, _, _ in found] == [("python", None), ("bash", None), ("yaml", "s.yaml")]
+    commands = [shlex.split(c, comments=True) for c in shell_commands(found[1][2])]
+    assert commands == [["metarl", "train", "a.yaml", "seed=1"], ["metarl", "eval", "runs/x"]]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("mkdocs") is None,
