@@ -2,7 +2,7 @@
 
 The moment meta-learning is for comes after training: a new task appears (a robot with another payload,
 a new target) and the agent adapts from a few episodes of it. Here that task is any Gymnasium env instance
-with the spaces the agent was trained on, not only a task drawn from the family's lists::
+with the spaces the agent was trained on, not only a task drawn from the family's lists (runnable in full: docs/deploy.md):
 
     import metarl.api as mrl
 

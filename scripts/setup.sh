@@ -25,5 +25,5 @@ if ! python -c "import torch" >/dev/null 2>&1; then
 fi
 
 echo "[setup] installing metarl and its dependencies"
-python -m pip install --quiet -e ".[dev]"
+python -m pip install --quiet -e ".[dev,docs]"  # docs: tests/test_docs.py builds the site
 python -c "import metarl, torch, mujoco, gymnasium; print(f'[setup] metarl {metarl.__version__}, torch {torch.__version__}, mujoco {mujoco.__version__}, gymnasium {gymnasium.__version__}')"

@@ -1,0 +1,25 @@
+"""mkdocs hook: serve the committed result figures from where the benchmarks write them.
+
+The pages show figures that live in ``experiments/results/`` (rewritten whenever a benchmark is rerun), so
+they are added to the site from there instead of being copied into ``docs/``, where a copy would go
+stale. A page links them by their repository path, e.g. ``experiments/results/quick/curves_PointNav2D.png``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mkdocs.structure.files import File
+
+ROOT = Path(__file__).resolve().parents[1]
+FIGURES = [
+    "experiments/results/quick/curves_PointNav2D.png",
+    "experiments/results/videos/maml_point_nav_2d.gif",
+    "experiments/results/videos/maml_half_cheetah_vel_quick.gif",
+]
+
+
+def on_files(files, config):
+    for path in FIGURES:
+        files.append(File.generated(config, path, abs_src_path=str(ROOT / path)))
+    return files
