@@ -50,7 +50,8 @@ def run_result(config: RunConfig, run_dir: Path, wall: float) -> dict[str, Any]:
         ],
         "heldout": {
             "split": summary["split"], "num_tasks": summary["num_tasks"], "horizon": summary["horizon"],
-            "stages": [{k: s[k] for k in ("stage", "adapt_episodes", "adapt_env_steps", "mean_return", "ci95")}
+            "stages": [{k: s[k] for k in ("stage", "adapt_episodes", "adapt_env_steps", "mean_return", "ci95",
+                                          "within_episode") if k in s}
                        for s in summary["stages"]],
         },
         "heldout_curve": read_eval_history(run_dir / "eval" / config.eval.split / "history.jsonl"),
