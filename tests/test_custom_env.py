@@ -1,0 +1,199 @@
+"""Bringing your own env: the recipe of the README without traps, and a family defined in a user's own file
+(outside the repository) run from the shell through ``metarl check``, ``train``, ``eval --video`` and ``bench``."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import sys
+
+import gymnasium as gym
+import numpy as np
+import pytest
+
+import metarl
+from metarl.tasks import GoalTask, Task, TaskError, TaskFamily
+
+# A tiny family of the kind a user writes: a point on a line that must reach a per-task goal. Its base env
+# keeps its own ``_task`` attribute (the name TaskFamily once used for its current task), reports a reward
+# term and ``info["success"]``, and renders (so ``eval --video`` works on it). Written into a temporary
+# folder by the end-to-end test; imported from there by the unit tests.
+LINE_GOAL = '''
+"""A user's own task family: a point on a line, a goal per task."""
+import dataclasses
+
+import gymnasium as gym
+import numpy as np
+
+import metarl
+
+
+@dataclasses.dataclass(frozen=True)
+class LineGoalTask(metarl.Task):
+    goal: float
+
+
+class LineBase(gym.Env):
+    """An env written without metarl in mind: its own ``_task`` holds its speed."""
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 10}
+
+    def __init__(self, render_mode=None):
+        self.observation_space = gym.spaces.Box(-5.0, 5.0, (1,), np.float32)
+        self.action_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
+        self.render_mode = render_mode
+        self._task = {"speed": 0.5}
+        self.goal, self.x = 0.0, 0.0
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.x = float(self.np_random.uniform(-0.05, 0.05))
+        return np.array([self.x], np.float32), {}
+
+    def step(self, action):
+        self.x = float(np.clip(self.x + self._task["speed"] * float(action[0]), -5.0, 5.0))
+        dist = abs(self.x - self.goal)
+        return np.array([self.x], np.float32), -dist, False, False, {"reward_dist": -dist, "success": dist < 0.2}
+
+    def render(self):
+        frame = np.zeros((24, 48, 3), np.uint8)
+        frame[:, int(np.clip((self.x + 2.0) / 4.0 * 47, 0, 47))] = 255
+        return frame
+
+
+class LineGoal(metarl.TaskFamily, LineBase):
+    family = "LineGoal"
+    task_type = LineGoalTask
+    horizon = 10
+    n_heldout = 6
+
+    def __init__(self, render_mode=None):
+        super().__init__(render_mode=render_mode)
+        self.set_task(self.default_task())
+
+    def default_task(self):
+        return LineGoalTask(self.family, 0.5)
+
+    def _draw_tasks(self, rng, n, split):
+        low, high = (-1.0, 1.0) if split == "train" else (1.0, 2.0)
+        return [LineGoalTask(self.family, float(g)) for g in rng.uniform(low, high, size=n)]
+
+    def _validate_task(self, task):
+        if abs(task.goal) > 3.0:
+            raise metarl.TaskError(f"{self.family}: goal must be within [-3, 3], got {task.goal}")
+
+    def _apply_task(self, task):
+        self.goal = task.goal
+
+
+if "me/LineGoal-v0" not in gym.registry:
+    gym.register("me/LineGoal-v0", entry_point=LineGoal, max_episode_steps=LineGoal.horizon)
+'''
+
+
+@pytest.fixture(scope="module")
+def line_goal(tmp_path_factory):
+    """The user's module, imported from a folder outside the repository."""
+    folder = tmp_path_factory.mktemp("user")
+    (folder / "line_goal_unit.py").write_text(LINE_GOAL)
+    sys.path.append(str(folder))
+    try:
+        yield importlib.import_module("line_goal_unit")
+    finally:
+        sys.path.remove(str(folder))
+
+
+# ---- reserved names ----------------------------------------------------------------------------------------
+def test_a_family_keeps_its_own_task_attribute(line_goal):
+    """TaskFamily used to keep its current task in ``self._task`` and silently overwrote the env's own
+    attribute of that name (then ``step`` failed with "'LineGoalTask' object is not subscriptable")."""
+    env = gym.make("me/LineGoal-v0")
+    family = metarl.family_of(env)
+    assert family._task == {"speed": 0.5}
+    family.set_task(line_goal.LineGoalTask("LineGoal", -0.7))
+    assert family.task == line_goal.LineGoalTask("LineGoal", -0.7) and family._task == {"speed": 0.5}
+    env.reset(seed=0)
+    obs, reward, *_ = env.step(np.array([1.0], np.float32))
+    assert abs(float(obs[0]) - 0.5) < 0.06 and reward < -1.0
+
+
+def test_assigning_a_non_task_to_the_reserved_task_attribute_names_it():
+    class Env(TaskFamily, gym.Env):
+        family, task_type, horizon = "Reserved", GoalTask, 5
+
+        def __init__(self):
+            self.task = "reach"  # the user's own meaning of `task`
+
+    with pytest.raises(TaskError, match="'task' is TaskFamily's"):
+        Env()
+
+
+# ---- the task registry -------------------------------------------------------------------------------------
+def test_a_second_task_class_under_a_taken_name_is_refused():
+    """A user class named like a built-in one silently replaced it in Task.from_dict (PointNav2D's tasks then
+    failed to load)."""
+    with pytest.raises(TaskError, match="'GoalTask' is taken by metarl.tasks.GoalTask"):
+        @dataclasses.dataclass(frozen=True)
+        class GoalTask(Task):  # noqa: F811
+            target: float
+    task = metarl.GoalTask("PointNav2D", (0.1, 0.2))
+    assert Task.from_dict(task.to_dict()) == task
+
+
+def test_the_same_task_class_imported_again_is_accepted(line_goal):
+    """Re-running the same definition (importlib.reload, or the module imported anew in a worker) is fine."""
+    reloaded = importlib.reload(line_goal)
+    task = reloaded.LineGoalTask("LineGoal", 0.3)
+    assert Task.from_dict(task.to_dict()) == task
+
+
+# ---- given task lists --------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class ListedTask(Task):
+    index: float
+
+
+class Listed(TaskFamily, gym.Env):
+    """A family whose tasks are given lists (as Meta-World's 50 train and 50 test goals are)."""
+
+    family, task_type, horizon, has_ood = "Listed", ListedTask, 5, False
+    TRAIN = [ListedTask("Listed", float(i)) for i in range(7)]
+    TEST = [ListedTask("Listed", float(100 + i)) for i in range(4)]
+
+    def __init__(self):
+        self.observation_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
+        self.action_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
+        self.set_task(self.TRAIN[0])
+
+    def default_task(self):
+        return self.TRAIN[0]
+
+    def _task_list(self, split):
+        return {"train": self.TRAIN, "test": self.TEST}.get(split)
+
+    def _apply_task(self, task):
+        pass
+
+
+def test_a_family_of_given_task_lists_needs_only_the_hook():
+    fam = Listed()
+    assert fam.sample_tasks(4, "test") == Listed.TEST and fam.heldout_tasks("test") == tuple(Listed.TEST)
+    with pytest.raises(TaskError, match="fixed list of 4 tasks"):
+        fam.sample_tasks(5, "test")
+    draws = fam.sample_tasks(7, "train", seed=3)
+    assert sorted(draws, key=lambda t: t.index) == Listed.TRAIN  # a permutation while the list lasts
+    assert draws == fam.sample_tasks(7, "train", seed=3) and draws != fam.sample_tasks(7, "train", seed=4)
+    many = fam.sample_tasks(20, "train", seed=0)
+    assert set(many) == set(Listed.TRAIN) and max(many.count(t) for t in Listed.TRAIN) == 3
+    with pytest.raises(TaskError, match="no 'ood' split"):
+        fam.sample_tasks(1, "ood")
+
+
+def test_given_lists_that_overlap_are_refused_unless_declared():
+    class Overlapping(Listed):
+        TEST = [*Listed.TEST, Listed.TRAIN[2]]
+
+    with pytest.raises(TaskError, match="train list holds 1 task of the test list"):
+        Overlapping().sample_tasks(2, "train", seed=0)
+    Overlapping.disjoint_heldout = False
+    assert len(Overlapping().sample_tasks(2, "train", seed=0)) == 2
