@@ -115,15 +115,18 @@ class Task:
 
 def _register_task_type(cls: type[Task]) -> None:
     """Enter ``cls`` in the registry `Task.from_dict` reads, by class name. A second class under a taken name
-    is refused (it would silently replace the first, whose saved tasks would then load as the wrong type);
-    the same definition run again (a module reloaded, or imported anew in a worker) replaces itself."""
+    is refused (it would silently replace the first, whose saved tasks would then load as the wrong type).
+    The same definition run again (a module reloaded, or imported once more) is no collision; the first
+    class stays registered, as Gymnasium's first registration of an id stays, so the family made from
+    that registration accepts the tasks `Task.from_dict` builds."""
     name = cls.__name__
     other = _TASK_TYPES.get(name)
-    if other is not None and other is not cls and _definition(other) != _definition(cls):
+    if other is None:
+        _TASK_TYPES[name] = cls
+    elif other is not cls and _definition(other) != _definition(cls):
         raise TaskError(
             f"task type name {name!r} is taken by {other.__module__}.{other.__qualname__}; rename "
             f"{cls.__module__}.{cls.__qualname__} (Task.from_dict finds a task's class by its name alone)")
-    _TASK_TYPES[name] = cls
 
 
 def _definition(cls: type) -> tuple[str, str]:

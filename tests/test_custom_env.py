@@ -140,11 +140,19 @@ def test_a_second_task_class_under_a_taken_name_is_refused():
     assert Task.from_dict(task.to_dict()) == task
 
 
-def test_the_same_task_class_imported_again_is_accepted(line_goal):
-    """Re-running the same definition (importlib.reload, or the module imported anew in a worker) is fine."""
-    reloaded = importlib.reload(line_goal)
-    task = reloaded.LineGoalTask("LineGoal", 0.3)
-    assert Task.from_dict(task.to_dict()) == task
+def test_the_same_task_class_imported_again_is_accepted(tmp_path, monkeypatch):
+    """Running the same definition again (a module reloaded, or imported anew) is no collision; the first
+    class stays the one Task.from_dict builds, as the first registration of a Gymnasium id stays."""
+    (tmp_path / "reloaded_task.py").write_text(
+        "import dataclasses, metarl\n\n@dataclasses.dataclass(frozen=True)\n"
+        "class ReloadedTask(metarl.Task):\n    goal: float\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    first = importlib.import_module("reloaded_task")
+    original = first.ReloadedTask
+    importlib.reload(first)
+    assert first.ReloadedTask is not original
+    data = first.ReloadedTask("Mine", 0.3).to_dict()
+    assert type(Task.from_dict(data)) is original and Task.from_dict(data).to_dict() == data
 
 
 # ---- given task lists --------------------------------------------------------------------------------------
@@ -197,3 +205,55 @@ def test_given_lists_that_overlap_are_refused_unless_declared():
         Overlapping().sample_tasks(2, "train", seed=0)
     Overlapping.disjoint_heldout = False
     assert len(Overlapping().sample_tasks(2, "train", seed=0)) == 2
+
+
+# ---- metarl check ------------------------------------------------------------------------------------------
+def _register(line_goal, name, **attrs):
+    """A variant of the user's family, registered as me/<name>-v0 (and picklable, as the checks need)."""
+    cls = type(name, (line_goal.LineGoal,), attrs)
+    cls.__module__ = line_goal.__name__
+    setattr(line_goal, name, cls)
+    if f"me/{name}-v0" not in gym.registry:
+        gym.register(f"me/{name}-v0", entry_point=cls, max_episode_steps=cls.horizon)
+    return f"me/{name}-v0"
+
+
+def test_check_passes_the_user_family(line_goal):
+    from metarl.checks import check_family
+
+    passed = check_family("me/LineGoal-v0")
+    assert "two different tasks give different observations or rewards" in passed
+
+
+def test_check_fails_a_family_whose_tasks_change_nothing(line_goal):
+    """A family whose _apply_task changes nothing passed every check."""
+    from metarl.checks import FamilyCheckError, check_family
+
+    gid = _register(line_goal, "LineInert", _apply_task=lambda self, task: None)
+    with pytest.raises(FamilyCheckError, match="the same observations and rewards"):
+        check_family(gid)
+
+
+def test_check_can_skip_the_sb3_checker_for_a_compute_reward_env(line_goal, capsys):
+    """SB3's checker takes any env with a compute_reward method for a GoalEnv; `--skip sb3` leaves it out."""
+    from metarl.checks import FamilyCheckError, check_family
+    from metarl.cli import main
+
+    gid = _register(line_goal, "LineWithComputeReward", compute_reward=lambda self, achieved, desired, info: 0.0)
+    with pytest.raises(FamilyCheckError, match="--skip sb3"):
+        check_family(gid)
+    passed = check_family(gid, skip=("sb3",))
+    assert "gymnasium env checker" in passed and "stable-baselines3 env checker" not in passed
+    assert main(["check", gid, "--skip", "sb3"]) == 0
+    out = capsys.readouterr().out
+    assert "skipped stable-baselines3 env checker" in out and "checks passed" in out
+    assert main(["check", gid, "--skip", "nonsense"]) == 2
+    assert "--skip: unknown check 'nonsense'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", list(metarl.FAMILIES))
+def test_every_builtin_family_passes_every_check(name):
+    from metarl.checks import SKIPPABLE, check_family
+
+    passed = check_family(metarl.env_id(name), steps=20)
+    assert {SKIPPABLE["sb3"], SKIPPABLE["gymnasium"], SKIPPABLE["task-effect"]} <= set(passed)
