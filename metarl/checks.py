@@ -25,6 +25,10 @@ def _make(env_or_id: Any) -> gym.Env:
     if isinstance(env_or_id, str):
         if env_or_id not in gym.registry and ":" not in env_or_id:
             raise TaskError(f"unknown Gymnasium id {env_or_id!r}")
+        if ":" in env_or_id:  # import the module (found as metarl.plugins says), as every command does
+            import metarl
+
+            metarl.make_family(env_or_id).close()
         return gym.make(env_or_id)
     return env_or_id
 

@@ -219,7 +219,8 @@ def _non_finite(slots: Any, tasks: Sequence[Task], task_indices: Sequence[int], 
     raise NonFiniteError(f"env {getattr(slots, 'env_id', '?')} returned a non-finite value")
 
 
-def _worker(conn: Any, backend: str, env_id: str, env_kwargs: dict[str, Any], sys_path: list[str]) -> None:
+def _worker(conn: Any, backend: str, env_id: str, env_kwargs: dict[str, Any], sys_path: list[str],
+            imports: Sequence[str] = ()) -> None:
     import sys
 
     import torch
@@ -231,9 +232,11 @@ def _worker(conn: Any, backend: str, env_id: str, env_kwargs: dict[str, Any], sy
     keep_freed_memory()
     skip_mujoco_timers()  # this process never reads mjData.timer
     import metarl  # noqa: F401  (registers the families)
+    from metarl.plugins import load
 
     slots, failure = None, None
     try:
+        load(imports)  # the user's modules imported in the main process register their families here too
         slots = _make_slots(backend, env_id, env_kwargs)
     except Exception:  # reported in reply to every request, so the main process raises it with its traceback
         failure = traceback.format_exc()
@@ -312,11 +315,13 @@ class Sampler:
             return
         import sys
 
+        from metarl.plugins import loaded
+
         ctx = mp.get_context("spawn")  # fork after torch has started threads can deadlock workers
         while len(self._procs) < count:
             parent, child = ctx.Pipe()
             proc = ctx.Process(target=_worker, daemon=True,
-                               args=(child, self.backend, self.env_id, self.env_kwargs, list(sys.path)))
+                               args=(child, self.backend, self.env_id, self.env_kwargs, list(sys.path), loaded()))
             proc.start()
             child.close()
             self._procs.append(proc)

@@ -62,7 +62,13 @@ def resolve_env_id(env: str) -> str:
 
 def build_agent(config: RunConfig):
     """The sampler and agent a config describes (raises ConfigError for an unknown env)."""
+    from metarl.plugins import load
+
     env_id = resolve_env_id(config.env)
+    try:
+        load(config.imports)  # the user's modules, here and (through the sampler) in its worker processes
+    except TaskError as exc:
+        raise ConfigError(f"imports: {exc}") from exc
     try:
         metarl.make_family(env_id, **config.env_kwargs).close()
     except TaskError as exc:

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
+import subprocess
 import sys
+from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
 import pytest
+import yaml
 
 import metarl
 from metarl.tasks import GoalTask, Task, TaskError, TaskFamily
@@ -257,3 +261,99 @@ def test_every_builtin_family_passes_every_check(name):
 
     passed = check_family(metarl.env_id(name), steps=20)
     assert {SKIPPABLE["sb3"], SKIPPABLE["gymnasium"], SKIPPABLE["task-effect"]} <= set(passed)
+
+
+# ---- files named relative to the file that names them ------------------------------------------------------
+def test_shipped_suites_and_configs_work_from_any_folder(tmp_path, monkeypatch):
+    """`metarl bench experiments/benchmarks/smoke.yaml` from another folder failed: the default config was
+    looked up relative to the working directory (and under a mis-cased name)."""
+    from metarl.bench import load_suite
+    from metarl.config import load_config, shipped
+
+    suite_file = shipped() / "benchmarks" / "smoke.yaml"
+    monkeypatch.chdir(tmp_path)
+    suite = load_suite(str(suite_file))
+    meta = [c for c in suite.cells if c.method == "maml_trpo"]
+    assert meta and meta[0].resolved["agent"]["name"] == "maml_trpo"
+    assert load_suite("experiments/benchmarks/smoke.yaml").cells == suite.cells  # the shipped one, by name
+    assert load_config("experiments/maml_trpo/point_nav_2d.yaml").env == "PointNav2D"
+
+
+def test_a_suite_finds_its_configs_and_modules_beside_itself(tmp_path, monkeypatch):
+    proj, elsewhere = tmp_path / "proj", tmp_path / "elsewhere"
+    proj.mkdir()
+    elsewhere.mkdir()
+    (proj / "line_goal_beside.py").write_text(LINE_GOAL.replace("LineGoalTask", "BesideTask")
+                                              .replace("me/LineGoal-v0", "me/Beside-v0"))
+    (proj / "maml.yaml").write_text(yaml.safe_dump({**MAML_CONFIG, "env": "line_goal_beside:me/Beside-v0"}))
+    (proj / "suite.yaml").write_text(yaml.safe_dump({
+        "imports": ["line_goal_beside"], "families": {"me/Beside-v0": {}},
+        "eval": {"tasks": 2, "steps": 1, "episodes": 2}, "methods": {"maml_trpo": {"config": "maml.yaml"}}}))
+    monkeypatch.chdir(elsewhere)
+    from metarl.bench import cell_dir, load_suite
+
+    suite = load_suite(str(proj / "suite.yaml"), out=tmp_path / "out")
+    (cell,) = suite.cells
+    assert cell.resolved["imports"] == [str((proj / "line_goal_beside.py").resolve())]
+    assert cell_dir(suite, cell).parent.parent.name.startswith("me_Beside-v0-")
+
+
+def test_a_module_not_found_is_one_clear_line(tmp_path, capsys):
+    from metarl.cli import main
+
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({**MAML_CONFIG, "env": "no_such_module_here:me/X-v0"}))
+    assert main(["train", str(config), "--run-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "env: cannot find module 'no_such_module_here'" in err
+    assert main(["check", "x", "--import", "no_such_file.py"]) == 2
+    assert "--import no_such_file.py: 'no_such_file.py': no such .py file" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+# ---- the end-to-end test -----------------------------------------------------------------------------------
+MAML_CONFIG = {
+    "experiment": "line_goal/maml", "env": "line_goal:me/LineGoal-v0", "seed": 0, "iterations": 2,
+    "agent": {"name": "maml_trpo", "tasks_per_batch": 3, "episodes_per_task": 2, "hidden": [8]},
+    "sampler": {"backend": "auto", "workers": 1},  # one worker process, which must import the module too
+    "eval": {"every": 0, "split": "test", "tasks": 2, "steps": 1, "episodes": 2},
+}
+
+
+def _metarl(*args, cwd) -> subprocess.CompletedProcess:
+    script = Path(sys.executable).parent / "metarl"
+    done = subprocess.run([str(script), *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"metarl {' '.join(map(str, args))}:\n{done.stdout}\n{done.stderr}"
+    return done
+
+
+def test_a_family_in_a_users_own_file_runs_through_every_command(tmp_path):
+    """A family in a file outside the repository, from the shell, with no script of the user's: check,
+    train (a sampler worker process), eval --video and bench (a namespaced id), each from another folder."""
+    proj, elsewhere = tmp_path / "proj", tmp_path / "elsewhere"
+    proj.mkdir()
+    elsewhere.mkdir()
+    (proj / "line_goal.py").write_text(LINE_GOAL)
+    (proj / "maml.yaml").write_text(yaml.safe_dump(MAML_CONFIG))
+    (proj / "suite.yaml").write_text(yaml.safe_dump({
+        "imports": ["line_goal.py"], "families": {"me/LineGoal-v0": {}},
+        "eval": {"tasks": 2, "steps": 1, "episodes": 2},
+        "methods": {"maml_trpo": {"config": "maml.yaml"}, "random": {}}}))
+
+    done = _metarl("check", "line_goal:me/LineGoal-v0", cwd=proj)  # the module in the current folder
+    assert "checks passed" in done.stdout
+
+    run = tmp_path / "run"
+    _metarl("train", proj / "maml.yaml", "--run-dir", run, "--quiet", cwd=elsewhere)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["imports"] == [str((proj / "line_goal.py").resolve())]  # so eval finds it from anywhere
+    summary = json.loads((run / "eval" / "test" / "summary.json").read_text())
+    assert summary["family"] == "LineGoal" and len(summary["stages"]) == 2
+
+    _metarl("eval", run, "--video", "--video-size", "48x24", cwd=tmp_path)
+    assert (run / "eval" / "test" / "video" / "task0_before_after.gif").stat().st_size > 100
+
+    out = tmp_path / "bench"
+    _metarl("bench", proj / "suite.yaml", "--out", out, "--quiet", cwd=elsewhere)
+    assert "## me/LineGoal-v0" in (out / "report.md").read_text()
+    assert len(list(out.glob("curves_me_LineGoal-v0-*.png"))) == 1
