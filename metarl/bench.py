@@ -450,6 +450,14 @@ def aggregate(records: list[dict]) -> dict[str, Any]:
         steps = float(np.mean([r["summary"]["stages"][k]["adapt_env_steps"] for r in records]))
         stages.append({"stage": k, "adapt_episodes": stage["adapt_episodes"], "adapt_env_steps": steps,
                        "mean_return": float(values.mean()), "ci95": [low, high], "iqm": iqm(values), "n": int(values.size)})
+        cell_stages = [r["summary"]["stages"][k] for r in records]
+        if all("per_task_success" in c for c in cell_stages):  # pooled like the returns
+            rates = [np.asarray(c["per_task_success"], dtype=np.float64) for c in cell_stages]
+            stages[-1].update(success_rate=float(np.concatenate(rates).mean()),
+                              success_ci95=list(grouped_bootstrap_ci(rates, seed=k)))
+        names = set.intersection(*(set(c.get("reward_terms", {})) for c in cell_stages))
+        if names:
+            stages[-1]["reward_terms"] = {n: float(np.mean([c["reward_terms"][n] for c in cell_stages])) for n in sorted(names)}
     return {
         "stages": stages,
         "seeds": [r["spec"]["seed"] for r in records],
@@ -467,6 +475,28 @@ def _num(x: float) -> str:
 
 def _steps(x: float) -> str:
     return "0" if x == 0 else f"{x / 1e6:.2f}M" if x >= 1e5 else f"{x:,.0f}"
+
+
+def _episode_metric_tables(curves: dict[str, dict], steps: int) -> list[str]:
+    """Success rates (where the env reports success) and the reward terms, before and after adaptation."""
+    lines: list[str] = []
+    last = {m: agg["stages"][min(steps, len(agg["stages"]) - 1)] for m, agg in curves.items()}
+    rows = [f"| {m} | {agg['stages'][0]['success_rate']:.2f} | {last[m]['success_rate']:.2f} "
+            f"[{last[m]['success_ci95'][0]:.2f}, {last[m]['success_ci95'][1]:.2f}] |"
+            for m, agg in curves.items() if "success_rate" in last[m] and "success_rate" in agg["stages"][0]]
+    if rows:
+        lines += ["Success rate (an episode succeeds if any step reports `info[\"success\"]`), mean over tasks × seeds "
+                  "with a 95% bootstrap interval:", "",
+                  "| method | before (stage 0) | after (last protocol stage) [95% CI] |", "|---|---|---|", *rows, ""]
+    rows = [f"| {m} | {name} | {_num(agg['stages'][0]['reward_terms'][name])} | {_num(value)} |"
+            for m, agg in curves.items() if "reward_terms" in agg["stages"][0]
+            for name, value in last[m].get("reward_terms", {}).items() if name in agg["stages"][0]["reward_terms"]]
+    if rows:
+        lines += ["<details><summary>reward terms: the episode sum of each <code>info[\"reward_*\"]</code> term, "
+                  "mean over tasks × seeds</summary>", "",
+                  "| method | term | before (stage 0) | after (last protocol stage) |", "|---|---|---|---|", *rows, "",
+                  "</details>", ""]
+    return lines
 
 
 def write_report(suite: Suite) -> Path:
@@ -487,7 +517,7 @@ def write_report(suite: Suite) -> Path:
         "",
     ]
     json_out: list[dict] = []
-    csv_rows = [["family", "method", "seed", "task", "stage", "adapt_episodes", "adapt_env_steps", "return"]]
+    csv_rows = [["family", "method", "seed", "task", "stage", "adapt_episodes", "adapt_env_steps", "return", "success"]]
     for family in suite.families:
         cells = [c for c in suite.cells if c.family == family]
         horizon = suite.horizons[family]
@@ -509,7 +539,8 @@ def write_report(suite: Suite) -> Path:
                 for s in r["summary"]["stages"]:
                     for t, value in enumerate(s["per_task"]):
                         csv_rows.append([family, method, r["spec"]["seed"], t, s["stage"], s["adapt_episodes"],
-                                         s["adapt_env_steps"], value])
+                                         s["adapt_env_steps"], value,
+                                         s["per_task_success"][t] if "per_task_success" in s else ""])
             # every method's stage `steps` ends the shared protocol; later stages are a larger budget
             first, last = agg["stages"][0], agg["stages"][min(cells[0].eval.steps, len(agg["stages"]) - 1)]
             beyond = agg["stages"][-1] if len(agg["stages"]) > cells[0].eval.steps + 1 else None
@@ -526,6 +557,7 @@ def write_report(suite: Suite) -> Path:
         lines += ["| method | before (stage 0) | after (last protocol stage) [95% CI] | IQM after | adapt. episodes "
                   "| larger budget | (meta-/pre-)training env steps | adaptation env steps per task | wall time |",
                   "|---|---|---|---|---|---|---|---|---|", *summary_rows, ""]
+        lines += _episode_metric_tables(curves, cells[0].eval.steps)
         lines += ["<details><summary>every stage</summary>", "",
                   "| method | stage | adapt. episodes | adapt. env steps | mean return | 95% CI | IQM |",
                   "|---|---|---|---|---|---|---|", *detail_rows, "", "</details>", ""]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -349,11 +350,110 @@ def test_a_family_in_a_users_own_file_runs_through_every_command(tmp_path):
     assert config["imports"] == [str((proj / "line_goal.py").resolve())]  # so eval finds it from anywhere
     summary = json.loads((run / "eval" / "test" / "summary.json").read_text())
     assert summary["family"] == "LineGoal" and len(summary["stages"]) == 2
+    for stage in summary["stages"]:  # the episode metrics of a user's env, with no help from the agent
+        assert 0 <= stage["success_rate"] <= 1 and set(stage["reward_terms"]) == {"reward_dist"}
+        assert stage["reward_terms"]["reward_dist"] == pytest.approx(stage["mean_return"], abs=1e-3)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {"meta/success_rate_stage0", "meta/success_rate_stage1", "meta/reward_dist_stage1"} <= set(rows[-1])
 
     _metarl("eval", run, "--video", "--video-size", "48x24", cwd=tmp_path)
     assert (run / "eval" / "test" / "video" / "task0_before_after.gif").stat().st_size > 100
 
     out = tmp_path / "bench"
     _metarl("bench", proj / "suite.yaml", "--out", out, "--quiet", cwd=elsewhere)
-    assert "## me/LineGoal-v0" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "## me/LineGoal-v0" in report
+    assert re.search(r"\| maml_trpo \| [01]\.\d\d \| [01]\.\d\d \[", report.split("Success rate")[1])
     assert len(list(out.glob("curves_me_LineGoal-v0-*.png"))) == 1
+
+
+# ---- episode metrics: success and reward terms --------------------------------------------------------------
+class _Push:
+    """An actor that always pushes right (+1 on every action dimension)."""
+
+    def __init__(self, act_dim: int = 1):
+        self.act_dim = act_dim
+
+    def start(self, task_indices, slots):
+        pass
+
+    def act(self, obs):
+        return np.ones((*np.asarray(obs).shape[:2], self.act_dim), np.float32)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_the_sampler_records_success_and_reward_terms_per_episode(line_goal, workers):
+    """The goal at 0.5 is reached (x moves 0.5 a step), the one at -2.5 never: success is per episode, any step."""
+    from metarl.sampling import Sampler
+
+    tasks = [line_goal.LineGoalTask("LineGoal", 0.5), line_goal.LineGoalTask("LineGoal", -2.5)]
+    with Sampler("me/LineGoal-v0", workers=workers) as sampler, sampler.recording() as calls:
+        batch = sampler.sample(_Push(), tasks, 3, seed=0)
+    assert batch.success.tolist() == [[True] * 3, [False] * 3]
+    assert torch_allclose(batch.reward_terms["reward_dist"], batch.returns)
+    (call,) = calls
+    assert call.episodes_per_trial == 1 and call.success.tolist() == batch.success.tolist()
+
+
+def torch_allclose(a, b) -> bool:
+    return bool(np.allclose(np.asarray(a), np.asarray(b), atol=1e-4))
+
+
+def test_a_family_without_success_reports_none():
+    from metarl.sampling import Sampler
+
+    for backend in ("gymnasium", "native"):
+        with Sampler("metarl/HalfCheetahVel-v0", workers=0, backend=backend) as sampler:
+            fam = sampler.family
+            batch = sampler.sample(_Push(6), fam.sample_tasks(1, "test"), 1, seed=0)
+        assert batch.success is None and set(batch.reward_terms) == {"reward_velocity", "reward_ctrl"}
+
+
+def _record(K, returns, success, dist):
+    from metarl.sampling import SampleRecord
+
+    return SampleRecord(K, np.asarray(returns, float), None if success is None else np.asarray(success, bool),
+                        {"reward_dist": np.asarray(dist, float)})
+
+
+def test_stage_metrics_follow_the_stages_of_the_sampler_calls():
+    """Two tasks, two stages: MAML samples one call per stage, RL² one call of 2-episode trials (episode
+    m * 2 + k of a task is stage k of trial m); both give the same per-stage means, computed by hand."""
+    from metarl.evaluation import episode_scalars, stage_metrics
+
+    maml = [_record(1, [[1, 3], [5, 7]], [[1, 0], [0, 0]], [[1, 3], [5, 7]]),
+            _record(1, [[2, 4], [6, 8]], [[1, 1], [1, 0]], [[2, 4], [6, 8]])]
+    rl2 = [_record(2, [[1, 2, 3, 4], [5, 6, 7, 8]], [[1, 1, 0, 1], [0, 1, 0, 0]], [[1, 2, 3, 4], [5, 6, 7, 8]])]
+    returns = np.array([[2.0, 3.0], [6.0, 7.0]])
+    for calls in (maml, rl2):
+        success, terms = stage_metrics(calls, 2, returns)
+        assert success.tolist() == [[0.5, 1.0], [0.0, 0.5]] and terms["reward_dist"].tolist() == returns.tolist()
+    assert stage_metrics(maml, 3) is None and stage_metrics(maml, 2, returns + 1) is None
+    assert episode_scalars(rl2) == {"meta/success_rate_stage0": 0.25, "meta/success_rate_stage1": 0.75,
+                                    "meta/reward_dist_stage0": 4.0, "meta/reward_dist_stage1": 5.0}
+
+
+def test_summary_has_success_rates_with_intervals_and_reward_terms(tmp_path):
+    from metarl.evaluation import AdaptationResult, write_summary
+
+    tasks = [GoalTask("PointNav2D", (0.0, float(i))) for i in range(4)]
+    result = AdaptationResult(tasks, np.array([[1.0, 2.0]] * 4), [0, 2], [0.0, 20.0],
+                              success=np.array([[0.0, 1.0], [0.0, 0.5], [0.5, 1.0], [0.0, 1.0]]),
+                              reward_terms={"reward_goal": np.array([[1.0, 2.0]] * 4)})
+    summary = write_summary(result, tmp_path)
+    first, last = summary["stages"]
+    assert first["success_rate"] == 0.125 and last["success_rate"] == 0.875
+    assert last["success_ci95"][0] <= 0.875 <= last["success_ci95"][1] and last["per_task_success"] == [1.0, 0.5, 1.0, 1.0]
+    assert last["reward_terms"] == {"reward_goal": 2.0}
+    header, row0, _ = (tmp_path / "summary.csv").read_text().splitlines()
+    assert header.endswith("success_rate,success_ci95_low,success_ci95_high,reward_goal") and ",0.125," in row0
+    assert (tmp_path / "per_task.csv").read_text().splitlines()[0].endswith("success_stage0,success_stage1")
+
+
+def test_a_baseline_reports_success_and_reward_terms(line_goal):
+    from metarl.agents.sb3_baselines import BaselineSpec, run_baseline
+
+    tasks = [line_goal.LineGoalTask("LineGoal", 0.1), line_goal.LineGoalTask("LineGoal", -2.9)]
+    result, _ = run_baseline(BaselineSpec("random", "none"), "me/LineGoal-v0", {}, tasks, 1, 3, seed=0, log=lambda m: None)
+    assert result.success.shape == (2, 2) and result.success[1].tolist() == [0.0, 0.0] and result.success[0, 0] > 0
+    assert np.allclose(result.reward_terms["reward_dist"], result.returns)
