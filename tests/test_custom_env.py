@@ -457,3 +457,25 @@ def test_a_baseline_reports_success_and_reward_terms(line_goal):
     result, _ = run_baseline(BaselineSpec("random", "none"), "me/LineGoal-v0", {}, tasks, 1, 3, seed=0, log=lambda m: None)
     assert result.success.shape == (2, 2) and result.success[1].tolist() == [0.0, 0.0] and result.success[0, 0] > 0
     assert np.allclose(result.reward_terms["reward_dist"], result.returns)
+
+
+# ---- bad input: one clear line, nothing written ----------------------------------------------------------------
+@pytest.mark.parametrize("source, message", [
+    ("import dataclasses, metarl\n@dataclasses.dataclass(frozen=True)\nclass GoalTask(metarl.Task):\n    x: float\n",
+     "cannot import .*bad_family_{i}(.py)?': task type name 'GoalTask' is taken by metarl.tasks.GoalTask"),
+    ("x = 1\n", "importing 'bad_family_{i}' registered no Gymnasium id 'me/Nothing-v0'"),
+    ("def broken(:\n", "cannot import .*bad_family_{i}(.py)?': .*bad_family_{i}.py:1: invalid syntax"),
+])
+def test_a_bad_user_module_is_one_clear_line_and_nothing_is_written(tmp_path, monkeypatch, capsys, source, message):
+    from metarl.cli import main
+
+    i = len(source)  # a module name of its own per case (a module that failed to import is not cached)
+    (tmp_path / f"bad_family_{i}.py").write_text(source)
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({**MAML_CONFIG, "env": f"bad_family_{i}:me/Nothing-v0"}))
+    for argv in (["train", str(config), "--run-dir", str(tmp_path / "run")], ["check", f"bad_family_{i}:me/Nothing-v0"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and re.search(message.format(i=i), err), err
+    assert not (tmp_path / "run").exists()
