@@ -312,6 +312,18 @@ def test_a_module_not_found_is_one_clear_line(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+def test_rollout_and_check_take_import(tmp_path, capsys):
+    """--import FILE on the command line registers the family for a command that names it by its plain id."""
+    from metarl.cli import main
+
+    (tmp_path / "line_goal_cli.py").write_text(LINE_GOAL.replace("LineGoalTask", "CliTask")
+                                               .replace("me/LineGoal-v0", "me/CliLine-v0"))
+    assert main(["rollout", "me/CliLine-v0", "--import", str(tmp_path / "line_goal_cli.py"), "--episodes", "2"]) == 0
+    assert "random-policy return" in capsys.readouterr().out
+    assert main(["check", "me/CliLine-v0", "--import", "line_goal_cli"]) == 0  # now importable by name
+    assert "checks passed" in capsys.readouterr().out
+
+
 # ---- the end-to-end test -----------------------------------------------------------------------------------
 MAML_CONFIG = {
     "experiment": "line_goal/maml", "env": "line_goal:me/LineGoal-v0", "seed": 0, "iterations": 2,
