@@ -7,12 +7,14 @@ Three ways to name them, all resolved here:
 * ``imports: [module_or_file, ...]`` in a config or a suite;
 * ``--import MODULE_OR_FILE`` (repeatable) on the command line of every command.
 
-An entry is a module name (``my_families``, ``pkg.families``) or a path to a ``.py`` file or a package folder.
-A relative path is relative to the config or suite file that names it (the current directory on the
-command line). A module name is looked up on the Python path first, then beside the config or suite file,
-then in the current directory, appended after everything installed so that it never shadows a package.
-`resolve` returns the form a run folder records: a name importable from the Python path stays a name,
-anything else becomes an absolute path, so ``metarl eval`` and ``--resume`` find it from any folder.
+An entry is a module name (``my_families``, ``pkg.families``) or a path to a ``.py`` file or a package folder,
+imported as a top-level module named after it (``other/file.py`` as ``file``). A relative path is relative to
+the config or suite file that names it (the current directory on the command line). A module name is looked
+up on the Python path first; a single name not found there (``my_families``: ``my_families.py`` or a package
+folder ``my_families/``) is then looked up beside the config or suite file, then in the current directory,
+and its folder is appended to the Python path, after everything installed, so that it never shadows a
+package. `resolve` returns the form a run folder records: a name importable from the Python path stays a
+name, anything else becomes an absolute path, so ``metarl eval`` and ``--resume`` find it from any folder.
 
 `load` imports entries in this process and remembers them (`loaded`); the sampler's worker processes
 (spawned, so they start from a fresh interpreter) import the same entries before they make an env, so a
@@ -64,11 +66,13 @@ def resolve(entry: str, base: str | Path | None = None) -> str:
         return _FROM_PATH[entry]
     if entry in sys.modules or _on_path(entry):
         return entry
+    if "." in entry:
+        raise TaskError(f"cannot find module {entry!r} on the Python path (a dotted name is not looked up beside "
+                        "the file that names it; install its package, or name the .py file)")
     folders = [Path(base)] if base is not None else []
     folders += [here] if here not in folders else []
     for folder in folders:
-        stem = folder.joinpath(*entry.split("."))
-        for candidate in (stem.with_suffix(".py"), stem / "__init__.py"):
+        for candidate in (folder / f"{entry}.py", folder / entry / "__init__.py"):
             if candidate.is_file():
                 return str((candidate if candidate.name != "__init__.py" else candidate.parent).resolve())
     where = " and ".join(str(f) for f in folders)
@@ -105,12 +109,10 @@ def module_name(entry: str) -> str:
 
 
 def _locate(entry: str) -> tuple[str, Path]:
-    """(module name, the folder to put on the Python path) of a path entry."""
+    """(module name, the folder to put on the Python path) of a path entry: a top-level module named after the
+    file or folder, the name Gymnasium's ``module:Id`` imports (even where the folder is itself a package)."""
     path = Path(entry)
-    name, root = path.stem if path.suffix == ".py" else path.name, path.parent
-    while (root / "__init__.py").is_file():  # inside a package: import it as package.module
-        name, root = f"{root.name}.{name}", root.parent
-    return name, root
+    return (path.stem if path.suffix == ".py" else path.name), path.parent
 
 
 def _load_one(entry: str) -> str:

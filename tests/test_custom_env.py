@@ -299,6 +299,25 @@ def test_a_suite_finds_its_configs_and_modules_beside_itself(tmp_path, monkeypat
     assert cell_dir(suite, cell).parent.parent.name.startswith("me_Beside-v0-")
 
 
+def test_a_module_beside_a_config_in_a_package_folder_is_imported_under_its_own_name(tmp_path, monkeypatch):
+    """`env: module:Id` makes Gymnasium import `module`: found beside the config, it must be importable under
+    that very name, even where the folder is a package (as experiments/custom_env is)."""
+    from metarl.config import load_config
+    from metarl.plugins import load
+
+    folder = tmp_path / "pkg" / "families"
+    folder.mkdir(parents=True)
+    (tmp_path / "pkg" / "__init__.py").write_text("")
+    (folder / "__init__.py").write_text("")
+    (folder / "pkg_line.py").write_text(LINE_GOAL.replace("LineGoalTask", "PkgTask").replace("me/LineGoal-v0",
+                                                                                             "me/PkgLine-v0"))
+    (folder / "c.yaml").write_text(yaml.safe_dump({**MAML_CONFIG, "env": "pkg_line:me/PkgLine-v0"}))
+    monkeypatch.chdir(tmp_path.parent)
+    config = load_config(folder / "c.yaml")
+    assert config.imports == (str(folder / "pkg_line.py"),) and load(config.imports) == ["pkg_line"]
+    assert metarl.family_of(metarl.make_family(config.env)).family == "LineGoal"
+
+
 def test_a_module_not_found_is_one_clear_line(tmp_path, capsys):
     from metarl.cli import main
 
