@@ -264,7 +264,8 @@ class TaskFamily:
         raise NotImplementedError
 
     def _draw_tasks(self, rng: np.random.Generator, n: int, split: str) -> list[Task]:
-        raise NotImplementedError
+        raise TaskError(f"{self.family} has no {split!r} tasks to draw: it implements neither _draw_tasks nor "
+                        f"a list for the split in _task_list")
 
     def _validate_task(self, task: Task) -> None:
         """Raise TaskError if a parameter is out of range (finite-ness is already checked)."""

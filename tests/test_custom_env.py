@@ -200,6 +200,12 @@ def test_a_family_of_given_task_lists_needs_only_the_hook():
     assert set(many) == set(Listed.TRAIN) and max(many.count(t) for t in Listed.TRAIN) == 3
     with pytest.raises(TaskError, match="no 'ood' split"):
         fam.sample_tasks(1, "ood")
+    Listed.has_ood = True  # declared, but neither drawn nor listed: one clear error
+    try:
+        with pytest.raises(TaskError, match="Listed has no 'ood' tasks to draw"):
+            Listed().sample_tasks(1, "ood")
+    finally:
+        Listed.has_ood = False
 
 
 def test_given_lists_that_overlap_are_refused_unless_declared():
