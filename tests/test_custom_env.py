@@ -392,6 +392,9 @@ def test_a_family_in_a_users_own_file_runs_through_every_command(tmp_path):
         assert stage["reward_terms"]["reward_dist"] == pytest.approx(stage["mean_return"], abs=1e-3)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert {"meta/success_rate_stage0", "meta/success_rate_stage1", "meta/reward_dist_stage1"} <= set(rows[-1])
+    for row in rows:  # stage 0: the episodes before MAML's inner step, stage 1: after it
+        assert row["meta/reward_dist_stage0"] == pytest.approx(row["meta/return_pre_adaptation"], abs=1e-3)
+        assert row["meta/reward_dist_stage1"] == pytest.approx(row["meta/return_post_adaptation"], abs=1e-3)
 
     _metarl("eval", run, "--video", "--video-size", "48x24", cwd=tmp_path)
     assert (run / "eval" / "test" / "video" / "task0_before_after.gif").stat().st_size > 100
@@ -516,3 +519,20 @@ def test_a_bad_user_module_is_one_clear_line_and_nothing_is_written(tmp_path, mo
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and re.search(message.format(i=i), err), err
     assert not (tmp_path / "run").exists()
+
+
+def test_rl2_training_metrics_per_episode_of_the_trial(line_goal, tmp_path):
+    """RL²'s stage k in training is episode k of its trials: the reward term of each equals its return."""
+    from metarl.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", "experiments/rl2/point_nav_2d.yaml", "env=me/LineGoal-v0", "iterations=2",
+                 "agent.tasks_per_batch=2", "agent.hidden_size=8", "sampler.workers=0", "eval.tasks=2",
+                 "eval.steps=1", "eval.episodes=2", "eval.every=0", "--run-dir", str(run), "--quiet"]) == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        for k in (0, 1):
+            assert row[f"meta/reward_dist_stage{k}"] == pytest.approx(row[f"meta/return_episode{k}"], abs=1e-3)
+        assert 0 <= row["meta/success_rate_stage1"] <= 1
+    stages = json.loads((run / "eval" / "test" / "summary.json").read_text())["stages"]
+    assert [set(s["reward_terms"]) for s in stages] == [{"reward_dist"}] * 2 and "success_ci95" in stages[1]
