@@ -335,7 +335,11 @@ def meta_config(family: str, method: str, options: dict, env_kwargs: dict, proto
 
 # ---- running -----------------------------------------------------------------------------------------------
 def cell_dir(suite: Suite, cell: Cell) -> Path:
-    return suite.out / "cells" / file_name(cell.family) / cell.method / f"seed{cell.seed}"
+    folder = suite.out / "cells" / file_name(cell.family) / cell.method / f"seed{cell.seed}"
+    legacy = suite.out / "cells" / cell.family / cell.method / f"seed{cell.seed}"
+    if legacy != folder and not folder.exists() and legacy.is_dir():  # written before ids became safe names
+        return legacy
+    return folder
 
 
 def finished(suite: Suite, cell: Cell) -> dict | None:

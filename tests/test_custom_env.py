@@ -324,6 +324,25 @@ def test_a_module_beside_a_config_in_a_package_folder_is_imported_under_its_own_
     assert metarl.family_of(metarl.make_family(config.env)).family == "LineGoal"
 
 
+def test_a_namespaced_id_gets_safe_file_names_and_cells_written_before_are_kept(line_goal, tmp_path):
+    """`metarl bench` crashed on a namespaced id (curves_holdout/.PendulumML-v0.png.tmp.png); a cell finished
+    under the former folder (cells/me/LineGoal-v0/...) is still found, not run again."""
+    from metarl.bench import cell_dir, file_name, load_suite, run_suite
+
+    assert file_name("PointNav2D") == "PointNav2D" and file_name("me/LineGoal-v0") != file_name("me_LineGoal-v0")
+    assert file_name("mod:me/X-v0").startswith("mod_me_X-v0-") and file_name("..").startswith("_-")
+    suite = load_suite(None, data={"families": {"me/LineGoal-v0": {}}, "methods": {"random": {}},
+                                   "eval": {"tasks": 2, "steps": 1, "episodes": 2}}, out=tmp_path / "out")
+    run_suite(suite, log=lambda m: None)
+    (cell,) = suite.cells
+    assert cell_dir(suite, cell).parent.parent.name.startswith("me_LineGoal-v0-")
+    assert len(list((tmp_path / "out").glob("curves_me_LineGoal-v0-*.png"))) == 1
+    legacy = tmp_path / "out" / "cells" / "me" / "LineGoal-v0"
+    legacy.parent.mkdir(parents=True)
+    cell_dir(suite, cell).parent.parent.rename(legacy)
+    assert cell_dir(suite, cell) == legacy / "random" / "seed0" and (cell_dir(suite, cell) / "cell.json").is_file()
+
+
 def test_a_module_not_found_is_one_clear_line(tmp_path, capsys):
     from metarl.cli import main
 
