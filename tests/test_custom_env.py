@@ -449,12 +449,12 @@ def test_the_sampler_records_success_and_reward_terms_per_episode(line_goal, wor
     with Sampler("me/LineGoal-v0", workers=workers) as sampler, sampler.recording() as calls:
         batch = sampler.sample(_Push(), tasks, 3, seed=0)
     assert batch.success.tolist() == [[True] * 3, [False] * 3]
-    assert torch_allclose(batch.reward_terms["reward_dist"], batch.returns)
+    assert _close(batch.reward_terms["reward_dist"], batch.returns)
     (call,) = calls
     assert call.episodes_per_trial == 1 and call.success.tolist() == batch.success.tolist()
 
 
-def torch_allclose(a, b) -> bool:
+def _close(a, b) -> bool:
     return bool(np.allclose(np.asarray(a), np.asarray(b), atol=1e-4))
 
 
