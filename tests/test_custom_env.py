@@ -555,3 +555,12 @@ def test_rl2_training_metrics_per_episode_of_the_trial(line_goal, tmp_path):
         assert 0 <= row["meta/success_rate_stage1"] <= 1
     stages = json.loads((run / "eval" / "test" / "summary.json").read_text())["stages"]
     assert [set(s["reward_terms"]) for s in stages] == [{"reward_dist"}] * 2 and "success_ci95" in stages[1]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"meta/success_rate_stage1", "meta/reward_dist_stage0", "eval/test/success_rate_stage1",
+            "eval/test/reward_dist_stage0"} <= tags
+    (last,) = events.Scalars("eval/test/success_rate_stage1")
+    assert last.value == pytest.approx(stages[1]["success_rate"])
