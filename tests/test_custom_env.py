@@ -343,6 +343,15 @@ def test_a_namespaced_id_gets_safe_file_names_and_cells_written_before_are_kept(
     assert cell_dir(suite, cell) == legacy / "random" / "seed0" and (cell_dir(suite, cell) / "cell.json").is_file()
 
 
+def test_a_meta_learner_without_a_config_for_a_users_family_is_one_clear_line(line_goal):
+    from metarl.bench import load_suite
+    from metarl.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"methods.rl2.config: metarl ships no rl2 config for 'me/LineGoal-v0' "
+                                          r"\(in .*experiments/rl2\); name one"):
+        load_suite(None, data={"families": {"me/LineGoal-v0": {}}, "methods": {"rl2": {}}, "eval": {"tasks": 2}})
+
+
 def test_a_module_not_found_is_one_clear_line(tmp_path, capsys):
     from metarl.cli import main
 
