@@ -35,6 +35,7 @@ class UsageError(Exception):
 
 
 def _cmd_families(args: argparse.Namespace) -> int:
+    _user_code(args)  # a bad --import is an error here too; the table lists the built-in families
     print(f"{'family':<20} {'id':<30} {'horizon':>7} {'obs':>5} {'act':>4}  splits")
     for name in metarl.FAMILIES:
         env = metarl.make_family(name)
