@@ -159,11 +159,29 @@ def measure_binned(act: Callable[[np.ndarray], np.ndarray], env_id: str, env_kwa
                    seed: int, oracle: bool = False, bins: int = WITHIN_EPISODE_BINS) -> np.ndarray:
     """``[episodes, bins]``: the reward of each episode in each of ``bins`` equal spans of the horizon (the
     binning of `EpisodeBatch.binned_returns`); the rows sum to the returns."""
+    return measure_episodes(act, env_id, env_kwargs, task, episodes, seed, oracle, bins).binned
+
+
+@dataclasses.dataclass
+class Measured:
+    """What `measure_episodes` saw: ``binned`` ``[episodes, bins]`` rewards, ``success`` ``[episodes]`` (any step
+    with ``info["success"]``; None where the env reports none) and each ``info["reward_*"]`` term's episode sums."""
+
+    binned: np.ndarray
+    success: np.ndarray | None
+    reward_terms: dict[str, np.ndarray]
+
+
+def measure_episodes(act: Callable[[np.ndarray], np.ndarray], env_id: str, env_kwargs: dict, task: Task, episodes: int,
+                     seed: int, oracle: bool = False, bins: int = WITHIN_EPISODE_BINS) -> Measured:
+    """``episodes`` episodes of ``task``, run side by side (one batched ``act`` per step), as `Measured`."""
     envs = [make_env(env_id, env_kwargs, task, oracle) for _ in range(episodes)]
     try:
         horizon = episode_limit(envs[0])
         obs = np.stack([env.reset(seed=seed + i)[0] for i, env in enumerate(envs)])
         binned = np.zeros((episodes, bins))
+        success, reported = np.zeros(episodes, bool), False
+        terms: dict[str, np.ndarray] = {}
         running = np.ones(episodes, dtype=bool)
         low, high = envs[0].action_space.low, envs[0].action_space.high
         t = 0
@@ -171,12 +189,18 @@ def measure_binned(act: Callable[[np.ndarray], np.ndarray], env_id: str, env_kwa
             actions = np.clip(act(obs), low, high)
             b = min(t * bins // horizon, bins - 1)
             for i in np.flatnonzero(running):
-                o, r, terminated, truncated, _ = envs[i].step(actions[i])
+                o, r, terminated, truncated, info = envs[i].step(actions[i])
                 obs[i] = o
                 binned[i, b] += float(r)
+                for key, value in info.items():
+                    if key.startswith("reward_"):
+                        terms.setdefault(key, np.zeros(episodes))[i] += float(value)
+                if "success" in info:
+                    reported = True
+                    success[i] |= bool(info["success"])
                 running[i] = not (terminated or truncated)
             t += 1
-        return binned
+        return Measured(binned, success if reported else None, terms)
     finally:
         for env in envs:
             env.close()
@@ -279,6 +303,7 @@ def _run_baseline(spec: BaselineSpec, env_id: str, env_kwargs: dict, tasks: list
     seeds = [int(s) for s in rng.integers(2**31 - 1, size=len(tasks))]
     returns = np.zeros((len(tasks), len(stage_episodes)))
     within = np.zeros((len(tasks), len(stage_episodes), WITHIN_EPISODE_BINS))
+    metrics = _StageMetrics(len(tasks), len(stage_episodes))
 
     if spec.kind in ("random", "oracle"):
         if spec.kind == "oracle":
@@ -290,10 +315,13 @@ def _run_baseline(spec: BaselineSpec, env_id: str, env_kwargs: dict, tasks: list
             act_rng = np.random.default_rng(seed)
             act = lambda obs: act_rng.uniform(space.low, space.high, size=(len(obs), *space.shape))  # noqa: E731
         for i, task in enumerate(tasks):
-            within[i, :] = measure_binned(act, env_id, env_kwargs, task, episodes, seeds[i], spec.kind == "oracle").mean(0)
+            seen = measure_episodes(act, env_id, env_kwargs, task, episodes, seeds[i], spec.kind == "oracle")
+            within[i, :] = seen.binned.mean(0)
             returns[i, :] = within[i, 0].sum()
+            metrics.add(i, slice(None), seen)
             cost.measure_env_steps += episodes * horizon
-        return AdaptationResult(list(tasks), returns, stage_episodes, [0.0] * len(stage_episodes), within), cost
+        return metrics.result(AdaptationResult(list(tasks), returns, stage_episodes, [0.0] * len(stage_episodes),
+                                               within)), cost
 
     pretrained = None
     if spec.kind == "multitask":
@@ -317,16 +345,39 @@ def _run_baseline(spec: BaselineSpec, env_id: str, env_kwargs: dict, tasks: list
                 raise RuntimeError(f"{spec.kind} {spec.algo}: trained {model.num_timesteps} env steps at stage {k}, "
                                    f"the protocol gives {target * horizon}")
             trained[k] = model.num_timesteps
-            within[i, k] = measure_binned(_sb3_act(model), env_id, env_kwargs, task, episodes, seeds[i] + 7919 * k).mean(0)
+            seen = measure_episodes(_sb3_act(model), env_id, env_kwargs, task, episodes, seeds[i] + 7919 * k)
+            within[i, k] = seen.binned.mean(0)
             returns[i, k] = within[i, k].sum()
+            metrics.add(i, k, seen)
             cost.measure_env_steps += episodes * horizon
         cost.adapt_env_steps_per_task += model.num_timesteps / len(tasks)
         env.close()
         log(f"    task {i + 1}/{len(tasks)}: return {returns[i, 0]:.1f} -> {returns[i, steps]:.1f}"
             + (f" -> {returns[i, -1]:.1f} after {stage_episodes[-1]} episodes" if spec.extra_episodes else "")
             + f" ({time.perf_counter() - start:.0f}s)")
-    return AdaptationResult(list(tasks), returns, stage_episodes, [float(n) for n in trained], within), cost
+    return metrics.result(AdaptationResult(list(tasks), returns, stage_episodes, [float(n) for n in trained],
+                                           within)), cost
+
+
+class _StageMetrics:
+    """Success rates and reward terms per task and stage, filled as a baseline measures its stages."""
+
+    def __init__(self, n_tasks: int, n_stages: int):
+        self.shape = (n_tasks, n_stages)
+        self.success: np.ndarray | None = None
+        self.terms: dict[str, np.ndarray] = {}
+
+    def add(self, task: int, stage: Any, seen: Measured) -> None:
+        if seen.success is not None:
+            if self.success is None:
+                self.success = np.zeros(self.shape)
+            self.success[task, stage] = seen.success.mean()
+        for name, values in seen.reward_terms.items():
+            self.terms.setdefault(name, np.zeros(self.shape))[task, stage] = values.mean()
+
+    def result(self, result: AdaptationResult) -> AdaptationResult:
+        return dataclasses.replace(result, success=self.success, reward_terms=self.terms)
 
 
 __all__ = ["ALGOS", "KINDS", "BaselineSpec", "Cost", "TaskInObservation", "TrainingTasks", "make_env", "measure",
-           "measure_binned", "pretrain", "run_baseline"]
+           "measure_binned", "measure_episodes", "pretrain", "run_baseline"]

@@ -158,7 +158,7 @@ class DynamicsFamily(TaskFamily, gym.Wrapper):
 
     # ---- pickling: rebuild from the constructor arguments, then re-apply the task ----------------
     def __getstate__(self) -> dict[str, Any]:
-        return {"init_args": self._init_args, "task": self._task}
+        return {"init_args": self._init_args, "task": self._metarl_task}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         env, variations, family, horizon, n_heldout, make_kwargs = state["init_args"]

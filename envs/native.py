@@ -319,6 +319,9 @@ def skip_island_search(model: mujoco.MjModel) -> None:
 class NativeSlots:
     """The env slots of one process for the native backend (the sampler's slot protocol).
 
+    `step` returns the ``reward_*`` terms of the families it runs and no ``success``: none of them (nor the v5
+    envs they reproduce) reports ``info["success"]``; a family that does runs on the gymnasium backend.
+
     A Gymnasium env provides each task's reward parameters and model (one env per task for the dynamics
     families, whose tasks change the model; one env for all tasks otherwise). Each slot's simulation
     state is a row of one array (the part of MuJoCo's *integration state* that changes: time, ``qpos``,

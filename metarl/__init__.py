@@ -45,11 +45,19 @@ def make_family(name_or_id: str, **kwargs):
     """
     import gymnasium as gym
 
+    from metarl import plugins
+
     gid = env_id(name_or_id) if name_or_id in FAMILIES else name_or_id
-    if gid not in gym.registry:
+    module = plugins.module_of(gid)
+    if module is not None:  # Gymnasium's "module:Id": import the module (found as `metarl.plugins` says), make Id
+        plugins.load([plugins.resolve(module)])
+        if gid.split(":", 1)[1] not in gym.registry:
+            raise TaskError(f"{name_or_id!r}: importing {module!r} registered no Gymnasium id "
+                            f"{gid.split(':', 1)[1]!r}")
+    elif gid not in gym.registry:
         raise TaskError(
-            f"unknown task family {name_or_id!r}; built-in families: {', '.join(FAMILIES)} "
-            "(or register your own Gymnasium id and pass it)"
+            f"unknown task family {name_or_id!r}; built-in families: {', '.join(FAMILIES)} (for your own, "
+            "name the module that registers it: env 'module:Id', imports: [module], or --import module)"
         )
     env = gym.make(gid, **kwargs)
     try:

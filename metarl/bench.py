@@ -3,13 +3,14 @@
 A suite lists task families, methods and seeds, and the evaluation protocol they all share::
 
     name: smoke
-    out: runs/bench/smoke              # the report folder (default: runs/bench/<name>)
+    out: runs/bench/smoke              # the report folder (default: runs/bench/<name>), relative to the cwd
+    imports: [my_families]             # optional: your modules or .py files that register families
     seeds: [0]
     eval: {tasks: 5, steps: 2, episodes: 5}   # held-out tasks, adaptation stages, episodes per stage
     families:
       PointNav2D: {}                   # or {env_kwargs: {...}, eval: {...}, methods: {<method>: {...}}}
     methods:
-      maml_trpo: {overrides: [iterations=10]}   # config: experiments/maml_trpo/point_nav_2d.yaml by default
+      maml_trpo: {overrides: [iterations=10]}   # config: the shipped experiments/maml_trpo/point_nav_2d.yaml
       rl2: {overrides: [iterations=40]}
       ppo_scratch: {extra_episodes: [50]}
       sac_scratch: {}
@@ -22,7 +23,11 @@ Stable-Baselines3 baselines of `metarl.agents.sb3_baselines`: ``ppo_scratch``, `
 ``ppo_multitask``, ``sac_multitask``, ``oracle`` (PPO given the task parameters) and ``random``. A family
 entry may override the protocol, the env's keyword arguments and any method's options for that family.
 
-Every (family, method, seed) is a *cell* with its own folder ``OUT/cells/<family>/<method>/seed<k>/``;
+Files a suite names (``imports``, a method's ``config``) are found relative to the suite file; a meta-learner
+without a ``config`` uses the shipped ``experiments/<method>/<family>.yaml``, wherever metarl is installed.
+
+Every (family, method, seed) is a *cell* with its own folder ``OUT/cells/<family>/<method>/seed<k>/``
+(``<family>`` made a safe file name, `file_name`, for ids such as ``me/Mine-v0``);
 a finished cell holds ``cell.json`` and is never rerun (a meta-learner's cell interrupted mid-training
 resumes from its last checkpoint), so rerunning the command continues a suite. The report (``OUT/report.md``,
 ``OUT/curves_<family>.png``, ``OUT/results.json`` and ``OUT/results.csv``) is rewritten from the finished
@@ -39,6 +44,7 @@ import math
 import re
 import shutil
 import time
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -47,7 +53,16 @@ import gymnasium as gym
 import numpy as np
 
 import metarl
-from metarl.config import ConfigError, EvalConfig, RunConfig, load_config, read_yaml
+from metarl.config import (
+    ConfigError,
+    EvalConfig,
+    RunConfig,
+    load_config,
+    locate,
+    read_yaml,
+    resolve_imports,
+    shipped,
+)
 from metarl.evaluation import atomic_write, grouped_bootstrap_ci, iqm, plot_curves, write_summary
 from metarl.tasks import TaskError, episode_limit
 
@@ -89,6 +104,8 @@ class Cell:
     eval: EvalConfig
     options: dict
     resolved: dict | None = None  # a meta-learner's whole run config (so an edited experiment file is seen)
+    base: str | None = None  # the suite's folder (a method's config is relative to it); not part of the spec
+    imports: tuple[str, ...] = ()  # the suite's imports (part of a meta-learner's resolved config)
 
     @property
     def key(self) -> str:
@@ -112,18 +129,29 @@ class Suite:
     cells: list[Cell]
     path: Path | None = None
     horizons: dict[str, int] = dataclasses.field(default_factory=dict)  # family -> episode limit
+    imports: tuple[str, ...] = ()  # the suite's own and --import's, resolved (`metarl.plugins`)
+
+
+def file_name(name: str) -> str:
+    """``name`` (a family name or any Gymnasium id) as one safe file-name component: unchanged when it is
+    letters, digits, ``.``, ``_`` and ``-`` only; otherwise those kept, the rest ``_``, and a short hash of the
+    original, so that ``holdout/Mine-v0`` and ``holdout_Mine-v0`` stay apart."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip(".") or "_"
+    if safe == name:
+        return name
+    return f"{safe}-{zlib.crc32(name.encode()):08x}"
 
 
 # ---- loading and validation ------------------------------------------------------------------------------
 def _default_config(method: str, family: str) -> str:
-    """``experiments/<method>/<file>.yaml`` whose name is the family's without underscores and case
-    (``Walker2DRandParams`` -> ``walker2d_rand_params.yaml``)."""
-    folder = Path("experiments") / method
+    """The shipped ``experiments/<method>/<file>.yaml`` whose name is the family's without underscores and
+    case (``Walker2DRandParams`` -> ``walker2d_rand_params.yaml``), wherever metarl is installed."""
+    folder = shipped() / method
     for path in sorted(folder.glob("*.yaml")):
         if path.stem.replace("_", "") == family.lower():
             return str(path)
-    snake = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", family).lower()
-    return str(folder / f"{snake}.yaml")  # does not exist: load_config names it in its error
+    raise ConfigError(f"methods.{method}.config: metarl ships no {method} config for {family!r} (in {folder}); "
+                      "name one (a path relative to the suite file)")
 
 
 def _mapping(value: Any, where: str) -> dict:
@@ -150,15 +178,29 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def load_suite(path: str | Path | None, data: dict | None = None, out: str | Path | None = None) -> Suite:
-    """Read and validate a suite; every error names the field (nothing has run yet)."""
+def load_suite(path: str | Path | None, data: dict | None = None, out: str | Path | None = None,
+               imports: tuple[str, ...] = ()) -> Suite:
+    """Read and validate a suite; every error names the field (nothing has run yet). ``imports``: more
+    user modules (resolved, as ``--import`` gives them) for every cell."""
+    from metarl.plugins import load
+
     if data is None:
-        path = Path(path)
+        path = locate(path)
         data = read_yaml(path, "suite file")
     data = _mapping(data, "suite")
-    unknown = sorted(set(data) - {"name", "out", "seeds", "eval", "families", "methods"})
+    unknown = sorted(set(data) - {"name", "out", "seeds", "eval", "families", "methods", "imports"})
     if unknown:
-        raise ConfigError(f"{unknown[0]}: unknown suite field; expected name, out, seeds, eval, families, methods")
+        raise ConfigError(f"{unknown[0]}: unknown suite field; expected name, out, seeds, eval, families, methods, "
+                          "imports")
+    base = Path(path).resolve().parent if path else None
+    suite_imports = resolve_imports(data.get("imports") or [], base)
+    for family in _mapping(data.get("families"), "families"):  # the module of a module:Id family
+        suite_imports = resolve_imports(list(suite_imports), base, env=family, where="imports")
+    suite_imports = tuple(dict.fromkeys((*suite_imports, *imports)))
+    try:
+        load(suite_imports)
+    except TaskError as exc:
+        raise ConfigError(f"imports: {exc}") from exc
     name = data.get("name") or (Path(path).stem if path else "bench")
     seeds = data.get("seeds", [0])
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
@@ -219,22 +261,27 @@ def load_suite(path: str | Path | None, data: dict | None = None, out: str | Pat
                              _method_options(method, _mapping(fam_methods.get(method), f"{where}.methods.{method}"),
                                              f"{where}.methods.{method}"))
             at = f"{where}.methods.{method}" if method in fam_methods else f"methods.{method}"
-            _check_method(family, method, options, env_kwargs, protocol, at)
+            _check_method(family, method, options, env_kwargs, protocol, at, base, suite_imports)
             for seed in seeds:
                 resolved = None
                 if METHODS[method][0] == "meta":
-                    resolved = meta_config(family, method, options, env_kwargs, protocol, seed, at).to_dict()
-                cells.append(Cell(family, method, seed, dict(env_kwargs), protocol, options, resolved))
+                    resolved = meta_config(family, method, options, env_kwargs, protocol, seed, at, base,
+                                           suite_imports).to_dict()
+                cells.append(Cell(family, method, seed, dict(env_kwargs), protocol, options, resolved,
+                                  str(base) if base else None, suite_imports))
+    names = {file_name(f): f for f in families}
+    if len(names) < len(families):
+        raise ConfigError("families: two family ids map to the same file name; rename one")
     out_dir = Path(out or data.get("out") or Path("runs") / "bench" / name)
     return Suite(name=str(name), out=out_dir, families=list(families), methods=list(methods), cells=cells,
-                 path=Path(path) if path else None, horizons=horizons)
+                 path=Path(path) if path else None, horizons=horizons, imports=suite_imports)
 
 
 def _check_method(family: str, method: str, options: dict, env_kwargs: dict, protocol: EvalConfig,
-                  where: str) -> None:
+                  where: str, base: Path | None = None, imports: tuple[str, ...] = ()) -> None:
     kind, algo = METHODS[method]
     if kind == "meta":
-        meta_config(family, method, options, env_kwargs, protocol, 0, where)
+        meta_config(family, method, options, env_kwargs, protocol, 0, where, base, imports)
         return
     try:
         _baseline_spec(kind, algo, options).check(protocol.steps, protocol.episodes)
@@ -260,9 +307,16 @@ def _baseline_spec(kind: str, algo: str, options: dict):
 
 
 def meta_config(family: str, method: str, options: dict, env_kwargs: dict, protocol: EvalConfig, seed: int,
-                where: str = "") -> RunConfig:
-    """The run config of a meta-learner cell: its experiment config, the cell's overrides, seed and protocol."""
-    path = options.get("config") or _default_config(method, family)
+                where: str = "", base: str | Path | None = None, imports: tuple[str, ...] = ()) -> RunConfig:
+    """The run config of a meta-learner cell: its experiment config (``config``, relative to ``base``, the
+    suite's folder; else the shipped default), the cell's overrides, seed, protocol and the suite's imports."""
+    if options.get("config"):
+        path = locate(options["config"], base)
+    else:
+        try:
+            path = _default_config(method, family)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}.config: {str(exc).split(': ', 1)[1]}") from None
     overrides = options.get("overrides", [])
     if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
         raise ConfigError(f"{where}.overrides: expected a list of key=value strings, got {overrides!r}")
@@ -275,12 +329,17 @@ def meta_config(family: str, method: str, options: dict, env_kwargs: dict, proto
     if {**config.env_kwargs, **env_kwargs} != env_kwargs:
         raise ConfigError(f"{where}: {path} sets env_kwargs {config.env_kwargs}; give them in the suite's "
                           f"families.{family}.env_kwargs instead, so that every method runs the same env")
-    return dataclasses.replace(config, env=family, env_kwargs=dict(env_kwargs), seed=seed, eval=protocol)
+    return dataclasses.replace(config, env=family, env_kwargs=dict(env_kwargs), seed=seed, eval=protocol,
+                               imports=tuple(dict.fromkeys((*imports, *config.imports))))
 
 
 # ---- running -----------------------------------------------------------------------------------------------
 def cell_dir(suite: Suite, cell: Cell) -> Path:
-    return suite.out / "cells" / cell.family / cell.method / f"seed{cell.seed}"
+    folder = suite.out / "cells" / file_name(cell.family) / cell.method / f"seed{cell.seed}"
+    legacy = suite.out / "cells" / cell.family / cell.method / f"seed{cell.seed}"
+    if legacy != folder and not folder.exists() and legacy.is_dir():  # written before ids became safe names
+        return legacy
+    return folder
 
 
 def finished(suite: Suite, cell: Cell) -> dict | None:
@@ -314,7 +373,8 @@ def run_cell(suite: Suite, cell: Cell, log: Callable[[str], None] = print, verbo
     if kind == "meta":
         from metarl.training import train
 
-        config = meta_config(cell.family, cell.method, cell.options, cell.env_kwargs, cell.eval, cell.seed)
+        config = meta_config(cell.family, cell.method, cell.options, cell.env_kwargs, cell.eval, cell.seed,
+                             base=cell.base, imports=cell.imports)
         run_dir = folder / "run"
         check_partial(suite, cell)
         # a run started with the cell's settings (spec.json) resumes, even one killed before its first checkpoint
@@ -394,6 +454,14 @@ def aggregate(records: list[dict]) -> dict[str, Any]:
         steps = float(np.mean([r["summary"]["stages"][k]["adapt_env_steps"] for r in records]))
         stages.append({"stage": k, "adapt_episodes": stage["adapt_episodes"], "adapt_env_steps": steps,
                        "mean_return": float(values.mean()), "ci95": [low, high], "iqm": iqm(values), "n": int(values.size)})
+        cell_stages = [r["summary"]["stages"][k] for r in records]
+        if all("per_task_success" in c for c in cell_stages):  # pooled like the returns
+            rates = [np.asarray(c["per_task_success"], dtype=np.float64) for c in cell_stages]
+            stages[-1].update(success_rate=float(np.concatenate(rates).mean()),
+                              success_ci95=list(grouped_bootstrap_ci(rates, seed=k)))
+        names = set.intersection(*(set(c.get("reward_terms", {})) for c in cell_stages))
+        if names:
+            stages[-1]["reward_terms"] = {n: float(np.mean([c["reward_terms"][n] for c in cell_stages])) for n in sorted(names)}
     return {
         "stages": stages,
         "seeds": [r["spec"]["seed"] for r in records],
@@ -411,6 +479,28 @@ def _num(x: float) -> str:
 
 def _steps(x: float) -> str:
     return "0" if x == 0 else f"{x / 1e6:.2f}M" if x >= 1e5 else f"{x:,.0f}"
+
+
+def _episode_metric_tables(curves: dict[str, dict], steps: int) -> list[str]:
+    """Success rates (where the env reports success) and the reward terms, before and after adaptation."""
+    lines: list[str] = []
+    last = {m: agg["stages"][min(steps, len(agg["stages"]) - 1)] for m, agg in curves.items()}
+    rows = [f"| {m} | {agg['stages'][0]['success_rate']:.2f} | {last[m]['success_rate']:.2f} "
+            f"[{last[m]['success_ci95'][0]:.2f}, {last[m]['success_ci95'][1]:.2f}] |"
+            for m, agg in curves.items() if "success_rate" in last[m] and "success_rate" in agg["stages"][0]]
+    if rows:
+        lines += ["Success rate (an episode succeeds if any step reports `info[\"success\"]`), mean over tasks × seeds "
+                  "with a 95% bootstrap interval:", "",
+                  "| method | before (stage 0) | after (last protocol stage) [95% CI] |", "|---|---|---|", *rows, ""]
+    rows = [f"| {m} | {name} | {_num(agg['stages'][0]['reward_terms'][name])} | {_num(value)} |"
+            for m, agg in curves.items() if "reward_terms" in agg["stages"][0]
+            for name, value in last[m].get("reward_terms", {}).items() if name in agg["stages"][0]["reward_terms"]]
+    if rows:
+        lines += ["<details><summary>reward terms: the episode sum of each <code>info[\"reward_*\"]</code> term, "
+                  "mean over tasks × seeds</summary>", "",
+                  "| method | term | before (stage 0) | after (last protocol stage) |", "|---|---|---|---|", *rows, "",
+                  "</details>", ""]
+    return lines
 
 
 def write_report(suite: Suite) -> Path:
@@ -431,7 +521,7 @@ def write_report(suite: Suite) -> Path:
         "",
     ]
     json_out: list[dict] = []
-    csv_rows = [["family", "method", "seed", "task", "stage", "adapt_episodes", "adapt_env_steps", "return"]]
+    csv_rows = [["family", "method", "seed", "task", "stage", "adapt_episodes", "adapt_env_steps", "return", "success"]]
     for family in suite.families:
         cells = [c for c in suite.cells if c.family == family]
         horizon = suite.horizons[family]
@@ -453,7 +543,8 @@ def write_report(suite: Suite) -> Path:
                 for s in r["summary"]["stages"]:
                     for t, value in enumerate(s["per_task"]):
                         csv_rows.append([family, method, r["spec"]["seed"], t, s["stage"], s["adapt_episodes"],
-                                         s["adapt_env_steps"], value])
+                                         s["adapt_env_steps"], value,
+                                         s["per_task_success"][t] if "per_task_success" in s else ""])
             # every method's stage `steps` ends the shared protocol; later stages are a larger budget
             first, last = agg["stages"][0], agg["stages"][min(cells[0].eval.steps, len(agg["stages"]) - 1)]
             beyond = agg["stages"][-1] if len(agg["stages"]) > cells[0].eval.steps + 1 else None
@@ -470,6 +561,7 @@ def write_report(suite: Suite) -> Path:
         lines += ["| method | before (stage 0) | after (last protocol stage) [95% CI] | IQM after | adapt. episodes "
                   "| larger budget | (meta-/pre-)training env steps | adaptation env steps per task | wall time |",
                   "|---|---|---|---|---|---|---|---|---|", *summary_rows, ""]
+        lines += _episode_metric_tables(curves, cells[0].eval.steps)
         lines += ["<details><summary>every stage</summary>", "",
                   "| method | stage | adapt. episodes | adapt. env steps | mean return | 95% CI | IQM |",
                   "|---|---|---|---|---|---|---|", *detail_rows, "", "</details>", ""]
@@ -496,7 +588,7 @@ def write_report(suite: Suite) -> Path:
             lines += [f"Published results for {family} use horizon {published[0]['horizon']}, ours {horizon}: "
                       "not comparable, so not shown.", ""]
         if curves:
-            png = suite.out / f"curves_{family}.png"
+            png = suite.out / f"curves_{file_name(family)}.png"
             plot_curves(curves, png, title=f"{family} (held-out tasks)", xscale="symlog")
             lines += [f"![{family} adaptation curves]({png.name})", ""]
     atomic_write(suite.out / "results.json", json.dumps(json_out, indent=1))

@@ -9,6 +9,9 @@
     metarl speed [--family F] [--json]  simulator / Gymnasium / sampler step rates, side by side
     metarl bench SUITE.yaml [--out DIR] meta-learners and SB3 baselines under one protocol, one report
 
+Every command takes ``--import MODULE_OR_FILE`` (repeatable): a module or a .py file of yours that registers
+your own task families (the same as ``imports:`` in a config or suite; see `metarl.plugins`).
+
 Usage errors (unknown family, bad arguments) print one line and exit with code 2.
 """
 
@@ -32,6 +35,7 @@ class UsageError(Exception):
 
 
 def _cmd_families(args: argparse.Namespace) -> int:
+    _user_code(args)  # a bad --import is an error here too; the table lists the built-in families
     print(f"{'family':<20} {'id':<30} {'horizon':>7} {'obs':>5} {'act':>4}  splits")
     for name in metarl.FAMILIES:
         env = metarl.make_family(name)
@@ -45,7 +49,22 @@ def _cmd_families(args: argparse.Namespace) -> int:
     return 0
 
 
+def _user_code(args: argparse.Namespace) -> tuple[str, ...]:
+    """Import the modules named by ``--import`` (relative paths: to the current directory); their stored form."""
+    from metarl.plugins import load, resolve
+
+    resolved: list[str] = []
+    for entry in getattr(args, "imports", None) or ():
+        try:
+            resolved.append(resolve(entry))
+            load(resolved[-1:])
+        except TaskError as exc:
+            raise UsageError(f"--import {entry}: {exc}") from exc
+    return tuple(resolved)
+
+
 def _cmd_rollout(args: argparse.Namespace) -> int:
+    _user_code(args)
     names = list(metarl.FAMILIES) if args.all else [args.family]
     if not args.all and args.family is None:
         raise UsageError("rollout: name a FAMILY or pass --all")
@@ -79,12 +98,13 @@ def _cmd_rollout(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from metarl.checks import FamilyCheckError, check_family
+    from metarl.checks import SKIPPABLE, FamilyCheckError, check_family
 
+    _user_code(args)
     gid = metarl.env_id(args.family) if args.family in metarl.FAMILIES else args.family
-    allow_user_module(gid)
+    skip = tuple(args.skip or ())
     try:
-        passed = check_family(gid)
+        passed = check_family(gid, skip=skip)
     except TaskError as exc:
         raise UsageError(str(exc)) from exc
     except FamilyCheckError as exc:
@@ -92,16 +112,20 @@ def _cmd_check(args: argparse.Namespace) -> int:
         return 1
     for what in passed:
         print(f"ok   {what}")
-    print(f"{gid}: all {len(passed)} checks passed")
+    for name in skip:
+        print(f"skipped {SKIPPABLE[name]} (--skip {name})")
+    print(f"{gid}: all {len(passed)} checks passed" + (f", {len(skip)} skipped" if skip else ""))
     return 0
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    import dataclasses
     from pathlib import Path
 
     from metarl.config import ConfigError, load_config
     from metarl.training import load_run_config, train
 
+    imports = _user_code(args)
     try:
         if args.resume:
             run_dir = Path(args.resume)
@@ -121,13 +145,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
             config = load_run_config(run_dir)
             if overrides:
                 config = load_config(None, overrides, data=config.to_dict())
-            allow_user_module(config.env)
             train(config, run_dir=run_dir, resume=True, verbose=not args.quiet)
         else:
             if not args.config:
                 raise ConfigError("train: give a CONFIG file (e.g. experiments/maml_trpo/point_nav_2d.yaml) or --resume RUN_DIR")
             config = load_config(args.config, args.overrides)
-            allow_user_module(config.env)
+            if imports:  # recorded in the run's config.yaml, so eval and --resume import them too
+                config = dataclasses.replace(config, imports=tuple(dict.fromkeys(config.imports + imports)))
             train(config, run_dir=Path(args.run_dir) if args.run_dir else None, verbose=not args.quiet)
     except (ConfigError, TaskError, FloatingPointError) as exc:
         raise UsageError(str(exc)) from exc
@@ -149,9 +173,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from metarl.video import VideoError
 
     run_dir = Path(args.run_dir)
+    _user_code(args)
     try:
         config = load_run_config(run_dir)
-        allow_user_module(config.env)
         for name in ("steps", "episodes", "tasks"):
             value = getattr(args, name)
             if value is not None and value < (0 if name == "steps" else 1):
@@ -222,6 +246,7 @@ def _video_options(args: argparse.Namespace) -> dict | None:
 def _cmd_speed(args: argparse.Namespace) -> int:
     from metarl.speed import DEFAULT_FAMILIES, format_table, measure, write_json
 
+    _user_code(args)
     families = args.family or list(DEFAULT_FAMILIES)
     if args.workers is not None and args.workers < 0:
         raise UsageError(f"--workers must be >= 0, got {args.workers}")
@@ -245,8 +270,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from metarl.config import ConfigError
     from metarl.runfolder import run_lock
 
+    imports = _user_code(args)
     try:
-        suite = load_suite(args.suite, out=args.out)
+        suite = load_suite(args.suite, out=args.out, imports=imports)
         with run_lock(suite.out, "bench folder"):
             if args.report_only:
                 print(f"report: {write_report(suite)}")
@@ -270,11 +296,18 @@ def _short(value) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="metarl", description="Meta-reinforcement learning for robotics.")
     sub = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--import", dest="imports", action="append", metavar="MODULE_OR_FILE",
+                        help="a module or .py file of yours to import first, e.g. one that registers your task "
+                        "families (repeatable; like imports: in a config or suite)")
 
-    p = sub.add_parser("families", help="list the built-in task families")
+    def command(name: str, **kwargs: Any) -> argparse.ArgumentParser:  # every command takes --import
+        return sub.add_parser(name, parents=[common], **kwargs)
+
+    p = command("families", help="list the built-in task families")
     p.set_defaults(func=_cmd_families)
 
-    p = sub.add_parser("rollout", help="roll out a random policy on a task of a family")
+    p = command("rollout", help="roll out a random policy on a task of a family")
     p.add_argument("family", nargs="?", help="family name (e.g. HalfCheetahVel) or Gymnasium id")
     p.add_argument("--all", action="store_true", help="every built-in family")
     p.add_argument("--split", default="test", choices=metarl.SPLITS)
@@ -282,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_rollout)
 
-    p = sub.add_parser("train", help="meta-train an agent from a YAML config")
+    p = command("train", help="meta-train an agent from a YAML config")
     p.add_argument("config", nargs="?", help="experiment YAML (e.g. experiments/maml_trpo/point_nav_2d.yaml)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, dotted keys (agent.inner_lr=0.05, quick=true)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
@@ -290,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("eval", help="evaluate few-episode adaptation of a trained run on held-out tasks")
+    p = command("eval", help="evaluate few-episode adaptation of a trained run on held-out tasks")
     p.add_argument("run_dir", help="a run folder written by metarl train")
     p.add_argument("--split", choices=metarl.SPLITS, default=None, help="task split (default: the config's eval.split)")
     p.add_argument("--steps", type=int, default=None, help="adaptation stages after stage 0 (default: config, 3)")
@@ -305,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "at most 25); frames are dropped to play at about real time")
     p.set_defaults(func=_cmd_eval)
 
-    p = sub.add_parser("speed", help="measure raw MuJoCo, Gymnasium and sampler step rates side by side")
+    p = command("speed", help="measure raw MuJoCo, Gymnasium and sampler step rates side by side")
     p.add_argument("--family", action="append", help="a MuJoCo family (repeatable; default: HalfCheetahVel, "
                    "AntGoal, HopperRandParams)")
     p.add_argument("--tasks", type=int, default=40, help="tasks in the sampled meta-batch (default 40)")
@@ -316,15 +349,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="FILE", help="also write the rates to FILE")
     p.set_defaults(func=_cmd_speed)
 
-    p = sub.add_parser("bench", help="run a benchmark suite (meta-learners and baselines) and write its report")
+    p = command("bench", help="run a benchmark suite (meta-learners and baselines) and write its report")
     p.add_argument("suite", help="suite YAML (e.g. experiments/benchmarks/smoke.yaml)")
     p.add_argument("--out", help="report folder (default: the suite's out, else runs/bench/<name>)")
     p.add_argument("--report-only", action="store_true", help="rewrite the report from the finished cells, run nothing")
     p.add_argument("--quiet", action="store_true", help="no per-iteration training lines")
     p.set_defaults(func=_cmd_bench)
 
-    p = sub.add_parser("check", help="check that a Gymnasium id is a well-formed task family")
+    p = command("check", help="check that a Gymnasium id is a well-formed task family")
     p.add_argument("family", help="family name or Gymnasium id (module:Id-v0 imports module first)")
+    p.add_argument("--skip", action="append", metavar="CHECK", help="leave out a check that does not apply "
+                   "(repeatable): gymnasium, sb3 (e.g. an env with a compute_reward method, which SB3's checker "
+                   "takes for a GoalEnv), task-effect, vector")
     p.set_defaults(func=_cmd_check)
     return parser
 
@@ -348,16 +384,6 @@ def _drop_cwd_from_path() -> None:
     for ``python -m``; the ``metarl`` script puts its own bin folder there instead)."""
     cwd = os.path.realpath(os.getcwd())
     sys.path[:] = [p for p in sys.path if p != "" and os.path.realpath(p) != cwd]
-
-
-def allow_user_module(ident: str) -> None:
-    """``module:Id-v0`` names a module of the user's: let it (and only such a named module) be found in the
-    current directory, after everything installed, so it cannot shadow a package. Sampler workers inherit
-    the path."""
-    if ":" in ident:
-        cwd = os.getcwd()
-        if cwd not in sys.path:
-            sys.path.append(cwd)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,6 +4,7 @@ A config file (see ``experiments/``) looks like::
 
     experiment: maml_trpo/point_nav_2d     # run folder: runs/<experiment>/<timestamp>-<seed>/
     env: PointNav2D                         # family name or Gymnasium id (module:Id-v0 imports module)
+    imports: [my_families]                  # optional: modules or .py files that register your families
     seed: 0
     iterations: 100
     agent: {name: maml_trpo, tasks_per_batch: 40, inner_lr: 0.1, ...}
@@ -11,7 +12,9 @@ A config file (see ``experiments/``) looks like::
     eval: {every: 10, split: test, tasks: 40, steps: 3, episodes: 20}
     quick: {iterations: 10, agent.tasks_per_batch: 10}   # applied by the override quick=true
 
-Everything is validated before anything runs; an error names the field and what was expected.
+Everything is validated before anything runs; an error names the field and what was expected. Files a
+config names (``imports``, the module of ``env: module:Id``) are found relative to the config file, whatever
+the current directory (`metarl.plugins`).
 """
 
 from __future__ import annotations
@@ -91,15 +94,19 @@ class RunConfig:
     eval: EvalConfig = EvalConfig()
     checkpoint_every: int = 1
     run_root: str = "runs"
+    imports: tuple[str, ...] = ()   # the user's modules, as `metarl.plugins.resolve` stores them
 
     def to_dict(self) -> dict[str, Any]:
         agent = {"name": self.agent_name, **_plain(dataclasses.asdict(self.agent))}
-        return {
+        out = {
             "experiment": self.experiment, "env": self.env, "env_kwargs": dict(self.env_kwargs),
             "seed": self.seed, "iterations": self.iterations, "agent": agent,
             "sampler": dataclasses.asdict(self.sampler), "eval": dataclasses.asdict(self.eval),
             "checkpoint_every": self.checkpoint_every, "run_root": self.run_root,
         }
+        if self.imports:  # only when there are any, so configs and checkpoints of earlier runs still match
+            out = {"experiment": out.pop("experiment"), "env": out.pop("env"), "imports": list(self.imports), **out}
+        return out
 
 
 def _plain(value: Any) -> Any:
@@ -262,10 +269,38 @@ def read_yaml(path: str | Path, what: str) -> Any:
         raise ConfigError(f"{path}: cannot be read: {exc.strerror or exc}") from None
 
 
+def shipped() -> Path:
+    """The ``experiments/`` folder shipped with metarl (configs and suites), wherever metarl is installed:
+    the installed package data ``metarl.experiments``, else the source checkout's folder."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("metarl.experiments")
+    except ImportError:
+        spec = None
+    if spec is not None and spec.submodule_search_locations:
+        return Path(list(spec.submodule_search_locations)[0])
+    return Path(__file__).resolve().parent.parent / "experiments"
+
+
+def locate(path: str | Path, base: str | Path | None = None) -> Path:
+    """A config or suite file named by the user: ``path`` relative to ``base`` (the folder of the file that
+    names it; the current directory if None), else, for a relative path, the file of that name among the
+    shipped ones (``experiments/maml_trpo/point_nav_2d.yaml`` or ``maml_trpo/point_nav_2d.yaml``, from any
+    folder). A path found nowhere is returned as given, so the error names it."""
+    path = Path(path).expanduser()
+    here = path if path.is_absolute() or base is None else Path(base) / path
+    if here.is_file() or path.is_absolute():
+        return here
+    parts = path.parts[1:] if path.parts[:1] == ("experiments",) else path.parts
+    candidate = shipped().joinpath(*parts) if parts else None
+    return candidate if candidate is not None and candidate.is_file() else here
+
+
 def load_config(path: str | Path | None, overrides: list[str] = (), data: dict[str, Any] | None = None) -> RunConfig:
     """Load and validate a run config; ``overrides`` are ``key=value`` strings (dotted keys)."""
     if data is None:
-        path = Path(path)
+        path = locate(path)
         data = read_yaml(path, "config file")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
@@ -314,4 +349,32 @@ def load_config(path: str | Path | None, overrides: list[str] = (), data: dict[s
     if not config.experiment.strip() or experiment.is_absolute() or ".." in experiment.parts:
         raise ConfigError(f"experiment: expected a relative name inside run_root (e.g. maml_trpo/point_nav_2d), "
                           f"got {config.experiment!r}")
-    return config
+    base = Path(path).resolve().parent if path is not None else None
+    return dataclasses.replace(config, imports=resolve_imports(config.imports, base, config.env))
+
+
+def resolve_imports(imports: Any, base: Path | None, env: str | None = None, where: str = "imports") -> tuple[str, ...]:
+    """``imports`` (and the module of an ``env`` ``module:Id``) as `metarl.plugins.resolve` stores them, found
+    relative to ``base`` (the folder of the file naming them); ConfigError naming the entry otherwise."""
+    from metarl.plugins import module_name, module_of, resolve
+    from metarl.tasks import TaskError
+
+    if not isinstance(imports, (list, tuple)):
+        raise ConfigError(f"{where}: expected a list of module names or .py files, got {imports!r}")
+    out: list[str] = []
+    for i, entry in enumerate(imports):
+        try:
+            resolved = resolve(entry, base)
+        except TaskError as exc:
+            raise ConfigError(f"{where}[{i}]: {exc}") from None
+        if resolved not in out:
+            out.append(resolved)
+    module = module_of(env) if env else None
+    if module is not None and module not in {module_name(entry) for entry in out}:
+        try:
+            resolved = resolve(module, base)
+        except TaskError as exc:
+            raise ConfigError(f"env: {exc}") from None
+        if resolved != module and resolved not in out:  # found beside the config: recorded as a path
+            out.insert(0, resolved)
+    return tuple(out)

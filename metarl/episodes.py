@@ -31,6 +31,8 @@ class EpisodeBatch:
         truncated: ``[N, E]`` bool, the episode was cut by the time limit (bootstrap if you want to).
         last_observations: ``[N, E, obs_dim]`` the observation after each episode's last step.
         reward_terms: episode sums of every ``info["reward_*"]`` term, ``{name: [N, E]}``.
+        success: ``[N, E]`` bool, the episode had a step with ``info["success"]`` true; None where the env
+            reports no success.
     """
 
     tasks: list[Task]
@@ -42,6 +44,7 @@ class EpisodeBatch:
     truncated: torch.Tensor
     last_observations: torch.Tensor
     reward_terms: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    success: torch.Tensor | None = None
 
     @property
     def num_tasks(self) -> int:
@@ -89,6 +92,7 @@ class EpisodeBatch:
             truncated=self.truncated[idx],
             last_observations=self.last_observations[idx],
             reward_terms={k: v[idx] for k, v in self.reward_terms.items()},
+            success=None if self.success is None else self.success[idx],
         )
 
     @staticmethod
@@ -104,4 +108,5 @@ class EpisodeBatch:
             truncated=torch.as_tensor(np.asarray(arrays["truncated"], dtype=bool)),
             last_observations=f32(arrays["last_observations"]),
             reward_terms={k: f32(v) for k, v in arrays.get("reward_terms", {}).items()},
+            success=None if arrays.get("success") is None else torch.as_tensor(np.asarray(arrays["success"], bool)),
         )

@@ -10,6 +10,10 @@ training; every agent returns an `AdaptationResult` and the files below are the 
 Written to ``RUN_DIR/eval/<split>/``: ``summary.json``, ``summary.csv``, ``per_task.csv``,
 ``adaptation_curve.png`` and, where the agent reports it, ``within_episode.png`` (the return in each tenth
 of the horizon inside the measured episodes, per stage; ``within_episode`` in each stage of the summary).
+
+Beyond the return, each stage carries the episode metrics of the measured episodes: ``success_rate`` (an
+episode succeeds if any of its steps has ``info["success"]`` true) with its 95% interval over tasks, where the
+env reports success, and ``reward_terms``, the mean episode sum of each ``info["reward_*"]`` term.
 """
 
 from __future__ import annotations
@@ -41,6 +45,65 @@ class AdaptationResult:
     adapt_episodes: list[int]
     adapt_env_steps: list[float]
     within_episode: np.ndarray | None = None
+    success: np.ndarray | None = None  # [n_tasks, n_stages]: fraction of measured episodes that succeeded
+    reward_terms: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # name -> [n_tasks, n_stages]
+
+
+def stage_metrics(records: list[Any], n_stages: int, returns: np.ndarray | None = None
+                  ) -> tuple[np.ndarray | None, dict[str, np.ndarray]] | None:
+    """Success and reward terms ``[n_tasks, n_stages]`` (means over each stage's episodes) from the sampler calls
+    of an evaluation or a training iteration (`metarl.sampling.SampleRecord`, in call order). Stages are taken
+    in call order, as `metarl.video.StageRollout` describes them: a call with K episodes per trial holds the
+    next K stages, episode ``e`` of it at stage ``offset + e % K`` (MAML: one call per stage; RL²: one call,
+    stage k = episode k of each trial). None if the calls do not hold exactly ``n_stages`` stages, or (given
+    ``returns``, ``[n_tasks, n_stages]``) if their returns are not those: then the calls were something else."""
+    if not records or sum(r.episodes_per_trial for r in records) != n_stages:
+        return None
+    n_tasks = records[0].returns.shape[0]
+    if any(r.returns.shape[0] != n_tasks for r in records):
+        return None
+    reported = any(r.success is not None for r in records)
+    success = np.zeros((n_tasks, n_stages)) if reported else None
+    terms: dict[str, np.ndarray] = {}
+    stage = 0
+    for r in records:
+        K = r.episodes_per_trial
+        for k in range(K):
+            if returns is not None and not np.allclose(r.returns[:, k::K].mean(1), returns[:, stage], rtol=1e-4, atol=1e-4):
+                return None
+            if success is not None and r.success is not None:
+                success[:, stage] = r.success[:, k::K].mean(1)
+            for name, values in r.reward_terms.items():
+                terms.setdefault(name, np.zeros((n_tasks, n_stages)))[:, stage] = values[:, k::K].mean(1)
+            stage += 1
+    return success, terms
+
+
+def with_episode_metrics(result: AdaptationResult, records: list[Any]) -> AdaptationResult:
+    """``result`` with the success and reward terms of the sampler calls that produced it (`stage_metrics`),
+    unless the agent reported them itself."""
+    if result.success is not None or result.reward_terms:
+        return result
+    found = stage_metrics(records, result.returns.shape[1], result.returns)
+    if found is None:
+        return result
+    return dataclasses.replace(result, success=found[0], reward_terms=found[1])
+
+
+def episode_scalars(records: list[Any], prefix: str = "meta") -> dict[str, float]:
+    """Scalars of the episodes a training iteration sampled (`stage_metrics` over all its sampler calls):
+    ``<prefix>/success_rate_stage{k}`` where the env reports success and ``<prefix>/<reward term>_stage{k}``,
+    the mean episode sum of each term, stage k being k adaptation stages into the iteration's tasks."""
+    found = stage_metrics(records, sum(r.episodes_per_trial for r in records))
+    if found is None:
+        return {}
+    success, terms = found
+    out = {}
+    if success is not None:
+        out.update({f"{prefix}/success_rate_stage{k}": float(v) for k, v in enumerate(success.mean(0))})
+    for name, values in sorted(terms.items()):
+        out.update({f"{prefix}/{name}_stage{k}": float(v) for k, v in enumerate(values.mean(0))})
+    return out
 
 
 def bootstrap_ci(values: np.ndarray, confidence: float = 0.95, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
@@ -127,6 +190,12 @@ def summarize(result: AdaptationResult, seed: int = 0) -> dict[str, Any]:
         })
         if result.within_episode is not None:  # mean over tasks of each bin's reward
             stages[-1]["within_episode"] = [float(v) for v in result.within_episode[:, k].mean(0)]
+        if result.success is not None:
+            rates = result.success[:, k]
+            stages[-1].update(success_rate=float(rates.mean()), success_ci95=list(bootstrap_ci(rates, seed=seed + k)),
+                              per_task_success=[float(v) for v in rates])
+        if result.reward_terms:
+            stages[-1]["reward_terms"] = {name: float(v[:, k].mean()) for name, v in sorted(result.reward_terms.items())}
     return {"num_tasks": len(result.tasks), "tasks": [t.to_dict() for t in result.tasks], "stages": stages}
 
 
@@ -174,13 +243,20 @@ def write_summary(result: AdaptationResult, out_dir: str | Path, title: str = ""
     atomic_write(out / "summary.json", json.dumps(summary, indent=2))
     fault_point("eval_files")
 
-    rows = [["stage", "adapt_episodes", "adapt_env_steps", "mean_return", "ci95_low", "ci95_high"]]
+    success = result.success is not None
+    terms = sorted(result.reward_terms)
+    rows = [["stage", "adapt_episodes", "adapt_env_steps", "mean_return", "ci95_low", "ci95_high"]
+            + (["success_rate", "success_ci95_low", "success_ci95_high"] if success else []) + terms]
     for s in summary["stages"]:
-        rows.append([s["stage"], s["adapt_episodes"], s["adapt_env_steps"], s["mean_return"], *s["ci95"]])
+        rows.append([s["stage"], s["adapt_episodes"], s["adapt_env_steps"], s["mean_return"], *s["ci95"]]
+                    + ([s["success_rate"], *s["success_ci95"]] if success else [])
+                    + [s["reward_terms"][name] for name in terms])
     atomic_write(out / "summary.csv", _csv(rows))
-    task_rows = [["task", *[f"stage{s['stage']}" for s in summary["stages"]]]]
+    task_rows = [["task", *[f"stage{s['stage']}" for s in summary["stages"]]]
+                 + ([f"success_stage{s['stage']}" for s in summary["stages"]] if success else [])]
     for i, task in enumerate(result.tasks):
-        task_rows.append([json.dumps(task.params()), *[float(v) for v in result.returns[i]]])
+        task_rows.append([json.dumps(task.params()), *[float(v) for v in result.returns[i]]]
+                         + ([float(v) for v in result.success[i]] if success else []))
     atomic_write(out / "per_task.csv", _csv(task_rows))
     plot_curves({title or "metarl": summary}, out / "adaptation_curve.png", title=title)
     plot_within_episode(summary, title=f"{title}: within the measured episodes", path=out / "within_episode.png")

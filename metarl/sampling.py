@@ -29,10 +29,12 @@ picks native where it is supported.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import multiprocessing as mp
 import os
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import gymnasium as gym
@@ -76,7 +78,8 @@ class GymSlots:
 
     def step(self, idx: np.ndarray, actions: np.ndarray):
         """Step slots ``idx`` with (already clipped) ``actions``; ``(obs, reward, terminated, truncated,
-        terms)`` for those slots, ``terms`` holding the ``reward_*`` entries of ``info``."""
+        terms)`` for those slots, ``terms`` holding the ``reward_*`` entries of ``info`` and, where the env
+        reports one, ``success`` (``info["success"]`` as 0 or 1)."""
         B = len(idx)
         obs, rewards = [], np.zeros(B)
         terminated, truncated = np.zeros(B, bool), np.zeros(B, bool)
@@ -88,6 +91,8 @@ class GymSlots:
             for key, value in info.items():
                 if key.startswith("reward_"):
                     terms.setdefault(key, np.zeros(B))[b] = value
+            if "success" in info:
+                terms.setdefault("success", np.zeros(B))[b] = float(bool(info["success"]))
         return np.stack(obs), rewards, terminated, truncated, terms
 
     def close(self) -> None:
@@ -108,7 +113,7 @@ def rollout(slots: Any, actor: Any, tasks: Sequence[Task], task_indices: Sequenc
             seed: int, episodes_per_trial: int = 1) -> dict[str, Any]:
     """Roll out ``episodes`` episodes of each task on ``slots`` (a backend's env slots), batched: one
     ``actor.act`` per step for all slots, one ``slots.step`` for the active ones, recorded with array
-    indexing. Returns the padded arrays of an `EpisodeBatch`."""
+    indexing. Returns the padded arrays of an `EpisodeBatch` (``success`` None where the env reports none)."""
     K = episodes_per_trial
     n, E = len(tasks), episodes
     M = E // K  # slots (trials) per task
@@ -129,6 +134,8 @@ def rollout(slots: Any, actor: Any, tasks: Sequence[Task], task_indices: Sequenc
     truncated = np.zeros((n, E), bool)
     last_obs = np.zeros((n, E, obs_dim), np.float32)
     terms: dict[str, np.ndarray] = {}
+    success = np.zeros((n, E), bool)  # an episode succeeds if any of its steps reports info["success"]
+    success_reported = False
     step_in_episode = np.zeros(S, int)
     # Row j * E + e of the padded arrays: the episode a slot is running (slot j*M + m runs episodes
     # m*K .. m*K + K-1 of task j); the arrays are written through flat views, one index per slot.
@@ -148,6 +155,7 @@ def rollout(slots: Any, actor: Any, tasks: Sequence[Task], task_indices: Sequenc
             raise FloatingPointError(f"the policy produced non-finite actions at step {t}")
         env_act = act[idx] if action_scale == 1.0 else act[idx] * action_scale
         new_obs, r, term, trunc, step_terms = slots.step(idx, np.clip(env_act, slots.low, slots.high))
+        step_success = step_terms.pop("success", None)
         if not (np.isfinite(new_obs).all() and np.isfinite(r).all() and all(np.isfinite(v).all() for v in step_terms.values())):
             _non_finite(slots, tasks, task_indices, idx, episode_row, step_in_episode, E, new_obs, r, step_terms)
         row = episode_row[idx]
@@ -160,6 +168,9 @@ def rollout(slots: Any, actor: Any, tasks: Sequence[Task], task_indices: Sequenc
             if key not in terms:
                 terms[key] = np.zeros((n, E), np.float32)
             terms[key].reshape(-1)[row] += value  # accumulated in float32, each step rounded once
+        if step_success is not None:
+            success_reported = True
+            success.reshape(-1)[row] |= np.asarray(step_success) > 0
         obs[idx] = new_obs
         step_in_episode[idx] += 1
         term = np.asarray(term, bool)
@@ -190,7 +201,7 @@ def rollout(slots: Any, actor: Any, tasks: Sequence[Task], task_indices: Sequenc
     return {
         "observations": observations, "actions": actions, "rewards": rewards, "mask": mask,
         "terminated": terminated, "truncated": truncated, "last_observations": last_obs,
-        "reward_terms": terms,
+        "reward_terms": terms, "success": success if success_reported else None,
     }
 
 
@@ -219,7 +230,18 @@ def _non_finite(slots: Any, tasks: Sequence[Task], task_indices: Sequence[int], 
     raise NonFiniteError(f"env {getattr(slots, 'env_id', '?')} returned a non-finite value")
 
 
-def _worker(conn: Any, backend: str, env_id: str, env_kwargs: dict[str, Any], sys_path: list[str]) -> None:
+def _registering_module(env_id: str) -> str | None:
+    """The module of a registered id's entry point (None for ``__main__`` or an unknown id): a worker imports
+    it if the id is not registered there, so a family registered by a module the user imported in Python
+    (not through `metarl.plugins`) reaches the workers too."""
+    spec = gym.registry.get(env_id.split(":", 1)[-1])
+    entry = getattr(spec, "entry_point", None)
+    module = entry.split(":", 1)[0] if isinstance(entry, str) else getattr(entry, "__module__", None)
+    return None if module in (None, "__main__", "__mp_main__") else module
+
+
+def _worker(conn: Any, backend: str, env_id: str, env_kwargs: dict[str, Any], sys_path: list[str],
+            imports: Sequence[str] = (), registering_module: str | None = None) -> None:
     import sys
 
     import torch
@@ -231,9 +253,15 @@ def _worker(conn: Any, backend: str, env_id: str, env_kwargs: dict[str, Any], sy
     keep_freed_memory()
     skip_mujoco_timers()  # this process never reads mjData.timer
     import metarl  # noqa: F401  (registers the families)
+    from metarl.plugins import load
 
     slots, failure = None, None
     try:
+        load(imports)  # the user's modules imported in the main process register their families here too
+        if registering_module is not None and env_id.split(":", 1)[-1] not in gym.registry:
+            import importlib
+
+            importlib.import_module(registering_module)
         slots = _make_slots(backend, env_id, env_kwargs)
     except Exception:  # reported in reply to every request, so the main process raises it with its traceback
         failure = traceback.format_exc()
@@ -258,6 +286,23 @@ def _worker(conn: Any, backend: str, env_id: str, env_kwargs: dict[str, Any], sy
         if slots is not None:
             slots.close()
         conn.close()
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleRecord:
+    """Per-episode statistics of one `Sampler.sample` call (``[tasks, episodes]`` arrays; episode ``m * K + k``
+    is episode k of trial m, ``K = episodes_per_trial``)."""
+
+    episodes_per_trial: int
+    returns: np.ndarray
+    success: np.ndarray | None  # bool; None where the env reports no info["success"]
+    reward_terms: dict[str, np.ndarray]  # episode sums of each info["reward_*"] term
+
+    @staticmethod
+    def of(batch: EpisodeBatch, episodes_per_trial: int) -> SampleRecord:
+        return SampleRecord(episodes_per_trial, batch.returns.numpy().astype(np.float64),
+                            None if batch.success is None else batch.success.numpy().copy(),
+                            {k: v.numpy().astype(np.float64) for k, v in batch.reward_terms.items()})
 
 
 class WorkerError(RuntimeError):
@@ -306,17 +351,33 @@ class Sampler:
         self._local: Any = None
         self._procs: list[Any] = []
         self._conns: list[Any] = []
+        self._recorders: list[list[SampleRecord]] = []
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[list[SampleRecord]]:
+        """Within the block, every `sample` call appends its episode statistics (`SampleRecord`) to the list
+        yielded: how the training loop and the evaluator see success and reward terms of the episodes an
+        agent collects, without the agent's help."""
+        records: list[SampleRecord] = []
+        self._recorders.append(records)
+        try:
+            yield records
+        finally:
+            self._recorders.remove(records)
 
     def _start(self, count: int) -> None:
         if len(self._procs) >= count:
             return
         import sys
 
+        from metarl.plugins import loaded
+
         ctx = mp.get_context("spawn")  # fork after torch has started threads can deadlock workers
         while len(self._procs) < count:
             parent, child = ctx.Pipe()
             proc = ctx.Process(target=_worker, daemon=True,
-                               args=(child, self.backend, self.env_id, self.env_kwargs, list(sys.path)))
+                               args=(child, self.backend, self.env_id, self.env_kwargs, list(sys.path), loaded(),
+                                     _registering_module(self.env_id)))
             proc.start()
             child.close()
             self._procs.append(proc)
@@ -367,7 +428,12 @@ class Sampler:
                 if errors[0][0] == "non_finite":
                     raise NonFiniteError(errors[0][1])
                 raise WorkerError("a sampler worker failed:\n" + errors[0][1])
-        return EpisodeBatch.from_numpy(tasks, _concat(parts))
+        batch = EpisodeBatch.from_numpy(tasks, _concat(parts))
+        if self._recorders:
+            record = SampleRecord.of(batch, episodes_per_trial)
+            for records in self._recorders:
+                records.append(record)
+        return batch
 
     def close(self) -> None:
         for conn in self._conns:
@@ -408,6 +474,9 @@ def _concat(parts: list[dict[str, Any]]) -> dict[str, Any]:
         k: np.concatenate([p["reward_terms"].get(k, np.zeros(p["rewards"].shape[:2], np.float32)) for p in parts])
         for k in names
     }
+    reported = any(p.get("success") is not None for p in parts)
+    out["success"] = np.concatenate([p["success"] if p.get("success") is not None
+                                     else np.zeros(p["rewards"].shape[:2], bool) for p in parts]) if reported else None
     return out
 
 

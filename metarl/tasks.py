@@ -28,6 +28,8 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 import zlib
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -69,7 +71,7 @@ class Task:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        _TASK_TYPES[cls.__name__] = cls
+        _register_task_type(cls)
 
     def params(self) -> dict[str, Any]:
         """The task parameters (every field but ``family``)."""
@@ -109,6 +111,28 @@ class Task:
             )
         kwargs = {k: _from_json(v) for k, v in data.items() if k != "type"}
         return kind(**kwargs)
+
+
+def _register_task_type(cls: type[Task]) -> None:
+    """Enter ``cls`` in the registry `Task.from_dict` reads, by class name. A second class under a taken name
+    is refused (it would silently replace the first, whose saved tasks would then load as the wrong type).
+    The same definition run again (a module reloaded, or imported once more) is no collision; the first
+    class stays registered, as Gymnasium's first registration of an id stays, so the family made from
+    that registration accepts the tasks `Task.from_dict` builds."""
+    name = cls.__name__
+    other = _TASK_TYPES.get(name)
+    if other is None:
+        _TASK_TYPES[name] = cls
+    elif other is not cls and _definition(other) != _definition(cls):
+        raise TaskError(
+            f"task type name {name!r} is taken by {other.__module__}.{other.__qualname__}; rename "
+            f"{cls.__module__}.{cls.__qualname__} (Task.from_dict finds a task's class by its name alone)")
+
+
+def _definition(cls: type) -> tuple[str, str]:
+    """Where a class is defined: its qualified name and its module's file (its module's name if none)."""
+    path = getattr(sys.modules.get(cls.__module__), "__file__", None)
+    return cls.__qualname__, os.path.realpath(path) if path else cls.__module__
 
 
 def _flatten(value: Any) -> list[float]:
@@ -205,14 +229,25 @@ class TaskFamily:
     A subclass sets ``family`` (name), ``task_type``, ``horizon``, ``n_heldout`` (size of the fixed
     test/ood lists) and implements:
 
-    * ``default_task()``: the nominal task;
-    * ``_draw_tasks(rng, n, split)``: ``n`` tasks of the ``train`` (training distribution) or ``ood``
-      split (for ``ood``, raise `TaskError` if the family has no parameter range);
+    * ``default_task()``: the nominal task; the env's ``__init__`` must set a task (``self.set_task(
+      self.default_task())``), so that a fresh env runs one;
+    * ``_draw_tasks(rng, n, split)``: ``n`` tasks drawn with the numpy Generator ``rng``. It is called with
+      ``split="train"`` for training draws *and* (once, with a fixed seed and ``n = n_heldout``) to build the
+      held-out ``test`` list from the training distribution; training draws equal to a test task are then
+      dropped. With ``split="ood"`` it draws outside the training range (raise `TaskError`, or set
+      ``has_ood = False``, if the family has no range);
+    * or, for a family whose tasks are given lists rather than drawn (fixed train and test goals),
+      ``_task_list(split)``: the list of a split (``None`` for a split drawn by ``_draw_tasks``); training
+      draws then pick from the train list with the seed, ``test`` and ``ood`` are their lists;
     * ``_validate_task(task)``: raise `TaskError` naming any parameter that is missing or out of range;
     * ``_apply_task(task)``: make the env behave as ``task``.
 
     ``disjoint_heldout`` is False for families with finitely many tasks (e.g. two directions), whose
     test list necessarily repeats training tasks.
+
+    Reserved names: a family's own state lives in attributes named ``_metarl_*``, so the env may use any
+    other name (``_task`` included); the public ``task``, ``set_task``, ``check_task``, ``sample_tasks``,
+    ``heldout_tasks`` and the class attributes above are the family's API and must not be reused.
     """
 
     family: ClassVar[str]
@@ -222,14 +257,15 @@ class TaskFamily:
     disjoint_heldout: ClassVar[bool] = True
     has_ood: ClassVar[bool] = True
 
-    _task: Task | None = None
+    _metarl_task: Task | None = None
 
     # ---- to implement ----------------------------------------------------------------------------
     def default_task(self) -> Task:
         raise NotImplementedError
 
     def _draw_tasks(self, rng: np.random.Generator, n: int, split: str) -> list[Task]:
-        raise NotImplementedError
+        raise TaskError(f"{self.family} has no {split!r} tasks to draw: it implements neither _draw_tasks nor "
+                        f"a list for the split in _task_list")
 
     def _validate_task(self, task: Task) -> None:
         """Raise TaskError if a parameter is out of range (finite-ness is already checked)."""
@@ -237,13 +273,18 @@ class TaskFamily:
     def _apply_task(self, task: Task) -> None:
         raise NotImplementedError
 
+    def _task_list(self, split: str) -> Sequence[Task] | None:
+        """The given list of ``split``'s tasks, for families whose tasks are enumerated rather than drawn;
+        None (the default) for a split drawn by ``_draw_tasks``."""
+        return None
+
     # ---- public API -------------------------------------------------------------------------------
     @property
     def task(self) -> Task:
-        if self._task is None:
+        if self._metarl_task is None:
             self.set_task(self.default_task())
-        assert self._task is not None
-        return self._task
+        assert self._metarl_task is not None
+        return self._metarl_task
 
     @task.setter
     def task(self, task: Task) -> None:
@@ -253,14 +294,14 @@ class TaskFamily:
         """Switch the env to ``task`` (immediately; reset to start an episode in it)."""
         self.check_task(task)
         self._apply_task(task)
-        self._task = task
+        self._metarl_task = task
 
     def __getstate__(self) -> dict[str, Any]:
         # EzPickle-based MuJoCo envs pickle only their constructor arguments; carry the current task
         # along so an unpickled copy (e.g. in AsyncVectorEnv) runs the same task.
         parent = getattr(super(), "__getstate__", None)
         state = dict(parent() if parent is not None else self.__dict__)
-        state["_metarl_task"] = self._task
+        state["_metarl_task"] = self._metarl_task
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -279,7 +320,8 @@ class TaskFamily:
         if isinstance(task, dict):
             raise TaskError(f"{self.family}: got a dict, not a task; use Task.from_dict(...) first")
         if not isinstance(task, Task):
-            raise TaskError(f"{self.family}: expected a {self.task_type.__name__}, got {type(task).__name__}")
+            raise TaskError(f"{self.family}: expected a {self.task_type.__name__}, got {type(task).__name__} "
+                            "('task' is TaskFamily's attribute for the current task; give yours another name)")
         if task.family != self.family or not isinstance(task, self.task_type):
             raise TaskError(
                 f"{self.family} cannot run a task of family {task.family!r} "
@@ -309,16 +351,17 @@ class TaskFamily:
             return self._train_tasks(n, seed)
         if split == "ood" and not self.has_ood:
             raise TaskError(f"{self.family} has no 'ood' split: its task parameters have no range to leave")
-        if n > self.n_heldout:
-            raise TaskError(
-                f"{self.family}: the {split!r} split is a fixed list of {self.n_heldout} tasks; asked for {n}"
-            )
-        return list(self.heldout_tasks(split)[:n])
+        fixed = self.heldout_tasks(split)
+        if n > len(fixed):
+            raise TaskError(f"{self.family}: the {split!r} split is a fixed list of {len(fixed)} tasks; asked for {n}")
+        return list(fixed[:n])
 
     def heldout_tasks(self, split: str) -> tuple[Task, ...]:
         """The whole fixed list of the ``test`` or ``ood`` split (same in every process and run)."""
         self._check_heldout_split(split)
-        cache = self.__dict__.setdefault("_heldout_cache", {})
+        cache = self.__dict__.setdefault("_metarl_heldout_cache", {})
+        if split not in cache and (given := self._given_list(split)) is not None:
+            cache[split] = given
         if split not in cache:
             spawn_key = (zlib.crc32(self.family.encode()), SPLITS.index(split))
             rng = np.random.default_rng(np.random.SeedSequence(_HELDOUT_ENTROPY, spawn_key=spawn_key))
@@ -333,8 +376,30 @@ class TaskFamily:
         if split == "ood" and not self.has_ood:
             raise TaskError(f"{self.family} has no 'ood' split: its task parameters have no range to leave")
 
+    def _given_list(self, split: str) -> tuple[Task, ...] | None:
+        given = self._task_list(split)
+        if given is None:
+            return None
+        given = tuple(given)
+        if not given:
+            raise TaskError(f"{self.family}: _task_list({split!r}) is empty")
+        for task in given:
+            self.check_task(task)
+        return given
+
     def _train_tasks(self, n: int, seed: int | None) -> list[Task]:
         rng = np.random.default_rng(seed)
+        given = self._given_list("train")
+        if given is not None:
+            if self.disjoint_heldout:
+                shared = set(given) & set(self.heldout_tasks("test"))
+                if shared:
+                    raise TaskError(f"{self.family}: its train list holds {len(shared)} task"
+                                    f"{'s' if len(shared) > 1 else ''} of the test list (e.g. {next(iter(shared))}); "
+                                    "set disjoint_heldout = False if the splits are meant to share tasks")
+            # Every task of the list once (in a seeded order) before any task twice.
+            order = np.concatenate([rng.permutation(len(given)) for _ in range(-(-n // len(given)))])
+            return [given[i] for i in order[:n]]
         if not self.disjoint_heldout:
             return self._draw_tasks(rng, n, "train")
         test = np.stack([t.vector() for t in self.heldout_tasks("test")])

@@ -38,7 +38,15 @@ import yaml
 
 import metarl
 from metarl.config import ConfigError, RunConfig, agent_class, load_config, read_yaml, yaml_dump
-from metarl.evaluation import AdaptationResult, atomic_write, plot_curves, plot_within_episode, write_summary
+from metarl.evaluation import (
+    AdaptationResult,
+    atomic_write,
+    episode_scalars,
+    plot_curves,
+    plot_within_episode,
+    with_episode_metrics,
+    write_summary,
+)
 from metarl.runfolder import (
     check_writable,
     config_changes,
@@ -62,7 +70,13 @@ def resolve_env_id(env: str) -> str:
 
 def build_agent(config: RunConfig):
     """The sampler and agent a config describes (raises ConfigError for an unknown env)."""
+    from metarl.plugins import load
+
     env_id = resolve_env_id(config.env)
+    try:
+        load(config.imports)  # the user's modules, here and (through the sampler) in its worker processes
+    except TaskError as exc:
+        raise ConfigError(f"imports: {exc}") from exc
     try:
         metarl.make_family(env_id, **config.env_kwargs).close()
     except TaskError as exc:
@@ -214,6 +228,10 @@ class _Logger:
     def log_eval(self, summary: dict[str, Any], split: str, step: int, title: str) -> None:
         for stage in summary["stages"]:
             self.writer.add_scalar(f"eval/{split}/return_stage{stage['stage']}", stage["mean_return"], step)
+            if "success_rate" in stage:
+                self.writer.add_scalar(f"eval/{split}/success_rate_stage{stage['stage']}", stage["success_rate"], step)
+            for name, value in stage.get("reward_terms", {}).items():
+                self.writer.add_scalar(f"eval/{split}/{name}_stage{stage['stage']}", value, step)
         first, last = summary["stages"][0]["mean_return"], summary["stages"][-1]["mean_return"]
         self.writer.add_scalar(f"eval/{split}/adaptation_gain", last - first, step)
         fig = plot_curves({title: summary}, title=f"{title} ({split}, {step:,} env steps)")
@@ -321,7 +339,9 @@ def evaluate_run(agent: Any, config: RunConfig, run_dir: Path, split: str, tasks
                  episodes: int, logger: _Logger | None = None) -> dict[str, Any]:
     family = agent.sampler.family
     held_out = eval_tasks(family, config.seed, split, tasks)
-    result: AdaptationResult = agent.evaluate_adaptation(held_out, steps, episodes, seed=_eval_seed(config))
+    with agent.sampler.recording() as calls:  # success and reward terms of the episodes the evaluation sampled
+        result: AdaptationResult = agent.evaluate_adaptation(held_out, steps, episodes, seed=_eval_seed(config))
+    result = with_episode_metrics(result, calls)
     fault_point("eval")
     title = f"{config.agent_name} on {family.family}"
     summary = write_summary(result, run_dir / "eval" / split, title=title, extra={
@@ -491,7 +511,9 @@ def _train_locked(config: RunConfig, run_dir: Path, resume: bool, verbose: bool,
             task_seed = int(np.random.SeedSequence([config.seed, it]).generate_state(1)[0])
             tasks = family.sample_tasks(n_tasks, "train", seed=task_seed)
             fault_point("iteration")
-            metrics = agent.train_step(tasks)
+            with sampler.recording() as calls:
+                metrics = agent.train_step(tasks)
+            metrics.update(episode_scalars(calls))  # meta/success_rate_stage{k}, meta/reward_<term>_stage{k}
             for key, value in metrics.items():
                 if not np.isfinite(value):
                     raise FloatingPointError(f"iteration {it + 1}: {key} is {value}; stopping (last checkpoint kept)")
