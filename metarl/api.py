@@ -19,7 +19,7 @@ with the spaces the agent was trained on, not only a task drawn from the family'
 
 Adaptation runs through the same code as the evaluator: the agent's evaluation stages (its inner steps, or
 its recurrent trial) and `metarl.sampling.rollout`, driven on the given env instead of the sampler's. The
-command line's ``train`` and ``eval`` are `train` and `MetaLearner.evaluate`.
+command line's ``train`` and ``eval`` are `train` and `load` + `MetaLearner.evaluate`.
 """
 
 from __future__ import annotations
@@ -40,17 +40,20 @@ __all__ = ["AdaptedPolicy", "MetaLearner", "load", "train"]
 
 
 def train(config: str | Path | RunConfig, overrides: list[str] | tuple[str, ...] = (),
-          run_dir: str | Path | None = None, verbose: bool = False) -> MetaLearner:
+          run_dir: str | Path | None = None, verbose: bool = False, resume: bool = False) -> MetaLearner:
     """Meta-train from a config file (with ``key=value`` overrides, as on the command line) or a
     `RunConfig`; returns the trained run, loaded. The run folder is ``run_dir`` or
-    ``runs/<experiment>/<timestamp>-<seed>`` as for ``metarl train``."""
+    ``runs/<experiment>/<timestamp>-<seed>`` as for ``metarl train``; with ``resume``, ``run_dir`` is an
+    existing run continued from its newest checkpoint (``config``: its config, e.g. `load_run_config`)."""
     from metarl.training import train as train_run
 
     if not isinstance(config, RunConfig):
         config = load_config(config, list(overrides))
     elif overrides:
         config = load_config(None, list(overrides), data=config.to_dict())
-    folder = train_run(config, run_dir=None if run_dir is None else Path(run_dir), verbose=verbose)
+    if resume and run_dir is None:
+        raise ConfigError("train: resume needs the run_dir of the run to continue")
+    folder = train_run(config, run_dir=None if run_dir is None else Path(run_dir), resume=resume, verbose=verbose)
     return load(folder)
 
 
@@ -107,10 +110,10 @@ class MetaLearner:
         return AdaptedPolicy(actor, slots.low, slots.high, self.name, steps)
 
     def evaluate(self, split: str | None = None, tasks: int | None = None, steps: int | None = None,
-                 episodes: int | None = None) -> dict[str, Any]:
+                 episodes: int | None = None, lock: bool = True) -> dict[str, Any]:
         """The evaluation protocol on the family's held-out tasks (defaults: the run's ``eval`` settings);
-        writes ``RUN_DIR/eval/<split>/`` (summary.json, CSVs, PNGs) as ``metarl eval`` does, and returns the
-        summary."""
+        writes ``RUN_DIR/eval/<split>/`` (summary.json, CSVs, PNGs) and returns the summary. ``metarl eval``
+        is this call. ``lock=False``: the caller already holds the run folder's lock (`run_lock`)."""
         from metarl.runfolder import check_writable, run_lock
         from metarl.training import evaluate_run
 
@@ -118,6 +121,8 @@ class MetaLearner:
         split, tasks = split or e.split, tasks or e.tasks
         steps, episodes = e.steps if steps is None else steps, episodes or e.episodes
         check_writable(self.run_dir, self.run_dir / "eval", self.run_dir / "eval" / split)
+        if not lock:
+            return evaluate_run(self.agent, self.config, self.run_dir, split, tasks, steps, episodes)
         with run_lock(self.run_dir):
             return evaluate_run(self.agent, self.config, self.run_dir, split, tasks, steps, episodes)
 

@@ -122,8 +122,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     import dataclasses
     from pathlib import Path
 
+    import metarl.api as mrl
     from metarl.config import ConfigError, load_config
-    from metarl.training import load_run_config, train
+    from metarl.training import load_run_config
 
     imports = _user_code(args)
     try:
@@ -145,14 +146,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
             config = load_run_config(run_dir)
             if overrides:
                 config = load_config(None, overrides, data=config.to_dict())
-            train(config, run_dir=run_dir, resume=True, verbose=not args.quiet)
+            mrl.train(config, run_dir=run_dir, resume=True, verbose=not args.quiet).close()
         else:
             if not args.config:
                 raise ConfigError("train: give a CONFIG file (e.g. experiments/maml_trpo/point_nav_2d.yaml) or --resume RUN_DIR")
             config = load_config(args.config, args.overrides)
             if imports:  # recorded in the run's config.yaml, so eval and --resume import them too
                 config = dataclasses.replace(config, imports=tuple(dict.fromkeys(config.imports + imports)))
-            train(config, run_dir=Path(args.run_dir) if args.run_dir else None, verbose=not args.quiet)
+            mrl.train(config, run_dir=Path(args.run_dir) if args.run_dir else None, verbose=not args.quiet).close()
     except (ConfigError, TaskError, FloatingPointError) as exc:
         raise UsageError(str(exc)) from exc
     return 0
@@ -196,14 +197,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _evaluate(run_dir: Path, config: Any, split: str, tasks: int, steps: int, episodes: int, video: dict | None) -> None:
+    import metarl.api as mrl
     from metarl.runfolder import check_writable
-    from metarl.training import build_agent, evaluate_run, load_checkpoint, render_run
+    from metarl.training import render_run
 
     check_writable(run_dir, run_dir / "eval", run_dir / "eval" / split)
-    sampler, agent = build_agent(config)
+    learner = mrl.load(run_dir)  # the run's config (as `config`) and its newest usable checkpoint
+    agent = learner.agent
     try:
-        load_checkpoint(run_dir, agent, config)
-        summary = evaluate_run(agent, config, run_dir, split, tasks, steps, episodes)
+        summary = learner.evaluate(split, tasks, steps, episodes, lock=False)  # the caller holds the run lock
         print(f"{'stage':>5} {'adapt episodes':>14} {'adapt steps':>11} {'mean return':>11}  95% CI")
         for s in summary["stages"]:
             print(f"{s['stage']:>5} {s['adapt_episodes']:>14} {s['adapt_env_steps']:>11.0f} "
@@ -217,7 +219,7 @@ def _evaluate(run_dir: Path, config: Any, split: str, tasks: int, steps: int, ep
                                video["size"], video["fps"], verbose=True)
             print(f"written to {paths[0].parent}/ ({len(paths)} GIFs) and TensorBoard (eval/{split}/video/)")
     finally:
-        sampler.close()
+        learner.close()
 
 
 def _video_options(args: argparse.Namespace) -> dict | None:
