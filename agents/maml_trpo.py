@@ -465,9 +465,8 @@ class MAMLTRPO:
                    seed: int) -> GaussianActor:
         """Deployment (`metarl.api`): the evaluation protocol's adaptation on one task whose episodes
         ``sample(actor, [task], episodes, seed)`` collects; returns the actor after ``steps`` gradient steps."""
-        for actor, _, _ in self._evaluation_stages([task], steps, episodes, seed, sample=sample, sample_last=False):
-            pass
-        return actor
+        stages = list(self._evaluation_stages([task], steps, episodes, seed, sample=sample, sample_last=False))
+        return stages[-1][0]
 
     # ---- checkpoints ------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -273,6 +273,16 @@ def test_committed_suites_are_valid():
         assert set(suite.methods) >= set(METHODS) - {"sac_multitask"}, name
     quick = load_suite("experiments/benchmarks/quick.yaml")
     assert quick.families == ["PointNav2D", "HalfCheetahVel", "HalfCheetahDir", "AntGoal", "HopperRandParams"]
+    # every shipped suite validates (its method configs resolved relative to the suite file), e.g. the RL²
+    # comparison whose rl2 cells use ../rl2/half_cheetah_vel_varibad.yaml's agent on other families
+    from pathlib import Path
+
+    for path in sorted(Path("experiments/benchmarks").glob("*.yaml")):
+        load_suite(path)
+    rl2 = load_suite("experiments/benchmarks/rl2_vs_multitask.yaml")
+    cell = next(c for c in rl2.cells if c.method == "rl2" and c.family == "HalfCheetahDir")
+    agent = cell.spec()["config"]["agent"]
+    assert agent["embedding"] == "separate" and agent["reward_input"] == "raw" and cell.spec()["config"]["env"] == "HalfCheetahDir"
 
 
 def test_an_unfinished_run_with_other_settings_is_not_resumed(tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""Bringing your own env: the recipe of the README without traps, and a family defined in a user's own file
+"""Bringing your own env: the recipe of docs/custom-envs.md without traps, and a family defined in a user's own file
 (outside the repository) run from the shell through ``metarl check``, ``train``, ``eval --video`` and ``bench``."""
 
 from __future__ import annotations
