@@ -16,6 +16,8 @@ FIGURES = [
     "experiments/results/quick/curves_PointNav2D.png",
     "experiments/results/videos/maml_point_nav_2d.gif",
     "experiments/results/videos/maml_half_cheetah_vel_quick.gif",
+    "experiments/results/rl2_vs_multitask/curves_HalfCheetahDir.png",
+    "experiments/results/rl2_half_cheetah_vel_varibad_within_episode.png",
 ]
 
 
