@@ -178,6 +178,10 @@ class MAMLTRPO:
         size ``[N]`` (default: ``inner_lr`` for all)."""
         loss = self.inner_loss(params, batch, advantages)
         grads = torch.autograd.grad(loss, list(params.values()), create_graph=create_graph)
+        return self._step(params, grads, lr)
+
+    def _step(self, params: Params, grads: Any, lr: torch.Tensor | None = None) -> Params:
+        """``theta - alpha * g`` per task (``lr`` ``[N]``, or ``inner_lr`` for every task when None)."""
         return OrderedDict((k, p - _per_task(lr, p, self.config.inner_lr) * g)
                            for (k, p), g in zip(params.items(), grads, strict=True))
 
@@ -186,20 +190,15 @@ class MAMLTRPO:
         each task's step size ``[N]``, ``inner_lr`` or, with ``inner_max_kl``, shrunk so that the step's
         KL on the task's own adaptation episodes is at most ``inner_max_kl`` (to second order)."""
         c = self.config
-        leaf = OrderedDict((k, v.detach().requires_grad_()) for k, v in params.items())
+        params = OrderedDict((k, v.detach()) for k, v in params.items())
+        leaf = OrderedDict((k, v.detach().requires_grad_()) for k, v in params.items())  # a new view, params untouched
         grads = torch.autograd.grad(self.inner_loss(leaf, batch, advantages), list(leaf.values()))
-        n = batch.num_tasks
-        lr = torch.full((n,), c.inner_lr, dtype=grads[0].dtype)
-        if c.inner_max_kl > 0:
-            with torch.no_grad():
-                full = OrderedDict((k, v.detach() - c.inner_lr * g) for (k, v), g in zip(params.items(), grads, strict=True))
-                kl = self.task_kl(params, full, batch)
-                # KL grows as the square of the step near zero: scaling the step by sqrt(bound / KL) meets the bound
-                lr = c.inner_lr * torch.sqrt(c.inner_max_kl / kl.clamp_min(1e-30)).clamp(max=1.0)
-        bounded = lr if c.inner_max_kl > 0 else None  # off: the scalar step, exactly as `adapt` takes it
-        adapted = OrderedDict((k, v.detach() - _per_task(bounded, v, c.inner_lr) * g)
-                              for (k, v), g in zip(params.items(), grads, strict=True))
-        return adapted, lr
+        full = self._step(params, grads)  # the plain step, exactly as `adapt` takes it
+        if c.inner_max_kl <= 0:
+            return full, torch.full((batch.num_tasks,), c.inner_lr, dtype=grads[0].dtype)
+        # KL grows as the square of the step near zero: scaling the step by sqrt(bound / KL) meets the bound
+        lr = c.inner_lr * torch.sqrt(c.inner_max_kl / self.task_kl(params, full, batch).clamp_min(1e-30)).clamp(max=1.0)
+        return self._step(params, grads, lr), lr
 
     @torch.no_grad()
     def task_kl(self, before: Params, after: Params, batch: EpisodeBatch) -> torch.Tensor:
@@ -277,7 +276,7 @@ class MAMLTRPO:
         points: list[list[torch.Tensor]] = []
         inner_grads: list[tuple[torch.Tensor, ...]] = []
         params = [v.detach().unsqueeze(0).expand(n, *v.shape).clone() for v in theta.values()]
-        lrs = [None if outer.inner_lrs is None else outer.inner_lrs[k] for k in range(len(outer.train))]
+        lrs = outer.inner_lrs or [None] * len(outer.train)
         for (batch, adv), lr in zip(outer.train, lrs, strict=True):
             leaf = [p.requires_grad_() for p in params]
             loss = self.inner_loss(OrderedDict(zip(names, leaf, strict=True)), batch, adv)
@@ -464,9 +463,12 @@ class MAMLTRPO:
     def adapt_with(self, sample: Callable[..., EpisodeBatch], task: Any, steps: int, episodes: int,
                    seed: int) -> GaussianActor:
         """Deployment (`metarl.api`): the evaluation protocol's adaptation on one task whose episodes
-        ``sample(actor, [task], episodes, seed)`` collects; returns the actor after ``steps`` gradient steps."""
+        ``sample(actor, [task], episodes, seed)`` collects; returns the actor after ``steps`` gradient steps,
+        started on one env slot, ready to act."""
         stages = list(self._evaluation_stages([task], steps, episodes, seed, sample=sample, sample_last=False))
-        return stages[-1][0]
+        actor = stages[-1][0]
+        actor.start([0], 1)
+        return actor
 
     # ---- checkpoints ------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -160,15 +160,24 @@ def batch_params(params: dict[str, torch.Tensor], n: int) -> OrderedDict[str, to
     return OrderedDict((k, v.unsqueeze(0).expand(n, *v.shape)) for k, v in params.items())
 
 
+def _task_seed(seed: int, task_index: int) -> np.random.SeedSequence:
+    return np.random.SeedSequence([seed, int(task_index), 7])
+
+
 def task_generators(seed: int, task_indices: list[int]) -> list[torch.Generator]:
     """One noise generator per task, seeded from (seed, global task index): an actor's noise for a task is
     the same whichever worker, and alongside whichever other tasks, it runs."""
     generators = []
     for i in task_indices:
         g = torch.Generator()
-        g.manual_seed(int(np.random.SeedSequence([seed, int(i), 7]).generate_state(1)[0]))
+        g.manual_seed(int(_task_seed(seed, i).generate_state(1)[0]))
         generators.append(g)
     return generators
+
+
+def numpy_task_generators(seed: int, task_indices: list[int]) -> list[np.random.Generator]:
+    """`task_generators` for numpy actors (RL²'s): one generator per task from the same (seed, task index)."""
+    return [np.random.default_rng(_task_seed(seed, i)) for i in task_indices]
 
 
 class GaussianActor:

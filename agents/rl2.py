@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from metarl.agents.policies import DiagGaussian
+from metarl.agents.policies import DiagGaussian, numpy_task_generators
 from metarl.episodes import EpisodeBatch
 from metarl.evaluation import AdaptationResult
 from metarl.returns import discounted_returns, gae
@@ -389,11 +389,16 @@ class RL2Actor:
         self._prev_reward = torch.from_numpy(np.asarray(rewards, np.float32).reshape(-1))
         self._ended = torch.from_numpy(np.asarray(dones, np.float32).reshape(-1))
 
+    def context(self) -> dict[str, torch.Tensor]:
+        """What the trial so far left in the actor (hidden state, previous action, reward and end flag), as
+        tensors: `set_context` on a started actor continues the trial from there (`metarl.api` saves it)."""
+        return {"hidden": torch.from_numpy(self._hidden.copy()), "prev_action": self._prev_action.clone(),
+                "prev_reward": self._prev_reward.clone(), "ended": self._ended.clone()}
 
-def numpy_task_generators(seed: int, task_indices: list[int]) -> list[np.random.Generator]:
-    """One numpy noise generator per task, seeded from (seed, global task index) like `task_generators`:
-    a task's noise does not depend on the worker or on the other tasks of the call."""
-    return [np.random.default_rng(np.random.SeedSequence([seed, int(i), 7])) for i in task_indices]
+    def set_context(self, context: dict[str, torch.Tensor]) -> None:
+        self._hidden = context["hidden"].numpy().copy()
+        self._prev_action, self._prev_reward = context["prev_action"].clone(), context["prev_reward"].clone()
+        self._ended = context["ended"].clone()
 
 
 class NumpyRecurrentPolicy:
@@ -680,7 +685,8 @@ class RL2:
     def adapt_with(self, sample: Any, task: Any, steps: int, episodes: int, seed: int) -> RL2Actor:
         """Deployment (`metarl.api`): a trial of ``steps`` episodes of one task collected by
         ``sample(actor, [task], steps, seed, episodes_per_trial=steps)``; returns the actor, its hidden state
-        carried to the end of that trial, to act on from there (``episodes`` is MAML's: unused)."""
+        carried to the end of that trial, to act on from there (``episodes`` is MAML's: unused); with
+        ``steps=0`` a fresh trial, started on one env slot."""
         rng = np.random.default_rng(seed)
         actor = RL2Actor(self.model.config, self.model.state_dict(), self._frozen_obs_rms(), self.input_reward_scale,
                          seed=int(rng.integers(2**31 - 1)))

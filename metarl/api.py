@@ -45,7 +45,7 @@ def train(config: str | Path | RunConfig, overrides: list[str] | tuple[str, ...]
     `RunConfig`; returns the trained run, loaded. The run folder is ``run_dir`` or
     ``runs/<experiment>/<timestamp>-<seed>`` as for ``metarl train``; with ``resume``, ``run_dir`` is an
     existing run continued from its newest checkpoint (``config``: its config, e.g. `load_run_config`)."""
-    from metarl.training import train as train_run
+    from metarl.training import build_agent, train_agent
 
     if not isinstance(config, RunConfig):
         config = load_config(config, list(overrides))
@@ -53,8 +53,13 @@ def train(config: str | Path | RunConfig, overrides: list[str] | tuple[str, ...]
         config = load_config(None, list(overrides), data=config.to_dict())
     if resume and run_dir is None:
         raise ConfigError("train: resume needs the run_dir of the run to continue")
-    folder = train_run(config, run_dir=None if run_dir is None else Path(run_dir), resume=resume, verbose=verbose)
-    return load(folder)
+    sampler, agent = build_agent(config)
+    try:  # the trained agent is the run's last checkpoint: kept as it is, not loaded again
+        folder = train_agent(config, sampler, agent, None if run_dir is None else Path(run_dir), resume, verbose)
+    except BaseException:
+        sampler.close()
+        raise
+    return MetaLearner(folder, config, agent)
 
 
 def load(run_dir: str | Path) -> MetaLearner:
@@ -160,9 +165,7 @@ class AdaptedPolicy:
         self.low, self.high = np.asarray(low, np.float64), np.asarray(high, np.float64)
         self.agent, self.adapted_steps = agent, int(adapted_steps)
         self._scale = float(getattr(actor, "action_scale", 1.0))
-        self._observe = getattr(actor, "observe", None)
-        if not hasattr(actor, "_shape") and not hasattr(actor, "_local"):  # a fresh actor: ready it for one env
-            actor.start([0], 1)
+        self._observe = getattr(actor, "observe", None)  # ``actor`` is started on one env slot (`adapt_with`)
 
     def predict(self, obs: np.ndarray, deterministic: bool = False) -> np.ndarray:
         """The action for one observation, as the env takes it: ``clip(action_scale * a, low, high)``."""
@@ -273,9 +276,7 @@ def _actor_state(actor: Any) -> dict[str, Any]:
     if isinstance(actor, RL2Actor):
         rms = None if actor.obs_rms is None else actor.obs_rms.state()
         return {"kind": "rl2", "model_config": dict(actor.model_config), "state_dict": dict(actor.state_dict),
-                "obs_rms": rms, "reward_scale": actor.reward_scale, "seed": actor.seed,
-                "hidden": torch.from_numpy(actor._hidden.copy()), "prev_action": actor._prev_action.clone(),
-                "prev_reward": actor._prev_reward.clone(), "ended": actor._ended.clone()}
+                "obs_rms": rms, "reward_scale": actor.reward_scale, "seed": actor.seed, **actor.context()}
     raise TypeError(f"cannot save an adapted {type(actor).__name__}")
 
 
@@ -294,7 +295,6 @@ def _actor_from_state(state: dict[str, Any]) -> Any:
             rms.load(state["obs_rms"])
         actor = RL2Actor(state["model_config"], state["state_dict"], rms, state["reward_scale"], seed=state["seed"])
         actor.start([0], 1)
-        actor._hidden = state["hidden"].numpy().copy()
-        actor._prev_action, actor._prev_reward, actor._ended = state["prev_action"], state["prev_reward"], state["ended"]
+        actor.set_context(state)
         return actor
     raise ValueError(f"unknown adapted policy kind {state['kind']!r}")

@@ -409,19 +409,26 @@ def train(config: RunConfig, run_dir: Path | None = None, resume: bool = False, 
     process at a time trains or evaluates in a run folder (`metarl.runfolder.run_lock`)."""
     sampler, agent = build_agent(config)  # validates the env, sampler and agent before anything is written
     try:
-        eval_tasks(sampler.family, config.seed, config.eval.split, config.eval.tasks)  # refused before training
-        if not resume:
-            stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-            run_dir = run_dir or Path(config.run_root) / config.experiment / f"{stamp}-{config.seed}"
-            _check_new_run_folder(run_dir)
-        elif not (run_dir / "config.yaml").is_file():
-            raise ConfigError(f"{run_dir}: not a run folder (no config.yaml)")
-        with run_lock(run_dir):
-            if not resume:
-                _check_new_run_folder(run_dir)  # again, now that no other process can start one there
-            return _train_locked(config, run_dir, resume, verbose, sampler, agent)
+        return train_agent(config, sampler, agent, run_dir, resume, verbose)
     finally:
         sampler.close()
+
+
+def train_agent(config: RunConfig, sampler: Any, agent: Any, run_dir: Path | None = None, resume: bool = False,
+                verbose: bool = True) -> Path:
+    """`train` with the sampler and agent `build_agent` made for ``config`` (left open: the trained agent stays
+    usable, as `metarl.api.train` keeps it); returns the run folder."""
+    eval_tasks(sampler.family, config.seed, config.eval.split, config.eval.tasks)  # refused before training
+    if not resume:
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        run_dir = run_dir or Path(config.run_root) / config.experiment / f"{stamp}-{config.seed}"
+        _check_new_run_folder(run_dir)
+    elif not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"{run_dir}: not a run folder (no config.yaml)")
+    with run_lock(run_dir):
+        if not resume:
+            _check_new_run_folder(run_dir)  # again, now that no other process can start one there
+        return _train_locked(config, run_dir, resume, verbose, sampler, agent)
 
 
 def _check_new_run_folder(run_dir: Path) -> None:
