@@ -86,9 +86,16 @@ class MAMLTRPOConfig:
     # where KL_i is the true (summed) KL of the full step on that task's adaptation episodes, so no step
     # moves its policy by much more than inner_max_kl nats. alpha_i is a constant of the meta-gradient.
     inner_max_kl: float = 0.0
+    # Curvature from a subsample (1: exact, every anchor's). With k > 1, conjugate gradient's KL Hessian-vector
+    # products (the inner-loss Hessians in the adaptation's Jacobian and the Fisher of the adapted policies)
+    # use every k-th episode of each task; the meta-gradient, the adapted parameters and the line search's
+    # surrogate and KL stay exact. OpenAI baselines' TRPO takes its Fisher-vector products on every 5th sample;
+    # these products are ~85% of a MAML-TRPO update (experiments/benchmarks/maml_speed.py).
+    fisher_subsample: int = 1
 
     def __post_init__(self) -> None:
-        positive_ints = ("tasks_per_batch", "episodes_per_task", "inner_steps", "cg_iters", "ls_max_steps")
+        positive_ints = ("tasks_per_batch", "episodes_per_task", "inner_steps", "cg_iters", "ls_max_steps",
+                         "fisher_subsample")
         for name in positive_ints:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -128,6 +135,12 @@ class OuterBatch:
     valid_advantages: torch.Tensor
     old_dist: Any
     inner_lrs: list[torch.Tensor] | None = None  # per inner step, each task's step size [N] (None: inner_lr)
+
+    def episode_slice(self, index: slice) -> OuterBatch:
+        """The post-adaptation part restricted to some episodes of every task (``train`` kept whole)."""
+        return dataclasses.replace(self, valid=self.valid.episode_slice(index),
+                                   valid_advantages=self.valid_advantages[:, index],
+                                   old_dist=self.old_dist.episode_slice(index))
 
 
 class MAMLTRPO:
@@ -267,33 +280,45 @@ class MAMLTRPO:
         ``J^T F' J`` with F' the Fisher of the adapted policies. Each product is then two inner-loss
         Hessian-vector products per inner step and one Fisher-vector product, all second order, instead
         of differentiating a third-order graph (the KL through the adaptation) ten times. ``theta``
-        enters every task as the same copy, so products w.r.t. theta sum over the task axis.
+        enters every task as the same copy, so products w.r.t. theta sum over the task axis. With
+        ``fisher_subsample`` k > 1 the products' Hessians and Fisher are estimated on every k-th episode of
+        each task, at the same points (the meta-gradient stays exact).
         """
         c = self.config
         n = outer.valid.num_tasks
         names = list(theta.keys())
+        subsample = c.fisher_subsample > 1
         # Forward through the inner steps with a fresh leaf at each step's starting point.
         points: list[list[torch.Tensor]] = []
         inner_grads: list[tuple[torch.Tensor, ...]] = []
+        curvature_grads: list[tuple[torch.Tensor, ...]] = []  # the inner gradients the Hessians come from
         params = [v.detach().unsqueeze(0).expand(n, *v.shape).clone() for v in theta.values()]
         lrs = outer.inner_lrs or [None] * len(outer.train)
         for (batch, adv), lr in zip(outer.train, lrs, strict=True):
             leaf = [p.requires_grad_() for p in params]
-            loss = self.inner_loss(OrderedDict(zip(names, leaf, strict=True)), batch, adv)
-            grads = torch.autograd.grad(loss, leaf, create_graph=not c.first_order)
+            named = OrderedDict(zip(names, leaf, strict=True))
+            grads = torch.autograd.grad(self.inner_loss(named, batch, adv), leaf, create_graph=not c.first_order)
             points.append(leaf)
             inner_grads.append(grads)
+            if subsample and not c.first_order:
+                sub, sub_adv = batch.episode_slice(slice(None, None, c.fisher_subsample)), adv[:, ::c.fisher_subsample]
+                curvature_grads.append(torch.autograd.grad(self.inner_loss(named, sub, sub_adv), leaf, create_graph=True))
+            else:
+                curvature_grads.append(grads)
             params = [(p - _per_task(lr, p, c.inner_lr) * g).detach() for p, g in zip(leaf, grads, strict=True)]
         adapted = [p.requires_grad_() for p in params]
-        surrogate, kl = self.outer_terms(OrderedDict(zip(names, adapted, strict=True)), outer)
+        named_adapted = OrderedDict(zip(names, adapted, strict=True))
+        surrogate, kl = self.outer_terms(named_adapted, outer)
         grad_surrogate = torch.autograd.grad(surrogate, adapted, retain_graph=True)
+        if subsample:
+            _, kl = self.outer_terms(named_adapted, outer.episode_slice(slice(None, None, c.fisher_subsample)))
         grad_kl = torch.autograd.grad(kl, adapted, create_graph=True)
 
-        def through_inner_steps(vectors: list[torch.Tensor], order: range) -> list[torch.Tensor]:
+        def through_inner_steps(vectors: list[torch.Tensor], order: range, grads: list) -> list[torch.Tensor]:
             if c.first_order:
                 return vectors
             for k in order:  # (I - alpha H_k) v, H_k symmetric (alpha per task)
-                hv = torch.autograd.grad(inner_grads[k], points[k], grad_outputs=vectors, retain_graph=True)
+                hv = torch.autograd.grad(grads[k], points[k], grad_outputs=vectors, retain_graph=True)
                 vectors = [v - _per_task(lrs[k], h, c.inner_lr) * h for v, h in zip(vectors, hv, strict=True)]
             return vectors
 
@@ -304,11 +329,13 @@ class MAMLTRPO:
 
         def fisher_vector_product(vector: torch.Tensor) -> torch.Tensor:
             v = [t.unsqueeze(0).expand(n, *t.shape) for t in unflatten_like(vector.detach(), list(theta.values()))]
-            u = through_inner_steps(v, steps)                                      # J v
+            u = through_inner_steps(v, steps, curvature_grads)                      # J v
             fu = torch.autograd.grad(grad_kl, adapted, grad_outputs=u, retain_graph=True)  # F' J v
-            return to_theta(through_inner_steps(list(fu), reversed(steps))) + c.cg_damping * vector.detach()
+            return to_theta(through_inner_steps(list(fu), reversed(steps), curvature_grads)) + c.cg_damping * vector.detach()
 
-        grad = to_theta(through_inner_steps(list(grad_surrogate), reversed(steps)))
+        grad = to_theta(through_inner_steps(list(grad_surrogate), reversed(steps), inner_grads))
+        if subsample:  # the exact meta-gradient's graph is no longer needed: free it before CG
+            inner_grads.clear()
         return surrogate.item(), grad, fisher_vector_product
 
     # ---- one meta-iteration --------------------------------------------------------------------------

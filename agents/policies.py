@@ -154,6 +154,10 @@ class DiagGaussian:
     def detach(self) -> DiagGaussian:
         return DiagGaussian(self.mean.detach(), self.log_std.detach(), self.reduction)
 
+    def episode_slice(self, index: slice) -> DiagGaussian:
+        """The distributions of some episodes (axis 1 of ``[N, E, T, act_dim]``)."""
+        return DiagGaussian(self.mean[:, index], self.log_std[:, index], self.reduction)
+
 
 def batch_params(params: dict[str, torch.Tensor], n: int) -> OrderedDict[str, torch.Tensor]:
     """Repeat unbatched parameters along a new leading task axis (a view: gradients flow back)."""

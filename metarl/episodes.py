@@ -95,6 +95,16 @@ class EpisodeBatch:
             success=None if self.success is None else self.success[idx],
         )
 
+    def episode_slice(self, index: slice) -> EpisodeBatch:
+        """The batch restricted to some episodes of every task (``index``: a slice of the episode axis)."""
+        return dataclasses.replace(
+            self, observations=self.observations[:, index], actions=self.actions[:, index],
+            rewards=self.rewards[:, index], mask=self.mask[:, index], terminated=self.terminated[:, index],
+            truncated=self.truncated[:, index], last_observations=self.last_observations[:, index],
+            reward_terms={k: v[:, index] for k, v in self.reward_terms.items()},
+            success=None if self.success is None else self.success[:, index],
+        )
+
     @staticmethod
     def from_numpy(tasks: list[Task], arrays: dict[str, Any]) -> EpisodeBatch:
         f32 = lambda a: torch.as_tensor(np.asarray(a, dtype=np.float32))  # noqa: E731

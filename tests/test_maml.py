@@ -338,7 +338,8 @@ def test_new_options_are_validated():
     from metarl.config import ConfigError, load_config
 
     base = {"experiment": "x", "env": "PointNav2D", "agent": {"name": "maml_trpo"}}
-    for field, value in (("log_prob_reduction", "max"), ("action_scale", 0.0), ("activation", "gelu")):
+    for field, value in (("log_prob_reduction", "max"), ("action_scale", 0.0), ("activation", "gelu"),
+                         ("fisher_subsample", 0)):
         with pytest.raises(ConfigError, match=f"agent.{field}"):
             load_config(None, data={**base, "agent": {"name": "maml_trpo", field: value}})
     config = load_config(None, ["agent.log_prob_reduction=mean", "agent.action_scale=0.1"], data=base)
@@ -373,3 +374,38 @@ def test_kl_bounded_inner_step_by_hand(sampler):
                                    (theta[name][above] - off[name][above]) * lr[above] / 0.5)
     with pytest.raises(ValueError, match="inner_max_kl"):
         MAMLTRPOConfig(inner_max_kl=-1.0)
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_fisher_subsample_estimates_the_curvature_on_every_kth_episode(sampler, first_order):
+    """fisher_subsample=k: the meta-gradient is the exact one; the KL Hessian-vector products are the exact
+    Hessian, at the same point, of the KL on every k-th episode of each task through an adaptation whose
+    Jacobian is taken on those episodes: phi(theta) = theta'_full(theta0) + theta'_sub(theta) - theta'_sub(theta0).
+    (Its Hessian at theta0 is J_sub^T F'_sub J_sub: the KL's gradient vanishes where phi equals the old policy.)"""
+    from metarl.optim import hessian_vector_product
+
+    agent, outer = _tiny_problem(sampler, first_order=first_order)
+    theta = agent.policy.params()
+    _, exact_grad, exact_fvp = agent.trpo_operators(theta, outer)
+    agent.config = dataclasses.replace(agent.config, fisher_subsample=2)
+    value, grad, fvp = agent.trpo_operators(theta, outer)
+    torch.testing.assert_close(grad, exact_grad, rtol=1e-12, atol=1e-14)
+
+    every_other = slice(None, None, 2)
+    sub_train = [(b.episode_slice(every_other), adv[:, every_other]) for b, adv in outer.train]
+    assert sub_train[0][0].observations.shape[1] == 2  # episodes 0 and 2 of 3
+    full_adapted = OrderedDict((k, v.detach()) for k, v in agent.adapted_params(theta, outer.train, False).items())
+    sub_at_theta0 = OrderedDict((k, v.detach()) for k, v in agent.adapted_params(theta, sub_train, False).items())
+    sub_outer = outer.episode_slice(every_other)
+
+    def kl_of_phi():
+        sub = agent.adapted_params(theta, sub_train, create_graph=True)
+        phi = OrderedDict((k, full_adapted[k] + sub[k] - sub_at_theta0[k]) for k in sub)
+        return agent.outer_terms(phi, sub_outer)[1]
+
+    reference = hessian_vector_product(kl_of_phi, list(theta.values()), agent.config.cg_damping)
+    rng = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        v = torch.randn(grad.numel(), generator=rng, dtype=torch.float64)
+        torch.testing.assert_close(fvp(v), reference(v), rtol=1e-7, atol=1e-10)
+        assert not torch.allclose(fvp(v), exact_fvp(v), rtol=1e-3)  # a different (subsampled) estimate
