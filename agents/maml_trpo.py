@@ -52,6 +52,8 @@ from metarl.tasks import Task
 from metarl.video import StageRollout
 
 Params = OrderedDict  # name -> tensor
+LEARN_INNER_LR = ("off", "per_tensor", "per_parameter")
+LR_PREFIX = "inner_log_lr:"  # meta-parameters that are log inner step sizes, beside the policy's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +94,12 @@ class MAMLTRPOConfig:
     # surrogate and KL stay exact. OpenAI baselines' TRPO takes its Fisher-vector products on every 5th sample;
     # these products are ~85% of a MAML-TRPO update (experiments/benchmarks/maml_speed.py).
     fisher_subsample: int = 1
+    # Meta-learned inner step sizes (Meta-SGD, Li et al. 2017): "off" (the fixed inner_lr of every MAML anchor),
+    # "per_tensor" (one step size per parameter tensor) or "per_parameter" (one per parameter, Meta-SGD's).
+    # They start at inner_lr, are kept as logs (so they stay positive; Meta-SGD's may change sign) and are
+    # meta-parameters of the TRPO step: the meta-gradient and the KL's curvature reach them through the
+    # adaptation, so meta-training can shrink the step as the policy sharpens.
+    learn_inner_lr: str = "off"
 
     def __post_init__(self) -> None:
         positive_ints = ("tasks_per_batch", "episodes_per_task", "inner_steps", "cg_iters", "ls_max_steps",
@@ -115,6 +123,11 @@ class MAMLTRPOConfig:
             raise ValueError(f"agent.inner_max_kl must be a number >= 0 (0: off), got {self.inner_max_kl!r}")
         if not (isinstance(self.cg_damping, (int, float)) and self.cg_damping >= 0):
             raise ValueError(f"agent.cg_damping must be >= 0, got {self.cg_damping!r}")
+        if self.learn_inner_lr not in LEARN_INNER_LR:
+            raise ValueError(f"agent.learn_inner_lr must be one of {', '.join(LEARN_INNER_LR)}, got {self.learn_inner_lr!r}")
+        if self.learn_inner_lr != "off" and self.inner_max_kl > 0:
+            raise ValueError("agent.learn_inner_lr and agent.inner_max_kl are two answers to the same problem: "
+                             "set one of them (inner_max_kl: 0 or learn_inner_lr: off)")
         if self.init not in ("xavier", "orthogonal"):
             raise ValueError(f"agent.init must be 'xavier' or 'orthogonal', got {self.init!r}")
         if self.log_prob_reduction not in ("sum", "mean"):
@@ -160,6 +173,11 @@ class MAMLTRPO:
                                         init=config.init, log_prob_reduction=config.log_prob_reduction,
                                         action_scale=config.action_scale)
         self.baseline = LinearFeatureBaseline()
+        # log step sizes, one per policy tensor (per_tensor) or per parameter (per_parameter); empty when off
+        self.inner_log_lr: OrderedDict[str, torch.Tensor] = OrderedDict(
+            (name, torch.full(() if config.learn_inner_lr == "per_tensor" else p.shape, math.log(config.inner_lr),
+                              dtype=p.dtype, requires_grad=True))
+            for name, p in self.policy.params().items() if config.learn_inner_lr != "off")
         self.rng = np.random.default_rng(seed)
         self.env_steps = 0
         self.iteration = 0
@@ -167,6 +185,18 @@ class MAMLTRPO:
     # ---- pieces ------------------------------------------------------------------------------------
     def _seed(self) -> int:
         return int(self.rng.integers(2**31 - 1))
+
+    def meta_params(self) -> Params:
+        """What the outer step updates: the policy's parameters, then (with ``learn_inner_lr``) the log inner
+        step sizes under ``inner_log_lr:<tensor name>``."""
+        return OrderedDict([*self.policy.params().items(), *((LR_PREFIX + k, v) for k, v in self.inner_log_lr.items())])
+
+    @staticmethod
+    def split_meta_params(theta: Params) -> tuple[Params, Params | None]:
+        """``(policy parameters, log step sizes by policy tensor name or None)`` of a `meta_params` dict."""
+        policy = OrderedDict((k, v) for k, v in theta.items() if not k.startswith(LR_PREFIX))
+        log_lr = OrderedDict((k[len(LR_PREFIX):], v) for k, v in theta.items() if k.startswith(LR_PREFIX))
+        return policy, (log_lr or None)
 
     def _actor(self, params: dict[str, torch.Tensor], deterministic: bool = False) -> GaussianActor:
         return GaussianActor(self.policy.config, params, seed=self._seed(), deterministic=deterministic)
@@ -186,17 +216,23 @@ class MAMLTRPO:
         return per_task.sum()
 
     def adapt(self, params: Params, batch: EpisodeBatch, advantages: torch.Tensor, create_graph: bool,
-              lr: torch.Tensor | None = None) -> Params:
+              lr: torch.Tensor | None = None, log_lr: Params | None = None) -> Params:
         """One inner gradient step per task. ``params`` are task-batched ``[N, ...]``; ``lr``: each task's step
-        size ``[N]`` (default: ``inner_lr`` for all)."""
+        size ``[N]``, or ``log_lr``: learned log step sizes per tensor (default: ``inner_lr`` for all)."""
         loss = self.inner_loss(params, batch, advantages)
         grads = torch.autograd.grad(loss, list(params.values()), create_graph=create_graph)
-        return self._step(params, grads, lr)
+        return self._step(params, grads, lr, log_lr)
 
-    def _step(self, params: Params, grads: Any, lr: torch.Tensor | None = None) -> Params:
-        """``theta - alpha * g`` per task (``lr`` ``[N]``, or ``inner_lr`` for every task when None)."""
-        return OrderedDict((k, p - _per_task(lr, p, self.config.inner_lr) * g)
-                           for (k, p), g in zip(params.items(), grads, strict=True))
+    def _step(self, params: Params, grads: Any, lr: torch.Tensor | None = None, log_lr: Params | None = None) -> Params:
+        """``theta - alpha * g`` per task: alpha is ``lr`` ``[N]`` (one per task), ``exp(log_lr[name])`` (learned,
+        per tensor or per parameter, the same for every task) or ``inner_lr``."""
+        return OrderedDict((k, p - self._alpha(k, p, lr, log_lr) * g) for (k, p), g in zip(params.items(), grads, strict=True))
+
+    def _alpha(self, name: str, like: torch.Tensor, lr: torch.Tensor | None, log_lr: Params | None):
+        """The step size multiplying the task-batched ``like`` ``[N, ...]`` in `_step`."""
+        if log_lr is not None:
+            return torch.exp(log_lr[name])  # () or like.shape[1:]: broadcasts over the task axis
+        return _per_task(lr, like, self.config.inner_lr)
 
     def adapt_bounded(self, params: Params, batch: EpisodeBatch, advantages: torch.Tensor) -> tuple[Params, torch.Tensor]:
         """The inner step as sampling and evaluation take it (no graph): returns the adapted parameters and
@@ -206,6 +242,10 @@ class MAMLTRPO:
         params = OrderedDict((k, v.detach()) for k, v in params.items())
         leaf = OrderedDict((k, v.detach().requires_grad_()) for k, v in params.items())  # a new view, params untouched
         grads = torch.autograd.grad(self.inner_loss(leaf, batch, advantages), list(leaf.values()))
+        if self.inner_log_lr:  # learned step sizes (the lr returned: their mean, for the logs)
+            log_lr = OrderedDict((k, v.detach()) for k, v in self.inner_log_lr.items())
+            mean = torch.cat([v.exp().reshape(-1) for v in log_lr.values()]).mean()
+            return self._step(params, grads, log_lr=log_lr), mean.expand(batch.num_tasks)
         full = self._step(params, grads)  # the plain step, exactly as `adapt` takes it
         if c.inner_max_kl <= 0:
             return full, torch.full((batch.num_tasks,), c.inner_lr, dtype=grads[0].dtype)
@@ -239,13 +279,15 @@ class MAMLTRPO:
     def adapted_params(self, theta: Params, train: list[tuple[EpisodeBatch, torch.Tensor]], create_graph: bool,
                        inner_lrs: list[torch.Tensor] | None = None) -> Params:
         """theta'(theta) after the inner steps on the recorded episodes, differentiable w.r.t. theta
-        (``inner_lrs``: the per-task step sizes each step was taken with; default ``inner_lr``)."""
+        (``inner_lrs``: the per-task step sizes each step was taken with; default ``inner_lr``; ``theta`` may hold
+        learned log step sizes, see `meta_params`)."""
         n = train[0][0].num_tasks
-        params = batch_params(theta, n)
+        policy, log_lr = self.split_meta_params(theta)
+        params = batch_params(policy, n)
         second_order = create_graph and not self.config.first_order
         for k, (batch, adv) in enumerate(train):
             params = self.adapt(params, batch, adv, create_graph=second_order,
-                                lr=None if inner_lrs is None else inner_lrs[k])
+                                lr=None if inner_lrs is None else inner_lrs[k], log_lr=log_lr)
         return params
 
     def outer_terms(self, adapted: Params, outer: OuterBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -282,19 +324,25 @@ class MAMLTRPO:
         of differentiating a third-order graph (the KL through the adaptation) ten times. ``theta``
         enters every task as the same copy, so products w.r.t. theta sum over the task axis. With
         ``fisher_subsample`` k > 1 the products' Hessians and Fisher are estimated on every k-th episode of
-        each task, at the same points (the meta-gradient stays exact).
+        each task, at the same points (the meta-gradient stays exact). With learned step sizes
+        (``learn_inner_lr``, alpha = exp(rho) per tensor or parameter) a step is ``theta^(k+1) = theta^(k) -
+        alpha * g_k``: its tangent map is ``(d theta, d rho) -> d theta - alpha * (H_k d theta) - alpha * d rho *
+        g_k`` and its adjoint ``u -> (u - H_k (alpha * u), -sum(alpha * u * g_k))``, summed over tasks for rho.
         """
         c = self.config
         n = outer.valid.num_tasks
-        names = list(theta.keys())
+        policy_theta, log_lr = self.split_meta_params(theta)
+        names = list(policy_theta.keys())
         subsample = c.fisher_subsample > 1
         # Forward through the inner steps with a fresh leaf at each step's starting point.
         points: list[list[torch.Tensor]] = []
         inner_grads: list[tuple[torch.Tensor, ...]] = []
         curvature_grads: list[tuple[torch.Tensor, ...]] = []  # the inner gradients the Hessians come from
-        params = [v.detach().unsqueeze(0).expand(n, *v.shape).clone() for v in theta.values()]
+        params = [v.detach().unsqueeze(0).expand(n, *v.shape).clone() for v in policy_theta.values()]
         lrs = outer.inner_lrs or [None] * len(outer.train)
-        for (batch, adv), lr in zip(outer.train, lrs, strict=True):
+        log_lr_values = None if log_lr is None else OrderedDict((k, v.detach()) for k, v in log_lr.items())
+        alphas = [[self._alpha(name, p, lr, log_lr_values) for name, p in zip(names, params, strict=True)] for lr in lrs]
+        for (batch, adv), alpha in zip(outer.train, alphas, strict=True):
             leaf = [p.requires_grad_() for p in params]
             named = OrderedDict(zip(names, leaf, strict=True))
             grads = torch.autograd.grad(self.inner_loss(named, batch, adv), leaf, create_graph=not c.first_order)
@@ -305,7 +353,8 @@ class MAMLTRPO:
                 curvature_grads.append(torch.autograd.grad(self.inner_loss(named, sub, sub_adv), leaf, create_graph=True))
             else:
                 curvature_grads.append(grads)
-            params = [(p - _per_task(lr, p, c.inner_lr) * g).detach() for p, g in zip(leaf, grads, strict=True)]
+            params = [(p - a * g).detach() for p, a, g in zip(leaf, alpha, grads, strict=True)]
+        step_grads = [[g.detach() for g in grads] for grads in inner_grads]  # g_k, what d rho multiplies
         adapted = [p.requires_grad_() for p in params]
         named_adapted = OrderedDict(zip(names, adapted, strict=True))
         surrogate, kl = self.outer_terms(named_adapted, outer)
@@ -313,27 +362,43 @@ class MAMLTRPO:
         if subsample:
             _, kl = self.outer_terms(named_adapted, outer.episode_slice(slice(None, None, c.fisher_subsample)))
         grad_kl = torch.autograd.grad(kl, adapted, create_graph=True)
-
-        def through_inner_steps(vectors: list[torch.Tensor], order: range, grads: list) -> list[torch.Tensor]:
-            if c.first_order:
-                return vectors
-            for k in order:  # (I - alpha H_k) v, H_k symmetric (alpha per task)
-                hv = torch.autograd.grad(grads[k], points[k], grad_outputs=vectors, retain_graph=True)
-                vectors = [v - _per_task(lrs[k], h, c.inner_lr) * h for v, h in zip(vectors, hv, strict=True)]
-            return vectors
-
         steps = range(len(outer.train))
 
-        def to_theta(vectors: list[torch.Tensor]) -> torch.Tensor:  # adjoint of copying theta to every task
-            return flatten(v.sum(0) for v in vectors).detach()
+        def hessian_times(grads: list, k: int, vectors: list[torch.Tensor]) -> list[torch.Tensor]:
+            if c.first_order:
+                return [torch.zeros_like(v) for v in vectors]
+            return list(torch.autograd.grad(grads[k], points[k], grad_outputs=vectors, retain_graph=True))
+
+        def forward(v: list[torch.Tensor], v_rho: list[torch.Tensor] | None, grads: list) -> list[torch.Tensor]:
+            """J (d theta, d rho): the adapted parameters' tangent, task-batched."""
+            for k in steps:
+                hv = hessian_times(grads, k, v)
+                v = [x - a * h for x, a, h in zip(v, alphas[k], hv, strict=True)]
+                if v_rho is not None:
+                    v = [x - a * r * g for x, a, r, g in zip(v, alphas[k], v_rho, step_grads[k], strict=True)]
+            return v
+
+        def adjoint(u: list[torch.Tensor], grads: list) -> torch.Tensor:
+            """J^T u, flattened as theta (the policy's tensors summed over tasks, then the log step sizes)."""
+            u_rho = [torch.zeros_like(r) for r in log_lr_values.values()] if log_lr_values is not None else None
+            for k in reversed(steps):
+                if u_rho is not None:
+                    u_rho = [acc - _reduce_to(a * x * g, acc) for acc, a, x, g in zip(u_rho, alphas[k], u, step_grads[k],
+                                                                                      strict=True)]
+                au = [a * x for a, x in zip(alphas[k], u, strict=True)]
+                u = [x - h for x, h in zip(u, hessian_times(grads, k, au), strict=True)]
+            return flatten([*(x.sum(0) for x in u), *(u_rho or [])]).detach()
+
+        shapes = [*policy_theta.values(), *(log_lr_values or {}).values()]
 
         def fisher_vector_product(vector: torch.Tensor) -> torch.Tensor:
-            v = [t.unsqueeze(0).expand(n, *t.shape) for t in unflatten_like(vector.detach(), list(theta.values()))]
-            u = through_inner_steps(v, steps, curvature_grads)                      # J v
+            pieces = unflatten_like(vector.detach(), shapes)
+            v = [t.unsqueeze(0).expand(n, *t.shape) for t in pieces[:len(names)]]
+            u = forward(v, pieces[len(names):] if log_lr_values is not None else None, curvature_grads)  # J v
             fu = torch.autograd.grad(grad_kl, adapted, grad_outputs=u, retain_graph=True)  # F' J v
-            return to_theta(through_inner_steps(list(fu), reversed(steps), curvature_grads)) + c.cg_damping * vector.detach()
+            return adjoint(list(fu), curvature_grads) + c.cg_damping * vector.detach()
 
-        grad = to_theta(through_inner_steps(list(grad_surrogate), reversed(steps), inner_grads))
+        grad = adjoint(list(grad_surrogate), inner_grads)
         if subsample:  # the exact meta-gradient's graph is no longer needed: free it before CG
             inner_grads.clear()
         return surrogate.item(), grad, fisher_vector_product
@@ -343,12 +408,12 @@ class MAMLTRPO:
         c = self.config
         t0 = time.perf_counter()
         sample_time = 0.0
-        theta = self.policy.params()
+        theta = self.meta_params()
         n = len(tasks)
 
         # Inner loop: collect, adapt (no graph: these parameters only drive sampling), collect again.
         train: list[tuple[EpisodeBatch, torch.Tensor]] = []
-        params = OrderedDict((k, v.detach()) for k, v in batch_params(theta, n).items())
+        params = OrderedDict((k, v.detach()) for k, v in batch_params(self.policy.params(), n).items())
         stage_returns = []
         inner_stats: list[dict[str, float]] = []
         inner_lrs: list[torch.Tensor] = []
@@ -430,6 +495,7 @@ class MAMLTRPO:
             "loss/line_search_accepted": float(accepted),
             "loss/step_scale": float(scale),
             "loss/policy_std": float(self.policy.log_std.exp().mean().item()),
+            **self.learned_lr_metrics(),
             "time/sampling_s": sample_time,
             "time/update_s": total - sample_time,
             "time/iteration_s": total,
@@ -438,6 +504,10 @@ class MAMLTRPO:
             "env_steps": float(self.env_steps),
         })
         return metrics
+
+    def learned_lr_metrics(self) -> dict[str, float]:
+        """``meta/learned_lr/<tensor>``: the mean learned inner step size of each policy tensor (learn_inner_lr)."""
+        return {f"meta/learned_lr/{k}": float(v.detach().exp().mean()) for k, v in self.inner_log_lr.items()}
 
     # ---- evaluation protocol -------------------------------------------------------------------------
     def _evaluation_stages(self, tasks: list[Task], steps: int, episodes: int, seed: int,
@@ -502,6 +572,7 @@ class MAMLTRPO:
         """Everything needed to continue training exactly (loadable with ``weights_only=True``)."""
         return {
             "policy": self.policy.state_dict(),
+            "inner_log_lr": {k: v.detach().clone() for k, v in self.inner_log_lr.items()},
             "iteration": self.iteration,
             "env_steps": self.env_steps,
             "rng": self.rng.bit_generator.state,
@@ -509,9 +580,21 @@ class MAMLTRPO:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.policy.load_state_dict(state["policy"])
+        saved = state.get("inner_log_lr", {})  # checkpoints from before learn_inner_lr have none
+        if set(saved) != set(self.inner_log_lr):
+            raise ValueError(f"the checkpoint's learned inner step sizes ({len(saved)} tensors) do not match "
+                             f"agent.learn_inner_lr={self.config.learn_inner_lr!r}")
+        with torch.no_grad():
+            for k, v in self.inner_log_lr.items():
+                v.copy_(saved[k])
         self.iteration = int(state["iteration"])
         self.env_steps = int(state["env_steps"])
         self.rng.bit_generator.state = state["rng"]
+
+
+def _reduce_to(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Sum the task-batched ``x`` ``[N, ...]`` down to the shape of a log step size (``()`` or ``x.shape[1:]``)."""
+    return x.sum() if like.dim() == 0 else x.sum(0)
 
 
 def _per_task(lr: torch.Tensor | None, like: torch.Tensor, default: float) -> torch.Tensor | float:

@@ -29,13 +29,20 @@ def _double(batch: EpisodeBatch) -> EpisodeBatch:
     )
 
 
-def _tiny_problem(sampler, first_order: bool, inner_steps: int = 1, inner_max_kl: float = 0.0):
+def _tiny_problem(sampler, first_order: bool, inner_steps: int = 1, inner_max_kl: float = 0.0,
+                  learn_inner_lr: str = "off"):
     """Real PointNav2D episodes (2 tasks x 3 episodes, horizon cut to 12 steps) and a tiny float64 policy
-    (with ``inner_max_kl``, the recorded per-task step sizes go into the OuterBatch as sampling used them)."""
+    (with ``inner_max_kl``, the recorded per-task step sizes go into the OuterBatch as sampling used them;
+    with ``learn_inner_lr``, the learned step sizes are spread around inner_lr so that each differs)."""
     config = MAMLTRPOConfig(tasks_per_batch=2, episodes_per_task=3, inner_steps=inner_steps, inner_lr=0.5,
-                            first_order=first_order, hidden=(5,), init_std=0.5, inner_max_kl=inner_max_kl)
+                            first_order=first_order, hidden=(5,), init_std=0.5, inner_max_kl=inner_max_kl,
+                            learn_inner_lr=learn_inner_lr)
     agent = MAMLTRPO(config, sampler, seed=3)
     agent.policy.double()
+    spread = torch.Generator().manual_seed(5)
+    agent.inner_log_lr = OrderedDict(
+        (k, (v.detach().double() + 0.3 * torch.randn(v.shape, generator=spread, dtype=torch.float64)).requires_grad_())
+        for k, v in agent.inner_log_lr.items())
     tasks = sampler.family.sample_tasks(2, "train", seed=1)
 
     def collect(seed):
@@ -56,7 +63,7 @@ def _tiny_problem(sampler, first_order: bool, inner_steps: int = 1, inner_max_kl
     if inner_max_kl:
         assert torch.all(torch.cat(lrs) < 0.5)  # the bound is active, so the tests below exercise it
     valid = collect(20)
-    params = agent.adapted_params(agent.policy.params(), train, create_graph=False,  # needs autograd: no no_grad
+    params = agent.adapted_params(agent.meta_params(), train, create_graph=False,  # needs autograd: no no_grad
                                   inner_lrs=lrs if inner_max_kl else None)
     with torch.no_grad():
         old_dist = agent.policy.distribution(valid.observations, OrderedDict((k, v.detach()) for k, v in params.items()))
@@ -65,7 +72,7 @@ def _tiny_problem(sampler, first_order: bool, inner_steps: int = 1, inner_max_kl
 
 
 def _grad_and_fd(agent, outer, coords, eps=1e-6):
-    theta = agent.policy.params()
+    theta = agent.meta_params()
     loss, _ = agent.meta_objective(theta, outer, create_graph=True)
     grad = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(theta.values()))])
     flat = torch.cat([p.detach().reshape(-1) for p in theta.values()])
@@ -84,13 +91,19 @@ def _grad_and_fd(agent, outer, coords, eps=1e-6):
     return grad, np.array(fd)
 
 
-@pytest.mark.parametrize("inner_steps,inner_max_kl", [(1, 0.0), (2, 0.0), (2, 1e-3)])
-def test_meta_gradient_matches_finite_differences(sampler, inner_steps, inner_max_kl):
+@pytest.mark.parametrize("inner_steps,inner_max_kl,learn_inner_lr", [(1, 0.0, "off"), (2, 0.0, "off"), (2, 1e-3, "off"),
+                                                                    (2, 0.0, "per_tensor"), (1, 0.0, "per_parameter")])
+def test_meta_gradient_matches_finite_differences(sampler, inner_steps, inner_max_kl, learn_inner_lr):
     """d/dtheta of the post-adaptation surrogate, through the inner step(s), equals central differences
-    (with a KL-bounded inner step: its per-task step sizes held at the values sampling used)."""
-    agent, outer = _tiny_problem(sampler, first_order=False, inner_steps=inner_steps, inner_max_kl=inner_max_kl)
-    n = sum(p.numel() for p in agent.policy.parameters())
+    (with a KL-bounded inner step: its per-task step sizes held at the values sampling used; with learned
+    step sizes: their coordinates too, which come last in theta)."""
+    agent, outer = _tiny_problem(sampler, first_order=False, inner_steps=inner_steps, inner_max_kl=inner_max_kl,
+                                 learn_inner_lr=learn_inner_lr)
+    n = sum(p.numel() for p in agent.meta_params().values())
+    n_policy = sum(p.numel() for p in agent.policy.parameters())
     coords = np.random.default_rng(0).choice(n, size=8, replace=False)
+    if learn_inner_lr != "off":  # two learned step sizes among the coordinates
+        coords = np.concatenate([coords[:6], np.random.default_rng(1).choice(np.arange(n_policy, n), 2, replace=False)])
     grad, fd = _grad_and_fd(agent, outer, coords)
     np.testing.assert_allclose(grad[coords].numpy(), fd, rtol=1e-4, atol=1e-7)
 
@@ -118,16 +131,19 @@ def test_first_order_drops_the_second_order_terms(sampler):
     torch.testing.assert_close(first, expected, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("inner_steps,first_order,inner_max_kl", [(1, False, 0.0), (2, False, 0.0), (1, True, 0.0),
-                                                                 (2, False, 1e-3)])
+@pytest.mark.parametrize("inner_steps,first_order,inner_max_kl,learn_inner_lr", [
+    (1, False, 0.0, "off"), (2, False, 0.0, "off"), (1, True, 0.0, "off"), (2, False, 1e-3, "off"),
+    (2, False, 0.0, "per_tensor"), (1, False, 0.0, "per_parameter"), (2, True, 0.0, "per_parameter")])
 def test_chain_rule_operators_equal_differentiating_through_the_adaptation(sampler, inner_steps, first_order,
-                                                                            inner_max_kl):
+                                                                            inner_max_kl, learn_inner_lr):
     """trpo_operators (J^T grad L and J^T F' J v, second order only) give the same meta-gradient and the
-    same KL Hessian-vector products as autograd through the whole adaptation (a third-order graph)."""
+    same KL Hessian-vector products as autograd through the whole adaptation (a third-order graph),
+    learned step sizes included."""
     from metarl.optim import flat_grad, hessian_vector_product
 
-    agent, outer = _tiny_problem(sampler, first_order=first_order, inner_steps=inner_steps, inner_max_kl=inner_max_kl)
-    theta = agent.policy.params()
+    agent, outer = _tiny_problem(sampler, first_order=first_order, inner_steps=inner_steps, inner_max_kl=inner_max_kl,
+                                 learn_inner_lr=learn_inner_lr)
+    theta = agent.meta_params()
     loss, _ = agent.meta_objective(theta, outer, create_graph=True)
     expected_grad = flat_grad(loss, list(theta.values()))
     value, grad, fvp = agent.trpo_operators(theta, outer)
@@ -339,11 +355,14 @@ def test_new_options_are_validated():
 
     base = {"experiment": "x", "env": "PointNav2D", "agent": {"name": "maml_trpo"}}
     for field, value in (("log_prob_reduction", "max"), ("action_scale", 0.0), ("activation", "gelu"),
-                         ("fisher_subsample", 0)):
+                         ("fisher_subsample", 0), ("learn_inner_lr", "yes")):
         with pytest.raises(ConfigError, match=f"agent.{field}"):
             load_config(None, data={**base, "agent": {"name": "maml_trpo", field: value}})
     config = load_config(None, ["agent.log_prob_reduction=mean", "agent.action_scale=0.1"], data=base)
     assert (config.agent.log_prob_reduction, config.agent.action_scale) == ("mean", 0.1)
+    with pytest.raises(ConfigError, match="learn_inner_lr and agent.inner_max_kl"):
+        load_config(None, data={**base, "agent": {"name": "maml_trpo", "learn_inner_lr": "per_tensor",
+                                                  "inner_max_kl": 1.0}})
 
 
 def test_kl_bounded_inner_step_by_hand(sampler):
@@ -409,3 +428,47 @@ def test_fisher_subsample_estimates_the_curvature_on_every_kth_episode(sampler, 
         v = torch.randn(grad.numel(), generator=rng, dtype=torch.float64)
         torch.testing.assert_close(fvp(v), reference(v), rtol=1e-7, atol=1e-10)
         assert not torch.allclose(fvp(v), exact_fvp(v), rtol=1e-3)  # a different (subsampled) estimate
+
+
+@pytest.mark.parametrize("mode", ["per_tensor", "per_parameter"])
+def test_learned_inner_lr_steps_with_its_own_sizes_trains_and_resumes(mode):
+    """learn_inner_lr: the step sizes start at inner_lr (one per tensor or per parameter); the inner step of
+    sampling and evaluation is theta - exp(rho) * g by hand; meta-training moves rho (logged as
+    meta/learned_lr/<tensor>); a checkpoint restores it, and one without it is refused with one message."""
+    config = MAMLTRPOConfig(tasks_per_batch=4, episodes_per_task=4, hidden=(8,), learn_inner_lr=mode, inner_lr=0.2)
+    with GymnasiumSampler("metarl/PointNav2D-v0", workers=0) as s:
+        agent = MAMLTRPO(config, s, seed=0)
+        for name, p in agent.policy.params().items():
+            rho = agent.inner_log_lr[name]
+            assert rho.shape == (() if mode == "per_tensor" else p.shape)
+            torch.testing.assert_close(rho.exp(), torch.full_like(rho, 0.2))
+        with torch.no_grad():  # distinct sizes, so that a step using the wrong one shows
+            for i, rho in enumerate(agent.inner_log_lr.values()):
+                rho.add_(0.1 * (i + 1) if mode == "per_tensor" else torch.linspace(-0.5, 0.5, rho.numel()).reshape(rho.shape))
+        tasks = s.family.sample_tasks(4, "train", seed=0)
+        theta = OrderedDict((k, v.detach()) for k, v in batch_params(agent.policy.params(), 4).items())
+        batch = s.sample(GaussianActor(agent.policy.config, theta, seed=0), tasks, 4, seed=0)
+        adv = agent.advantages(batch)
+        stepped, lr = agent.adapt_bounded(theta, batch, adv)
+        leaf = OrderedDict((k, v.clone().requires_grad_()) for k, v in theta.items())
+        grads = torch.autograd.grad(agent.inner_loss(leaf, batch, adv), list(leaf.values()))
+        for (name, p), g in zip(theta.items(), grads, strict=True):
+            torch.testing.assert_close(stepped[name], p - agent.inner_log_lr[name].detach().exp() * g)
+        sizes = torch.cat([v.detach().exp().reshape(-1) for v in agent.inner_log_lr.values()])
+        torch.testing.assert_close(lr, sizes.mean().expand(4))
+
+        before = {k: v.detach().clone() for k, v in agent.inner_log_lr.items()}
+        metrics = agent.train_step(tasks)
+        assert metrics["loss/line_search_accepted"] == 1.0
+        assert any(not torch.equal(before[k], v.detach()) for k, v in agent.inner_log_lr.items())
+        for name, rho in agent.inner_log_lr.items():
+            assert metrics[f"meta/learned_lr/{name}"] == pytest.approx(float(rho.detach().exp().mean()))
+
+        state = agent.state_dict()
+        restored = MAMLTRPO(config, s, seed=1)
+        restored.load_state_dict(state)
+        for name, rho in agent.inner_log_lr.items():
+            assert torch.equal(restored.inner_log_lr[name], rho.detach())
+        plain = MAMLTRPO(dataclasses.replace(config, learn_inner_lr="off"), s, seed=0)
+        with pytest.raises(ValueError, match="learned inner step sizes"):
+            plain.load_state_dict(state)

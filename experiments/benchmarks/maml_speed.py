@@ -9,7 +9,12 @@ Measures in one run (so the ratios are fair on a shared, noisy machine), medians
 * for each sampler backend: the sampler collecting the standard meta-batch, 40 tasks x 20 episodes x 200
   steps, policy inference included (Gaussian MLP 64x64, per-task parameters), on all cores; and a full
   MAML-TRPO iteration at the anchors' setting (pre- and post-adaptation sampling, inner step,
-  second-order TRPO outer step), split into sampling and update time.
+  second-order TRPO outer step), split into sampling and update time;
+* ``--fisher-subsample 1 4``: the update at learn2learn's HalfCheetah figure setting
+  (experiments/maml_trpo/l2l_half_cheetah_fwd_bwd.yaml: 40 x 20 x 200, (100, 100) ReLU) with each
+  ``agent.fisher_subsample``, taken in turn on the same recorded meta-batches (so the ratio is fair on
+  shared cores): conjugate gradient's products, the meta-gradient and the line search, and the cosine
+  between each setting's CG direction and the exact one.
 """
 
 from __future__ import annotations
@@ -41,11 +46,59 @@ def gymnasium_single_env_rate(steps: int = 5000) -> float:
         env.close()
 
 
+def fisher_subsample_update_times(values: list[int], repeats: int) -> dict:
+    """Update time (everything after sampling) at learn2learn's figure setting for each fisher_subsample,
+    on ``repeats`` recorded meta-batches, each setting in turn on the same batch."""
+    import dataclasses
+
+    from metarl.config import load_config, shipped
+    from metarl.optim import conjugate_gradient
+    from metarl.training import build_agent
+
+    config = load_config(shipped() / "maml_trpo" / "l2l_half_cheetah_fwd_bwd.yaml", ["sampler.backend=native"])
+    sampler, agent = build_agent(config)
+    recorded = []
+    operators = agent.trpo_operators
+    agent.trpo_operators = lambda theta, outer: recorded.append(outer) or operators(theta, outer)
+    try:
+        for r in range(repeats):  # also trains a little, so the batches are not all at the initial policy
+            agent.train_step(sampler.family.sample_tasks(config.agent.tasks_per_batch, "train", seed=200 + r))
+    finally:
+        sampler.close()
+    agent.trpo_operators = operators
+    base, theta = agent.config, agent.policy.params()
+    times: dict[int, list[float]] = {k: [] for k in values}
+    cosines: dict[int, list[float]] = {k: [] for k in values}
+    for outer in recorded:
+        exact = None
+        for k in sorted(values):
+            agent.config = dataclasses.replace(base, fisher_subsample=k)
+            start = time.perf_counter()
+            loss, grad, fvp = agent.trpo_operators(theta, outer)
+            direction = conjugate_gradient(fvp, -grad, iters=base.cg_iters)
+            fvp(direction)  # the step's scale, 0.5 s^T F s
+            agent.meta_objective(theta, outer, create_graph=False)  # one line-search evaluation
+            times[k].append(time.perf_counter() - start)
+            exact = direction if exact is None else exact  # the smallest value's (1: exact)
+            cosines[k].append(float(torch.dot(direction, exact) / (direction.norm() * exact.norm())))
+            print(f"fisher_subsample {k}: update {times[k][-1]:.2f} s, CG direction cosine to "
+                  f"fisher_subsample {min(values)}: {cosines[k][-1]:.4f}")
+    agent.config = base
+    reference = statistics.median(times[min(values)])
+    return {"config": "experiments/maml_trpo/l2l_half_cheetah_fwd_bwd.yaml", "repeats": repeats,
+            "update_s": {str(k): statistics.median(t) for k, t in times.items()},
+            "speedup_over_smallest": {str(k): reference / statistics.median(t) for k, t in times.items()},
+            "cg_direction_cosine": {str(k): statistics.median(c) for k, c in cosines.items()},
+            "raw": {"update_s": {str(k): t for k, t in times.items()}}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--iterations", type=int, default=3, help="full MAML iterations to time")
     parser.add_argument("--backends", nargs="+", default=["gymnasium", "native"], choices=["gymnasium", "native"])
+    parser.add_argument("--fisher-subsample", type=int, nargs="*", default=[],
+                        help="also time the l2l-setting update with these agent.fisher_subsample values")
     parser.add_argument("--out", default="experiments/results/maml_speed.json")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
@@ -85,6 +138,8 @@ def main() -> None:
                 "raw": {"sampler": sample_rates, "iterations": iters},
             }
 
+    fisher = fisher_subsample_update_times(args.fisher_subsample, args.repeats) if args.fisher_subsample else None
+
     result = {
         "benchmark": "maml_speed",
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
@@ -93,6 +148,7 @@ def main() -> None:
         "gymnasium_single_env_steps_per_s": statistics.median(gym_rates),
         "meta_batch": {"tasks": tasks_n, "episodes_per_task": episodes, "horizon": 200},
         "backends": per_backend,
+        "fisher_subsample_update": fisher,
         "raw": {"gymnasium": gym_rates},
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
