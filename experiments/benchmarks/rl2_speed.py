@@ -54,8 +54,9 @@ def sb3_ppo_rate(env_id: str, n_envs: int = 8, rollouts: int = 2) -> float:
     return rate
 
 
-def rl2_rate(config: RunConfig, iterations: int = 4) -> tuple[float, float, float]:
-    """(training env steps/s, collection-only env steps/s, update seconds per iteration), over ``iterations``."""
+def rl2_rate(config: RunConfig, iterations: int = 4) -> tuple[float, float, float, str]:
+    """(training env steps/s, collection-only env steps/s, update seconds per iteration, the sampler backend
+    it ran on: "auto" resolved), over ``iterations``."""
     n = config.agent.tasks_per_batch
     with make_sampler(metarl.env_id(config.env), config.env_kwargs, config.sampler.backend, config.sampler.workers) as sampler:
         agent = RL2(config.agent, sampler, seed=0)
@@ -65,7 +66,7 @@ def rl2_rate(config: RunConfig, iterations: int = 4) -> tuple[float, float, floa
             m = agent.train_step(sampler.family.sample_tasks(n, "train", seed=i + 1))
             sampling, update = sampling + m["time/sampling_s"], update + m["time/update_s"]
         new = agent.env_steps - steps
-        return new / (time.perf_counter() - start), new / sampling, update / iterations
+        return new / (time.perf_counter() - start), new / sampling, update / iterations, sampler.backend
 
 
 def main() -> None:
@@ -78,7 +79,7 @@ def main() -> None:
     env_id = metarl.env_id(config.env)
     rl2, collect, update, sb3 = [], [], [], []
     for r in range(args.repeats):  # interleaved, so both see the same machine load
-        rate, collect_rate, update_s = rl2_rate(config)
+        rate, collect_rate, update_s, backend = rl2_rate(config)
         rl2.append(rate)
         collect.append(collect_rate)
         update.append(update_s)
@@ -88,7 +89,7 @@ def main() -> None:
     a = config.agent
     result = {
         "benchmark": "rl2_speed", "family": config.env, "config": Path(args.config).name, "cpus": os.cpu_count(),
-        "torch": str(torch.__version__), "sampler_backend": config.sampler.backend,
+        "torch": str(torch.__version__), "sampler_backend": backend,
         "frames_per_update": a.tasks_per_batch * a.trials_per_task * a.episodes_per_trial * gym.make(env_id).spec.max_episode_steps,
         "rl2_steps_per_s": statistics.median(rl2), "sb3_ppo_steps_per_s": statistics.median(sb3),
         "ratio_rl2_over_sb3": statistics.median(rl2) / statistics.median(sb3),
