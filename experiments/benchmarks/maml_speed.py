@@ -96,7 +96,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--iterations", type=int, default=3, help="full MAML iterations to time")
-    parser.add_argument("--backends", nargs="+", default=["gymnasium", "native"], choices=["gymnasium", "native"])
+    parser.add_argument("--backends", nargs="*", default=["gymnasium", "native"], choices=["gymnasium", "native"],
+                        help="sampler backends to time (none: only --fisher-subsample)")
     parser.add_argument("--fisher-subsample", type=int, nargs="*", default=[],
                         help="also time the l2l-setting update with these agent.fisher_subsample values")
     parser.add_argument("--out", default="experiments/results/maml_speed.json")
