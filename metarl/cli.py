@@ -308,6 +308,23 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from metarl.config import ConfigError
+    from metarl.runfolder import run_lock
+    from metarl.sweep import load_sweep, run_sweep, write_report
+
+    try:
+        sweep = load_sweep(args.sweep, out=args.out)
+        with run_lock(sweep.out, "sweep folder"):
+            if args.report_only:
+                print(f"report: {write_report(sweep)}")
+                return 0
+            run_sweep(sweep, address=args.address)
+    except (ConfigError, TaskError, FloatingPointError) as exc:
+        raise UsageError(str(exc)) from exc
+    return 0
+
+
 def _short(value) -> str:
     if isinstance(value, float):
         return f"{value:.3g}"
@@ -383,6 +400,14 @@ def build_parser() -> argparse.ArgumentParser:
     _ray_flags(p, "run the cells as Ray tasks")
     p.add_argument("--cpus-per-cell", type=float, default=1.0, help="with --ray: CPUs each cell asks for (default 1)")
     p.set_defaults(func=_cmd_bench)
+
+    p = command("sweep", help="search over config keys and seeds with Ray Tune; write a sensitivity report")
+    p.add_argument("sweep", help="sweep YAML (e.g. experiments/sweeps/maml_point_nav_sensitivity.yaml)")
+    p.add_argument("--out", help="report folder (default: the sweep's out, else runs/sweep/<name>)")
+    p.add_argument("--report-only", action="store_true", help="rewrite the report from the finished trials, run nothing")
+    p.add_argument("--address", help="the Ray cluster's address (default: RAY_ADDRESS, else the cluster started on "
+                   "this machine, else a new local instance)")
+    p.set_defaults(func=_cmd_sweep)
 
     p = command("check", help="check that a Gymnasium id is a well-formed task family")
     p.add_argument("family", help="family name or Gymnasium id (module:Id-v0 imports module first)")
