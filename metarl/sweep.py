@@ -159,23 +159,36 @@ def load_sweep(path: str | Path, out: str | Path | None = None) -> Sweep:
     cpus = data.get("cpus_per_trial", 1.0)
     if not isinstance(cpus, (int, float)) or cpus <= 0:
         raise ConfigError(f"cpus_per_trial: expected a number > 0, got {cpus!r}")
-    sweep = Sweep(name=name, path=path, config=Path(config), out=Path(out or data.get("out") or f"runs/sweep/{name}"),
+    # absolute: Tune runs each trial in a working folder of its own
+    sweep = Sweep(name=name, path=path, config=Path(config).resolve(),
+                  out=Path(out or data.get("out") or f"runs/sweep/{name}").resolve(),
                   overrides=tuple(overrides), seeds=tuple(seeds), search=search, params=params, points=tuple(points),
                   score=data.get("score", "gain"), splits=tuple(splits), cpus_per_trial=float(cpus))
+    made: set[str] = set()
     for i, point in enumerate(sweep.points):  # before any work: every configuration must be a valid run
         try:
             run = load_config(sweep.config, sweep.overrides_of(i, sweep.seeds[0]))
         except ConfigError as exc:
             raise ConfigError(f"configuration {point}: {exc}") from None
-        if "ood" in splits:
-            import metarl
-
-            env = metarl.make_family(run.env, **run.env_kwargs)
-            has_ood = metarl.family_of(env).has_ood
-            env.close()
-            if not has_ood:
-                raise ConfigError(f"splits: {run.env} has no ood split")
+        key = json.dumps([run.env, run.env_kwargs], sort_keys=True)
+        if key not in made:  # the env each distinct env_kwargs makes (e.g. a training range out of bounds)
+            made.add(key)
+            _check_env(run, point, splits)
     return sweep
+
+
+def _check_env(run: Any, point: dict[str, Any], splits: list[str]) -> None:
+    import metarl
+    from metarl.tasks import TaskError
+
+    try:
+        env = metarl.make_family(run.env, **run.env_kwargs)
+    except (TaskError, TypeError, ValueError) as exc:
+        raise ConfigError(f"configuration {point}: env_kwargs: {exc}") from None
+    has_ood = metarl.family_of(env).has_ood
+    env.close()
+    if "ood" in splits and not has_ood:
+        raise ConfigError(f"splits: {run.env} has no ood split")
 
 
 # ---- one trial --------------------------------------------------------------------------------------------
@@ -232,8 +245,10 @@ def run_sweep(sweep: Sweep, address: str | None = None, log: Callable[[str], Non
         f"report in {sweep.out}")
     if todo:
         def trainable(cfg: dict[str, Any]) -> None:
-            tune.report({"score": float(np.mean(next(iter((r := run_trial(sweep, *cfg["trial"]))["per_task"].values())))),
-                         "record": json.dumps(r)})
+            record = run_trial(sweep, *cfg["trial"])
+            # written here (this machine or a shared filesystem) and again by the driver from the result
+            atomic_write(sweep.folder(*cfg["trial"]) / "trial.json", json.dumps(record, indent=1))
+            tune.report({"score": float(np.mean(record["per_task"][sweep.splits[0]])), "record": json.dumps(record)})
 
         tuner = tune.Tuner(
             tune.with_resources(trainable, {"cpu": sweep.cpus_per_trial}),
@@ -259,6 +274,13 @@ def run_sweep(sweep: Sweep, address: str | None = None, log: Callable[[str], Non
 
 
 # ---- the report -------------------------------------------------------------------------------------------
+def _shown(path: Path) -> str:
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 def _fmt_value(v: Any) -> str:
     return f"{v:.3g}" if isinstance(v, float) else str(v)
 
@@ -288,7 +310,7 @@ def write_report(sweep: Sweep) -> Path:
     what = ("held-out return after the last adaptation stage minus before any (adaptation gain)" if sweep.score == "gain"
             else "held-out return after the last adaptation stage")
     lines = [f"# Sweep report: {sweep.name}", "",
-             f"Config `{sweep.config}` with {list(sweep.overrides)}; {sweep.search} search over "
+             f"Config `{_shown(sweep.config)}` with {list(sweep.overrides)}; {sweep.search} search over "
              f"{', '.join(f'`{k}`' for k in sweep.params)}: {len(sweep.points)} configurations x {len(sweep.seeds)} "
              f"seeds ({len(records)} of {len(sweep.trials())} trials finished). Score: {what}, per held-out task, "
              f"on the {' and '.join(f'`{s}`' for s in sweep.splits)} split{'s' if len(sweep.splits) > 1 else ''}. "

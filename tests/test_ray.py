@@ -236,3 +236,37 @@ def test_bad_ray_settings_are_one_clear_line(tmp_path):
         load_config("experiments/maml_trpo/point_nav_2d.yaml", ["sampler.placement=ray", "sampler.cpus_per_actor=0"])
     np.testing.assert_equal(load_config("experiments/maml_trpo/point_nav_2d.yaml", []).to_dict()["sampler"],
                             {"backend": "auto", "workers": None})  # a local config is written as before
+
+
+def test_a_sweep_on_ray_scores_each_trial_by_the_protocol_and_resumes(cluster, tmp_path, capsys):
+    from metarl.cli import main
+
+    sweep = {"name": "tiny", "config": str(Path("experiments/maml_trpo/point_nav_2d.yaml").resolve()),
+             "out": str(tmp_path / "out"), "seeds": [0],
+             "overrides": ["iterations=1", "agent.tasks_per_batch=2", "agent.episodes_per_task=2", "agent.hidden=[8]",
+                           "eval.every=0", "eval.tasks=3", "eval.steps=1", "eval.episodes=2", "sampler.workers=0"],
+             "params": {"env_kwargs.train_range": [0.25, 1.0]}, "splits": ["test", "ood"]}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    assert main(["sweep", str(path), "--address", cluster]) == 0
+    out = tmp_path / "out"
+    trials = sorted(out.glob("trials/*/seed0/trial.json"))
+    assert len(trials) == 2
+    for trial in trials:  # the score is the protocol's gain per held-out task, as the run's own evaluation wrote it
+        record = json.loads(trial.read_text())
+        for split in ("test", "ood"):
+            summary = json.loads((trial.parent / "run" / "eval" / split / "summary.json").read_text())
+            gain = np.subtract(summary["stages"][1]["per_task"], summary["stages"][0]["per_task"])
+            np.testing.assert_allclose(record["per_task"][split], gain)
+            assert len(gain) == 3
+    report = (out / "report.md").read_text()
+    assert "2 of 2 trials finished" in report and "## Split `ood`" in report and "| 0.25 | " in report
+    assert (out / "sensitivity.png").stat().st_size > 10_000
+    rows = json.loads((out / "results.json").read_text())
+    assert sorted((r["split"], r["point"]["env_kwargs.train_range"]) for r in rows) == [
+        ("ood", 0.25), ("ood", 1.0), ("test", 0.25), ("test", 1.0)]
+    stamps = {p: p.stat().st_mtime_ns for p in trials}
+    capsys.readouterr()
+    assert main(["sweep", str(path), "--address", cluster]) == 0
+    assert "2 trials finished already" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in trials} == stamps
