@@ -264,6 +264,7 @@ def run_sweep(sweep: Sweep, address: str | None = None, log: Callable[[str], Non
                 errors.append(f"trial {result.config.get('trial')}: {str(result.error).splitlines()[0] if result.error else 'no result'}")
                 continue
             record = json.loads(result.metrics["record"])
+            sweep.folder(record["config"], record["seed"]).mkdir(parents=True, exist_ok=True)
             atomic_write(sweep.folder(record["config"], record["seed"]) / "trial.json", json.dumps(record, indent=1))
         if errors:
             write_report(sweep)
