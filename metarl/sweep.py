@@ -332,9 +332,13 @@ def write_report(sweep: Sweep) -> Path:
                     continue
                 groups = [[x for r in mine if r["seed"] == s for x in r["per_task"][split]] for s in sweep.seeds]
                 mean, low, high = _ci(groups)
-                rows.append(f"| {label} | {mean:.2f} [{low:.2f}, {high:.2f}] | {len({r['config'] for r in mine})} |")
-                xs.append((label, mean, low, high))
-            lines += [f"### `{key}`", "", "| value | score [95% CI] | configurations |", "|---|---|---|", *rows, ""]
+                before = np.mean([r["stages"][split][0] for r in mine])
+                after = np.mean([r["stages"][split][-1] for r in mine])
+                rows.append(f"| {label} | {mean:.2f} [{low:.2f}, {high:.2f}] | {before:.2f} | {after:.2f} | "
+                            f"{len({r['config'] for r in mine})} |")
+                xs.append((label, mean, low, high, before, after))
+            lines += [f"### `{key}`", "", "| value | score [95% CI] | return before adaptation | after | configurations |",
+                      "|---|---|---|---|---|", *rows, ""]
             plots.append((split, key, xs))
         ranked = []
         for i, mine in by_config.items():
@@ -376,22 +380,28 @@ def _plot(sweep: Sweep, plots: list, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     keys = list(sweep.params)
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4), squeeze=False)
-    for ax, key in zip(axes[0], keys, strict=True):
-        for split in sweep.splits:
+    fig, axes = plt.subplots(2, len(keys), figsize=(max(6.0, 4.2 * len(keys)), 6.4), squeeze=False, sharex="col")
+    for col, key in enumerate(keys):
+        top, bottom = axes[0][col], axes[1][col]
+        for n, split in enumerate(sweep.splits):
             xs = next(x for s, k, x in plots if s == split and k == key)
             if not xs:
                 continue
             pos = np.arange(len(xs))
-            means = np.array([m for _, m, _, _ in xs])
-            err = np.array([[m - lo for _, m, lo, _ in xs], [hi - m for _, m, _, hi in xs]])
-            ax.errorbar(pos, means, yerr=err, marker="o", capsize=3, label=split)
-            ax.set_xticks(pos, [label for label, *_ in xs], rotation=30 if len(xs) > 4 else 0)
-        ax.set_xlabel(key)
-        ax.set_ylabel(f"score ({sweep.score})")
-        ax.grid(alpha=0.3)
-        ax.legend(title="split", fontsize=8)
-    fig.suptitle(f"{sweep.name}: score by value (95% CI over seeds, tasks)", fontsize=10)
+            means = np.array([x[1] for x in xs])
+            err = np.array([[x[1] - x[2] for x in xs], [x[3] - x[1] for x in xs]])
+            top.errorbar(pos, means, yerr=err, marker="o", capsize=3, label=split, color=f"C{n}")
+            bottom.plot(pos, [x[4] for x in xs], ls="--", marker="o", color=f"C{n}", label=f"{split}: before")
+            bottom.plot(pos, [x[5] for x in xs], ls="-", marker="o", color=f"C{n}", label=f"{split}: after")
+            bottom.set_xticks(pos, [x[0] for x in xs], rotation=30 if len(xs) > 4 else 0)
+        top.set_ylabel(f"score ({sweep.score})")
+        bottom.set_ylabel("held-out return")
+        bottom.set_xlabel(key)
+        for ax in (top, bottom):
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.suptitle(f"{sweep.name}: score by value (95% CI over seeds, then tasks);\n"
+                 "held-out return before and after adaptation", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")

@@ -193,6 +193,16 @@ def test_a_training_run_on_ray_gives_the_local_metrics(cluster, tmp_path):
     # real updates: every TRPO step was accepted and lowered the surrogate loss
     assert all(m["loss/line_search_accepted"] == 1 and m["loss/surrogate_after"] < m["loss/surrogate_before"]
                for m in local)
+    # the local run continues on the cluster (placement settings may change on --resume), the Ray run on Ray
+    from metarl.cli import main
+
+    for name, flags in (("local", ["--address", cluster]), ("ray", [])):
+        assert main(["train", "--resume", str(tmp_path / name), "iterations=3", "--quiet", *flags]) == 0
+    rows = {name: [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+            for name in ("local", "ray")}
+    assert len(rows["local"]) == 3
+    assert [{k: v for k, v in m.items() if not k.startswith("time/")} for m in rows["local"]] == \
+        [{k: v for k, v in m.items() if not k.startswith("time/")} for m in rows["ray"]]
 
 
 def test_a_bench_suite_on_ray_gives_the_local_report(cluster, tmp_path, capsys):
