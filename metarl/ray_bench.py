@@ -67,10 +67,16 @@ def run_suite_on_ray(suite: Suite, address: str | None = None, cpus_per_cell: fl
     task = ray.remote(_remote_cell).options(num_cpus=cpus_per_cell, max_retries=1)
     pending: dict[Any, Cell] = {task.remote(suite, c, _pack(cell_dir(suite, c))): c for c in todo}
     start, done = time.perf_counter(), len(suite.cells) - len(todo)
+    failed: list[BaseException] = []
     while pending:
         [ref], _ = ray.wait(list(pending), num_returns=1)
         cell = pending.pop(ref)
-        files, record = ray.get(ref)  # a cell's own error is raised here, with its traceback
+        try:
+            files, record = ray.get(ref)
+        except Exception as exc:  # the other cells finish and are kept; this one is raised at the end
+            log(f"{cell.key} failed: {str(exc).splitlines()[0]}")
+            failed.append(exc)
+            continue
         folder, finished_record = cell_dir(suite, cell), files.pop("cell.json")
         _unpack(files, folder)
         for path in [p for p in folder.rglob("*") if p.is_file()]:  # what the cell removed (a run it restarted)
@@ -84,4 +90,6 @@ def run_suite_on_ray(suite: Suite, address: str | None = None, cpus_per_cell: fl
         write_report(suite)
     report = write_report(suite)
     log(f"report: {report}")
+    if failed:
+        raise failed[0]
     return report
