@@ -38,12 +38,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# A loopback test cluster without Ray's token authentication, whatever ~/.ray/auth_token holds (Ray >= 2.5x
+# turns it on for a cluster once a token exists there); set for the nodes, the probes and this driver alike.
+AUTH = {"RAY_AUTH_MODE": "disabled"}
+
+
 def _ray_start(*args: str, log: Path) -> subprocess.Popen:
     """``ray start ... --block`` in a new session: stopping its process group stops that node and its workers."""
     ray_bin = str(Path(sys.executable).with_name("ray"))
     return subprocess.Popen([ray_bin, "start", "--block", "--num-cpus=1", f"--object-store-memory={STORE}",
-                             "--node-ip-address=127.0.0.1", *args], stdout=log.open("w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
+                             "--node-ip-address=127.0.0.1", "--disable-usage-stats", *args], stdout=log.open("w"),
+                            stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **AUTH})
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -66,6 +71,8 @@ def _stop(proc: subprocess.Popen) -> None:
 @pytest.fixture(scope="module")
 def cluster():
     """The address of a two-node cluster (head + worker, one CPU each), this process connected as the driver."""
+    saved = {k: os.environ.get(k) for k in AUTH}
+    os.environ.update(AUTH)
     temp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's socket paths must stay < 108 bytes
     port = _free_port()
     address = f"127.0.0.1:{port}"
@@ -79,7 +86,7 @@ def cluster():
                 pytest.fail(f"ray start --head exited: {(temp / 'head.log').read_text()[-2000:]}")
             if len(procs) == 1:
                 probe = subprocess.run([str(Path(sys.executable).with_name("ray")), "health-check",
-                                        f"--address={address}"], capture_output=True)
+                                        f"--address={address}"], capture_output=True, env={**os.environ, **AUTH})
                 if probe.returncode == 0:
                     procs.append(_ray_start(f"--address={address}", log=temp / "worker.log"))
             if len(procs) == 2:
@@ -97,6 +104,11 @@ def cluster():
         for proc in reversed(procs):
             _stop(proc)
         shutil.rmtree(temp, ignore_errors=True)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _actor(obs_dim: int, act_dim: int, seed: int = 7) -> GaussianActor:
