@@ -399,7 +399,7 @@ def _plot(sweep: Sweep, plots: list, path: Path) -> None:
         bottom.set_xlabel(key)
         for ax in (top, bottom):
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=7, handlelength=4)
     fig.suptitle(f"{sweep.name}: score by value (95% CI over seeds, then tasks);\n"
                  "held-out return before and after adaptation", fontsize=9)
     fig.tight_layout()
