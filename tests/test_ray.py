@@ -215,6 +215,11 @@ def test_a_training_run_on_ray_gives_the_local_metrics(cluster, tmp_path):
     assert len(rows["local"]) == 3
     assert [{k: v for k, v in m.items() if not k.startswith("time/")} for m in rows["local"]] == \
         [{k: v for k, v in m.items() if not k.startswith("time/")} for m in rows["ray"]]
+    # a run trained on the cluster loads (to evaluate, to deploy) with the local sampler
+    import metarl.api as mrl
+
+    with mrl.load(tmp_path / "ray") as learner:
+        assert learner.config.sampler.placement == "local" and type(learner.agent.sampler).__name__ == "Sampler"
 
 
 def test_a_bench_suite_on_ray_gives_the_local_report(cluster, tmp_path, capsys):
