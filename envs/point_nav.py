@@ -4,7 +4,8 @@ The classic sanity-check family of MAML (Finn et al., 2017): the agent starts at
 only its own position, and is rewarded by the negative distance to the goal, so the goal must be
 inferred from rewards.
 
-* task: goal ``g ~ U[-0.5, 0.5]^2`` (garage uses ``U[-2, 2]^2``; we follow the MAML paper);
+* task: goal ``g ~ U[-0.5, 0.5]^2`` (garage uses ``U[-2, 2]^2``; we follow the MAML paper); the keyword
+  ``train_range=r`` draws training goals from ``U[-r, r]^2`` instead, the held-out splits unchanged;
   ``ood``: goals whose larger coordinate magnitude lies in (0.5, 1.0].
 * step: ``p <- p + clip(a, -0.1, 0.1)``; reward ``-||p - g||_2`` after the move (``info["reward_goal"]``).
 * never terminates; horizon 100 (the registered time limit).
@@ -42,9 +43,15 @@ class PointNav2D(TaskFamily, gym.Env):
     metadata = {"render_modes": ["rgb_array"], "render_fps": 20}
 
     def __init__(self, task: GoalTask | None = None, render_mode: str | None = None, width: int = 240,
-                 height: int = 240):
+                 height: int = 240, train_range: float | None = None):
         if render_mode not in (None, "rgb_array"):
             raise ValueError(f"{self.family}: render_mode must be None or 'rgb_array', got {render_mode!r}")
+        # The half-width of the training goal box (default goal_range); the test and ood splits stay the
+        # fixed lists drawn with goal_range and ood_range, so a sweep over it measures how the width of
+        # training shapes transfer (task diversity, docs/scaling.md).
+        if train_range is not None and not 0 < float(train_range) <= 10.0:
+            raise ValueError(f"{self.family}: train_range must be in (0, 10], got {train_range!r}")
+        self.train_range = self.goal_range if train_range is None else float(train_range)
         self.render_mode, self.width, self.height = render_mode, int(width), int(height)
         self._path: list[np.ndarray] = []
         self.observation_space = spaces.Box(-np.inf, np.inf, shape=(2,), dtype=np.float32)
@@ -56,9 +63,17 @@ class PointNav2D(TaskFamily, gym.Env):
     def default_task(self) -> GoalTask:
         return GoalTask(self.family, (0.0, 0.0))
 
+    def heldout_tasks(self, split: str) -> tuple[GoalTask, ...]:
+        # the fixed lists are drawn from the default ranges, whatever train_range is
+        width, self.train_range = self.train_range, self.goal_range
+        try:
+            return super().heldout_tasks(split)
+        finally:
+            self.train_range = width
+
     def _draw_tasks(self, rng: np.random.Generator, n: int, split: str) -> list[GoalTask]:
         if split == "train":
-            goals = rng.uniform(-self.goal_range, self.goal_range, size=(n, 2))
+            goals = rng.uniform(-self.train_range, self.train_range, size=(n, 2))
         else:
             # Pick the coordinate that leaves the training square, put it in the outer band, keep
             # the other anywhere within the ood square.

@@ -68,6 +68,10 @@ def load(run_dir: str | Path) -> MetaLearner:
 
     run_dir = Path(run_dir)
     config = load_run_config(run_dir)
+    if config.sampler.placement != "local":  # a run trained on a Ray cluster evaluates and deploys anywhere
+        import dataclasses
+
+        config = dataclasses.replace(config, sampler=dataclasses.replace(config.sampler, placement="local"))
     sampler, agent = build_agent(config)  # the sampler starts no worker until something samples
     try:
         load_checkpoint(run_dir, agent, config)

@@ -146,17 +146,35 @@ def _cmd_train(args: argparse.Namespace) -> int:
             config = load_run_config(run_dir)
             if overrides:
                 config = load_config(None, overrides, data=config.to_dict())
-            mrl.train(config, run_dir=run_dir, resume=True, verbose=not args.quiet).close()
+            mrl.train(_on_ray(config, args), run_dir=run_dir, resume=True, verbose=not args.quiet).close()
         else:
             if not args.config:
                 raise ConfigError("train: give a CONFIG file (e.g. experiments/maml_trpo/point_nav_2d.yaml) or --resume RUN_DIR")
             config = load_config(args.config, args.overrides)
             if imports:  # recorded in the run's config.yaml, so eval and --resume import them too
                 config = dataclasses.replace(config, imports=tuple(dict.fromkeys(config.imports + imports)))
-            mrl.train(config, run_dir=Path(args.run_dir) if args.run_dir else None, verbose=not args.quiet).close()
+            mrl.train(_on_ray(config, args), run_dir=Path(args.run_dir) if args.run_dir else None,
+                      verbose=not args.quiet).close()
     except (ConfigError, TaskError, FloatingPointError) as exc:
         raise UsageError(str(exc)) from exc
     return 0
+
+
+def _on_ray(config, args: argparse.Namespace):
+    """The config with its sampler placed on a Ray cluster if --ray or --address was given."""
+    import dataclasses
+
+    if not (args.ray or args.address):
+        return config
+    sampler = dataclasses.replace(config.sampler, placement="ray", address=args.address or config.sampler.address)
+    return dataclasses.replace(config, sampler=sampler)
+
+
+def _ray_flags(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--ray", action="store_true", help=f"{what} on a Ray cluster (pip install \"metarl[ray]\"): "
+                   "the one at --address, else RAY_ADDRESS, else the one started on this machine with `ray start`, "
+                   "else a new local instance (ray.init's rules)")
+    p.add_argument("--address", help="the Ray cluster's address (implies --ray), e.g. 10.0.0.1:6379 or auto")
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -279,7 +297,29 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             if args.report_only:
                 print(f"report: {write_report(suite)}")
                 return 0
-            run_suite(suite, verbose=not args.quiet)
+            if args.ray or args.address:
+                from metarl.ray_bench import run_suite_on_ray
+
+                run_suite_on_ray(suite, address=args.address, cpus_per_cell=args.cpus_per_cell)
+            else:
+                run_suite(suite, verbose=not args.quiet)
+    except (ConfigError, TaskError, FloatingPointError) as exc:
+        raise UsageError(str(exc)) from exc
+    return 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from metarl.config import ConfigError
+    from metarl.runfolder import run_lock
+    from metarl.sweep import load_sweep, run_sweep, write_report
+
+    try:
+        sweep = load_sweep(args.sweep, out=args.out)
+        with run_lock(sweep.out, "sweep folder"):
+            if args.report_only:
+                print(f"report: {write_report(sweep)}")
+                return 0
+            run_sweep(sweep, address=args.address)
     except (ConfigError, TaskError, FloatingPointError) as exc:
         raise UsageError(str(exc)) from exc
     return 0
@@ -323,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
     p.add_argument("--run-dir", help="write the run here instead of runs/<experiment>/<timestamp>-<seed>")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    _ray_flags(p, "sample")
     p.set_defaults(func=_cmd_train)
 
     p = command("eval", help="evaluate few-episode adaptation of a trained run on held-out tasks")
@@ -356,7 +397,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="report folder (default: the suite's out, else runs/bench/<name>)")
     p.add_argument("--report-only", action="store_true", help="rewrite the report from the finished cells, run nothing")
     p.add_argument("--quiet", action="store_true", help="no per-iteration training lines")
+    _ray_flags(p, "run the cells as Ray tasks")
+    p.add_argument("--cpus-per-cell", type=float, default=1.0, help="with --ray: CPUs each cell asks for (default 1)")
     p.set_defaults(func=_cmd_bench)
+
+    p = command("sweep", help="search over config keys and seeds with Ray Tune; write a sensitivity report")
+    p.add_argument("sweep", help="sweep YAML (e.g. experiments/sweeps/maml_point_nav_sensitivity.yaml)")
+    p.add_argument("--out", help="report folder (default: the sweep's out, else runs/sweep/<name>)")
+    p.add_argument("--report-only", action="store_true", help="rewrite the report from the finished trials, run nothing")
+    p.add_argument("--address", help="the Ray cluster's address (default: RAY_ADDRESS, else the cluster started on "
+                   "this machine, else a new local instance)")
+    p.set_defaults(func=_cmd_sweep)
 
     p = command("check", help="check that a Gymnasium id is a well-formed task family")
     p.add_argument("family", help="family name or Gymnasium id (module:Id-v0 imports module first)")

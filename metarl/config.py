@@ -53,13 +53,38 @@ def agent_class(name: str) -> Any:
 @dataclasses.dataclass(frozen=True)
 class SamplerConfig:
     backend: str = "auto"  # auto: native where the family supports it, else gymnasium
-    workers: int | None = None  # None: one per core
+    workers: int | None = None  # None: one per core (placement ray: actors, None: the cluster's CPUs)
+    # where the env slots run: local worker processes, or the actors of a Ray cluster (metarl.ray_sampling)
+    placement: str = "local"
+    address: str | None = None  # ray: as ray.init takes it (None: RAY_ADDRESS, else the cluster on this machine)
+    cpus_per_actor: float = 1.0  # ray: each actor's CPU request
+    retries: int = 2  # ray: fresh actors a chunk may use after its actor died
+    timeout: float = 600.0  # ray: seconds a call may go without a chunk coming back before it fails
 
     def __post_init__(self) -> None:
         if self.backend not in ("auto", "native", "gymnasium"):
             raise ConfigError(f"sampler.backend: expected 'auto', 'native' or 'gymnasium', got {self.backend!r}")
         if self.workers is not None and self.workers < 0:
             raise ConfigError(f"sampler.workers: expected >= 0 or null, got {self.workers}")
+        if self.placement not in ("local", "ray"):
+            raise ConfigError(f"sampler.placement: expected 'local' or 'ray', got {self.placement!r}")
+        if self.placement == "ray" and self.workers == 0:
+            raise ConfigError("sampler.workers: placement ray needs at least one actor (>= 1 or null), got 0")
+        for name in ("cpus_per_actor", "timeout"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"sampler.{name}: expected a number > 0, got {getattr(self, name)}")
+        if self.retries < 0:
+            raise ConfigError(f"sampler.retries: expected an integer >= 0, got {self.retries}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields; for the local placement only backend and workers, so that configs and checkpoints
+        written before the Ray placement existed still match."""
+        out = dataclasses.asdict(self)
+        return out if self.placement != "local" else {"backend": self.backend, "workers": self.workers}
+
+    def ray_options(self) -> dict[str, Any]:
+        return {"address": self.address, "cpus_per_actor": self.cpus_per_actor, "retries": self.retries,
+                "timeout": self.timeout}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +126,7 @@ class RunConfig:
         out = {
             "experiment": self.experiment, "env": self.env, "env_kwargs": dict(self.env_kwargs),
             "seed": self.seed, "iterations": self.iterations, "agent": agent,
-            "sampler": dataclasses.asdict(self.sampler), "eval": dataclasses.asdict(self.eval),
+            "sampler": self.sampler.to_dict(), "eval": dataclasses.asdict(self.eval),
             "checkpoint_every": self.checkpoint_every, "run_root": self.run_root,
         }
         if self.imports:  # only when there are any, so configs and checkpoints of earlier runs still match

@@ -153,8 +153,10 @@ def config_record(config_dict: dict[str, Any]) -> str:
     return json.dumps({k: v for k, v in config_dict.items() if k != "iterations"}, sort_keys=True)
 
 
-#: Fields a resume may change by hand: results do not depend on them (sampler.workers is tested so).
-MAY_CHANGE = frozenset({"sampler.workers"})
+#: Fields a resume may change by hand: results do not depend on them (sampler.workers and the placement on
+#: a Ray cluster are tested so), so a run started on one machine may continue on a cluster and back.
+MAY_CHANGE = frozenset({"sampler.workers", "sampler.placement", "sampler.address", "sampler.cpus_per_actor",
+                        "sampler.retries", "sampler.timeout"})
 
 
 def config_changes(stored: str, config_dict: dict[str, Any]) -> list[str]:

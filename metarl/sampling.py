@@ -240,29 +240,38 @@ def _registering_module(env_id: str) -> str | None:
     return None if module in (None, "__main__", "__mp_main__") else module
 
 
-def _worker(conn: Any, backend: str, env_id: str, env_kwargs: dict[str, Any], sys_path: list[str],
-            imports: Sequence[str] = (), registering_module: str | None = None) -> None:
-    import sys
-
+def prepare_worker(backend: str, env_id: str, env_kwargs: dict[str, Any], imports: Sequence[str] = (),
+                   registering_module: str | None = None) -> Any:
+    """Set up a process that rolls out for a sampler (a local worker or a Ray actor) and make its env slots:
+    one torch thread (the workers are the parallelism), the families registered, the user's modules imported."""
     import torch
 
-    sys.path[:] = sys_path
-    torch.set_num_threads(1)  # one core per worker; the workers are the parallelism
-    from metarl.system import fault_point, keep_freed_memory, skip_mujoco_timers
+    torch.set_num_threads(1)
+    from metarl.system import keep_freed_memory, skip_mujoco_timers
 
     keep_freed_memory()
     skip_mujoco_timers()  # this process never reads mjData.timer
     import metarl  # noqa: F401  (registers the families)
     from metarl.plugins import load
 
+    load(imports)  # the user's modules imported in the main process register their families here too
+    if registering_module is not None and env_id.split(":", 1)[-1] not in gym.registry:
+        import importlib
+
+        importlib.import_module(registering_module)
+    return _make_slots(backend, env_id, env_kwargs)
+
+
+def _worker(conn: Any, backend: str, env_id: str, env_kwargs: dict[str, Any], sys_path: list[str],
+            imports: Sequence[str] = (), registering_module: str | None = None) -> None:
+    import sys
+
+    sys.path[:] = sys_path
+    from metarl.system import fault_point
+
     slots, failure = None, None
     try:
-        load(imports)  # the user's modules imported in the main process register their families here too
-        if registering_module is not None and env_id.split(":", 1)[-1] not in gym.registry:
-            import importlib
-
-            importlib.import_module(registering_module)
-        slots = _make_slots(backend, env_id, env_kwargs)
+        slots = prepare_worker(backend, env_id, env_kwargs, imports, registering_module)
     except Exception:  # reported in reply to every request, so the main process raises it with its traceback
         failure = traceback.format_exc()
     try:
@@ -402,38 +411,43 @@ class Sampler:
         for task in tasks:
             self.family.check_task(task)
         chunks = [c for c in np.array_split(np.arange(len(tasks)), max(1, min(self.workers, len(tasks)))) if len(c)]
-        if self.workers == 0:
-            if self._local is None:
-                self._local = _make_slots(self.backend, self.env_id, self.env_kwargs)
-            parts = [rollout(self._local, actor, tasks, list(range(len(tasks))), episodes_per_task, seed,
-                             episodes_per_trial)]
-        else:
-            self._start(len(chunks))
-            parts, errors = [], []
-            try:
-                for conn, chunk in zip(self._conns, chunks, strict=False):
-                    conn.send(("sample", (actor, [tasks[i] for i in chunk], chunk.tolist(), episodes_per_task, seed,
-                                          episodes_per_trial)))
-                for conn in self._conns[: len(chunks)]:
-                    status, result = conn.recv()
-                    if status == "ok":
-                        parts.append(result)
-                    else:
-                        errors.append((status, result))
-            except (EOFError, OSError) as exc:  # a worker died (killed, out of memory, crashed)
-                codes = [p.exitcode for p in self._procs]
-                self.close()  # no stale replies can be read by a later call
-                raise WorkerError(f"a sampler worker died (exit codes {codes}): {exc!r}") from exc
-            if errors:
-                if errors[0][0] == "non_finite":
-                    raise NonFiniteError(errors[0][1])
-                raise WorkerError("a sampler worker failed:\n" + errors[0][1])
-        batch = EpisodeBatch.from_numpy(tasks, _concat(parts))
+        # one payload per chunk: the worker's rollout arguments after its slots
+        payloads = [(actor, [tasks[i] for i in chunk], chunk.tolist(), episodes_per_task, seed, episodes_per_trial)
+                    for chunk in chunks]
+        batch = EpisodeBatch.from_numpy(tasks, _concat(self._collect(payloads)))
         if self._recorders:
             record = SampleRecord.of(batch, episodes_per_trial)
             for records in self._recorders:
                 records.append(record)
         return batch
+
+    def _collect(self, payloads: list[tuple]) -> list[dict[str, Any]]:
+        """The rollouts of the chunks (in order): where they run is the placement's business (here: this
+        process with ``workers=0``, else the local worker processes; `metarl.ray_sampling`: Ray actors)."""
+        if self.workers == 0:
+            if self._local is None:
+                self._local = _make_slots(self.backend, self.env_id, self.env_kwargs)
+            return [rollout(self._local, *payloads[0])]  # one chunk: every task
+        self._start(len(payloads))
+        parts, errors = [], []
+        try:
+            for conn, payload in zip(self._conns, payloads, strict=False):
+                conn.send(("sample", payload))
+            for conn in self._conns[: len(payloads)]:
+                status, result = conn.recv()
+                if status == "ok":
+                    parts.append(result)
+                else:
+                    errors.append((status, result))
+        except (EOFError, OSError) as exc:  # a worker died (killed, out of memory, crashed)
+            codes = [p.exitcode for p in self._procs]
+            self.close()  # no stale replies can be read by a later call
+            raise WorkerError(f"a sampler worker died (exit codes {codes}): {exc!r}") from exc
+        if errors:
+            if errors[0][0] == "non_finite":
+                raise NonFiniteError(errors[0][1])
+            raise WorkerError("a sampler worker failed:\n" + errors[0][1])
+        return parts
 
     def close(self) -> None:
         for conn in self._conns:
@@ -497,7 +511,18 @@ class NativeSampler(Sampler):
 BACKENDS = ("gymnasium", "native")
 
 
+PLACEMENTS = ("local", "ray")
+
+
 def make_sampler(env_id: str, env_kwargs: dict[str, Any] | None = None, backend: str = "auto",
-                 workers: int | None = None) -> Sampler:
-    """The sampler for ``backend``: ``native``, ``gymnasium``, or ``auto`` (native where supported)."""
+                 workers: int | None = None, placement: str = "local", **ray_options: Any) -> Sampler:
+    """The sampler for ``backend``: ``native``, ``gymnasium``, or ``auto`` (native where supported), placed
+    on local worker processes (``placement="local"``) or on the actors of a Ray cluster (``"ray"``,
+    `metarl.ray_sampling.RaySampler`, which takes ``ray_options``: address, cpus_per_actor, retries, timeout)."""
+    if placement == "ray":
+        from metarl.ray_sampling import RaySampler
+
+        return RaySampler(env_id, env_kwargs, workers, backend=backend, **ray_options)
+    if placement != "local":
+        raise ValueError(f"unknown sampler placement {placement!r}; available: {', '.join(PLACEMENTS)}")
     return Sampler(env_id, env_kwargs, workers, backend=backend)

@@ -125,7 +125,9 @@ def fault_point(name: str) -> None:
     appended, checkpoint not yet written), ``checkpoint`` (new checkpoint written beside the old one, not
     yet renamed), ``eval`` (held-out evaluation computed, nothing written), ``eval_files`` (summary.json
     written, the csv and plot not yet), ``eval_logged`` (files and TensorBoard written, not yet recorded
-    as done), ``worker`` (a sampler worker process, before a rollout; the count is per worker)."""
+    as done), ``worker`` (a sampler worker process, before a rollout; the count is per worker), ``ray_actor``
+    (a Ray sampler actor, before a rollout; the count is per actor). With ``METARL_FAULT_ONCE=PATH`` as well,
+    only the first process to create PATH is killed (one fault across all the processes that see PATH)."""
     target = os.environ.get("METARL_FAULT")
     if not target:
         return
@@ -136,5 +138,11 @@ def fault_point(name: str) -> None:
     if _fault_hits[name] == int(nth or 1):
         import signal
 
+        once = os.environ.get("METARL_FAULT_ONCE")
+        if once:
+            try:
+                os.close(os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                return  # another process took the fault
         sys.stdout.flush()
         os.kill(os.getpid(), signal.SIGKILL)

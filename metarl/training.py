@@ -86,7 +86,9 @@ def build_agent(config: RunConfig):
         # anything else is a bug in the env and keeps its traceback
         raise ConfigError(f"env: cannot make {config.env!r}: {exc}") from exc
     try:
-        sampler = make_sampler(env_id, config.env_kwargs, config.sampler.backend, config.sampler.workers)
+        sampler = make_sampler(env_id, config.env_kwargs, config.sampler.backend, config.sampler.workers,
+                               config.sampler.placement, **(config.sampler.ray_options()
+                                                            if config.sampler.placement == "ray" else {}))
     except TaskError as exc:  # e.g. backend native on an env it does not run
         raise ConfigError(f"sampler: {exc}") from exc
     try:

@@ -18,6 +18,8 @@ FIGURES = [
     "experiments/results/videos/maml_half_cheetah_vel_quick.gif",
     "experiments/results/rl2_vs_multitask/curves_HalfCheetahDir.png",
     "experiments/results/rl2_half_cheetah_vel_varibad_within_episode.png",
+    "experiments/results/sweeps/point_nav_task_diversity/sensitivity.png",
+    "experiments/results/sweeps/maml_point_nav_sensitivity/sensitivity.png",
 ]
 
 
