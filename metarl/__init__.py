@@ -18,7 +18,7 @@ _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # must precede numpy's import; one you set yourself wins.
 _os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-from metarl.envs import FAMILIES, env_id, register_envs
+from metarl.envs import FAMILIES, env_id, register_envs, resolve_id
 from metarl.tasks import (
     SPLITS,
     DirectionTask,
@@ -47,7 +47,7 @@ def make_family(name_or_id: str, **kwargs):
 
     from metarl import plugins
 
-    gid = env_id(name_or_id) if name_or_id in FAMILIES else name_or_id
+    gid = resolve_id(name_or_id)  # a family name (built-in, or Meta-World's where installed) or an id
     module = plugins.module_of(gid)
     if module is not None:  # Gymnasium's "module:Id": import the module (found as `metarl.plugins` says), make Id
         plugins.load([plugins.resolve(module)])
@@ -70,5 +70,5 @@ def make_family(name_or_id: str, **kwargs):
 
 __all__ = [
     "FAMILIES", "SPLITS", "DirectionTask", "DynamicsTask", "GoalTask", "HeadingTask", "Task", "TaskError",
-    "TaskFamily", "VelocityTask", "env_id", "family_of", "make_family", "register_envs", "set_tasks",
+    "TaskFamily", "VelocityTask", "env_id", "family_of", "make_family", "register_envs", "resolve_id", "set_tasks",
 ]
