@@ -6,3 +6,4 @@ bash scripts/setup.sh
 # shellcheck disable=SC1091
 . .venv/bin/activate
 python -m pytest -q "$@"
+bash scripts/test_metaworld.sh
