@@ -254,6 +254,15 @@ def installed() -> bool:
     return importlib.util.find_spec("metaworld") is not None
 
 
+def missing_extra(name_or_id: str) -> bool:
+    """Whether ``name_or_id`` names a Meta-World family (``ML1-reach-v3``, ``metarl/ML10-v0``) that is not
+    registered because metaworld is not installed."""
+    if installed():
+        return False
+    ids = family_ids()
+    return name_or_id in ids or name_or_id in ids.values()
+
+
 def family_ids() -> dict[str, str]:
     """Family name -> Gymnasium id of every Meta-World family (``ML1-reach-v3`` -> ``metarl/ML1-reach-v3-v0``)."""
     names = [family_name("ML1", name) for name in ENV_NAMES] + ["ML10"]

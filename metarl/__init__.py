@@ -55,6 +55,10 @@ def make_family(name_or_id: str, **kwargs):
             raise TaskError(f"{name_or_id!r}: importing {module!r} registered no Gymnasium id "
                             f"{gid.split(':', 1)[1]!r}")
     elif gid not in gym.registry:
+        from metarl.envs.meta_world import missing_extra
+
+        if missing_extra(name_or_id):
+            raise TaskError(f"{name_or_id!r} is a Meta-World family: install the extra, pip install 'metarl[metaworld]'")
         raise TaskError(
             f"unknown task family {name_or_id!r}; built-in families: {', '.join(FAMILIES)} (for your own, "
             "name the module that registers it: env 'module:Id', imports: [module], or --import module)"

@@ -7,4 +7,6 @@ cd "$(dirname "$0")/.."
 METARL_VENV=.venv-metaworld METARL_EXTRAS=dev,metaworld bash scripts/setup.sh
 # shellcheck disable=SC1091
 . .venv-metaworld/bin/activate
-python -m pytest -q tests/test_metaworld.py "$@"
+# test_envs.py: the families' bit-for-bit agreement with Gymnasium's v5 envs, on mujoco 3.3 here (4.x in the base
+# venv). test_native.py and test_tasks.py pass on 3.3 too (checked by hand; left out to keep CI short).
+python -m pytest -q tests/test_metaworld.py tests/test_envs.py "$@"
