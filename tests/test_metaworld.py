@@ -244,17 +244,23 @@ def test_the_native_backend_refuses_in_one_line():
     assert "\n" not in str(err.value)
 
 
-def test_a_real_train_run_reports_success_rates(tmp_path):
+TINY = {  # one iteration of the shipped configs, at toy sizes
+    "maml_trpo": ["agent.tasks_per_batch=2", "agent.episodes_per_task=1", "eval.steps=1"],
+    "rl2": ["agent.tasks_per_batch=2", "agent.episodes_per_trial=2", "agent.epochs=1", "eval.steps=1"],
+}
+
+
+@pytest.mark.parametrize("agent", sorted(TINY))
+def test_a_real_train_run_reports_success_rates(tmp_path, agent):
     script = Path(sys.executable).parent / "metarl"
     run = tmp_path / "run"
-    config = Path(__file__).parents[1] / "experiments" / "maml_trpo" / "ml1_reach.yaml"
-    done = subprocess.run([str(script), "train", str(config), "iterations=1", "agent.tasks_per_batch=2",
-                           "agent.episodes_per_task=1", "eval.tasks=2", "eval.episodes=1", "eval.every=0",
-                           "sampler.workers=0", "--run-dir", str(run), "--quiet"],
+    config = Path(__file__).parents[1] / "experiments" / agent / "ml1_reach.yaml"
+    done = subprocess.run([str(script), "train", str(config), "iterations=1", *TINY[agent], "eval.tasks=2",
+                           "eval.episodes=1", "eval.every=0", "sampler.workers=0", "--run-dir", str(run), "--quiet"],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     summary = json.loads((run / "eval" / "test" / "summary.json").read_text())
-    assert summary["family"] == "ML1-reach-v3" and summary["horizon"] == 500
+    assert summary["family"] == "ML1-reach-v3" and summary["horizon"] == 500 and len(summary["stages"]) == 2
     for stage in summary["stages"]:
         assert 0.0 <= stage["success_rate"] <= 1.0 and len(stage["per_task_success"]) == 2
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
