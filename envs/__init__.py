@@ -13,6 +13,9 @@ metarl/AntGoal-v0      goal uniform in the disc of radius 3            200
 metarl/HopperRandParams-v0  mass/inertia/damping/friction multipliers  200
 metarl/Walker2DRandParams-v0  mass/inertia/damping/friction multipliers  200
 =====================  ==============================================  =======
+
+Where ``metaworld`` is installed (``pip install "metarl[metaworld]"``), Meta-World's ML1 and ML10 are
+registered too: ``metarl/ML1-<env>-v0`` for its 50 v3 envs and ``metarl/ML10-v0`` (`metarl.envs.meta_world`).
 """
 
 from __future__ import annotations
@@ -41,6 +44,18 @@ def register_envs() -> None:
     for name, (entry_point, horizon) in FAMILIES.items():
         if env_id(name) not in gym.registry:
             gym.register(id=env_id(name), entry_point=entry_point, max_episode_steps=horizon)
+    from metarl.envs import meta_world  # never imports metaworld itself
+
+    if meta_world.installed():  # the extra
+        meta_world.register()
+
+
+def resolve_id(name_or_id: str) -> str:
+    """The Gymnasium id of a family name (``AntGoal``, ``ML1-reach-v3``), or ``name_or_id`` itself."""
+    if name_or_id in FAMILIES or (":" not in name_or_id and "/" not in name_or_id
+                                  and env_id(name_or_id) in gym.registry):
+        return env_id(name_or_id)
+    return name_or_id
 
 
 def __getattr__(name: str):

@@ -18,7 +18,7 @@ _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # must precede numpy's import; one you set yourself wins.
 _os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-from metarl.envs import FAMILIES, env_id, register_envs
+from metarl.envs import FAMILIES, env_id, register_envs, resolve_id
 from metarl.tasks import (
     SPLITS,
     DirectionTask,
@@ -47,7 +47,7 @@ def make_family(name_or_id: str, **kwargs):
 
     from metarl import plugins
 
-    gid = env_id(name_or_id) if name_or_id in FAMILIES else name_or_id
+    gid = resolve_id(name_or_id)  # a family name (built-in, or Meta-World's where installed) or an id
     module = plugins.module_of(gid)
     if module is not None:  # Gymnasium's "module:Id": import the module (found as `metarl.plugins` says), make Id
         plugins.load([plugins.resolve(module)])
@@ -55,6 +55,10 @@ def make_family(name_or_id: str, **kwargs):
             raise TaskError(f"{name_or_id!r}: importing {module!r} registered no Gymnasium id "
                             f"{gid.split(':', 1)[1]!r}")
     elif gid not in gym.registry:
+        from metarl.envs.meta_world import missing_extra
+
+        if missing_extra(name_or_id):
+            raise TaskError(f"{name_or_id!r} is a Meta-World family: install the extra, pip install 'metarl[metaworld]'")
         raise TaskError(
             f"unknown task family {name_or_id!r}; built-in families: {', '.join(FAMILIES)} (for your own, "
             "name the module that registers it: env 'module:Id', imports: [module], or --import module)"
@@ -70,5 +74,5 @@ def make_family(name_or_id: str, **kwargs):
 
 __all__ = [
     "FAMILIES", "SPLITS", "DirectionTask", "DynamicsTask", "GoalTask", "HeadingTask", "Task", "TaskError",
-    "TaskFamily", "VelocityTask", "env_id", "family_of", "make_family", "register_envs", "set_tasks",
+    "TaskFamily", "VelocityTask", "env_id", "family_of", "make_family", "register_envs", "resolve_id", "set_tasks",
 ]

@@ -24,7 +24,10 @@ class FamilyCheckError(AssertionError):
 def _make(env_or_id: Any) -> gym.Env:
     if isinstance(env_or_id, str):
         if env_or_id not in gym.registry and ":" not in env_or_id:
-            raise TaskError(f"unknown Gymnasium id {env_or_id!r}")
+            from metarl.envs.meta_world import missing_extra
+
+            extra = " (a Meta-World family: pip install 'metarl[metaworld]')" if missing_extra(env_or_id) else ""
+            raise TaskError(f"unknown Gymnasium id {env_or_id!r}{extra}")
         if ":" in env_or_id:  # import the module (found as metarl.plugins says), as every command does
             import metarl
 

@@ -46,6 +46,11 @@ def _cmd_families(args: argparse.Namespace) -> int:
             f"{env.action_space.shape[0]:>4}  {splits}"
         )
         env.close()
+    from metarl.envs.meta_world import family_ids, installed
+
+    if installed():  # not made here: each Meta-World family loads its own MuJoCo models
+        print(f"Meta-World (metarl[metaworld]): ML1-<env> as metarl/ML1-<env>-v0 for its {len(family_ids()) - 1} v3 "
+              "envs (e.g. ML1-reach-v3), ML10 as metarl/ML10-v0; horizon 500, obs 39, act 4, splits train, test")
     return 0
 
 
@@ -101,7 +106,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
     from metarl.checks import SKIPPABLE, FamilyCheckError, check_family
 
     _user_code(args)
-    gid = metarl.env_id(args.family) if args.family in metarl.FAMILIES else args.family
+    gid = metarl.resolve_id(args.family)  # a family name (built-in or Meta-World's) or an id
     skip = tuple(args.skip or ())
     try:
         passed = check_family(gid, skip=skip)

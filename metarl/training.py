@@ -65,7 +65,7 @@ from metarl.tasks import TaskError
 
 
 def resolve_env_id(env: str) -> str:
-    return metarl.env_id(env) if env in metarl.FAMILIES else env
+    return metarl.resolve_id(env)
 
 
 def build_agent(config: RunConfig):

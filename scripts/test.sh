@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install (scripts/setup.sh) and run the test suite. Extra arguments go to pytest.
+# Install (scripts/setup.sh) and run the test suite (extra arguments go to its pytest), then the optional
+# integrations' tests, each in a venv of its own: Ray (scripts/test_ray.sh), Meta-World (scripts/test_metaworld.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -7,3 +8,4 @@ bash scripts/setup.sh
 . .venv/bin/activate
 python -m pytest -q "$@"
 bash scripts/test_ray.sh
+bash scripts/test_metaworld.sh

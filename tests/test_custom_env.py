@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.util
 import json
 import re
 import subprocess
@@ -573,3 +574,15 @@ def test_rl2_training_metrics_per_episode_of_the_trial(line_goal, tmp_path):
             "eval/test/reward_dist_stage0"} <= tags
     (last,) = events.Scalars("eval/test/success_rate_stage1")
     assert last.value == pytest.approx(stages[1]["success_rate"])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("metaworld") is not None, reason="the base install, without the extra")
+def test_a_metaworld_family_without_the_extra_is_one_clear_line(capsys):
+    """Meta-World's families are registered only with the extra; without it, their names say what to install."""
+    from metarl.cli import main
+
+    for name in ("ML1-reach-v3", "metarl/ML10-v0"):
+        with pytest.raises(TaskError, match=r"Meta-World family: install the extra, pip install 'metarl\[metaworld\]'"):
+            metarl.make_family(name)
+    assert main(["check", "ML1-push-v3"]) == 2
+    assert "pip install 'metarl[metaworld]'" in capsys.readouterr().err

@@ -46,12 +46,16 @@ def run_result(config: RunConfig, run_dir: Path, wall: float) -> dict[str, Any]:
         "training_curve": [
             {"iteration": r["iteration"], "env_steps": r["env_steps"], "pre": r["meta/return_pre_adaptation"],
              "post": r["meta/return_post_adaptation"],
-             **({"inner_kl": r["meta/inner_kl"]} if "meta/inner_kl" in r else {})} for r in rows
+             **({"inner_kl": r["meta/inner_kl"]} if "meta/inner_kl" in r else {}),
+             # where the env reports info["success"] (Meta-World): the share of episodes that succeeded, per
+             # stage (MAML-TRPO: before and after the inner step; RL²: episode k of the trial)
+             **{k[len("meta/"):]: v for k, v in r.items() if k.startswith("meta/success_rate_stage")}} for r in rows
         ],
         "heldout": {
             "split": summary["split"], "num_tasks": summary["num_tasks"], "horizon": summary["horizon"],
             "stages": [{k: s[k] for k in ("stage", "adapt_episodes", "adapt_env_steps", "mean_return", "ci95",
-                                          "within_episode") if k in s}
+                                          "within_episode", "success_rate", "success_ci95", "per_task_success")
+                        if k in s and s[k] is not None}
                        for s in summary["stages"]],
         },
         "heldout_curve": read_eval_history(run_dir / "eval" / config.eval.split / "history.jsonl"),

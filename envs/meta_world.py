@@ -1,0 +1,283 @@
+"""Meta-World's ML1 and ML10 benchmarks as metarl task families (``pip install "metarl[metaworld]"``).
+
+=========================  ============================================================  =======
+id                         tasks                                                          horizon
+=========================  ============================================================  =======
+metarl/ML1-<env>-v0        one Meta-World v3 env (``reach-v3``, ``push-v3``, ... 50 of      500
+                           them), its 50 train and 50 test goals
+metarl/ML10-v0             train: 10 envs x 50 goals; test: 5 held-out envs x 50 goals      500
+=========================  ============================================================  =======
+
+The ids are registered only where ``metaworld`` is importable; this module itself never imports it at
+load time, so the base install of metarl does not need it. metaworld 3.1.1 pins ``mujoco==3.3.0``.
+
+A task is a `MetaWorldTask`: the Meta-World env's name and its ``rand_vec`` (the object and goal positions
+that Meta-World's ``Task.data`` pickles), so it is a plain, JSON-exact record. The splits are Meta-World's
+own lists (``metaworld.ML1(env, seed)`` / ``metaworld.ML10(seed)``, the protocol of the Meta-World paper
+and of Meta-World+): ``train`` draws go through the benchmark's train tasks, ``test`` is its test list, and
+there is no ``ood`` split. ``seed`` (an env kwarg, default 0) seeds the lists, which Meta-World draws from
+numpy's global generator otherwise (unseeded: different lists in every process). ML1's test goals come
+from ``seed + 1`` (Meta-World's own rule), so no train goal is a test goal; ML10's test envs are other envs.
+The registered ``Meta-World/ML1-train`` vector env of metaworld 3.1.1 uses the *test* goals (Metaworld PR
+#573); these families never build it.
+
+ML10's test list interleaves its five envs (drawer-open goal 0, door-close goal 0, ..., drawer-open
+goal 1, ...), so the first ``n`` test tasks cover the held-out envs evenly.
+
+Every v3 env observes 39 values (hand, gripper and object poses of this step and the last, then the goal,
+zeroed because the ML benchmarks hide it) and takes 4 actions in [-1, 1]; one family can therefore switch
+the underlying env with its task (ML10 does). ``info["success"]`` (0 or 1 at every step) flows into
+metarl's success rates. Meta-World's ``reset`` ignores its seed, and a v3 env with its task set has no
+randomness left in ``reset``: an episode is a function of its task and its actions.
+
+The family wraps the Meta-World env rather than inheriting from it, so it has no ``compute_reward``
+method and Stable-Baselines3's env checker does not take it for a goal-based env.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import pickle
+from collections.abc import Sequence
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+
+from metarl.tasks import Task, TaskError, TaskFamily
+
+HORIZON = 500  # Meta-World's max_path_length
+
+#: The 50 Meta-World v3 envs (``metaworld.env_dict.ALL_V3_ENVIRONMENTS``, checked by tests/test_metaworld.py).
+ENV_NAMES = (
+    "assembly-v3", "basketball-v3", "bin-picking-v3", "box-close-v3", "button-press-topdown-v3",
+    "button-press-topdown-wall-v3", "button-press-v3", "button-press-wall-v3", "coffee-button-v3",
+    "coffee-pull-v3", "coffee-push-v3", "dial-turn-v3", "disassemble-v3", "door-close-v3", "door-lock-v3",
+    "door-open-v3", "door-unlock-v3", "hand-insert-v3", "drawer-close-v3", "drawer-open-v3", "faucet-open-v3",
+    "faucet-close-v3", "hammer-v3", "handle-press-side-v3", "handle-press-v3", "handle-pull-side-v3",
+    "handle-pull-v3", "lever-pull-v3", "pick-place-wall-v3", "pick-out-of-hole-v3", "pick-place-v3",
+    "plate-slide-v3", "plate-slide-side-v3", "plate-slide-back-v3", "plate-slide-back-side-v3",
+    "peg-insert-side-v3", "peg-unplug-side-v3", "soccer-v3", "stick-push-v3", "stick-pull-v3", "push-v3",
+    "push-wall-v3", "push-back-v3", "reach-v3", "reach-wall-v3", "shelf-place-v3", "sweep-into-v3",
+    "sweep-v3", "window-open-v3", "window-close-v3",
+)
+_MAX_RAND_VEC = 12  # the longest rand_vec of a v3 env is shorter (tests check); task features pad to it
+
+
+@dataclasses.dataclass(frozen=True)
+class MetaWorldTask(Task):
+    """One Meta-World task: the env ``env_name`` with the object and goal positions ``rand_vec``."""
+
+    env_name: str
+    rand_vec: tuple[float, ...]
+
+    def features(self) -> np.ndarray:
+        # What an oracle sees: which env (one-hot over the 50), then its positions, padded to one length.
+        onehot = np.zeros(len(ENV_NAMES))
+        if self.env_name in ENV_NAMES:
+            onehot[ENV_NAMES.index(self.env_name)] = 1.0
+        positions = np.zeros(_MAX_RAND_VEC)
+        positions[: len(self.rand_vec)] = self.rand_vec
+        return np.concatenate([onehot, positions])
+
+
+def family_name(benchmark: str, env_name: str | None = None) -> str:
+    """``ML1-reach-v3`` or ``ML10``: the family's name (its id is ``metarl/<name>-v0``)."""
+    return f"ML1-{env_name}" if benchmark == "ML1" else benchmark
+
+
+# The benchmark's lists per (benchmark, env, seed), built once per process: Meta-World makes them by
+# resetting each env 50 times.
+_LISTS: dict[tuple[str, str | None, int], tuple[tuple[MetaWorldTask, ...], tuple[MetaWorldTask, ...]]] = {}
+
+
+def benchmark_tasks(benchmark: str, env_name: str | None, seed: int) -> tuple[tuple[MetaWorldTask, ...],
+                                                                              tuple[MetaWorldTask, ...]]:
+    """(train, test) tasks of ``metaworld.ML1(env_name, seed)`` or ``metaworld.ML10(seed)`` as metarl tasks."""
+    key = (benchmark, env_name, seed)
+    if key not in _LISTS:
+        import metaworld
+
+        bench = metaworld.ML1(env_name, seed=seed) if benchmark == "ML1" else metaworld.ML10(seed=seed)
+        name = family_name(benchmark, env_name)
+        train = tuple(_from_metaworld(name, t) for t in bench.train_tasks)
+        test = [_from_metaworld(name, t) for t in bench.test_tasks]
+        by_env: dict[str, list[MetaWorldTask]] = {}
+        for task in test:
+            by_env.setdefault(task.env_name, []).append(task)
+        # Round robin over the test envs, so that the first n test tasks cover them evenly.
+        interleaved = tuple(t for group in zip(*by_env.values(), strict=True) for t in group)
+        _LISTS[key] = (train, interleaved)
+    return _LISTS[key]
+
+
+def _from_metaworld(family: str, task: Any) -> MetaWorldTask:
+    data = pickle.loads(task.data)
+    return MetaWorldTask(family, task.env_name, tuple(float(x) for x in np.asarray(data["rand_vec"]).ravel()))
+
+
+class MetaWorldFamily(TaskFamily, gym.Env):
+    """A Meta-World benchmark (ML1 of one env, or ML10) as one task family; see the module docstring.
+
+    Args:
+        benchmark: ``"ML1"`` or ``"ML10"``.
+        env_name: the v3 env of ML1 (e.g. ``"reach-v3"``); None for ML10.
+        seed: seeds Meta-World's train and test lists (the same lists in every process and run).
+        render_mode: passed to the Meta-World env (``"rgb_array"`` for videos).
+    """
+
+    task_type = MetaWorldTask
+    horizon = HORIZON
+    has_ood = False  # the benchmark's tasks are its lists; there is no range to leave
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 80}
+
+    def __init__(self, benchmark: str = "ML1", env_name: str | None = None, seed: int = 0,
+                 render_mode: str | None = None):
+        if benchmark == "ML1":
+            if env_name not in ENV_NAMES:
+                raise TaskError(f"ML1: unknown Meta-World v3 env {env_name!r}; known: {', '.join(ENV_NAMES)}")
+            self._metarl_envs: tuple[str, ...] = (env_name,)
+        elif benchmark == "ML10":
+            from metaworld.env_dict import ML10_V3
+
+            env_name = None
+            self._metarl_envs = tuple(ML10_V3["train"]) + tuple(ML10_V3["test"])
+        else:
+            raise TaskError(f"unknown Meta-World benchmark {benchmark!r}; expected ML1 or ML10")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            raise TaskError(f"{family_name(benchmark, env_name)}: seed must be an integer, got {seed!r}")
+        self._metarl_args = {"benchmark": benchmark, "env_name": env_name, "seed": int(seed),
+                             "render_mode": render_mode}
+        self.family = family_name(benchmark, env_name)
+        self.render_mode = render_mode
+        self._metarl_env: Any = None  # the Meta-World env of the current task
+        self._metarl_env_name: str | None = None
+        first = self._make(self._metarl_envs[0])
+        self.observation_space, self.action_space = first.observation_space, first.action_space
+        self._metarl_env, self._metarl_env_name = first, self._metarl_envs[0]
+        self.set_task(self.default_task())
+
+    # ---- the family ---------------------------------------------------------------------------------
+    def default_task(self) -> MetaWorldTask:
+        """The middle of the first env's position ranges: valid, and in neither of the benchmark's lists (a
+        fresh env runs a task without building the lists, which takes Meta-World 50 resets per env)."""
+        space = self._reset_space(self._metarl_env)
+        middle = (np.asarray(space.low, np.float64) + np.asarray(space.high, np.float64)) / 2
+        return MetaWorldTask(self.family, self._metarl_envs[0], tuple(float(x) for x in middle))
+
+    def _task_list(self, split: str) -> Sequence[MetaWorldTask] | None:
+        if split not in ("train", "test"):
+            return None
+        args = self._metarl_args
+        train, test = benchmark_tasks(args["benchmark"], args["env_name"], args["seed"])
+        return train if split == "train" else test
+
+    def _validate_task(self, task: MetaWorldTask) -> None:
+        if task.env_name not in self._metarl_envs:
+            raise TaskError(f"{self.family}: env {task.env_name!r} is not one of this benchmark's "
+                            f"({', '.join(self._metarl_envs)})")
+
+    def _apply_task(self, task: MetaWorldTask) -> None:
+        import metaworld
+
+        env = self._metarl_env if task.env_name == self._metarl_env_name else self._make(task.env_name)
+        space = self._reset_space(env)
+        vec = np.asarray(task.rand_vec, np.float64)
+        if vec.shape != space.low.shape or np.any(vec < space.low - 1e-9) or np.any(vec > space.high + 1e-9):
+            if env is not self._metarl_env:
+                env.close()
+            raise TaskError(f"{self.family}: rand_vec of {task.env_name} must hold {space.low.size} values within "
+                            f"{np.round(space.low, 3).tolist()} .. {np.round(space.high, 3).tolist()}, got "
+                            f"{list(task.rand_vec)}")
+        if env is not self._metarl_env:
+            # Keep one Meta-World env per family: ML10 slots switch envs, and 15 MuJoCo models per slot add up.
+            self._metarl_env.close()
+            self._metarl_env, self._metarl_env_name = env, task.env_name
+        data = {"rand_vec": vec, "env_cls": type(env), "partially_observable": True}  # ML: the goal is hidden
+        env.set_task(metaworld.Task(env_name=task.env_name, data=pickle.dumps(data)))
+
+    def _make(self, env_name: str) -> Any:
+        from metaworld.env_dict import ALL_V3_ENVIRONMENTS
+
+        env = ALL_V3_ENVIRONMENTS[env_name](render_mode=self.render_mode)
+        if self._metarl_env is not None and (env.observation_space != self.observation_space
+                                             or env.action_space != self.action_space):
+            env.close()
+            raise TaskError(f"{self.family}: {env_name} has other observation or action spaces than "
+                            f"{self._metarl_envs[0]}; one family cannot switch between them")
+        return env
+
+    @staticmethod
+    def _reset_space(env: Any) -> Any:
+        return env._random_reset_space  # the box Meta-World draws each env's rand_vec from
+
+    # ---- the env ------------------------------------------------------------------------------------
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        super().reset(seed=seed)  # Meta-World's reset ignores seeds; with its task set it draws nothing
+        obs, info = self._metarl_env.reset()
+        return obs, info
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self._metarl_env.step(np.asarray(action, np.float32))
+        return obs, float(reward), bool(terminated), bool(truncated), info
+
+    def render(self):
+        return self._metarl_env.render()
+
+    def close(self) -> None:
+        if self._metarl_env is not None:
+            self._metarl_env.close()
+
+    # Pickled as its constructor's arguments and its task (the Meta-World env pickles its MuJoCo model path).
+    def __getstate__(self) -> dict[str, Any]:
+        return {"args": dict(self._metarl_args), "_metarl_task": self._metarl_task}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(**state["args"])
+        if state.get("_metarl_task") is not None:
+            self.set_task(state["_metarl_task"])
+
+
+def ML1(env_name: str, seed: int = 0, render_mode: str | None = None) -> MetaWorldFamily:
+    """The ML1 family of one Meta-World v3 env (entry point of ``metarl/ML1-<env>-v0``)."""
+    return MetaWorldFamily("ML1", env_name, seed=seed, render_mode=render_mode)
+
+
+def ML10(seed: int = 0, render_mode: str | None = None) -> MetaWorldFamily:
+    """The ML10 family (entry point of ``metarl/ML10-v0``)."""
+    return MetaWorldFamily("ML10", None, seed=seed, render_mode=render_mode)
+
+
+def installed() -> bool:
+    """Whether metaworld is importable (found without importing it)."""
+    return importlib.util.find_spec("metaworld") is not None
+
+
+def missing_extra(name_or_id: str) -> bool:
+    """Whether ``name_or_id`` names a Meta-World family (``ML1-reach-v3``, ``metarl/ML10-v0``) that is not
+    registered because metaworld is not installed."""
+    if installed():
+        return False
+    ids = family_ids()
+    return name_or_id in ids or name_or_id in ids.values()
+
+
+def family_ids() -> dict[str, str]:
+    """Family name -> Gymnasium id of every Meta-World family (``ML1-reach-v3`` -> ``metarl/ML1-reach-v3-v0``)."""
+    names = [family_name("ML1", name) for name in ENV_NAMES] + ["ML10"]
+    return {name: f"metarl/{name}-v0" for name in names}
+
+
+def register() -> None:
+    """Register the Meta-World families with Gymnasium (idempotent); called by `metarl.envs.register_envs`
+    where metaworld is importable.
+
+    Gymnasium's passive checker is off for them: it warns on every ``make`` that the (hidden, always zero)
+    goal's bounds are equal; ``metarl check`` runs Gymnasium's full checker on them instead."""
+    for name, gid in family_ids().items():
+        if gid in gym.registry:
+            continue
+        entry = "metarl.envs.meta_world:" + ("ML10" if name == "ML10" else "ML1")
+        kwargs = {} if name == "ML10" else {"env_name": name[len("ML1-"):]}
+        gym.register(gid, entry_point=entry, max_episode_steps=HORIZON, kwargs=kwargs, disable_env_checker=True)

@@ -1,0 +1,267 @@
+"""Meta-World's ML1 and ML10 as metarl task families (envs/meta_world.py; the ``metaworld`` extra).
+
+Run in the extra's venv (scripts/test_metaworld.sh makes ``.venv-metaworld``: metaworld 3.1.1, which pins
+mujoco 3.3.0); the base venv skips this file. What is pinned here:
+
+* the families' tasks are Meta-World's own train and test lists (``metaworld.ML1(env, seed)``,
+  ``metaworld.ML10(seed)``), seeded, fixed, disjoint; ML10's test envs are not its train envs;
+* every v3 env observes 39 values and acts with 4 (so one family can switch envs), steps end at 500;
+* a task changes the goal (rewards) and, in ML10, the env; episodes are a function of task and actions;
+* bad tasks are one clear line and leave the current task in place;
+* ``metarl check`` passes with no ``--skip``; the gymnasium sampler backend records ``info["success"]``, the
+  native one refuses in one line and ``auto`` picks gymnasium; a real ``metarl train`` run reports success
+  rates per stage in summary.json.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pytest
+
+metaworld = pytest.importorskip("metaworld")
+
+import metarl  # noqa: E402
+from metarl.checks import check_family  # noqa: E402
+from metarl.envs.meta_world import ENV_NAMES, MetaWorldTask, benchmark_tasks, family_ids  # noqa: E402
+from metarl.sampling import Sampler  # noqa: E402
+from metarl.tasks import Task, TaskError  # noqa: E402
+
+REACH = "metarl/ML1-reach-v3-v0"
+
+
+@pytest.fixture(scope="module")
+def reach():
+    env = metarl.make_family("ML1-reach-v3")
+    yield env, metarl.family_of(env)
+    env.close()
+
+
+@pytest.fixture(scope="module")
+def ml10():
+    env = metarl.make_family("ML10")
+    yield env, metarl.family_of(env)
+    env.close()
+
+
+def _episode(env, actions, seed=0):
+    obs, _ = env.reset(seed=seed)
+    seen, rewards, success, truncated = [obs], [], [], False
+    for action in actions:
+        obs, reward, terminated, truncated, info = env.step(action)
+        seen.append(obs)
+        rewards.append(reward)
+        success.append(info["success"])
+        if terminated or truncated:
+            break
+    return np.stack(seen), np.array(rewards), np.array(success), truncated
+
+
+def _actions(n, seed=0):
+    return np.random.default_rng(seed).uniform(-1, 1, size=(n, 4)).astype(np.float32)
+
+
+# ---- what is registered -----------------------------------------------------------------------------------
+def test_the_families_cover_metaworlds_v3_envs_and_are_registered():
+    assert ENV_NAMES == tuple(metaworld.ML1.ENV_NAMES)
+    assert set(family_ids().values()) <= set(gym.registry)
+    assert metarl.resolve_id("ML1-push-v3") == "metarl/ML1-push-v3-v0" and metarl.resolve_id("ML10") == "metarl/ML10-v0"
+    assert gym.registry[REACH].max_episode_steps == 500  # Meta-World's max_path_length
+
+
+def test_every_v3_env_observes_39_values_and_acts_with_4():
+    """The fact that lets one family switch envs (ML10), and the rand_vec padding of task features."""
+    from metaworld.env_dict import ALL_V3_ENVIRONMENTS
+
+    spaces = set()
+    for name in ENV_NAMES:
+        env = ALL_V3_ENVIRONMENTS[name]()
+        obs, act = env.observation_space, env.action_space
+        spaces.add((obs.shape, act.shape, obs.low.tobytes(), obs.high.tobytes(), act.low.tobytes(), act.high.tobytes()))
+        assert env._random_reset_space.low.size <= 12, name
+        env.close()
+    (only,) = spaces
+    assert only[:2] == ((39,), (4,))
+
+
+# ---- ML1 --------------------------------------------------------------------------------------------------
+def test_ml1_splits_are_metaworlds_seeded_lists(reach):
+    _, fam = reach
+    bench = metaworld.ML1("reach-v3", seed=0)
+    train, test = fam._task_list("train"), fam.heldout_tasks("test")
+    for ours, theirs in ((train, bench.train_tasks), (test, bench.test_tasks)):
+        np.testing.assert_array_equal(np.array([t.rand_vec for t in ours]),  # bit for bit
+                                      np.array([pickle.loads(t.data)["rand_vec"] for t in theirs]))
+    assert len(train) == len(test) == 50 and not set(train) & set(test)
+    assert fam.sample_tasks(50, "test") == list(fam.heldout_tasks("test"))
+    draws = fam.sample_tasks(60, "train", seed=3)
+    assert draws == fam.sample_tasks(60, "train", seed=3) != fam.sample_tasks(60, "train", seed=4)
+    assert set(draws[:50]) == set(train)  # every train goal once before any twice, never a test goal
+    with pytest.raises(TaskError, match="no 'ood' split"):
+        fam.sample_tasks(1, "ood")
+
+
+def test_the_benchmark_seed_changes_the_lists_and_nothing_else():
+    a, b = benchmark_tasks("ML1", "reach-v3", 0), benchmark_tasks("ML1", "reach-v3", 1)
+    assert a[0] != b[0] and a[1] != b[1]
+    # Meta-World draws ML1's test goals with seed + 1: seed 1's train goals are seed 0's test goals.
+    assert [t.rand_vec for t in a[1]] == [t.rand_vec for t in b[0]]
+    fam = metarl.family_of(gym.make(REACH, seed=1))
+    assert fam.heldout_tasks("test") == b[1]
+
+
+def test_ml1_tasks_change_the_goal_and_episodes_are_deterministic(reach):
+    env, fam = reach
+    t0, t1 = fam.sample_tasks(2, "test")
+    actions = _actions(60)
+    fam.set_task(t0)
+    first = _episode(env, actions, seed=0)
+    again = _episode(env, actions, seed=123)  # Meta-World's reset ignores the seed and draws nothing
+    fresh = metarl.make_family("ML1-reach-v3")
+    metarl.family_of(fresh).set_task(t0)
+    other_env = _episode(fresh, actions, seed=0)
+    for a, b in zip(first[:3], again[:3], strict=True):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(first[:3], other_env[:3], strict=True):
+        np.testing.assert_array_equal(a, b)
+    fam.set_task(t1)
+    moved = _episode(env, actions, seed=0)
+    assert not np.array_equal(first[1], moved[1])  # another goal: other rewards for the same actions
+    np.testing.assert_array_equal(first[0][:, 36:], 0.0)  # the ML benchmarks hide the goal
+
+
+def test_reset_and_step_shapes_and_the_500_step_horizon(reach):
+    env, fam = reach
+    fam.set_task(fam.sample_tasks(1, "test")[0])
+    obs, info = env.reset(seed=0)
+    assert obs.shape == (39,) and obs.dtype == np.float64 and env.observation_space.contains(obs)
+    assert env.action_space.shape == (4,)
+    seen, rewards, success, truncated = _episode(env, _actions(600))
+    assert len(rewards) == 500 and truncated
+    assert set(np.unique(success)) <= {0.0, 1.0}
+
+
+def test_bad_tasks_are_one_clear_line_and_keep_the_task(reach):
+    _, fam = reach
+    good = fam.sample_tasks(1, "test")[0]
+    fam.set_task(good)
+    bad = [
+        (MetaWorldTask("ML1-reach-v3", "push-v3", good.rand_vec), "is not one of this benchmark's"),
+        (MetaWorldTask("ML1-reach-v3", "reach-v3", good.rand_vec[:3]), "must hold 6 values"),
+        (MetaWorldTask("ML1-reach-v3", "reach-v3", (9.0,) * 6), "must hold 6 values within"),
+        (MetaWorldTask("ML1-push-v3", "push-v3", good.rand_vec), "cannot run a task of family"),
+    ]
+    for task, message in bad:
+        with pytest.raises(TaskError, match=message) as err:
+            fam.set_task(task)
+        assert "\n" not in str(err.value)
+        assert fam.task == good
+    with pytest.raises(TaskError, match="unknown Meta-World v3 env 'reach-v9'"):
+        gym.make("metarl/ML1-reach-v3-v0", env_name="reach-v9")
+
+
+def test_tasks_round_trip_through_json_and_pickle(reach):
+    env, fam = reach
+    task = fam.sample_tasks(1, "test")[0]
+    assert Task.from_dict(json.loads(json.dumps(task.to_dict()))) == task
+    fam.set_task(task)
+    clone = pickle.loads(pickle.dumps(fam))
+    assert clone.task == task
+    actions = _actions(20)
+    a, b = _episode(env.unwrapped, actions), _episode(clone, actions)
+    np.testing.assert_array_equal(a[0], b[0])
+
+
+def test_metarl_check_passes_with_no_skip():
+    """The family wraps the Meta-World env, so SB3's checker sees no compute_reward (no GoalEnv, no --skip)."""
+    passed = check_family(REACH, steps=20)
+    assert "stable-baselines3 env checker" in passed and "gymnasium env checker" in passed
+
+
+# ---- ML10 -------------------------------------------------------------------------------------------------
+def test_ml10_trains_on_ten_envs_and_tests_on_five_others(ml10):
+    env, fam = ml10
+    from metaworld.env_dict import ML10_V3
+
+    train, test = fam._task_list("train"), fam.heldout_tasks("test")
+    assert len(train) == 500 and len(test) == 250
+    assert {t.env_name for t in train} == set(ML10_V3["train"])
+    assert {t.env_name for t in test} == set(ML10_V3["test"])
+    assert [t.env_name for t in test[:5]] == list(ML10_V3["test"])  # interleaved: the first 5 are the 5 envs
+    assert len(set(train)) == 500 and len(set(test)) == 250  # distinct goals (Meta-World's list: as ML1, above)
+    assert {t.env_name for t in fam.sample_tasks(20, "train", seed=0)} <= set(ML10_V3["train"])
+
+
+def test_an_ml10_task_switches_the_metaworld_env(ml10):
+    env, fam = ml10
+    t0, t1 = fam.sample_tasks(2, "test")  # drawer-open, door-close
+    fam.set_task(t0)
+    assert type(fam._metarl_env).__name__ == "SawyerDrawerOpenEnvV3"
+    a = _episode(env, _actions(30))
+    fam.set_task(t1)
+    assert type(fam._metarl_env).__name__ == "SawyerDoorCloseEnvV3"
+    b = _episode(env, _actions(30))
+    assert a[0].shape == b[0].shape == (31, 39) and not np.array_equal(a[0], b[0])
+    fam.set_task(t0)
+    np.testing.assert_array_equal(_episode(env, _actions(30))[0], a[0])  # back again: the same episode
+    assert pickle.loads(pickle.dumps(fam)).task == t0
+
+
+# ---- samplers and a real run ------------------------------------------------------------------------------
+class _Towards:
+    """An actor that moves the hand along a fixed direction (a deterministic, task-blind policy)."""
+
+    def start(self, task_indices, slots):
+        pass
+
+    def act(self, obs):
+        out = np.zeros((*np.asarray(obs).shape[:2], 4), np.float32)
+        out[..., 1] = 1.0
+        return out
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_the_gymnasium_sampler_records_success(reach, workers):
+    _, fam = reach
+    tasks = fam.sample_tasks(2, "test")
+    with Sampler(REACH, workers=workers, backend="auto") as sampler, sampler.recording() as calls:
+        assert sampler.backend == "gymnasium"
+        batch = sampler.sample(_Towards(), tasks, 1, seed=0)
+    assert batch.success is not None and batch.success.shape == (2, 1)
+    assert calls[0].success.tolist() == batch.success.tolist()
+    assert np.asarray(batch.returns).shape == (2, 1)
+
+
+def test_the_native_backend_refuses_in_one_line():
+    with pytest.raises(TaskError, match="native sampler backend does not run this env") as err:
+        Sampler(REACH, workers=0, backend="native")
+    assert "\n" not in str(err.value)
+
+
+TINY = {  # one iteration of the shipped configs, at toy sizes
+    "maml_trpo": ["agent.tasks_per_batch=2", "agent.episodes_per_task=1", "eval.steps=1"],
+    "rl2": ["agent.tasks_per_batch=2", "agent.episodes_per_trial=2", "agent.epochs=1", "eval.steps=1"],
+}
+
+
+@pytest.mark.parametrize("agent", sorted(TINY))
+def test_a_real_train_run_reports_success_rates(tmp_path, agent):
+    script = Path(sys.executable).parent / "metarl"
+    run = tmp_path / "run"
+    config = Path(__file__).parents[1] / "experiments" / agent / "ml1_reach.yaml"
+    done = subprocess.run([str(script), "train", str(config), "iterations=1", *TINY[agent], "eval.tasks=2",
+                           "eval.episodes=1", "eval.every=0", "sampler.workers=0", "--run-dir", str(run), "--quiet"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = json.loads((run / "eval" / "test" / "summary.json").read_text())
+    assert summary["family"] == "ML1-reach-v3" and summary["horizon"] == 500 and len(summary["stages"]) == 2
+    for stage in summary["stages"]:
+        assert 0.0 <= stage["success_rate"] <= 1.0 and len(stage["per_task_success"]) == 2
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert "meta/success_rate_stage0" in rows[-1]
