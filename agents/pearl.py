@@ -88,6 +88,9 @@ class PEARLConfig:
     policy_std_reg: float = 1e-3
     replay_size: int = 1_000_000      # transitions kept per task (oldest overwritten)
     deterministic_eval: bool = True   # act with the policy's mean at evaluation (eval_deterministic)
+    # torch threads during the gradient steps (0: torch's default). On the shared 2-core machine the update
+    # ran 5-10x faster on one thread than on two (experiments/results/pearl_speed.json).
+    update_threads: int = 0
 
     @property
     def episodes_per_task(self) -> int:
@@ -100,7 +103,8 @@ class PEARLConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"agent.{name} must be a positive integer, got {value!r}")
-        for name in ("initial_episodes", "prior_episodes", "posterior_episodes", "extra_posterior_episodes"):
+        for name in ("initial_episodes", "prior_episodes", "posterior_episodes", "extra_posterior_episodes",
+                     "update_threads"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"agent.{name} must be an integer >= 0, got {value!r}")
@@ -430,9 +434,10 @@ class PEARL:
         self.q2_target.load_state_dict(self.q2.state_dict())
         self.log_alpha = torch.zeros(1, requires_grad=True)
         self.target_entropy = -float(a)
-        self.policy_opt = torch.optim.Adam(self.policy.parameters(), lr=c.lr)
+        # foreach: one multi-tensor kernel per Adam operation instead of one per parameter (on the CPU too)
+        self.policy_opt = torch.optim.Adam(self.policy.parameters(), lr=c.lr, foreach=True)
         self.critic_opt = torch.optim.Adam([*self.q1.parameters(), *self.q2.parameters(), *self.encoder.parameters()],
-                                           lr=c.lr)
+                                           lr=c.lr, foreach=True)
         self.alpha_opt = torch.optim.Adam([self.log_alpha], lr=c.lr)
         self.replay = [TaskBuffer(o, a, c.replay_size) for _ in range(c.num_train_tasks)]
         self.context_buffers = [TaskBuffer(o, a, c.replay_size) for _ in range(c.num_train_tasks)]
@@ -542,10 +547,9 @@ class PEARL:
             self.alpha_opt.zero_grad()
             losses["alpha"].backward()
             self.alpha_opt.step()
-        with torch.no_grad():  # Polyak averaging of the target networks
-            for net, target in ((self.q1, self.q1_target), (self.q2, self.q2_target)):
-                for p, tp in zip(net.parameters(), target.parameters(), strict=True):
-                    tp.mul_(1 - c.tau).add_(p, alpha=c.tau)
+        with torch.no_grad():  # Polyak averaging of the target networks: target += tau (online - target)
+            targets = [*self.q1_target.parameters(), *self.q2_target.parameters()]
+            torch._foreach_lerp_(targets, [*self.q1.parameters(), *self.q2.parameters()], c.tau)
         return {k: float(v.detach()) for k, v in losses.items()}
 
     # -- the protocol ------------------------------------------------------------------------------------
@@ -580,10 +584,16 @@ class PEARL:
         ready = [i for i in range(c.num_train_tasks) if self.replay[i].size and self.context_buffers[i].size]
         stats: dict[str, list[float]] = {}
         t1 = time.perf_counter()
-        for _ in range(c.train_steps):
-            pool_idx = [ready[k] for k in self.rng.integers(0, len(ready), c.meta_batch)]  # with replacement
-            for key, value in self.update(pool_idx).items():
-                stats.setdefault(key, []).append(value)
+        threads = torch.get_num_threads()
+        if c.update_threads:
+            torch.set_num_threads(c.update_threads)
+        try:
+            for _ in range(c.train_steps):
+                pool_idx = [ready[k] for k in self.rng.integers(0, len(ready), c.meta_batch)]  # with replacement
+                for key, value in self.update(pool_idx).items():
+                    stats.setdefault(key, []).append(value)
+        finally:
+            torch.set_num_threads(threads)
         update_time = time.perf_counter() - t1
         self.iteration += 1
         total = time.perf_counter() - t0
