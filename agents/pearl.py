@@ -159,18 +159,25 @@ def kl_to_unit(mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
     return 0.5 * (var + mean.pow(2) - 1.0 - torch.log(var))
 
 
-class ContextEncoder(nn.Module):
+class TwoHeads(nn.Module):
+    """An `mlp` whose output is two halves of ``size`` each (a Gaussian's two parameters)."""
+
+    def __init__(self, in_dim: int, hidden: tuple[int, ...], size: int):
+        super().__init__()
+        self.size = size
+        self.net = mlp(in_dim, hidden, 2 * size)
+
+    def halves(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.net(x)
+        return out[..., :self.size], out[..., self.size:]
+
+
+class ContextEncoder(TwoHeads):
     """(o, a, r) -> a Gaussian factor per transition: mean and variance (softplus, floored at 1e-7)."""
 
-    def __init__(self, in_dim: int, hidden: tuple[int, ...], latent_dim: int):
-        super().__init__()
-        self.latent_dim = latent_dim
-        self.net = mlp(in_dim, hidden, 2 * latent_dim)
-
     def factors(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.net(context)
-        d = self.latent_dim
-        return out[..., :d], nn.functional.softplus(out[..., d:]).clamp_min(1e-7)
+        mu, raw = self.halves(context)
+        return mu, nn.functional.softplus(raw).clamp_min(1e-7)
 
     def posterior(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``context [..., n, in]`` -> posterior mean and variance ``[..., latent]``."""
@@ -182,18 +189,13 @@ def tanh_log_det(u: torch.Tensor) -> torch.Tensor:
     return (2.0 * (math.log(2.0) - u - nn.functional.softplus(-2.0 * u))).sum(-1)
 
 
-class TanhGaussianPolicy(nn.Module):
+class TanhGaussianPolicy(TwoHeads):
     """a = tanh(u), u ~ N(mean(o, z), std(o, z)^2): actions in [-1, 1]^act_dim (the actor maps them onto
     the env's box)."""
 
-    def __init__(self, in_dim: int, hidden: tuple[int, ...], act_dim: int):
-        super().__init__()
-        self.act_dim = act_dim
-        self.net = mlp(in_dim, hidden, 2 * act_dim)
-
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.net(x)
-        return out[..., :self.act_dim], out[..., self.act_dim:].clamp(LOG_STD_MIN, LOG_STD_MAX)
+        mean, log_std = self.halves(x)
+        return mean, log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
 
     def sample(self, x: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Reparameterised action for standard-normal ``noise``: (action, log-prob, pre-tanh mean, log-std)."""
