@@ -94,7 +94,9 @@ class MetaLearner:
 
         MAML-TRPO: ``steps`` gradient steps, each on ``episodes`` fresh episodes of the policy so far
         (defaults: the run's ``eval.steps`` and ``eval.episodes``). RL²: one trial of ``steps`` episodes; the
-        returned policy carries the hidden state on from its end (``episodes`` is not used). ``steps=0``
+        returned policy carries the hidden state on from its end (``episodes`` is not used). PEARL: ``steps``
+        context episodes, z drawn from their posterior; the policy keeps adding context and re-inferring z
+        after each episode while it acts. ``steps=0``
         gives the unadapted policy. Episodes are cut at ``horizon`` (default: the env's time limit, else its
         family's horizon). ``env`` is reset with seeds derived from ``seed`` and is not closed."""
         e = self.config.eval
