@@ -208,7 +208,9 @@ class TanhGaussianPolicy(TwoHeads):
 # ---- the replay ------------------------------------------------------------------------------------------
 class TaskBuffer:
     """One task's transitions (o, a in policy units, r, o', terminated) in a ring of ``capacity`` rows that
-    grows by doubling as it fills (a pool of 100 tasks does not allocate 100 x 1e6 rows up front)."""
+    grows by doubling as it fills (a pool of 100 tasks does not allocate 100 x 1e6 rows up front). Until it
+    reaches ``capacity`` its rows are in insertion order at ``[0, size)``; from then on ``top`` is the next
+    row to overwrite."""
 
     FIELDS = ("obs", "actions", "rewards", "next_obs", "terminals")
 
@@ -232,7 +234,7 @@ class TaskBuffer:
                 new = np.zeros((grown, *v.shape[1:]), np.float32)
                 new[:self.size] = v[:self.size]
                 self.data[k] = new
-            allocated = grown
+            allocated, self.top = grown, self.size  # below capacity the rows are [0, size): append after them
         at = (self.top + np.arange(n)) % allocated
         for k, v in rows.items():
             self.data[k][at] = v
@@ -246,18 +248,15 @@ class TaskBuffer:
         return {k: v[idx] for k, v in self.data.items()}
 
     def state(self) -> dict[str, Any]:
-        # rows in insertion order (oldest first), so a loaded buffer continues exactly
-        if self.size < len(self.data["rewards"]):
-            order = np.arange(self.size)
-        else:
-            order = (self.top + np.arange(self.size)) % self.size
-        return {"size": self.size, **{k: torch.from_numpy(v[order].copy()) for k, v in self.data.items()}}
+        """The rows ``[0, size)`` as they lie (views, no copy) and ``top``: a loaded buffer samples and
+        overwrites the same rows as this one."""
+        return {"size": self.size, "top": self.top, **{k: torch.from_numpy(v[:self.size]) for k, v in self.data.items()}}
 
     def load(self, state: dict[str, Any]) -> None:
-        self.clear()
-        self.data = {k: np.zeros((0, d) if d else (0,), np.float32) for k, d in self.dims.items()}
-        if int(state["size"]):
-            self.add({k: state[k].numpy() for k in self.FIELDS})
+        self.size, self.top = int(state["size"]), int(state["top"])
+        self.data = {k: state[k].numpy().astype(np.float32, copy=True) for k in self.FIELDS}
+        if self.size < self.capacity:
+            self.top = self.size  # (equal already, unless the rows filled their allocation exactly)
 
 
 def transitions(batch: EpisodeBatch, task: int, low: np.ndarray, high: np.ndarray) -> dict[str, np.ndarray]:

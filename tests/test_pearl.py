@@ -152,11 +152,21 @@ def test_task_buffer_ring_and_round_trip():
     assert buf.size == 4 and sorted(buf.data["rewards"].tolist()) == [2, 10, 11, 12]  # the oldest two overwritten
     copy = TaskBuffer(1, 1, capacity=4)
     copy.load(buf.state())
-    assert copy.state()["rewards"].tolist() == buf.state()["rewards"].tolist() == [2, 10, 11, 12]  # oldest first
+    assert copy.state()["rewards"].tolist() == buf.state()["rewards"].tolist() == [11, 12, 2, 10]  # the ring as it lies
     buf.add({**rows(1), "rewards": np.array([20.0], np.float32)})
     copy.add({**rows(1), "rewards": np.array([20.0], np.float32)})
-    assert sorted(copy.data["rewards"].tolist()) == sorted(buf.data["rewards"].tolist()) == [10, 11, 12, 20]
+    assert copy.data["rewards"].tolist() == buf.data["rewards"].tolist() == [11, 12, 20, 10]  # the oldest (2) went
     assert set(buf.sample(np.random.default_rng(0), 50)["rewards"].tolist()) == {10, 11, 12, 20}
+    # a buffer whose rows exactly fill their allocation grows and appends after them (nothing overwritten)
+    grow = TaskBuffer(1, 1, capacity=10_000)
+    grow.add({**rows(1024), "rewards": np.arange(1024, dtype=np.float32)})
+    grow.add({**rows(400), "rewards": np.arange(1024, 1424, dtype=np.float32)})
+    assert grow.size == 1424 and np.array_equal(grow.data["rewards"][:1424], np.arange(1424))
+    loaded = TaskBuffer(1, 1, capacity=10_000)
+    loaded.load(grow.state())
+    for b in (grow, loaded):
+        b.add({**rows(2), "rewards": np.array([-1.0, -2.0], np.float32)})
+    assert np.array_equal(loaded.data["rewards"][:1426], grow.data["rewards"][:1426])
     buf.clear()
     with pytest.raises(RuntimeError, match="empty"):
         buf.sample(np.random.default_rng(0), 1)
