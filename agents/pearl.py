@@ -354,11 +354,9 @@ class PEARLActor:
         rows = np.concatenate([self._last, r], 1)
         for s in range(len(rows)):
             self._context[s].append(rows[s])
-        ended = np.flatnonzero(np.asarray(dones).reshape(-1))
-        if len(ended):
-            n, slots = self._shape
-            for s in ended.tolist():
-                self.z[s] = self._posterior_sample(s, self._generators[s // slots])
+        slots = self._shape[1]
+        for s in np.flatnonzero(np.asarray(dones).reshape(-1)).tolist():  # an episode ended: z from the posterior
+            self.z[s] = self._posterior_sample(s, self._generators[s // slots])
 
     def _posterior_sample(self, s: int, g: np.random.Generator) -> np.ndarray:
         mean, var = self.posterior(s)
@@ -377,11 +375,9 @@ class PEARLActor:
 
     def context(self) -> dict[str, torch.Tensor]:
         """The transitions collected so far and the latent (slot 0): what `metarl.api` saves."""
-        rows = np.stack(self._context[0]) if self._context[0] else np.zeros((0, self.policy_in_context()), np.float32)
+        width = self.policy["net.0.weight"].shape[1] - self.latent_dim + self.act_dim + 1  # (o, a, r)
+        rows = np.stack(self._context[0]) if self._context[0] else np.zeros((0, width), np.float32)
         return {"context": torch.from_numpy(rows.astype(np.float32)), "z": torch.from_numpy(self.z[0].copy())}
-
-    def policy_in_context(self) -> int:
-        return self.encoder["net.0.weight"].shape[1] if self.encoder is not None else 0
 
     def set_context(self, context: dict[str, torch.Tensor]) -> None:
         self._context[0] = list(context["context"].numpy())
