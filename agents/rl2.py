@@ -31,7 +31,7 @@ from torch import nn
 
 from metarl.agents.policies import DiagGaussian, numpy_task_generators
 from metarl.episodes import EpisodeBatch
-from metarl.evaluation import AdaptationResult
+from metarl.evaluation import AdaptationResult, trial_result
 from metarl.returns import discounted_returns, gae
 from metarl.system import keep_freed_memory
 from metarl.tasks import Task, TaskError
@@ -661,18 +661,7 @@ class RL2:
         K = steps + 1
         (plan,) = self.adaptation_rollouts(tasks, steps, episodes, seed)
         batch = self.sampler.sample(plan.actor, tasks, plan.episodes, plan.seed, episodes_per_trial=K)
-        n = len(tasks)
-        returns = batch.returns.reshape(n, episodes, K)
-        lengths = batch.lengths.reshape(n, episodes, K)
-        before = torch.cat([torch.zeros(n, episodes, 1), torch.cumsum(lengths, -1)[..., :-1]], -1)
-        within = batch.binned_returns()  # [n, episodes * K, bins]; episode k of a trial is stage k
-        return AdaptationResult(
-            tasks=list(tasks),
-            returns=returns.mean(1).numpy(),
-            adapt_episodes=list(range(K)),
-            adapt_env_steps=[float(x) for x in before.mean((0, 1))],
-            within_episode=within.reshape(n, episodes, K, -1).mean(1).numpy(),
-        )
+        return trial_result(tasks, batch, episodes, K)
 
     def adaptation_rollouts(self, tasks: list[Task], steps: int, episodes: int, seed: int) -> list[StageRollout]:
         """How `evaluate_adaptation` with the same arguments samples (for `metarl.video` to replay): one call

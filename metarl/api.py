@@ -98,7 +98,9 @@ class MetaLearner:
 
         MAML-TRPO: ``steps`` gradient steps, each on ``episodes`` fresh episodes of the policy so far
         (defaults: the run's ``eval.steps`` and ``eval.episodes``). RL²: one trial of ``steps`` episodes; the
-        returned policy carries the hidden state on from its end (``episodes`` is not used). ``steps=0``
+        returned policy carries the hidden state on from its end (``episodes`` is not used). PEARL: ``steps``
+        context episodes, z drawn from their posterior; the policy keeps adding context and re-inferring z
+        after each episode while it acts. ``steps=0``
         gives the unadapted policy. Episodes are cut at ``horizon`` (default: the env's time limit, else its
         family's horizon). ``env`` is reset with seeds derived from ``seed`` and is not closed."""
         e = self.config.eval
@@ -270,6 +272,7 @@ def _task_of(env: gym.Env) -> Any:
 
 
 def _actor_state(actor: Any) -> dict[str, Any]:
+    from metarl.agents.pearl import PEARLActor
     from metarl.agents.policies import GaussianActor
     from metarl.agents.rl2 import RL2Actor
 
@@ -281,10 +284,15 @@ def _actor_state(actor: Any) -> dict[str, Any]:
         rms = None if actor.obs_rms is None else actor.obs_rms.state()
         return {"kind": "rl2", "model_config": dict(actor.model_config), "state_dict": dict(actor.state_dict),
                 "obs_rms": rms, "reward_scale": actor.reward_scale, "seed": actor.seed, **actor.context()}
+    if isinstance(actor, PEARLActor):
+        return {"kind": "pearl", "policy": dict(actor.policy), "encoder": dict(actor.encoder or {}),
+                "act_dim": actor.act_dim, "latent_dim": actor.latent_dim, "low": torch.from_numpy(actor.low),
+                "high": torch.from_numpy(actor.high), "seed": actor.seed, **actor.context()}
     raise TypeError(f"cannot save an adapted {type(actor).__name__}")
 
 
 def _actor_from_state(state: dict[str, Any]) -> Any:
+    from metarl.agents.pearl import PEARLActor
     from metarl.agents.policies import GaussianActor
     from metarl.agents.rl2 import RL2Actor, RunningMeanStd
 
@@ -298,6 +306,12 @@ def _actor_from_state(state: dict[str, Any]) -> Any:
             rms = RunningMeanStd(tuple(state["obs_rms"]["mean"].shape))
             rms.load(state["obs_rms"])
         actor = RL2Actor(state["model_config"], state["state_dict"], rms, state["reward_scale"], seed=state["seed"])
+        actor.start([0], 1)
+        actor.set_context(state)
+        return actor
+    if state["kind"] == "pearl":
+        actor = PEARLActor(state["policy"], state["encoder"], state["act_dim"], state["latent_dim"],
+                           state["low"].numpy(), state["high"].numpy(), seed=state["seed"], infer=True)
         actor.start([0], 1)
         actor.set_context(state)
         return actor

@@ -18,7 +18,7 @@ A suite lists task families, methods and seeds, and the evaluation protocol they
       oracle: {pretrain_steps: 20000}
       random: {}
 
-Methods: ``maml_trpo`` and ``rl2`` (meta-trained from their experiment config, then evaluated), and the
+Methods: ``maml_trpo``, ``rl2`` and ``pearl`` (meta-trained from their experiment config, then evaluated), and the
 Stable-Baselines3 baselines of `metarl.agents.sb3_baselines`: ``ppo_scratch``, ``sac_scratch``,
 ``ppo_multitask``, ``sac_multitask``, ``oracle`` (PPO given the task parameters) and ``random``. A family
 entry may override the protocol, the env's keyword arguments and any method's options for that family.
@@ -70,6 +70,7 @@ from metarl.tasks import TaskError, episode_limit
 METHODS: dict[str, tuple[str, str]] = {
     "maml_trpo": ("meta", "maml_trpo"),
     "rl2": ("meta", "rl2"),
+    "pearl": ("meta", "pearl"),
     "ppo_scratch": ("scratch", "ppo"),
     "sac_scratch": ("scratch", "sac"),
     "ppo_multitask": ("multitask", "ppo"),

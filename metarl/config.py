@@ -38,6 +38,7 @@ AGENTS: dict[str, str] = {
     # name -> "module:Class"; the class has `config_class` (a frozen dataclass) and the agent protocol.
     "maml_trpo": "metarl.agents.maml_trpo:MAMLTRPO",
     "rl2": "metarl.agents.rl2:RL2",
+    "pearl": "metarl.agents.pearl:PEARL",
 }
 
 

@@ -178,13 +178,15 @@ def test_oracle_uses_the_task_it_is_told_and_beats_random():
 def _trimmed_smoke(out) -> dict:
     """experiments/benchmarks/smoke.yaml with every budget cut to seconds."""
     data = yaml.safe_load(open("experiments/benchmarks/smoke.yaml"))
-    assert set(data["methods"]) == {"maml_trpo", "rl2", "ppo_scratch", "sac_scratch", "ppo_multitask", "oracle", "random"}
+    assert set(data["methods"]) == {"maml_trpo", "rl2", "pearl", "ppo_scratch", "sac_scratch", "ppo_multitask", "oracle",
+                                    "random"}
     data["out"] = str(out)
     data["eval"] = {"tasks": 2, "steps": 1, "episodes": 2}
     data["methods"].update({
         "maml_trpo": {"overrides": ["iterations=2", "agent.tasks_per_batch=3", "agent.episodes_per_task=2",
                                     "agent.hidden=[8]", "sampler.workers=0"]},
         "rl2": {"overrides": ["iterations=2", "agent.tasks_per_batch=2", "agent.hidden_size=8", "sampler.workers=0"]},
+        "pearl": {"overrides": ["quick=true", "iterations=2", "sampler.workers=0"]},
         "ppo_scratch": {"extra_episodes": [4]},
         "sac_scratch": {"params": {"learning_starts": 10, "batch_size": 32}},
         "ppo_multitask": {"pretrain_steps": 512, "pretrain_envs": 2},
@@ -211,7 +213,7 @@ def test_trimmed_smoke_suite_reports_every_method_and_resumes(tmp_path, capsys):
     results = json.loads((out / "results.json").read_text())
     assert [r["method"] for r in results] == list(data["methods"])
     stages = {r["method"]: len(r["stages"]) for r in results}
-    assert stages["maml_trpo"] == stages["rl2"] == stages["random"] == 2 and stages["ppo_scratch"] == 3
+    assert stages["maml_trpo"] == stages["rl2"] == stages["pearl"] == stages["random"] == 2 and stages["ppo_scratch"] == 3
     rows = (out / "results.csv").read_text().strip().splitlines()
     assert len(rows) == 1 + 2 * sum(stages.values())  # a row per task and stage
     # the meta-learners' held-out tasks are the baselines' tasks
@@ -221,10 +223,10 @@ def test_trimmed_smoke_suite_reports_every_method_and_resumes(tmp_path, capsys):
 
     # again: nothing reruns
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("cells/*/*/*/cell.json")}
-    assert len(stamps) == 7
+    assert len(stamps) == 8
     capsys.readouterr()
     assert main(["bench", str(suite_file), "--quiet"]) == 0
-    assert "7 finished already" in capsys.readouterr().out
+    assert "8 finished already" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
 
     # a finished cell run with other settings is an error, and nothing is overwritten
