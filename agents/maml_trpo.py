@@ -232,7 +232,9 @@ class MAMLTRPO:
         """The step size multiplying the task-batched ``like`` ``[N, ...]`` in `_step`."""
         if log_lr is not None:
             return torch.exp(log_lr[name])  # () or like.shape[1:]: broadcasts over the task axis
-        return _per_task(lr, like, self.config.inner_lr)
+        if lr is None:
+            return self.config.inner_lr
+        return lr.to(like.dtype).reshape(-1, *([1] * (like.dim() - 1)))  # one per task
 
     def adapt_bounded(self, params: Params, batch: EpisodeBatch, advantages: torch.Tensor) -> tuple[Params, torch.Tensor]:
         """The inner step as sampling and evaluation take it (no graph): returns the adapted parameters and
@@ -334,6 +336,7 @@ class MAMLTRPO:
         policy_theta, log_lr = self.split_meta_params(theta)
         names = list(policy_theta.keys())
         subsample = c.fisher_subsample > 1
+        every_kth = slice(None, None, c.fisher_subsample)  # the episodes the curvature is estimated on
         # Forward through the inner steps with a fresh leaf at each step's starting point.
         points: list[list[torch.Tensor]] = []
         inner_grads: list[tuple[torch.Tensor, ...]] = []
@@ -349,7 +352,7 @@ class MAMLTRPO:
             points.append(leaf)
             inner_grads.append(grads)
             if subsample and not c.first_order:
-                sub, sub_adv = batch.episode_slice(slice(None, None, c.fisher_subsample)), adv[:, ::c.fisher_subsample]
+                sub, sub_adv = batch.episode_slice(every_kth), adv[:, every_kth]
                 curvature_grads.append(torch.autograd.grad(self.inner_loss(named, sub, sub_adv), leaf, create_graph=True))
             else:
                 curvature_grads.append(grads)
@@ -360,7 +363,7 @@ class MAMLTRPO:
         surrogate, kl = self.outer_terms(named_adapted, outer)
         grad_surrogate = torch.autograd.grad(surrogate, adapted, retain_graph=True)
         if subsample:
-            _, kl = self.outer_terms(named_adapted, outer.episode_slice(slice(None, None, c.fisher_subsample)))
+            _, kl = self.outer_terms(named_adapted, outer.episode_slice(every_kth))
         grad_kl = torch.autograd.grad(kl, adapted, create_graph=True)
         steps = range(len(outer.train))
 
@@ -596,9 +599,3 @@ def _reduce_to(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Sum the task-batched ``x`` ``[N, ...]`` down to the shape of a log step size (``()`` or ``x.shape[1:]``)."""
     return x.sum() if like.dim() == 0 else x.sum(0)
 
-
-def _per_task(lr: torch.Tensor | None, like: torch.Tensor, default: float) -> torch.Tensor | float:
-    """Step sizes ``[N]`` shaped to multiply task-batched ``like`` ``[N, ...]`` (``default`` where ``lr`` is None)."""
-    if lr is None:
-        return default
-    return lr.to(like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
