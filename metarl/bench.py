@@ -32,12 +32,17 @@ a finished cell holds ``cell.json`` and is never rerun (a meta-learner's cell in
 resumes from its last checkpoint), so rerunning the command continues a suite. The report (``OUT/report.md``,
 ``OUT/curves_<family>.png``, ``OUT/results.json`` and ``OUT/results.csv``) is rewritten from the finished
 cells after each one. Everything is validated before any work starts.
+
+``--only PATTERN`` (repeatable) runs only the cells whose key ``<family>/<method>/seed<k>`` matches one of the
+shell-style patterns (``'*/pearl/*'``, ``'PointNav2D/*'``), for example a method added to a suite whose other
+cells have finished; the report still covers every finished cell and says how many are missing.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import fnmatch
 import io
 import json
 import math
@@ -409,17 +414,35 @@ def run_cell(suite: Suite, cell: Cell, log: Callable[[str], None] = print, verbo
     return record
 
 
-def run_suite(suite: Suite, log: Callable[[str], None] = print, verbose: bool = True) -> Path:
-    """Run every unfinished cell (in order), rewriting the report after each; returns the report path."""
+def select_cells(suite: Suite, only: list[str] | tuple[str, ...] | None = None) -> list[Cell]:
+    """The suite's cells whose key matches one of the shell-style patterns ``only`` (all of them without any).
+
+    A pattern that matches no cell is an error naming the keys there are (a typo would otherwise run nothing).
+    """
+    if not only:
+        return list(suite.cells)
+    for pattern in only:
+        if not any(fnmatch.fnmatchcase(c.key, pattern) for c in suite.cells):
+            raise ConfigError(f"--only {pattern!r} matches none of the suite's cells; their keys are "
+                              f"<family>/<method>/seed<k>, e.g. {suite.cells[0].key!r}")
+    return [c for c in suite.cells if any(fnmatch.fnmatchcase(c.key, p) for p in only)]
+
+
+def run_suite(suite: Suite, log: Callable[[str], None] = print, verbose: bool = True,
+              only: list[str] | tuple[str, ...] | None = None) -> Path:
+    """Run every unfinished cell (in order; only those matching ``only`` if given), rewriting the report after
+    each; returns the report path."""
     suite.out.mkdir(parents=True, exist_ok=True)
+    chosen = select_cells(suite, only)
     done = [c for c in suite.cells if finished(suite, c) is not None]
-    todo = [c for c in suite.cells if c not in done]
+    todo = [c for c in chosen if c not in done]
     for cell in todo:  # before any work: a partial run that cannot be resumed
         check_partial(suite, cell)
     seeds = len({c.seed for c in suite.cells})
     log(f"bench {suite.name}: {len(suite.cells)} cells ({len(suite.families)} families x {len(suite.methods)} "
         f"methods x {seeds} seeds), "
-        f"{len(done)} finished already; report in {suite.out}")
+        f"{len(done)} finished already" + (f", {len(todo)} to run by --only" if only else "")
+        + f"; report in {suite.out}")
     start = time.perf_counter()
     for i, cell in enumerate(todo):
         elapsed = time.perf_counter() - start

@@ -291,13 +291,14 @@ def _cmd_speed(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from metarl.bench import load_suite, run_suite, write_report
+    from metarl.bench import load_suite, run_suite, select_cells, write_report
     from metarl.config import ConfigError
     from metarl.runfolder import run_lock
 
     imports = _user_code(args)
     try:
         suite = load_suite(args.suite, out=args.out, imports=imports)
+        select_cells(suite, args.only)  # a pattern matching no cell fails before anything is touched
         with run_lock(suite.out, "bench folder"):
             if args.report_only:
                 print(f"report: {write_report(suite)}")
@@ -305,9 +306,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             if args.ray or args.address:
                 from metarl.ray_bench import run_suite_on_ray
 
-                run_suite_on_ray(suite, address=args.address, cpus_per_cell=args.cpus_per_cell)
+                run_suite_on_ray(suite, address=args.address, cpus_per_cell=args.cpus_per_cell, only=args.only)
             else:
-                run_suite(suite, verbose=not args.quiet)
+                run_suite(suite, verbose=not args.quiet, only=args.only)
     except (ConfigError, TaskError, FloatingPointError) as exc:
         raise UsageError(str(exc)) from exc
     return 0
@@ -402,6 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="report folder (default: the suite's out, else runs/bench/<name>)")
     p.add_argument("--report-only", action="store_true", help="rewrite the report from the finished cells, run nothing")
     p.add_argument("--quiet", action="store_true", help="no per-iteration training lines")
+    p.add_argument("--only", action="append", metavar="PATTERN",
+                   help="run only the cells whose key <family>/<method>/seed<k> matches this shell-style pattern, "
+                   "e.g. '*/pearl/*' (repeatable; the report still covers every finished cell)")
     _ray_flags(p, "run the cells as Ray tasks")
     p.add_argument("--cpus-per-cell", type=float, default=1.0, help="with --ray: CPUs each cell asks for (default 1)")
     p.set_defaults(func=_cmd_bench)

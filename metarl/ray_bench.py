@@ -20,7 +20,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from metarl.bench import Cell, Suite, _fmt, cell_dir, check_partial, finished, run_cell, write_report
+from metarl.bench import (
+    Cell,
+    Suite,
+    _fmt,
+    cell_dir,
+    check_partial,
+    finished,
+    run_cell,
+    select_cells,
+    write_report,
+)
 from metarl.evaluation import atomic_write
 from metarl.ray_sampling import connect
 
@@ -52,21 +62,24 @@ def _remote_cell(suite: Suite, cell: Cell, files: dict[str, bytes]) -> tuple[dic
 
 
 def run_suite_on_ray(suite: Suite, address: str | None = None, cpus_per_cell: float = 1.0,
-                     log: Callable[[str], None] = print) -> Path:
-    """Run every unfinished cell of ``suite`` as a Ray task; returns the report path (as `run_suite`)."""
+                     log: Callable[[str], None] = print, only: list[str] | tuple[str, ...] | None = None) -> Path:
+    """Run every unfinished cell of ``suite`` (matching ``only``, see `select_cells`) as a Ray task; returns the
+    report path (as `run_suite`)."""
     if not cpus_per_cell > 0:
         raise ValueError(f"cpus_per_cell must be > 0, got {cpus_per_cell}")
+    chosen = select_cells(suite, only)  # before connecting: a pattern that matches nothing is a config error
     ray = connect(address)
     suite.out.mkdir(parents=True, exist_ok=True)
-    todo = [c for c in suite.cells if finished(suite, c) is None]
+    done = sum(finished(suite, c) is not None for c in suite.cells)
+    todo = [c for c in chosen if finished(suite, c) is None]
     for cell in todo:  # before any work: a partial run that cannot be resumed
         check_partial(suite, cell)
     cpus = ray.cluster_resources().get("CPU", 0)
     log(f"bench {suite.name} on Ray ({cpus:g} CPUs, {cpus_per_cell:g} per cell): {len(suite.cells)} cells, "
-        f"{len(suite.cells) - len(todo)} finished already; report in {suite.out}")
+        f"{done} finished already" + (f", {len(todo)} to run by --only" if only else "") + f"; report in {suite.out}")
     task = ray.remote(_remote_cell).options(num_cpus=cpus_per_cell, max_retries=1)
     pending: dict[Any, Cell] = {task.remote(suite, c, _pack(cell_dir(suite, c))): c for c in todo}
-    start, done = time.perf_counter(), len(suite.cells) - len(todo)
+    start = time.perf_counter()
     failed: list[BaseException] = []
     while pending:
         [ref], _ = ray.wait(list(pending), num_returns=1)

@@ -269,6 +269,30 @@ def test_bad_suites_fail_before_any_work(tmp_path, capsys, change, message):
     assert not os.path.exists(tmp_path / "out")
 
 
+def test_only_runs_the_matching_cells_and_reports_every_finished_one(tmp_path, capsys):
+    data = {"out": str(tmp_path / "out"), "seeds": [0, 1], "eval": {"tasks": 2, "steps": 1, "episodes": 2},
+            "families": {"PointNav2D": {}}, "methods": {"random": {}, "oracle": {"pretrain_steps": 200}}}
+    path = tmp_path / "suite.yaml"
+    path.write_text(yaml.safe_dump(data))
+    cells = tmp_path / "out" / "cells" / "PointNav2D"
+    assert main(["bench", str(path), "--quiet", "--only", "*/random/seed1"]) == 0
+    assert sorted(str(p.relative_to(cells)) for p in cells.glob("*/*/cell.json")) == ["random/seed1/cell.json"]
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "1 of 4 cells finished" in report and "| random | -70" in report and "| oracle | not run yet |" in report
+    capsys.readouterr()
+    assert main(["bench", str(path), "--quiet", "--only", "*/random/*", "--only", "*/oracle/seed0"]) == 0
+    assert "1 finished already, 2 to run by --only" in capsys.readouterr().out
+    assert sorted(str(p.relative_to(cells)) for p in cells.glob("*/*/cell.json")) == [
+        "oracle/seed0/cell.json", "random/seed0/cell.json", "random/seed1/cell.json"]
+    assert "3 of 4 cells finished" in (tmp_path / "out" / "report.md").read_text()
+    # a pattern matching nothing is one clear error, and nothing is run or rewritten
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("*") if p.is_file()}
+    assert main(["bench", str(path), "--only", "*/ppo/*"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--only '*/ppo/*' matches none of the suite's cells" in err
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("*") if p.is_file()} == stamps
+
+
 def test_committed_suites_are_valid():
     for name in ("smoke", "quick", "full"):
         suite = load_suite(f"experiments/benchmarks/{name}.yaml")

@@ -246,11 +246,16 @@ def test_a_bench_suite_on_ray_gives_the_local_report(cluster, tmp_path, capsys):
     assert (tmp_path / "ray" / "cells" / "PointNav2D" / "maml_trpo" / "seed1" / "run" / "checkpoints").is_dir()
     # resumable as without Ray: a finished cell is kept, a removed one reruns (on the cluster) to the same numbers
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "ray").glob("cells/*/*/*/cell.json")}
-    removed = tmp_path / "ray" / "cells" / "PointNav2D" / "random" / "seed1"
-    shutil.rmtree(removed)
+    removed = [tmp_path / "ray" / "cells" / "PointNav2D" / method / "seed1" for method in ("random", "maml_trpo")]
+    for folder in removed:
+        shutil.rmtree(folder)
+    # --only: just the matching cell reruns
+    assert main(["bench", str(tmp_path / "ray.yaml"), "--quiet", "--ray", "--only", "*/random/*"]) == 0
+    assert "4 cells, 2 finished already, 1 to run by --only" in capsys.readouterr().out
+    assert (removed[0] / "cell.json").is_file() and not (removed[1] / "cell.json").exists()
     assert main(["bench", str(tmp_path / "ray.yaml"), "--quiet", "--ray"]) == 0
     assert "4 cells, 3 finished already" in capsys.readouterr().out
-    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items() if removed not in p.parents)
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items() if not set(removed) & set(p.parents))
     assert numbers(json.loads((tmp_path / "ray" / "results.json").read_text())) == numbers(reports["local"])
 
 
