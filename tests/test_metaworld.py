@@ -265,3 +265,31 @@ def test_a_real_train_run_reports_success_rates(tmp_path, agent):
         assert 0.0 <= stage["success_rate"] <= 1.0 and len(stage["per_task_success"]) == 2
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert "meta/success_rate_stage0" in rows[-1]
+
+
+def test_the_shipped_metaworld_suite_loads_with_the_papers_settings():
+    from metarl.bench import load_suite
+
+    root = Path(__file__).parents[1]
+    suite = load_suite(root / "experiments" / "benchmarks" / "metaworld.yaml")
+    assert suite.families == ["ML1-reach-v3", "ML1-push-v3", "ML1-pick-place-v3", "ML10"]
+    assert suite.horizons == dict.fromkeys(suite.families, 500)
+    configs = {c.key: c.spec().get("config") for c in suite.cells}
+    push = configs["ML1-push-v3/maml_trpo/seed0"]
+    assert push["env"] == "ML1-push-v3" and push["experiment"] == "maml_trpo/ml1_reach" and push["iterations"] == 6
+    assert push["agent"]["inner_lr"] == 0.1 and push["agent"]["hidden"] == [100, 100]
+    assert configs["ML10/rl2/seed0"]["experiment"] == "rl2/ml10" and configs["ML10/rl2/seed0"]["agent"]["hidden_size"] == 256
+
+
+def test_a_bench_report_on_metaworld_has_success_rates(tmp_path):
+    from metarl.cli import main
+
+    path = tmp_path / "suite.yaml"
+    path.write_text(json.dumps({"out": str(tmp_path / "out"), "eval": {"tasks": 2, "steps": 1, "episodes": 1},
+                                "families": {"ML10": {}}, "methods": {"random": {}}}))
+    assert main(["bench", str(path), "--quiet"]) == 0
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "## ML10" in report and "success" in report.lower()
+    [result] = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert result["family"] == "ML10" and len(result["stages"]) == 2
+    assert all(0.0 <= stage["success_rate"] <= 1.0 for stage in result["stages"])
