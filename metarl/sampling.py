@@ -289,8 +289,8 @@ def _worker(conn: Any, backend: str, env_id: str, env_kwargs: dict[str, Any], sy
                 conn.send(("non_finite", str(exc)))
             except Exception:  # sent to the main process, which raises it there
                 conn.send(("error", traceback.format_exc()))
-    except (EOFError, KeyboardInterrupt):
-        pass
+    except (EOFError, BrokenPipeError, ConnectionResetError, KeyboardInterrupt):
+        pass  # the main process has gone (killed, interrupted): leave quietly, without a traceback per worker
     finally:
         if slots is not None:
             slots.close()

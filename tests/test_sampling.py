@@ -48,6 +48,19 @@ def test_a_dead_worker_is_reported_and_the_sampler_recovers():
         assert (again.rewards == first.rewards).all()  # fresh workers, same numbers
 
 
+def test_a_worker_whose_main_process_has_gone_exits_quietly(capfd):
+    # a killed `metarl train` used to leave a BrokenPipeError traceback from every worker mid-reply
+    import multiprocessing as mp
+
+    from metarl.sampling import _worker
+
+    parent, child = mp.Pipe()
+    parent.send(("sample", ()))
+    parent.close()  # gone before the reply (the worker here cannot even make its env: it replies an error)
+    _worker(child, "gymnasium", "metarl/NoSuchFamily-v0", {}, list(sys.path))
+    assert child.closed and capfd.readouterr().err == ""
+
+
 def test_sampler_reports_the_episode_limit_it_uses():
     with GymnasiumSampler("metarl/HalfCheetahDir-v0", env_kwargs={"max_episode_steps": 100}, workers=0) as s:
         assert s.horizon == 100 and s.family.horizon == 200
