@@ -276,7 +276,7 @@ def test_the_shipped_metaworld_suite_loads_with_the_papers_settings():
     assert suite.horizons == dict.fromkeys(suite.families, 500)
     configs = {c.key: c.spec().get("config") for c in suite.cells}
     push = configs["ML1-push-v3/maml_trpo/seed0"]
-    assert push["env"] == "ML1-push-v3" and push["experiment"] == "maml_trpo/ml1_reach" and push["iterations"] == 6
+    assert push["env"] == "ML1-push-v3" and push["experiment"] == "maml_trpo/ml1_reach" and push["iterations"] == 15
     assert push["agent"]["inner_lr"] == 0.1 and push["agent"]["hidden"] == [100, 100]
     assert configs["ML10/rl2/seed0"]["experiment"] == "rl2/ml10" and configs["ML10/rl2/seed0"]["agent"]["hidden_size"] == 256
 
