@@ -447,7 +447,8 @@ def run_suite(suite: Suite, log: Callable[[str], None] = print, verbose: bool = 
     for i, cell in enumerate(todo):
         elapsed = time.perf_counter() - start
         eta = f", ETA {_fmt(elapsed / i * (len(todo) - i))}" if i else ""
-        log(f"[{len(done) + i + 1}/{len(suite.cells)}] {cell.key} (elapsed {_fmt(elapsed)}{eta})")
+        counter = f"{i + 1}/{len(todo)}" if only else f"{len(done) + i + 1}/{len(suite.cells)}"
+        log(f"[{counter}] {cell.key} (elapsed {_fmt(elapsed)}{eta})")
         record = run_cell(suite, cell, log=log, verbose=verbose)
         curve = " -> ".join(f"{s['mean_return']:.1f}" for s in record["summary"]["stages"])
         log(f"    done in {_fmt(record['wall_time_s'])}: return by stage {curve}")
