@@ -432,8 +432,8 @@ def run_suite(suite: Suite, log: Callable[[str], None] = print, verbose: bool = 
               only: list[str] | tuple[str, ...] | None = None) -> Path:
     """Run every unfinished cell (in order; only those matching ``only`` if given), rewriting the report after
     each; returns the report path."""
+    chosen = select_cells(suite, only)  # before anything is written: a pattern that matches nothing is an error
     suite.out.mkdir(parents=True, exist_ok=True)
-    chosen = select_cells(suite, only)
     done = [c for c in suite.cells if finished(suite, c) is not None]
     todo = [c for c in chosen if c not in done]
     for cell in todo:  # before any work: a partial run that cannot be resumed

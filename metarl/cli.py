@@ -298,6 +298,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     imports = _user_code(args)
     try:
         suite = load_suite(args.suite, out=args.out, imports=imports)
+        if args.only and args.report_only:
+            raise ConfigError("--only selects cells to run and --report-only runs none: give one of them (the "
+                              "report always covers every finished cell)")
         select_cells(suite, args.only)  # a pattern matching no cell fails before anything is touched
         with run_lock(suite.out, "bench folder"):
             if args.report_only:

@@ -98,7 +98,8 @@ def run_suite_on_ray(suite: Suite, address: str | None = None, cpus_per_cell: fl
         atomic_write(folder / "cell.json", finished_record)  # finished only once cell.json is written
         done += 1
         curve = " -> ".join(f"{s['mean_return']:.1f}" for s in record["summary"]["stages"])
-        log(f"[{done}/{len(suite.cells)}] {cell.key} done in {_fmt(record['wall_time_s'])} "
+        counter = f"{len(todo) - len(pending) - len(failed)}/{len(todo)}" if only else f"{done}/{len(suite.cells)}"
+        log(f"[{counter}] {cell.key} done in {_fmt(record['wall_time_s'])} "
             f"(elapsed {_fmt(time.perf_counter() - start)}): return by stage {curve}")
         write_report(suite)
     report = write_report(suite)

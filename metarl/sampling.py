@@ -285,6 +285,8 @@ def _worker(conn: Any, backend: str, env_id: str, env_kwargs: dict[str, Any], sy
             fault_point("worker")  # the fault-injection tests kill a worker here
             try:
                 conn.send(("ok", rollout(slots, *payload)))
+            except (BrokenPipeError, ConnectionResetError):
+                raise  # the main process has gone: nobody to report to (below)
             except NonFiniteError as exc:  # one line, raised again as itself in the main process
                 conn.send(("non_finite", str(exc)))
             except Exception:  # sent to the main process, which raises it there

@@ -282,7 +282,9 @@ def test_only_runs_the_matching_cells_and_reports_every_finished_one(tmp_path, c
     assert "1 of 4 cells finished" in report and "| random | -70" in report and "| oracle | not run yet |" in report
     capsys.readouterr()
     assert main(["bench", str(path), "--quiet", "--only", "*/random/*", "--only", "*/oracle/seed0"]) == 0
-    assert "1 finished already, 2 to run by --only" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "1 finished already, 2 to run by --only" in out and "[1/2] PointNav2D/oracle/seed0" in out
+    assert "[2/2] PointNav2D/random/seed0" in out
     assert sorted(str(p.relative_to(cells)) for p in cells.glob("*/*/cell.json")) == [
         "oracle/seed0/cell.json", "random/seed0/cell.json", "random/seed1/cell.json"]
     assert "3 of 4 cells finished" in (tmp_path / "out" / "report.md").read_text()
@@ -291,6 +293,8 @@ def test_only_runs_the_matching_cells_and_reports_every_finished_one(tmp_path, c
     assert main(["bench", str(path), "--only", "*/ppo/*"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--only '*/ppo/*' matches none of the suite's cells" in err
+    assert main(["bench", str(path), "--only", "*/random/*", "--report-only"]) == 2
+    assert "--report-only runs none" in capsys.readouterr().err
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("*") if p.is_file()} == stamps
 
 

@@ -251,7 +251,8 @@ def test_a_bench_suite_on_ray_gives_the_local_report(cluster, tmp_path, capsys):
         shutil.rmtree(folder)
     # --only: just the matching cell reruns
     assert main(["bench", str(tmp_path / "ray.yaml"), "--quiet", "--ray", "--only", "*/random/*"]) == 0
-    assert "4 cells, 2 finished already, 1 to run by --only" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "4 cells, 2 finished already, 1 to run by --only" in out and "[1/1] PointNav2D/random/seed1 done" in out
     assert (removed[0] / "cell.json").is_file() and not (removed[1] / "cell.json").exists()
     assert main(["bench", str(tmp_path / "ray.yaml"), "--quiet", "--ray"]) == 0
     assert "4 cells, 3 finished already" in capsys.readouterr().out
