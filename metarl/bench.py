@@ -428,21 +428,28 @@ def select_cells(suite: Suite, only: list[str] | tuple[str, ...] | None = None) 
     return [c for c in suite.cells if any(fnmatch.fnmatchcase(c.key, p) for p in only)]
 
 
+def plan_cells(suite: Suite, only: list[str] | tuple[str, ...] | None = None) -> tuple[list[Cell], list[Cell], str]:
+    """The suite's finished cells, the unfinished ones to run (matching ``only``, see `select_cells`) and a note
+    of both for the log. Reads and writes nothing but the cells' records: a pattern that matches nothing, or a
+    partial run that cannot be resumed, is an error before any work."""
+    chosen = select_cells(suite, only)
+    done = [c for c in suite.cells if finished(suite, c) is not None]
+    todo = [c for c in chosen if c not in done]
+    for cell in todo:
+        check_partial(suite, cell)
+    note = f"{len(done)} finished already" + (f", {len(todo)} to run by --only" if only else "")
+    return done, todo, f"{note}; report in {suite.out}"
+
+
 def run_suite(suite: Suite, log: Callable[[str], None] = print, verbose: bool = True,
               only: list[str] | tuple[str, ...] | None = None) -> Path:
     """Run every unfinished cell (in order; only those matching ``only`` if given), rewriting the report after
     each; returns the report path."""
-    chosen = select_cells(suite, only)  # before anything is written: a pattern that matches nothing is an error
+    done, todo, note = plan_cells(suite, only)
     suite.out.mkdir(parents=True, exist_ok=True)
-    done = [c for c in suite.cells if finished(suite, c) is not None]
-    todo = [c for c in chosen if c not in done]
-    for cell in todo:  # before any work: a partial run that cannot be resumed
-        check_partial(suite, cell)
     seeds = len({c.seed for c in suite.cells})
     log(f"bench {suite.name}: {len(suite.cells)} cells ({len(suite.families)} families x {len(suite.methods)} "
-        f"methods x {seeds} seeds), "
-        f"{len(done)} finished already" + (f", {len(todo)} to run by --only" if only else "")
-        + f"; report in {suite.out}")
+        f"methods x {seeds} seeds), {note}")
     start = time.perf_counter()
     for i, cell in enumerate(todo):
         elapsed = time.perf_counter() - start

@@ -20,17 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from metarl.bench import (
-    Cell,
-    Suite,
-    _fmt,
-    cell_dir,
-    check_partial,
-    finished,
-    run_cell,
-    select_cells,
-    write_report,
-)
+from metarl.bench import Cell, Suite, _fmt, cell_dir, plan_cells, run_cell, write_report
 from metarl.evaluation import atomic_write
 from metarl.ray_sampling import connect
 
@@ -67,16 +57,12 @@ def run_suite_on_ray(suite: Suite, address: str | None = None, cpus_per_cell: fl
     report path (as `run_suite`)."""
     if not cpus_per_cell > 0:
         raise ValueError(f"cpus_per_cell must be > 0, got {cpus_per_cell}")
-    chosen = select_cells(suite, only)  # before connecting: a pattern that matches nothing is a config error
+    finished_cells, todo, note = plan_cells(suite, only)  # before connecting: bad patterns are config errors
+    done = len(finished_cells)
     ray = connect(address)
     suite.out.mkdir(parents=True, exist_ok=True)
-    done = sum(finished(suite, c) is not None for c in suite.cells)
-    todo = [c for c in chosen if finished(suite, c) is None]
-    for cell in todo:  # before any work: a partial run that cannot be resumed
-        check_partial(suite, cell)
     cpus = ray.cluster_resources().get("CPU", 0)
-    log(f"bench {suite.name} on Ray ({cpus:g} CPUs, {cpus_per_cell:g} per cell): {len(suite.cells)} cells, "
-        f"{done} finished already" + (f", {len(todo)} to run by --only" if only else "") + f"; report in {suite.out}")
+    log(f"bench {suite.name} on Ray ({cpus:g} CPUs, {cpus_per_cell:g} per cell): {len(suite.cells)} cells, {note}")
     task = ray.remote(_remote_cell).options(num_cpus=cpus_per_cell, max_retries=1)
     pending: dict[Any, Cell] = {task.remote(suite, c, _pack(cell_dir(suite, c))): c for c in todo}
     start = time.perf_counter()
