@@ -195,7 +195,10 @@ def iqm(values: np.ndarray) -> float:
 
 
 def summarize(result: AdaptationResult, seed: int = 0) -> dict[str, Any]:
-    """The JSON summary: one entry per stage with mean, bootstrap CI over tasks and per-task returns."""
+    """The JSON summary: one entry per stage with mean, bootstrap CI over tasks and per-task returns; from
+    stage 1 on also the adaptation gain (``gain``: mean over tasks of the stage's return minus stage 0's) with
+    its paired bootstrap CI (``gain_ci95``, resampling tasks, so task-to-task spread shared by both stages
+    cancels: a gain can be clear while the two stages' own intervals overlap)."""
     stages = []
     for k in range(result.returns.shape[1]):
         column = result.returns[:, k]
@@ -208,6 +211,9 @@ def summarize(result: AdaptationResult, seed: int = 0) -> dict[str, Any]:
             "ci95": [low, high],
             "per_task": [float(v) for v in column],
         })
+        if k > 0:  # paired over tasks: each task's return at this stage minus its own before adaptation
+            diff = column - result.returns[:, 0]
+            stages[-1].update(gain=float(diff.mean()), gain_ci95=list(bootstrap_ci(diff, seed=seed + k)))
         if result.within_episode is not None:  # mean over tasks of each bin's reward
             stages[-1]["within_episode"] = [float(v) for v in result.within_episode[:, k].mean(0)]
         if result.success is not None:

@@ -236,6 +236,9 @@ class _Logger:
                 self.writer.add_scalar(f"eval/{split}/{name}_stage{stage['stage']}", value, step)
         first, last = summary["stages"][0]["mean_return"], summary["stages"][-1]["mean_return"]
         self.writer.add_scalar(f"eval/{split}/adaptation_gain", last - first, step)
+        if "gain_ci95" in summary["stages"][-1]:  # the paired interval: a gain is clear when its low end is > 0
+            self.writer.add_scalar(f"eval/{split}/adaptation_gain_ci95_low", summary["stages"][-1]["gain_ci95"][0], step)
+            self.writer.add_scalar(f"eval/{split}/adaptation_gain_ci95_high", summary["stages"][-1]["gain_ci95"][1], step)
         fig = plot_curves({title: summary}, title=f"{title} ({split}, {step:,} env steps)")
         self.writer.add_figure(f"eval/{split}/adaptation_curve", fig, step)
         within = plot_within_episode(summary, title=f"{title}: within the measured episodes ({step:,} env steps)")
@@ -305,7 +308,8 @@ def record_eval_history(path: Path, summary: dict[str, Any]) -> None:
     rows = [r for r in rows if r["iteration"] < summary["iteration"]]
     rows.append({
         "iteration": summary["iteration"], "env_steps": summary["env_steps"],
-        "stages": [{k: s[k] for k in ("stage", "adapt_episodes", "mean_return", "ci95")} for s in summary["stages"]],
+        "stages": [{k: s[k] for k in ("stage", "adapt_episodes", "mean_return", "ci95", "gain", "gain_ci95") if k in s}
+                   for s in summary["stages"]],
     })
     atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows))
 

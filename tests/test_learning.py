@@ -105,3 +105,31 @@ def test_eval_history_replaces_later_iterations(tmp_path):
     record_eval_history(path, summary(20, 5.0))
     rows = read_eval_history(path)
     assert [(r["iteration"], r["stages"][0]["mean_return"]) for r in rows] == [(10, 1.0), (20, 5.0)]
+
+
+def test_summary_gain_is_paired_over_tasks(tmp_path):
+    """Stage k's gain is the mean over tasks of (return at k - return at stage 0), with a bootstrap CI of
+    those per-task differences: here every task gains exactly 1 while the tasks' own returns spread by 100,
+    so the gain's interval is [1, 1] although the two stages' intervals overlap almost entirely."""
+    from metarl.evaluation import AdaptationResult, summarize
+    from metarl.tasks import GoalTask
+    from metarl.training import record_eval_history
+
+    pre = np.array([0.0, 100.0, 200.0, -100.0])
+    returns = np.stack([pre, pre + 1.0, pre + np.array([3.0, 1.0, 2.0, 2.0])], axis=1)
+    tasks = [GoalTask("PointNav2D", (0.1 * i, 0.0)) for i in range(4)]
+    summary = summarize(AdaptationResult(tasks, returns, [0, 5, 10], [0.0, 50.0, 100.0]))
+    stages = summary["stages"]
+    assert "gain" not in stages[0]
+    assert stages[1]["gain"] == pytest.approx(1.0) and stages[1]["gain_ci95"] == pytest.approx([1.0, 1.0])
+    assert stages[2]["gain"] == pytest.approx(2.0)
+    low, high = stages[2]["gain_ci95"]
+    assert 1.0 <= low < 2.0 < high <= 3.0  # the per-task differences lie in [1, 3]
+    low, high = stages[1]["ci95"]
+    assert low < stages[0]["mean_return"] + 1.0 and high > stages[0]["ci95"][1]  # the stages' own CIs overlap
+    # the held-out curve over training keeps the gain and its interval
+    path = tmp_path / "history.jsonl"
+    record_eval_history(path, {"iteration": 5, "env_steps": 50, **summary})
+    row = read_eval_history(path)[0]
+    assert row["stages"][2]["gain_ci95"] == pytest.approx(stages[2]["gain_ci95"])
+    assert "gain" not in row["stages"][0]

@@ -54,7 +54,8 @@ def run_result(config: RunConfig, run_dir: Path, wall: float) -> dict[str, Any]:
         "heldout": {
             "split": summary["split"], "num_tasks": summary["num_tasks"], "horizon": summary["horizon"],
             "stages": [{k: s[k] for k in ("stage", "adapt_episodes", "adapt_env_steps", "mean_return", "ci95",
-                                          "within_episode", "success_rate", "success_ci95", "per_task_success")
+                                          "gain", "gain_ci95", "within_episode", "success_rate", "success_ci95",
+                                          "per_task_success")
                         if k in s and s[k] is not None}
                        for s in summary["stages"]],
         },
@@ -126,6 +127,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
 def print_stages(name: str, stages: list[dict[str, Any]], key: str = "mean_return") -> None:
     curve = " -> ".join(f"{s[key]:.1f} [{s['ci95'][0]:.1f}, {s['ci95'][1]:.1f}]" for s in stages)
     print(f"{name}: held-out return by adaptation stage: {curve}", flush=True)
+    gains = [f"{s['gain']:+.1f} [{s['gain_ci95'][0]:+.1f}, {s['gain_ci95'][1]:+.1f}]" for s in stages if "gain" in s]
+    if gains:
+        print(f"{name}: paired gain over stage 0 by stage: {', '.join(gains)}", flush=True)
 
 
 def main() -> None:
