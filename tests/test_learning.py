@@ -133,3 +133,34 @@ def test_summary_gain_is_paired_over_tasks(tmp_path):
     row = read_eval_history(path)[0]
     assert row["stages"][2]["gain_ci95"] == pytest.approx(stages[2]["gain_ci95"])
     assert "gain" not in row["stages"][0]
+
+
+def test_maml_ablation_variants_and_table(tmp_path, monkeypatch):
+    """Every ablation variant is a valid config that differs from the shipped one in exactly what its row
+    says, and a row reads the gain, its paired CI and the share of stage 0 out of a learning result."""
+    import importlib.util
+
+    from metarl.config import load_config
+
+    spec = importlib.util.spec_from_file_location("maml_ablation", ROOT / "experiments" / "benchmarks" / "maml_ablation.py")
+    ablation = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ablation)
+    shipped = load_config(str(ablation.CONFIG), []).agent
+    for name, (_, overrides) in ablation.VARIANTS.items():
+        agent = load_config(str(ablation.CONFIG), overrides).agent
+        changed = {k for k in vars(shipped) if getattr(agent, k) != getattr(shipped, k)}
+        assert changed == {o.split("=")[0].split(".")[1] for o in overrides}, name
+    assert load_config(str(ablation.CONFIG), ablation.VARIANTS["l2l_no_action_scale"][1]).agent.action_scale == 1.0
+
+    monkeypatch.setattr(ablation, "OUT", tmp_path)
+    stages = [{"stage": 0, "mean_return": -40.0, "ci95": [-44.0, -36.0]},
+              {"stage": 1, "mean_return": -18.0, "ci95": [-21.0, -15.0], "gain": 22.0, "gain_ci95": [19.5, 24.5]},
+              {"stage": 2, "mean_return": -12.0, "ci95": [-15.0, -9.0], "gain": 28.0, "gain_ci95": [25.0, 31.0]}]
+    curve = [{"iteration": 50, "stages": [{"mean_return": -40.0}, {"mean_return": -20.0}]},
+             {"iteration": 100, "stages": [{"mean_return": -40.0}, {"mean_return": -30.0}]}]
+    (tmp_path / "mean_150.json").write_text(json.dumps(
+        {"heldout": {"stages": stages}, "heldout_curve": curve, "env_steps": 12.34e6}))
+    table = ablation.table()
+    assert table.count("\n") == 3  # header, rule, one row: variants without a file are left out
+    row = table.splitlines()[2]
+    assert "| -40.0 | **-18.0** | +22.0 [+19.5, +24.5] (55%) | 50% / 25% | -12.0 | 12.3M |" in row
