@@ -53,6 +53,11 @@ def test_two_seeds_one_command_resumable(tmp_path):
         assert [e["iteration"] for e in s["heldout_curve"]] == [2, 4]
         assert s["heldout_curve"][-1]["stages"][1]["mean_return"] == s["heldout"]["stages"][1]["mean_return"]
         assert "inner_kl" in s["training_curve"][0]
+        # the paired gain reaches the result file, at the end and along the held-out curve
+        stage = s["heldout"]["stages"][1]
+        assert stage["gain"] == pytest.approx(stage["mean_return"] - s["heldout"]["stages"][0]["mean_return"], abs=1e-4)
+        assert stage["gain_ci95"][0] <= stage["gain"] <= stage["gain_ci95"][1]
+        assert "gain_ci95" in s["heldout_curve"][0]["stages"][1]
     # different seeds, different numbers; the aggregate is their mean with a t-interval around it
     a, b = (s["heldout"]["stages"][1]["mean_return"] for s in result["per_seed"])
     assert a != b
@@ -160,7 +165,12 @@ def test_maml_ablation_variants_and_table(tmp_path, monkeypatch):
              {"iteration": 100, "stages": [{"mean_return": -40.0}, {"mean_return": -30.0}]}]
     (tmp_path / "mean_150.json").write_text(json.dumps(
         {"heldout": {"stages": stages}, "heldout_curve": curve, "env_steps": 12.34e6}))
+    # positive returns (a family like AntDir): the share is still the gain over |stage 0|
+    (tmp_path / "tasks_40_150.json").write_text(json.dumps({"heldout": {"stages": [
+        {"stage": 0, "mean_return": 200.0}, {"stage": 1, "mean_return": 250.0, "gain": 50.0, "gain_ci95": [40.0, 60.0]}]},
+        "heldout_curve": [], "env_steps": 1e6}))
     table = ablation.table()
-    assert table.count("\n") == 3  # header, rule, one row: variants without a file are left out
-    row = table.splitlines()[2]
-    assert "| -40.0 | **-18.0** | +22.0 [+19.5, +24.5] (55%) | 50% / 25% | -12.0 | 12.3M |" in row
+    assert table.count("\n") == 4  # header, rule, two rows: variants without a file are left out
+    rows = table.splitlines()[2:]
+    assert "| -40.0 | **-18.0** | +22.0 [+19.5, +24.5] (55%) | 50% / 25% | -12.0 | 12.3M |" in rows[0]
+    assert "| 200.0 | **250.0** | +50.0 [+40.0, +60.0] (25%) | – / – | 250.0 | 1.0M |" in rows[1]

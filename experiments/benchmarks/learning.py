@@ -55,7 +55,7 @@ def run_result(config: RunConfig, run_dir: Path, wall: float) -> dict[str, Any]:
             "split": summary["split"], "num_tasks": summary["num_tasks"], "horizon": summary["horizon"],
             "stages": [{k: s[k] for k in ("stage", "adapt_episodes", "adapt_env_steps", "mean_return", "ci95",
                                           "gain", "gain_ci95", "within_episode", "success_rate", "success_ci95",
-                                          "per_task_success")
+                                          "per_task_success", "reward_terms")
                         if k in s and s[k] is not None}
                        for s in summary["stages"]],
         },

@@ -9,8 +9,10 @@ Every variant is the shipped config (experiments/maml_trpo/point_nav_2d.yaml: ac
 log-probs, (64, 64) tanh, 20 tasks x 20 episodes, line search x0.8) with the overrides listed below, seed 0,
 run by learning.py into ``experiments/results/ablation_point_nav/<name>_150.json``; a finished file is read
 back, not rerun. The table gives, per variant, the held-out return before adaptation and after one step at
-iteration 150, the one-step gain with its paired 95% CI over the 40 test goals, and the gain at iterations
-50 and 100 (from the run's held-out curve), so a gain that only holds early shows. Written to
+iteration 150, the one-step gain with its paired 95% CI over the 40 test goals and as a share of stage 0's
+return, and that share at iterations 50 and 100 (from the run's held-out curve), so a gain that only holds
+early shows. A killed variant continues from its run folder's checkpoint when its folder holds the same
+config; a folder of other settings is left alone and the variant starts afresh. Written to
 ``experiments/results/ablation_point_nav/table.md`` as well.
 """
 
@@ -49,20 +51,29 @@ def out_file(name: str) -> Path:
 
 
 def run(name: str) -> None:
-    _, overrides = VARIANTS[name]
-    cmd = [sys.executable, str(ROOT / "experiments" / "benchmarks" / "learning.py"), str(CONFIG), *overrides,
-           f"iterations={ITERATIONS}", f"experiment=ablation_point_nav/{name}_{ITERATIONS}",
-           "--out", str(out_file(name)), "--note", f"ablation: {VARIANTS[name][0]}"]
-    run_dir = None
-    root = ROOT / "runs" / "ablation_point_nav" / f"{name}_{ITERATIONS}"
-    if root.is_dir():  # a killed run continues from its checkpoint
-        run_dirs = sorted(p for p in root.iterdir() if (p / "config.yaml").is_file())
-        run_dir = run_dirs[-1] if run_dirs else None
-    if run_dir is not None:
-        cmd = [sys.executable, str(ROOT / "experiments" / "benchmarks" / "learning.py"), "--resume", str(run_dir),
-               f"iterations={ITERATIONS}", "--out", str(out_file(name))]
+    from metarl.config import load_config
+    from metarl.training import load_run_config
+
+    what, overrides = VARIANTS[name]
+    overrides = [*overrides, f"iterations={ITERATIONS}", f"experiment=ablation_point_nav/{name}_{ITERATIONS}"]
+    note = f"ablation: {what}"
+    script = str(ROOT / "experiments" / "benchmarks" / "learning.py")
+    cmd = [sys.executable, script, str(CONFIG), *overrides, "--out", str(out_file(name)), "--note", note]
+    config = load_config(str(CONFIG), overrides)
+    root = ROOT / config.run_root / config.experiment
+    same = [p for p in sorted(root.iterdir()) if (p / "config.yaml").is_file()
+            and {**load_run_config(p).to_dict(), "run_root": None} == {**config.to_dict(), "run_root": None}] \
+        if root.is_dir() else []
+    if same:  # a killed run of these settings continues from its checkpoint
+        cmd = [sys.executable, script, "--resume", str(same[-1]), f"iterations={ITERATIONS}",
+               "--out", str(out_file(name)), "--note", note]
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT)
+    if same:  # the resumed file says which variant it is, as a fresh one would
+        result = json.loads(out_file(name).read_text())
+        result["overrides"] = overrides
+        result["resumed"] = True  # wall_time_s is the resumed part's; train_time_s is whole
+        out_file(name).write_text(json.dumps(result, indent=2) + "\n")
 
 
 def row(name: str) -> str:
@@ -72,21 +83,21 @@ def row(name: str) -> str:
     pre, one = stages[0], stages[1]
     curve = {e["iteration"]: e["stages"] for e in result["heldout_curve"]}
 
-    def gain_at(it: int) -> str:
+    def share_at(it: int) -> str:  # the one-step gain as a share of |stage 0's return|
         if it not in curve:
             return "–"
         s = curve[it]
-        return f"{(s[0]['mean_return'] - s[1]['mean_return']) / s[0]['mean_return'] * 100:.0f}%"
+        return f"{(s[1]['mean_return'] - s[0]['mean_return']) / abs(s[0]['mean_return']) * 100:.0f}%"
 
-    share = (pre["mean_return"] - one["mean_return"]) / pre["mean_return"] * 100
+    share = (one["mean_return"] - pre["mean_return"]) / abs(pre["mean_return"]) * 100
     gain = f"{one['gain']:+.1f} [{one['gain_ci95'][0]:+.1f}, {one['gain_ci95'][1]:+.1f}]"
     steps = result["env_steps"] / 1e6
     return (f"| {what} | {pre['mean_return']:.1f} | **{one['mean_return']:.1f}** | {gain} ({share:.0f}%) | "
-            f"{gain_at(50)} / {gain_at(100)} | {stages[-1]['mean_return']:.1f} | {steps:.1f}M |")
+            f"{share_at(50)} / {share_at(100)} | {stages[-1]['mean_return']:.1f} | {steps:.1f}M |")
 
 
 def table() -> str:
-    # share: the one-step gain as a share of stage 0's return, at iteration 150 (in brackets after the gain)
+    # share: the one-step gain as a share of |stage 0's return|, at iteration 150 (in brackets after the gain)
     # and at 50 and 100 (from the held-out curve)
     head = ("| PointNav2D, seed 0, 150 iterations | before | after 1 step | one-step gain [paired 95% CI] (share) | "
             "share at it. 50 / 100 | after 3 steps | env steps |\n|---|---|---|---|---|---|---|")
