@@ -24,6 +24,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from metarl.evaluation import atomic_write
+
 ROOT = Path(__file__).resolve().parents[2]
 OUT = ROOT / "experiments" / "results" / "ablation_point_nav"
 CONFIG = ROOT / "experiments" / "maml_trpo" / "point_nav_2d.yaml"
@@ -73,7 +75,7 @@ def run(name: str) -> None:
         result = json.loads(out_file(name).read_text())
         result["overrides"] = overrides
         result["resumed"] = True  # wall_time_s is the resumed part's; train_time_s is whole
-        out_file(name).write_text(json.dumps(result, indent=2) + "\n")
+        atomic_write(out_file(name), json.dumps(result, indent=2) + "\n")
 
 
 def row(name: str) -> str:
@@ -83,16 +85,15 @@ def row(name: str) -> str:
     pre, one = stages[0], stages[1]
     curve = {e["iteration"]: e["stages"] for e in result["heldout_curve"]}
 
-    def share_at(it: int) -> str:  # the one-step gain as a share of |stage 0's return|
-        if it not in curve:
-            return "–"
-        s = curve[it]
+    def share(s: list[dict]) -> str:  # the one-step gain as a share of |stage 0's return|
         return f"{(s[1]['mean_return'] - s[0]['mean_return']) / abs(s[0]['mean_return']) * 100:.0f}%"
 
-    share = (one["mean_return"] - pre["mean_return"]) / abs(pre["mean_return"]) * 100
+    def share_at(it: int) -> str:
+        return share(curve[it]) if it in curve else "–"
+
     gain = f"{one['gain']:+.1f} [{one['gain_ci95'][0]:+.1f}, {one['gain_ci95'][1]:+.1f}]"
     steps = result["env_steps"] / 1e6
-    return (f"| {what} | {pre['mean_return']:.1f} | **{one['mean_return']:.1f}** | {gain} ({share:.0f}%) | "
+    return (f"| {what} | {pre['mean_return']:.1f} | **{one['mean_return']:.1f}** | {gain} ({share(stages)}) | "
             f"{share_at(50)} / {share_at(100)} | {stages[-1]['mean_return']:.1f} | {steps:.1f}M |")
 
 
@@ -115,7 +116,7 @@ def main() -> None:
             if not out_file(name).is_file():
                 run(name)
     text = table()
-    (OUT / "table.md").write_text(text)
+    atomic_write(OUT / "table.md", text)
     print(text)
 
 
