@@ -94,6 +94,15 @@ def test_two_seeds_one_command_resumable(tmp_path):
     mixed = _run([str(config), *overrides, "agent.inner_lr=0.2", "--seeds", "0", "1", "--out", str(out)], tmp_path)
     assert mixed.returncode != 0 and "overrides" in mixed.stderr
 
+    # A seed folder left by other settings (a killed run, then another --out) is refused, naming the field,
+    # and left as it was
+    config_file = seed1 / "config.yaml"
+    before = config_file.read_bytes()
+    other = _run([str(config), *overrides, "agent.inner_lr=0.2", "--seeds", "1", "--out", str(tmp_path / "o.json")],
+                 tmp_path)
+    assert other.returncode != 0 and "agent.inner_lr" in other.stderr and "other settings" in other.stderr
+    assert config_file.read_bytes() == before and not (tmp_path / "o.json").exists()
+
 
 def test_eval_history_replaces_later_iterations(tmp_path):
     from metarl.training import record_eval_history

@@ -13,7 +13,8 @@ time, env steps and the resolved config.
 ``--seeds`` runs the seeds one after the other (the cores are the parallelism) in the run folders
 ``<run_root>/<experiment>/learning-seed<k>``, writes the file after every seed, and is resumable: run the
 same command again and finished seeds are read back, a killed seed continues from its checkpoint (its
-``wall_time_s`` is then that of the resumed part, ``resumed: true``; ``train_time_s`` is always whole). The
+``wall_time_s`` is then that of the resumed part, ``resumed: true``; ``train_time_s`` is always whole), and a
+seed folder that holds a run of other settings is refused with the fields that differ, not continued. The
 file holds every seed's result and ``aggregate``: per adaptation stage and per evaluation iteration, the
 mean over seeds with a 95% t-interval across seeds; beside it a PNG of the per-seed curves and their mean.
 """
@@ -30,6 +31,7 @@ import numpy as np
 
 from metarl.config import RunConfig, load_config
 from metarl.evaluation import atomic_write, t_ci95
+from metarl.runfolder import config_changes, config_record
 from metarl.training import load_run_config, read_eval_history, train
 
 
@@ -189,7 +191,12 @@ def multi_seed(args: argparse.Namespace, out: Path) -> None:
         run_dir = Path(config.run_root) / config.experiment / f"learning-seed{seed}"
         resume = (run_dir / "config.yaml").is_file()
         if resume:  # a killed seed continues in its folder (from its checkpoint, if it got one), with its config
-            config = load_config(None, [f"iterations={config.iterations}"], data=load_run_config(run_dir).to_dict())
+            stored = load_run_config(run_dir)
+            changes = config_changes(config_record(stored.to_dict()), config.to_dict())
+            if changes:  # a folder of other settings (an earlier command, another --out) is not continued
+                raise SystemExit(f"{run_dir}: holds a run of other settings ({'; '.join(changes)}); set "
+                                 "experiment=NAME for these settings, or delete that folder to start afresh")
+            config = load_config(None, [f"iterations={config.iterations}"], data=stored.to_dict())
         start = time.perf_counter()
         train(config, run_dir=run_dir, resume=resume)
         per_seed.append({**run_result(config, run_dir, time.perf_counter() - start), "resumed": resume})
