@@ -155,3 +155,20 @@ def test_an_invalid_mujoco_gl_is_one_clear_line(monkeypatch, capsys):
     assert main(["families"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "MUJOCO_GL='bogus'" in err and "egl" in err
+
+
+AGENT_CONFIGS = sorted(p for d in ("maml_trpo", "rl2", "pearl") for p in Path("experiments", d).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", AGENT_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_shipped_agent_config_loads_with_its_header_and_quick_mode(path):
+    """A shipped config whose settings no longer parse (a renamed option, a typo in an edit) fails here, not
+    an hour into someone's run; each says in its header what it is, and its quick mode is smaller."""
+    from metarl.config import load_config
+
+    text = path.read_text()
+    assert text.startswith("#"), f"{path}: no header comment saying what the config reproduces"
+    config = load_config(path)
+    assert config.experiment == f"{path.parent.name}/{path.stem}"
+    quick = load_config(path, ["quick=true"])
+    assert quick.iterations < config.iterations
