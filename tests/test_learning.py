@@ -65,6 +65,12 @@ def test_two_seeds_one_command_resumable(tmp_path):
     assert agg["mean"] == pytest.approx((a + b) / 2)
     assert agg["ci95"] == pytest.approx(list(t_ci95(np.array([a, b]))))
     assert [e["iteration"] for e in result["aggregate"]["heldout_curve"]] == [2, 4]
+    # the late-curve mean: of 4 iterations only the evaluation at 4 (>= 2/3 of 4) is late, so it is the final one
+    for s in result["per_seed"]:
+        late = s["heldout_late"]
+        assert (late["from_iteration"], late["to_iteration"], late["evaluations"]) == (4, 4, 1)
+        assert late["stages"][1]["mean_return"] == s["heldout"]["stages"][1]["mean_return"]
+    assert result["aggregate"]["heldout_late_stages"][1]["mean"] == pytest.approx((a + b) / 2)
     assert out.with_suffix(".png").stat().st_size > 1000
 
     # The same command again: finished seeds are read back, nothing is retrained
@@ -102,6 +108,40 @@ def test_two_seeds_one_command_resumable(tmp_path):
                  tmp_path)
     assert other.returncode != 0 and "agent.inner_lr" in other.stderr and "other settings" in other.stderr
     assert config_file.read_bytes() == before and not (tmp_path / "o.json").exists()
+
+
+def _learning_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("learning_bench", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_late_curve_mean_hand_computed():
+    """The held-out curve's mean over its last third: evaluations at iterations >= 2/3 of the run, per stage;
+    across seeds the mean of those with a t-interval, computed from each seed's curve."""
+    learning = _learning_module()
+
+    def curve(values):  # evaluations every 10 iterations; stage 0 fixed at -40, stage 1 the given values
+        return [{"iteration": 10 * (i + 1), "stages": [{"stage": 0, "mean_return": -40.0},
+                                                       {"stage": 1, "mean_return": v}]} for i, v in enumerate(values)]
+
+    # 30 iterations: 2/3 is 20, so the evaluations at 20 and 30 count: (250 + 100) / 2
+    late = learning.late_stages(curve([0.0, 250.0, 100.0]), 30)
+    assert (late["from_iteration"], late["to_iteration"], late["evaluations"]) == (20, 30, 2)
+    assert [s["mean_return"] for s in late["stages"]] == [-40.0, 175.0]
+    # 45 iterations (evaluated to 40): 2/3 is 30, so 30 and 40: (6 + 8) / 2
+    assert learning.late_stages(curve([2.0, 4.0, 6.0, 8.0]), 45)["stages"][1]["mean_return"] == 7.0
+    assert learning.late_stages(curve([1.0]), 30) is None  # no evaluation in the last third
+    seeds = [{"seed": k, "iterations": 30, "heldout_curve": curve(v), "wall_time_s": 1.0, "train_time_s": 1.0,
+              "heldout": {"stages": [{"mean_return": -40.0}, {"mean_return": v[-1]}]},
+              "training_curve": [{"pre": 0.0, "post": 0.0}]}
+             for k, v in ((0, [0.0, 250.0, 100.0]), (1, [0.0, 150.0, 250.0]))]
+    agg = learning.aggregate(seeds)["heldout_late_stages"]
+    assert agg[1]["mean"] == 187.5 and agg[1]["per_seed"] == [175.0, 200.0]
+    assert agg[1]["ci95"] == pytest.approx(list(t_ci95(np.array([175.0, 200.0]))))
 
 
 def test_eval_history_replaces_later_iterations(tmp_path):

@@ -17,6 +17,11 @@ same command again and finished seeds are read back, a killed seed continues fro
 seed folder that holds a run of other settings is refused with the fields that differ, not continued. The
 file holds every seed's result and ``aggregate``: per adaptation stage and per evaluation iteration, the
 mean over seeds with a 95% t-interval across seeds; beside it a PNG of the per-seed curves and their mean.
+
+Where the held-out evaluation swings between evaluations (HalfCheetahDir's two tasks: by 100 and more ten
+iterations apart), the final point is one phase of that swing. So every result also carries ``heldout_late``:
+per adaptation stage, the mean of the held-out curve over its last third (the evaluations at iterations
+>= 2/3 of the run), and the aggregate the mean of those over seeds with its t-interval (``heldout_late_stages``).
 """
 
 from __future__ import annotations
@@ -35,10 +40,24 @@ from metarl.runfolder import config_changes, config_record
 from metarl.training import load_run_config, read_eval_history, train
 
 
+def late_stages(curve: list[dict[str, Any]], iterations: int) -> dict[str, Any] | None:
+    """The held-out curve's mean per adaptation stage over the evaluations at iterations >= 2/3 of the run
+    (None when the run evaluated nowhere there)."""
+    first = 2 * iterations / 3
+    late = [e for e in curve if e["iteration"] >= first]
+    if not late:
+        return None
+    k_max = min(len(e["stages"]) for e in late)
+    return {"from_iteration": late[0]["iteration"], "to_iteration": late[-1]["iteration"], "evaluations": len(late),
+            "stages": [{"stage": k, "mean_return": float(np.mean([e["stages"][k]["mean_return"] for e in late]))}
+                       for k in range(k_max)]}
+
+
 def run_result(config: RunConfig, run_dir: Path, wall: float) -> dict[str, Any]:
     """What one finished run contributes: curves, held-out stages, cost."""
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     summary = json.loads((run_dir / "eval" / config.eval.split / "summary.json").read_text())
+    curve = read_eval_history(run_dir / "eval" / config.eval.split / "history.jsonl")
     return {
         "seed": config.seed,
         "wall_time_s": wall,
@@ -61,14 +80,16 @@ def run_result(config: RunConfig, run_dir: Path, wall: float) -> dict[str, Any]:
                         if k in s and s[k] is not None}
                        for s in summary["stages"]],
         },
-        "heldout_curve": read_eval_history(run_dir / "eval" / config.eval.split / "history.jsonl"),
+        "heldout_curve": curve,
+        "heldout_late": late_stages(curve, len(rows)),
         "run_dir": str(run_dir),
     }
 
 
 def aggregate(seeds: list[dict[str, Any]]) -> dict[str, Any]:
     """Mean over seeds and a 95% t-interval across seeds: the final held-out stages, the held-out curve at
-    the iterations every seed evaluated, and the training curve's post-adaptation return."""
+    the iterations every seed evaluated, each seed's late-curve mean (computed here from its curve, so seeds
+    read back from an older file get it too), and the training curve's post-adaptation return."""
     def stat(values: list[float]) -> dict[str, Any]:
         return {"mean": float(np.mean(values)), "ci95": list(t_ci95(np.array(values))), "per_seed": values}
 
@@ -81,11 +102,16 @@ def aggregate(seeds: list[dict[str, Any]]) -> dict[str, Any]:
         k_max = min(len(e["stages"]) for e in evals)
         curve.append({"iteration": it, "stages": [
             {"stage": k, **stat([e["stages"][k]["mean_return"] for e in evals])} for k in range(k_max)]})
+    lates = [late_stages(s["heldout_curve"], s["iterations"]) for s in seeds]
+    late = None
+    if all(lates):
+        k_late = min(len(x["stages"]) for x in lates)
+        late = [{"stage": k, **stat([x["stages"][k]["mean_return"] for x in lates])} for k in range(k_late)]
     n_it = min(len(s["training_curve"]) for s in seeds)
     training = [{"iteration": i + 1, "pre": float(np.mean([s["training_curve"][i]["pre"] for s in seeds])),
                  "post": float(np.mean([s["training_curve"][i]["post"] for s in seeds]))} for i in range(n_it)]
     return {"seeds": [s["seed"] for s in seeds], "heldout_stages": stages, "heldout_curve": curve,
-            "training_curve_mean": training,
+            "heldout_late_stages": late, "training_curve_mean": training,
             "wall_time_s": stat([s["wall_time_s"] for s in seeds]),
             "train_time_s": stat([s["train_time_s"] for s in seeds])}
 
@@ -173,6 +199,14 @@ def main() -> None:
     print(f"{config.env}: {result['iterations']} iterations, {result['env_steps']:,} env steps, training "
           f"{result['train_time_s']:.0f} s; written to {out}")
     print_stages(config.env, result["heldout"]["stages"])
+    print_late(config.env, result["heldout_late"])
+
+
+def print_late(name: str, late: dict[str, Any] | None) -> None:
+    if late:
+        values = " -> ".join(f"{s['mean_return']:.1f}" for s in late["stages"])
+        print(f"{name}: held-out curve's mean over its last third (iterations {late['from_iteration']}-"
+              f"{late['to_iteration']}, {late['evaluations']} evaluations) by stage: {values}", flush=True)
 
 
 def multi_seed(args: argparse.Namespace, out: Path) -> None:
@@ -201,9 +235,14 @@ def multi_seed(args: argparse.Namespace, out: Path) -> None:
         train(config, run_dir=run_dir, resume=resume)
         per_seed.append({**run_result(config, run_dir, time.perf_counter() - start), "resumed": resume})
         print_stages(f"seed {seed}", per_seed[-1]["heldout"]["stages"])
+        print_late(f"seed {seed}", per_seed[-1]["heldout_late"])
         write_multi(out, args, config, per_seed, complete=False)
     write_multi(out, args, config, per_seed, complete=True)
-    print_stages(f"mean of {len(per_seed)} seeds", aggregate(per_seed)["heldout_stages"], key="mean")
+    agg = aggregate(per_seed)
+    print_stages(f"mean of {len(per_seed)} seeds", agg["heldout_stages"], key="mean")
+    if agg["heldout_late_stages"]:
+        print_stages(f"mean of {len(per_seed)} seeds, held-out curve's last third", agg["heldout_late_stages"],
+                     key="mean")
 
 
 def write_multi(out: Path, args: argparse.Namespace, config: RunConfig, per_seed: list[dict], complete: bool) -> None:
