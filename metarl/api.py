@@ -121,21 +121,25 @@ class MetaLearner:
         return AdaptedPolicy(actor, slots.low, slots.high, self.name, steps)
 
     def evaluate(self, split: str | None = None, tasks: int | None = None, steps: int | None = None,
-                 episodes: int | None = None, lock: bool = True) -> dict[str, Any]:
+                 episodes: int | None = None, lock: bool = True, repeats: int = 1) -> dict[str, Any]:
         """The evaluation protocol on the family's held-out tasks (defaults: the run's ``eval`` settings);
         writes ``RUN_DIR/eval/<split>/`` (summary.json, CSVs, PNGs) and returns the summary. ``metarl eval``
-        is this call. ``lock=False``: the caller already holds the run folder's lock (`run_lock`)."""
+        is this call. ``repeats`` R > 1: R independent adaptations per task, pooled, written to
+        ``RUN_DIR/eval/<split>-repeats<R>/`` (for families with few tasks). ``lock=False``: the caller
+        already holds the run folder's lock (`run_lock`)."""
         from metarl.runfolder import check_writable, run_lock
-        from metarl.training import evaluate_run
+        from metarl.training import eval_dir, evaluate_run
 
         e = self.config.eval
         split, tasks = split or e.split, tasks or e.tasks
         steps, episodes = e.steps if steps is None else steps, episodes or e.episodes
-        check_writable(self.run_dir, self.run_dir / "eval", self.run_dir / "eval" / split)
+        if repeats < 1:
+            raise ValueError(f"evaluate: repeats must be >= 1, got {repeats}")
+        check_writable(self.run_dir, self.run_dir / "eval", eval_dir(self.run_dir, split, repeats))
         if not lock:
-            return evaluate_run(self.agent, self.config, self.run_dir, split, tasks, steps, episodes)
+            return evaluate_run(self.agent, self.config, self.run_dir, split, tasks, steps, episodes, repeats=repeats)
         with run_lock(self.run_dir):
-            return evaluate_run(self.agent, self.config, self.run_dir, split, tasks, steps, episodes)
+            return evaluate_run(self.agent, self.config, self.run_dir, split, tasks, steps, episodes, repeats=repeats)
 
     def _spaces(self, env: gym.Env) -> tuple[tuple[int, ...], tuple[int, ...]]:
         sampler = self.agent.sampler

@@ -200,10 +200,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     _user_code(args)
     try:
         config = load_run_config(run_dir)
-        for name in ("steps", "episodes", "tasks"):
+        for name in ("steps", "episodes", "tasks", "repeats"):
             value = getattr(args, name)
             if value is not None and value < (0 if name == "steps" else 1):
                 raise ConfigError(f"--{name} must be {'>= 0' if name == 'steps' else '>= 1'}, got {value}")
+        if video is not None and args.repeats != 1:
+            raise ConfigError("--video shows one adaptation per task: leave out --repeats")
         e = config.eval
         split, tasks = args.split or e.split, args.tasks or e.tasks
         steps, episodes = e.steps if args.steps is None else args.steps, args.episodes or e.episodes
@@ -213,27 +215,32 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             if steps < 1:
                 raise ConfigError("--video needs at least one adaptation stage (--steps >= 1) to show before and after")
         with run_lock(run_dir):
-            _evaluate(run_dir, config, split, tasks, steps, episodes, video)
+            _evaluate(run_dir, config, split, tasks, steps, episodes, video, args.repeats)
     except (ConfigError, TaskError, VideoError, FloatingPointError) as exc:
         raise UsageError(str(exc)) from exc
     return 0
 
 
-def _evaluate(run_dir: Path, config: Any, split: str, tasks: int, steps: int, episodes: int, video: dict | None) -> None:
+def _evaluate(run_dir: Path, config: Any, split: str, tasks: int, steps: int, episodes: int, video: dict | None,
+              repeats: int = 1) -> None:
     import metarl.api as mrl
     from metarl.runfolder import check_writable
-    from metarl.training import render_run
+    from metarl.training import eval_dir, render_run
 
-    check_writable(run_dir, run_dir / "eval", run_dir / "eval" / split)
+    out = eval_dir(run_dir, split, repeats)
+    check_writable(run_dir, run_dir / "eval", out)
     learner = mrl.load(run_dir)  # the run's config (as `config`) and its newest usable checkpoint
     agent = learner.agent
     try:
-        summary = learner.evaluate(split, tasks, steps, episodes, lock=False)  # the caller holds the run lock
+        # the caller holds the run lock
+        summary = learner.evaluate(split, tasks, steps, episodes, lock=False, repeats=repeats)
         print(f"{'stage':>5} {'adapt episodes':>14} {'adapt steps':>11} {'mean return':>11}  95% CI")
         for s in summary["stages"]:
             print(f"{s['stage']:>5} {s['adapt_episodes']:>14} {s['adapt_env_steps']:>11.0f} "
                   f"{s['mean_return']:>11.2f}  [{s['ci95'][0]:.2f}, {s['ci95'][1]:.2f}]")
-        print(f"written to {run_dir / 'eval' / split}/ (summary.json, summary.csv, per_task.csv, "
+        if repeats > 1:
+            print(f"({repeats} independent adaptations on each of {tasks} tasks, pooled: {repeats * tasks})")
+        print(f"written to {out}/ (summary.json, summary.csv, per_task.csv, "
               "adaptation_curve.png)", flush=True)
         if video is not None:
             print(f"rendering {video['tasks']} held-out task(s) before and after adaptation "
@@ -381,6 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="adaptation stages after stage 0 (default: config, 3)")
     p.add_argument("--episodes", type=int, default=None, help="episodes per stage (default: config)")
     p.add_argument("--tasks", type=int, default=None, help="number of held-out tasks (default: config)")
+    p.add_argument("--repeats", type=int, default=1, help="adapt this many times on each task, independently, and "
+                   "pool them (for families with few tasks, e.g. HalfCheetahDir's two); writes "
+                   "RUN_DIR/eval/<split>-repeats<R>/")
     p.add_argument("--video", action="store_true", help="also render held-out episodes before and after adaptation "
                    "(off-screen; GIFs in RUN_DIR/eval/<split>/video/ and TensorBoard eval/<split>/video/)")
     p.add_argument("--video-tasks", type=int, default=None, help="with --video: tasks to render, the first of the "

@@ -341,18 +341,32 @@ def _eval_seed(config: RunConfig) -> int:
     return config.seed + 20_000
 
 
+def eval_dir(run_dir: Path, split: str, repeats: int = 1) -> Path:
+    """Where an evaluation of ``split`` writes: ``eval/<split>/``, or ``eval/<split>-repeats<R>/`` for a
+    repeated one (so it never replaces the training-time evaluation the held-out curve continues)."""
+    return run_dir / "eval" / (split if repeats == 1 else f"{split}-repeats{repeats}")
+
+
 def evaluate_run(agent: Any, config: RunConfig, run_dir: Path, split: str, tasks: int, steps: int,
-                 episodes: int, logger: _Logger | None = None) -> dict[str, Any]:
+                 episodes: int, logger: _Logger | None = None, repeats: int = 1) -> dict[str, Any]:
+    """The evaluation protocol on ``tasks`` held-out tasks. ``repeats`` R > 1 adapts R times on each task,
+    independently (each copy is its own index of the call, so its own episodes and seeds; the first copy
+    is exactly the R = 1 evaluation), and pools the R x tasks adaptations: for a family with few tasks
+    (HalfCheetahDir has two) one adaptation per task is one draw of a noisy quantity."""
+    if repeats < 1:
+        raise ConfigError(f"eval: repeats must be >= 1, got {repeats}")
     family = agent.sampler.family
     held_out = eval_tasks(family, config.seed, split, tasks)
     with agent.sampler.recording() as calls:  # success and reward terms of the episodes the evaluation sampled
-        result: AdaptationResult = agent.evaluate_adaptation(held_out, steps, episodes, seed=_eval_seed(config))
+        result: AdaptationResult = agent.evaluate_adaptation(held_out * repeats, steps, episodes,
+                                                             seed=_eval_seed(config))
     result = with_episode_metrics(result, calls)
     fault_point("eval")
-    title = f"{config.agent_name} on {family.family}"
-    summary = write_summary(result, run_dir / "eval" / split, title=title, extra={
+    title = f"{config.agent_name} on {family.family}" + (f", {repeats} adaptations per task" if repeats > 1 else "")
+    summary = write_summary(result, eval_dir(run_dir, split, repeats), title=title, extra={
         "split": split, "agent": config.agent_name, "family": family.family, "iteration": agent.iteration,
         "env_steps": agent.env_steps, "horizon": agent.sampler.horizon,
+        **({"repeats": repeats, "distinct_tasks": len(held_out)} if repeats > 1 else {}),
     })
     if logger is not None:
         logger.log_eval(summary, split, agent.env_steps, title)

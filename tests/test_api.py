@@ -88,6 +88,12 @@ def test_evaluate_writes_the_protocols_summary(maml_run):
         summary = learner.evaluate(tasks=3, steps=1, episodes=2)
     assert [s["stage"] for s in summary["stages"]] == [0, 1]
     assert (maml_run / "eval" / "test" / "summary.json").is_file()
+    with mrl.load(maml_run) as learner:
+        with pytest.raises(ValueError, match="repeats must be >= 1, got 0"):
+            learner.evaluate(tasks=3, steps=1, episodes=2, repeats=0)
+        pooled = learner.evaluate(tasks=3, steps=1, episodes=2, repeats=2)
+    assert pooled["num_tasks"] == 6 and pooled["stages"][0]["per_task"][:3] == summary["stages"][0]["per_task"]
+    assert (maml_run / "eval" / "test-repeats2" / "summary.json").is_file()
 
 
 def test_bad_input_is_one_clear_error(maml_run, tmp_path):

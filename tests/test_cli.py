@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -64,6 +65,24 @@ def test_eval_command_writes_the_requested_split(run_dir, capsys):
     assert summary["split"] == "ood" and len(summary["stages"]) == 3 and summary["num_tasks"] == 2
     assert all(max(abs(c) for c in t["goal"]) > 0.5 for t in summary["tasks"])  # ood goals
     assert "mean return" in capsys.readouterr().out
+
+
+def test_eval_repeats_adapts_each_task_again_beside_the_plain_evaluation(run_dir, capsys):
+    plain = (run_dir / "eval" / "test" / "summary.json").read_bytes()
+    assert main(["eval", str(run_dir), "--repeats", "3", "--tasks", "2", "--steps", "1", "--episodes", "2"]) == 0
+    pooled = json.loads((run_dir / "eval" / "test-repeats3" / "summary.json").read_text())
+    assert (pooled["repeats"], pooled["distinct_tasks"], pooled["num_tasks"]) == (3, 2, 6)
+    assert pooled["tasks"][:2] == pooled["tasks"][2:4] == pooled["tasks"][4:]  # the task list, three times
+    returns = np.array(pooled["stages"][1]["per_task"])
+    assert len(set(returns.round(6))) == 6  # six separate adaptations
+    assert pooled["stages"][1]["mean_return"] == pytest.approx(returns.mean())
+    assert (run_dir / "eval" / "test" / "summary.json").read_bytes() == plain  # the run's own evaluation stays
+    assert "3 independent adaptations on each of 2 tasks" in capsys.readouterr().out
+    for bad, message in ((["--repeats", "0"], "--repeats must be >= 1, got 0"),
+                         (["--repeats", "2", "--video"], "leave out --repeats")):
+        assert main(["eval", str(run_dir), *bad]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1
 
 
 def test_resume_continues_exactly_where_a_run_stopped(tmp_path):

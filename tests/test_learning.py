@@ -80,6 +80,30 @@ def test_two_seeds_one_command_resumable(tmp_path):
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("latest.pt")} == before
     assert json.loads(out.read_text())["per_seed"] == result["per_seed"]
 
+    # --final-repeats on the same command: nothing is retrained; each final policy is evaluated again with 2
+    # independent adaptations per held-out task, pooled. The first copy of each task is exactly the run's own
+    # final evaluation (same checkpoint, same per-index seeds); the second is a fresh draw.
+    repeats = _run([str(config), *overrides, "--seeds", "0", "1", "--out", str(out), "--final-repeats", "2"], tmp_path)
+    assert repeats.returncode == 0, repeats.stderr[-2000:]
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("latest.pt")} == before
+    with_repeats = json.loads(out.read_text())
+    for s in with_repeats["per_seed"]:
+        rep = s["heldout_repeated"]
+        assert (rep["repeats"], rep["distinct_tasks"], rep["num_tasks"], rep["iteration"]) == (2, 4, 8, 4)
+        plain = json.loads((Path(s["run_dir"]) / "eval" / "test" / "summary.json").read_text())
+        pooled = json.loads((Path(s["run_dir"]) / "eval" / "test-repeats2" / "summary.json").read_text())
+        assert pooled["tasks"][:4] == pooled["tasks"][4:] == plain["tasks"]
+        for k in range(2):
+            per_task = pooled["stages"][k]["per_task"]
+            assert per_task[:4] == pytest.approx(plain["stages"][k]["per_task"], abs=1e-9)
+            assert not np.allclose(per_task[4:], per_task[:4])
+            assert rep["stages"][k]["mean_return"] == pytest.approx(np.mean(per_task))
+        assert rep["stages"][1]["gain"] == pytest.approx(np.mean(np.subtract(pooled["stages"][1]["per_task"],
+                                                                             pooled["stages"][0]["per_task"])))
+    means = [s["heldout_repeated"]["stages"][1]["mean_return"] for s in with_repeats["per_seed"]]
+    assert with_repeats["aggregate"]["heldout_repeated_stages"][1]["mean"] == pytest.approx(np.mean(means))
+    assert "final policy, 2 adaptations per task" in repeats.stdout
+
     # A seed killed before its first checkpoint (its folder holds config.yaml and no checkpoint yet) is
     # trained again in place by the same command, to the same numbers
     import shutil

@@ -22,6 +22,9 @@ Where the held-out evaluation swings between evaluations (HalfCheetahDir's two t
 iterations apart), the final point is one phase of that swing. So every result also carries ``heldout_late``:
 per adaptation stage, the mean of the held-out curve over its last third (the evaluations at iterations
 >= 2/3 of the run), and the aggregate the mean of those over seeds with its t-interval (``heldout_late_stages``).
+``--final-repeats R`` also evaluates each seed's final policy with R independent adaptations per held-out task,
+pooled (``metarl eval --repeats R``, into ``RUN_DIR/eval/<split>-repeats<R>/``): ``heldout_repeated`` per seed,
+``heldout_repeated_stages`` over seeds. Seeds read back from an earlier file get it too, from their folders.
 """
 
 from __future__ import annotations
@@ -86,6 +89,19 @@ def run_result(config: RunConfig, run_dir: Path, wall: float) -> dict[str, Any]:
     }
 
 
+def repeated_eval(run_dir: Path, repeats: int) -> dict[str, Any]:
+    """The final policy's held-out evaluation with ``repeats`` independent adaptations per task (the run's
+    eval settings otherwise), as the result files store it."""
+    import metarl.api as mrl
+
+    with mrl.load(run_dir) as learner:
+        summary = learner.evaluate(repeats=repeats)
+    keep = ("stage", "adapt_episodes", "mean_return", "ci95", "gain", "gain_ci95", "success_rate", "success_ci95")
+    return {"repeats": repeats, "distinct_tasks": summary["distinct_tasks"], "num_tasks": summary["num_tasks"],
+            "iteration": summary["iteration"],
+            "stages": [{k: st[k] for k in keep if k in st} for st in summary["stages"]]}
+
+
 def aggregate(seeds: list[dict[str, Any]]) -> dict[str, Any]:
     """Mean over seeds and a 95% t-interval across seeds: the final held-out stages, the held-out curve at
     the iterations every seed evaluated, each seed's late-curve mean (computed here from its curve, so seeds
@@ -107,11 +123,16 @@ def aggregate(seeds: list[dict[str, Any]]) -> dict[str, Any]:
     if all(lates):
         k_late = min(len(x["stages"]) for x in lates)
         late = [{"stage": k, **stat([x["stages"][k]["mean_return"] for x in lates])} for k in range(k_late)]
+    repeated = None
+    if all("heldout_repeated" in s for s in seeds):
+        k_rep = min(len(s["heldout_repeated"]["stages"]) for s in seeds)
+        repeated = [{"stage": k, **stat([s["heldout_repeated"]["stages"][k]["mean_return"] for s in seeds])}
+                    for k in range(k_rep)]
     n_it = min(len(s["training_curve"]) for s in seeds)
     training = [{"iteration": i + 1, "pre": float(np.mean([s["training_curve"][i]["pre"] for s in seeds])),
                  "post": float(np.mean([s["training_curve"][i]["post"] for s in seeds]))} for i in range(n_it)]
     return {"seeds": [s["seed"] for s in seeds], "heldout_stages": stages, "heldout_curve": curve,
-            "heldout_late_stages": late, "training_curve_mean": training,
+            "heldout_late_stages": late, "heldout_repeated_stages": repeated, "training_curve_mean": training,
             "wall_time_s": stat([s["wall_time_s"] for s in seeds]),
             "train_time_s": stat([s["train_time_s"] for s in seeds])}
 
@@ -168,7 +189,11 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--out", required=True)
     parser.add_argument("--note", default="", help="free text stored with the result (e.g. what to compare with)")
+    parser.add_argument("--final-repeats", type=int, default=1, metavar="R",
+                        help="also evaluate the final policy with R independent adaptations per held-out task")
     args = parser.parse_args()
+    if args.final_repeats < 1:
+        parser.error(f"--final-repeats must be >= 1, got {args.final_repeats}")
     out = Path(args.out)
     if args.seeds:
         if args.resume:
@@ -194,12 +219,21 @@ def main() -> None:
         wall = time.perf_counter() - start
     result = {"benchmark": "learning", "agent": config.agent_name, "config": config.to_dict(),
               "overrides": args.overrides, "note": args.note, **run_result(config, run_dir, wall)}
+    if args.final_repeats > 1:
+        result["heldout_repeated"] = repeated_eval(run_dir, args.final_repeats)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out, json.dumps(result, indent=2) + "\n")
     print(f"{config.env}: {result['iterations']} iterations, {result['env_steps']:,} env steps, training "
           f"{result['train_time_s']:.0f} s; written to {out}")
     print_stages(config.env, result["heldout"]["stages"])
     print_late(config.env, result["heldout_late"])
+    print_repeated(config.env, result.get("heldout_repeated"))
+
+
+def print_repeated(name: str, repeated: dict[str, Any] | None) -> None:
+    if repeated:
+        print_stages(f"{name}, final policy, {repeated['repeats']} adaptations per task "
+                     f"({repeated['num_tasks']} in all)", repeated["stages"])
 
 
 def print_late(name: str, late: dict[str, Any] | None) -> None:
@@ -220,7 +254,11 @@ def multi_seed(args: argparse.Namespace, out: Path) -> None:
     for seed in args.seeds:
         config = load_config(args.config, [*args.overrides, f"seed={seed}"])
         if done.get(seed, {}).get("iterations") == config.iterations:
-            per_seed.append(done[seed])  # finished earlier
+            entry = done[seed]  # finished earlier
+            if args.final_repeats > 1 and entry.get("heldout_repeated", {}).get("repeats") != args.final_repeats:
+                entry = {**entry, "heldout_repeated": repeated_eval(Path(entry["run_dir"]), args.final_repeats)}
+                print_repeated(f"seed {seed}", entry["heldout_repeated"])
+            per_seed.append(entry)
             continue
         run_dir = Path(config.run_root) / config.experiment / f"learning-seed{seed}"
         resume = (run_dir / "config.yaml").is_file()
@@ -234,8 +272,11 @@ def multi_seed(args: argparse.Namespace, out: Path) -> None:
         start = time.perf_counter()
         train(config, run_dir=run_dir, resume=resume)
         per_seed.append({**run_result(config, run_dir, time.perf_counter() - start), "resumed": resume})
+        if args.final_repeats > 1:  # after the wall time: an evaluation, not training
+            per_seed[-1]["heldout_repeated"] = repeated_eval(run_dir, args.final_repeats)
         print_stages(f"seed {seed}", per_seed[-1]["heldout"]["stages"])
         print_late(f"seed {seed}", per_seed[-1]["heldout_late"])
+        print_repeated(f"seed {seed}", per_seed[-1].get("heldout_repeated"))
         write_multi(out, args, config, per_seed, complete=False)
     write_multi(out, args, config, per_seed, complete=True)
     agg = aggregate(per_seed)
@@ -243,6 +284,9 @@ def multi_seed(args: argparse.Namespace, out: Path) -> None:
     if agg["heldout_late_stages"]:
         print_stages(f"mean of {len(per_seed)} seeds, held-out curve's last third", agg["heldout_late_stages"],
                      key="mean")
+    if agg["heldout_repeated_stages"]:
+        print_stages(f"mean of {len(per_seed)} seeds, final policy, {args.final_repeats} adaptations per task",
+                     agg["heldout_repeated_stages"], key="mean")
 
 
 def write_multi(out: Path, args: argparse.Namespace, config: RunConfig, per_seed: list[dict], complete: bool) -> None:
