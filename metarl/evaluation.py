@@ -139,6 +139,28 @@ def bootstrap_ci(values: np.ndarray, confidence: float = 0.95, resamples: int = 
     return (float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha)))
 
 
+def stratified_bootstrap_ci(values: np.ndarray, strata: np.ndarray, confidence: float = 0.95, resamples: int = 2000,
+                            seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``values`` whose rows fall in ``strata`` (e.g. several
+    adaptations on each of a fixed list of tasks): each resample draws with replacement *within* every
+    stratum, keeping its size, so the interval is that of the mean over these strata, without the variation
+    of which strata were drawn."""
+    values, strata = np.asarray(values, dtype=np.float64), np.asarray(strata)
+    if values.shape != strata.shape or values.ndim != 1:
+        raise ValueError(f"stratified_bootstrap_ci: values {values.shape} and strata {strata.shape} must be "
+                         "1-D and of one length")
+    if values.size == 0:
+        return (float("nan"), float("nan"))
+    rng = np.random.default_rng(seed)
+    sums = np.zeros(resamples)
+    for stratum in np.unique(strata):
+        v = values[strata == stratum]
+        sums += v[rng.integers(0, v.size, size=(resamples, v.size))].sum(axis=1)
+    means = sums / values.size
+    alpha = (1 - confidence) / 2
+    return (float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha)))
+
+
 def grouped_bootstrap_ci(groups: list[np.ndarray], confidence: float = 0.95, resamples: int = 2000,
                          seed: int = 0) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean over several groups (e.g. seeds, each with its per-task
@@ -194,15 +216,22 @@ def iqm(values: np.ndarray) -> float:
     return float(values[cut:values.size - cut].mean())
 
 
-def summarize(result: AdaptationResult, seed: int = 0) -> dict[str, Any]:
+def summarize(result: AdaptationResult, seed: int = 0, strata: np.ndarray | None = None) -> dict[str, Any]:
     """The JSON summary: one entry per stage with mean, bootstrap CI over tasks and per-task returns; from
     stage 1 on also the adaptation gain (``gain``: mean over tasks of the stage's return minus stage 0's) with
     its paired bootstrap CI (``gain_ci95``, resampling tasks, so task-to-task spread shared by both stages
-    cancels: a gain can be clear while the two stages' own intervals overlap)."""
+    cancels: a gain can be clear while the two stages' own intervals overlap). ``strata`` (one label per row,
+    e.g. the task of each of several adaptations per task): every interval resamples within the strata
+    (`stratified_bootstrap_ci`)."""
+    def ci(values: np.ndarray, k: int) -> tuple[float, float]:
+        if strata is None:
+            return bootstrap_ci(values, seed=seed + k)
+        return stratified_bootstrap_ci(values, strata, seed=seed + k)
+
     stages = []
     for k in range(result.returns.shape[1]):
         column = result.returns[:, k]
-        low, high = bootstrap_ci(column, seed=seed + k)
+        low, high = ci(column, k)
         stages.append({
             "stage": k,
             "adapt_episodes": int(result.adapt_episodes[k]),
@@ -213,12 +242,12 @@ def summarize(result: AdaptationResult, seed: int = 0) -> dict[str, Any]:
         })
         if k > 0:  # paired over tasks: each task's return at this stage minus its own before adaptation
             diff = column - result.returns[:, 0]
-            stages[-1].update(gain=float(diff.mean()), gain_ci95=list(bootstrap_ci(diff, seed=seed + k)))
+            stages[-1].update(gain=float(diff.mean()), gain_ci95=list(ci(diff, k)))
         if result.within_episode is not None:  # mean over tasks of each bin's reward
             stages[-1]["within_episode"] = [float(v) for v in result.within_episode[:, k].mean(0)]
         if result.success is not None:
             rates = result.success[:, k]
-            stages[-1].update(success_rate=float(rates.mean()), success_ci95=list(bootstrap_ci(rates, seed=seed + k)),
+            stages[-1].update(success_rate=float(rates.mean()), success_ci95=list(ci(rates, k)),
                               per_task_success=[float(v) for v in rates])
         if result.reward_terms:
             stages[-1]["reward_terms"] = {name: float(v[:, k].mean()) for name, v in sorted(result.reward_terms.items())}
@@ -259,11 +288,12 @@ def atomic_write(path: str | Path, content: str | bytes) -> None:
 
 
 def write_summary(result: AdaptationResult, out_dir: str | Path, title: str = "", extra: dict[str, Any] | None = None,
-                  seed: int = 0) -> dict[str, Any]:
-    """Write summary.json / summary.csv / per_task.csv / adaptation_curve.png into ``out_dir``."""
+                  seed: int = 0, strata: np.ndarray | None = None) -> dict[str, Any]:
+    """Write summary.json / summary.csv / per_task.csv / adaptation_curve.png into ``out_dir`` (``strata``:
+    as `summarize`)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    summary = summarize(result, seed=seed)
+    summary = summarize(result, seed=seed, strata=strata)
     if extra:
         summary.update(extra)
     atomic_write(out / "summary.json", json.dumps(summary, indent=2))

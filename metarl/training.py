@@ -350,9 +350,10 @@ def eval_dir(run_dir: Path, split: str, repeats: int = 1) -> Path:
 def evaluate_run(agent: Any, config: RunConfig, run_dir: Path, split: str, tasks: int, steps: int,
                  episodes: int, logger: _Logger | None = None, repeats: int = 1) -> dict[str, Any]:
     """The evaluation protocol on ``tasks`` held-out tasks. ``repeats`` R > 1 adapts R times on each task,
-    independently (each copy is its own index of the call, so its own episodes and seeds; the first copy
-    is exactly the R = 1 evaluation), and pools the R x tasks adaptations: for a family with few tasks
-    (HalfCheetahDir has two) one adaptation per task is one draw of a noisy quantity."""
+    independently (the bundled agents seed episodes and action noise by a task's position in the call, so
+    each copy has its own and the first copy is the R = 1 evaluation), and pools the R x tasks adaptations,
+    the intervals resampling within each task: for a family with few tasks (HalfCheetahDir has two) one
+    adaptation per task is one draw of a noisy quantity."""
     if repeats < 1:
         raise ConfigError(f"eval: repeats must be >= 1, got {repeats}")
     family = agent.sampler.family
@@ -363,7 +364,8 @@ def evaluate_run(agent: Any, config: RunConfig, run_dir: Path, split: str, tasks
     result = with_episode_metrics(result, calls)
     fault_point("eval")
     title = f"{config.agent_name} on {family.family}" + (f", {repeats} adaptations per task" if repeats > 1 else "")
-    summary = write_summary(result, eval_dir(run_dir, split, repeats), title=title, extra={
+    strata = np.tile(np.arange(len(held_out)), repeats) if repeats > 1 else None
+    summary = write_summary(result, eval_dir(run_dir, split, repeats), title=title, strata=strata, extra={
         "split": split, "agent": config.agent_name, "family": family.family, "iteration": agent.iteration,
         "env_steps": agent.env_steps, "horizon": agent.sampler.horizon,
         **({"repeats": repeats, "distinct_tasks": len(held_out)} if repeats > 1 else {}),

@@ -76,6 +76,9 @@ def test_eval_repeats_adapts_each_task_again_beside_the_plain_evaluation(run_dir
     returns = np.array(pooled["stages"][1]["per_task"])
     assert len(set(returns.round(6))) == 6  # six separate adaptations
     assert pooled["stages"][1]["mean_return"] == pytest.approx(returns.mean())
+    from metarl.evaluation import stratified_bootstrap_ci  # the interval resamples within each task
+
+    assert pooled["stages"][1]["ci95"] == pytest.approx(list(stratified_bootstrap_ci(returns, [0, 1] * 3, seed=1)))
     assert (run_dir / "eval" / "test" / "summary.json").read_bytes() == plain  # the run's own evaluation stays
     assert "3 independent adaptations on each of 2 tasks" in capsys.readouterr().out
     for bad, message in ((["--repeats", "0"], "--repeats must be >= 1, got 0"),

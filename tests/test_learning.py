@@ -32,6 +32,21 @@ def test_t_ci95_hand_computed():
     assert half == pytest.approx(2.086 * values.std(ddof=1) / np.sqrt(22))
 
 
+def test_stratified_bootstrap_ci_hand_computed():
+    from metarl.evaluation import bootstrap_ci, stratified_bootstrap_ci
+
+    # two tasks, each adapted three times with the same result: resampling within a task changes nothing, so
+    # the interval is the point 5, where resampling across both (bootstrap_ci) mixes the tasks unevenly
+    values, strata = np.array([0.0, 10.0, 0.0, 10.0, 0.0, 10.0]), np.tile([0, 1], 3)
+    assert stratified_bootstrap_ci(values, strata) == (5.0, 5.0)
+    assert bootstrap_ci(values)[0] < 3.0
+    # task A: [0, 1], task B: [10, 10]. A's resampled sum is 0, 1, 2 with probability 1/4, 1/2, 1/4, so the
+    # mean over 4 is 5.0, 5.25, 5.5: the 95% interval is [5.0, 5.5]
+    assert stratified_bootstrap_ci(np.array([0.0, 10.0, 1.0, 10.0]), np.array([0, 1, 0, 1])) == (5.0, 5.5)
+    with pytest.raises(ValueError, match="one length"):
+        stratified_bootstrap_ci(np.zeros(4), np.zeros(3))
+
+
 def _run(args, cwd):
     return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=cwd, capture_output=True, text=True, timeout=600)
 
@@ -103,6 +118,23 @@ def test_two_seeds_one_command_resumable(tmp_path):
     means = [s["heldout_repeated"]["stages"][1]["mean_return"] for s in with_repeats["per_seed"]]
     assert with_repeats["aggregate"]["heldout_repeated_stages"][1]["mean"] == pytest.approx(np.mean(means))
     assert "final policy, 2 adaptations per task" in repeats.stdout
+    # the pooled intervals resample within each task (the 4 held-out tasks, each adapted twice)
+    from metarl.evaluation import stratified_bootstrap_ci
+
+    pooled = json.loads((Path(with_repeats["per_seed"][0]["run_dir"]) / "eval" / "test-repeats2" / "summary.json")
+                        .read_text())
+    assert pooled["stages"][1]["ci95"] == pytest.approx(list(stratified_bootstrap_ci(
+        np.array(pooled["stages"][1]["per_task"]), np.tile(np.arange(4), 2), seed=1)))
+
+    # A folder whose newest usable checkpoint is not the result's final policy (here latest.pt is gone, so
+    # loading falls back to previous.pt, iteration 3) is refused, by name, and the file is left as it was
+    seed0 = Path(with_repeats["per_seed"][0]["run_dir"])
+    (seed0 / "checkpoints" / "latest.pt").rename(tmp_path / "latest0.pt")
+    written = out.read_bytes()
+    moved = _run([str(config), *overrides, "--seeds", "0", "1", "--out", str(out), "--final-repeats", "3"], tmp_path)
+    assert moved.returncode != 0 and "holds iteration 3, not the final policy" in moved.stderr
+    assert out.read_bytes() == written
+    (tmp_path / "latest0.pt").rename(seed0 / "checkpoints" / "latest.pt")
 
     # A seed killed before its first checkpoint (its folder holds config.yaml and no checkpoint yet) is
     # trained again in place by the same command, to the same numbers
@@ -166,6 +198,15 @@ def test_late_curve_mean_hand_computed():
     agg = learning.aggregate(seeds)["heldout_late_stages"]
     assert agg[1]["mean"] == 187.5 and agg[1]["per_seed"] == [175.0, 200.0]
     assert agg[1]["ci95"] == pytest.approx(list(t_ci95(np.array([175.0, 200.0]))))
+    # the repeated final evaluation is aggregated only when every seed has it, with one R
+    for s, value in zip(seeds, (100.0, 120.0), strict=True):
+        s["heldout_repeated"] = {"repeats": 20, "stages": [{"mean_return": -40.0}, {"mean_return": value}]}
+    both = learning.aggregate(seeds)
+    assert both["heldout_repeats"] == 20 and both["heldout_repeated_stages"][1]["mean"] == 110.0
+    seeds[1]["heldout_repeated"]["repeats"] = 5
+    assert learning.aggregate(seeds)["heldout_repeated_stages"] is None
+    del seeds[1]["heldout_repeated"]
+    assert learning.aggregate(seeds)["heldout_repeats"] is None
 
 
 def test_eval_history_replaces_later_iterations(tmp_path):

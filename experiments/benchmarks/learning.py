@@ -89,12 +89,20 @@ def run_result(config: RunConfig, run_dir: Path, wall: float) -> dict[str, Any]:
     }
 
 
-def repeated_eval(run_dir: Path, repeats: int) -> dict[str, Any]:
+def repeated_eval(run_dir: Path, repeats: int, iterations: int) -> dict[str, Any]:
     """The final policy's held-out evaluation with ``repeats`` independent adaptations per task (the run's
-    eval settings otherwise), as the result files store it."""
+    eval settings otherwise), as the result files store it. Refused unless the folder's newest checkpoint
+    is the result's final policy (iteration ``iterations``): a folder extended since, or fallen back to
+    its previous checkpoint, is not what the result describes."""
     import metarl.api as mrl
 
+    if not (run_dir / "config.yaml").is_file():
+        raise SystemExit(f"--final-repeats: the run folder {run_dir} of a finished seed is gone (or the path is "
+                         "relative to another directory); the final policy cannot be evaluated again")
     with mrl.load(run_dir) as learner:
+        if learner.agent.iteration != iterations:
+            raise SystemExit(f"--final-repeats: {run_dir} holds iteration {learner.agent.iteration}, not the "
+                             f"final policy of this result (iteration {iterations}); not evaluated")
         summary = learner.evaluate(repeats=repeats)
     keep = ("stage", "adapt_episodes", "mean_return", "ci95", "gain", "gain_ci95", "success_rate", "success_ci95")
     return {"repeats": repeats, "distinct_tasks": summary["distinct_tasks"], "num_tasks": summary["num_tasks"],
@@ -123,8 +131,8 @@ def aggregate(seeds: list[dict[str, Any]]) -> dict[str, Any]:
     if all(lates):
         k_late = min(len(x["stages"]) for x in lates)
         late = [{"stage": k, **stat([x["stages"][k]["mean_return"] for x in lates])} for k in range(k_late)]
-    repeated = None
-    if all("heldout_repeated" in s for s in seeds):
+    repeated, repeats = None, {s.get("heldout_repeated", {}).get("repeats") for s in seeds}
+    if len(repeats) == 1 and None not in repeats:  # every seed, with one R
         k_rep = min(len(s["heldout_repeated"]["stages"]) for s in seeds)
         repeated = [{"stage": k, **stat([s["heldout_repeated"]["stages"][k]["mean_return"] for s in seeds])}
                     for k in range(k_rep)]
@@ -132,7 +140,8 @@ def aggregate(seeds: list[dict[str, Any]]) -> dict[str, Any]:
     training = [{"iteration": i + 1, "pre": float(np.mean([s["training_curve"][i]["pre"] for s in seeds])),
                  "post": float(np.mean([s["training_curve"][i]["post"] for s in seeds]))} for i in range(n_it)]
     return {"seeds": [s["seed"] for s in seeds], "heldout_stages": stages, "heldout_curve": curve,
-            "heldout_late_stages": late, "heldout_repeated_stages": repeated, "training_curve_mean": training,
+            "heldout_late_stages": late, "heldout_repeated_stages": repeated,
+            "heldout_repeats": repeats.pop() if repeated else None, "training_curve_mean": training,
             "wall_time_s": stat([s["wall_time_s"] for s in seeds]),
             "train_time_s": stat([s["train_time_s"] for s in seeds])}
 
@@ -220,7 +229,7 @@ def main() -> None:
     result = {"benchmark": "learning", "agent": config.agent_name, "config": config.to_dict(),
               "overrides": args.overrides, "note": args.note, **run_result(config, run_dir, wall)}
     if args.final_repeats > 1:
-        result["heldout_repeated"] = repeated_eval(run_dir, args.final_repeats)
+        result["heldout_repeated"] = repeated_eval(run_dir, args.final_repeats, result["iterations"])
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out, json.dumps(result, indent=2) + "\n")
     print(f"{config.env}: {result['iterations']} iterations, {result['env_steps']:,} env steps, training "
@@ -254,9 +263,11 @@ def multi_seed(args: argparse.Namespace, out: Path) -> None:
     for seed in args.seeds:
         config = load_config(args.config, [*args.overrides, f"seed={seed}"])
         if done.get(seed, {}).get("iterations") == config.iterations:
-            entry = done[seed]  # finished earlier
+            entry = done[seed]  # finished earlier (a file older than heldout_late gets it from its curve)
+            entry.setdefault("heldout_late", late_stages(entry["heldout_curve"], entry["iterations"]))
             if args.final_repeats > 1 and entry.get("heldout_repeated", {}).get("repeats") != args.final_repeats:
-                entry = {**entry, "heldout_repeated": repeated_eval(Path(entry["run_dir"]), args.final_repeats)}
+                entry = {**entry, "heldout_repeated": repeated_eval(Path(entry["run_dir"]), args.final_repeats,
+                                                                    entry["iterations"])}
                 print_repeated(f"seed {seed}", entry["heldout_repeated"])
             per_seed.append(entry)
             continue
@@ -273,7 +284,7 @@ def multi_seed(args: argparse.Namespace, out: Path) -> None:
         train(config, run_dir=run_dir, resume=resume)
         per_seed.append({**run_result(config, run_dir, time.perf_counter() - start), "resumed": resume})
         if args.final_repeats > 1:  # after the wall time: an evaluation, not training
-            per_seed[-1]["heldout_repeated"] = repeated_eval(run_dir, args.final_repeats)
+            per_seed[-1]["heldout_repeated"] = repeated_eval(run_dir, args.final_repeats, per_seed[-1]["iterations"])
         print_stages(f"seed {seed}", per_seed[-1]["heldout"]["stages"])
         print_late(f"seed {seed}", per_seed[-1]["heldout_late"])
         print_repeated(f"seed {seed}", per_seed[-1].get("heldout_repeated"))
@@ -285,7 +296,7 @@ def multi_seed(args: argparse.Namespace, out: Path) -> None:
         print_stages(f"mean of {len(per_seed)} seeds, held-out curve's last third", agg["heldout_late_stages"],
                      key="mean")
     if agg["heldout_repeated_stages"]:
-        print_stages(f"mean of {len(per_seed)} seeds, final policy, {args.final_repeats} adaptations per task",
+        print_stages(f"mean of {len(per_seed)} seeds, final policy, {agg['heldout_repeats']} adaptations per task",
                      agg["heldout_repeated_stages"], key="mean")
 
 
