@@ -117,25 +117,23 @@ def aggregate(seeds: list[dict[str, Any]]) -> dict[str, Any]:
     def stat(values: list[float]) -> dict[str, Any]:
         return {"mean": float(np.mean(values)), "ci95": list(t_ci95(np.array(values))), "per_seed": values}
 
-    n_stages = min(len(s["heldout"]["stages"]) for s in seeds)
-    stages = [{"stage": k, **stat([s["heldout"]["stages"][k]["mean_return"] for s in seeds])} for k in range(n_stages)]
+    def by_stage(per_seed_stages: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+        """Each seed's list of stages -> per stage (as far as every seed has it) the stat of their returns."""
+        n = min(len(x) for x in per_seed_stages)
+        return [{"stage": k, **stat([x[k]["mean_return"] for x in per_seed_stages])} for k in range(n)]
+
+    stages = by_stage([s["heldout"]["stages"] for s in seeds])
     common = sorted(set.intersection(*({e["iteration"] for e in s["heldout_curve"]} for s in seeds)))
     curve = []
     for it in common:
         evals = [next(e for e in s["heldout_curve"] if e["iteration"] == it) for s in seeds]
-        k_max = min(len(e["stages"]) for e in evals)
-        curve.append({"iteration": it, "stages": [
-            {"stage": k, **stat([e["stages"][k]["mean_return"] for e in evals])} for k in range(k_max)]})
+        curve.append({"iteration": it, "stages": by_stage([e["stages"] for e in evals])})
     lates = [late_stages(s["heldout_curve"], s["iterations"]) for s in seeds]
-    late = None
-    if all(lates):
-        k_late = min(len(x["stages"]) for x in lates)
-        late = [{"stage": k, **stat([x["stages"][k]["mean_return"] for x in lates])} for k in range(k_late)]
-    repeated, repeats = None, {s.get("heldout_repeated", {}).get("repeats") for s in seeds}
+    late = by_stage([x["stages"] for x in lates]) if all(lates) else None
+    repeats = {s.get("heldout_repeated", {}).get("repeats") for s in seeds}
+    repeated = None
     if len(repeats) == 1 and None not in repeats:  # every seed, with one R
-        k_rep = min(len(s["heldout_repeated"]["stages"]) for s in seeds)
-        repeated = [{"stage": k, **stat([s["heldout_repeated"]["stages"][k]["mean_return"] for s in seeds])}
-                    for k in range(k_rep)]
+        repeated = by_stage([s["heldout_repeated"]["stages"] for s in seeds])
     n_it = min(len(s["training_curve"]) for s in seeds)
     training = [{"iteration": i + 1, "pre": float(np.mean([s["training_curve"][i]["pre"] for s in seeds])),
                  "post": float(np.mean([s["training_curve"][i]["post"] for s in seeds]))} for i in range(n_it)]
