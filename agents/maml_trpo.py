@@ -67,6 +67,9 @@ class MAMLTRPOConfig:
     first_order: bool = False
     gamma: float = 0.99
     gae_lambda: float = 1.0
+    # GAE lambda of the inner (adaptation) step's advantages, where it differs from the outer loss's
+    # (None: gae_lambda for both, as every anchor). Evaluation's adaptation steps use it too.
+    inner_gae_lambda: float | None = None
     normalize_advantages: bool = True
     max_kl: float = 0.01
     cg_iters: int = 10
@@ -116,6 +119,10 @@ class MAMLTRPOConfig:
             raise ValueError(f"agent.gamma must be in (0, 1], got {self.gamma!r}")
         if not (isinstance(self.gae_lambda, (int, float)) and 0 <= self.gae_lambda <= 1):
             raise ValueError(f"agent.gae_lambda must be in [0, 1], got {self.gae_lambda!r}")
+        if self.inner_gae_lambda is not None and (isinstance(self.inner_gae_lambda, bool)
+                                                  or not isinstance(self.inner_gae_lambda, (int, float))
+                                                  or not 0 <= self.inner_gae_lambda <= 1):
+            raise ValueError(f"agent.inner_gae_lambda must be in [0, 1] or null (gae_lambda), got {self.inner_gae_lambda!r}")
         if not (isinstance(self.ls_backtrack, (int, float)) and 0 < self.ls_backtrack < 1):
             raise ValueError(f"agent.ls_backtrack must be in (0, 1), got {self.ls_backtrack!r}")
         if not (isinstance(self.inner_max_kl, (int, float)) and math.isfinite(self.inner_max_kl)
@@ -201,12 +208,14 @@ class MAMLTRPO:
     def _actor(self, params: dict[str, torch.Tensor], deterministic: bool = False) -> GaussianActor:
         return GaussianActor(self.policy.config, params, seed=self._seed(), deterministic=deterministic)
 
-    def advantages(self, batch: EpisodeBatch) -> torch.Tensor:
-        """``[N, E, T]`` GAE advantages with the per-task linear baseline, normalised per task."""
+    def advantages(self, batch: EpisodeBatch, inner: bool = False) -> torch.Tensor:
+        """``[N, E, T]`` GAE advantages with the per-task linear baseline, normalised per task; ``inner``: for an
+        adaptation step (λ = ``inner_gae_lambda`` where set), else for the outer loss (λ = ``gae_lambda``)."""
         c = self.config
+        lam = c.inner_gae_lambda if inner and c.inner_gae_lambda is not None else c.gae_lambda
         returns = discounted_returns(batch.rewards, batch.mask, c.gamma)
         values = self.baseline.fit(batch.observations, returns, batch.mask).predict(batch.observations, batch.mask)
-        adv = gae(batch.rewards, values, batch.mask, c.gamma, c.gae_lambda)
+        adv = gae(batch.rewards, values, batch.mask, c.gamma, lam)
         return normalize(adv, batch.mask) if c.normalize_advantages else adv
 
     def inner_loss(self, params: Params, batch: EpisodeBatch, advantages: torch.Tensor) -> torch.Tensor:
@@ -424,7 +433,7 @@ class MAMLTRPO:
             ts = time.perf_counter()
             batch = self.sampler.sample(self._actor(params), tasks, c.episodes_per_task, self._seed())
             sample_time += time.perf_counter() - ts
-            adv = self.advantages(batch)
+            adv = self.advantages(batch, inner=True)
             train.append((batch, adv))
             stage_returns.append(batch.returns.mean().item())
             before = params
@@ -533,7 +542,7 @@ class MAMLTRPO:
             batch = sample(actor, tasks, episodes, sample_seed)
             yield actor, sample_seed, batch
             if stage < steps:
-                params, _ = self.adapt_bounded(params, batch, self.advantages(batch))
+                params, _ = self.adapt_bounded(params, batch, self.advantages(batch, inner=True))
 
     def evaluate_adaptation(self, tasks: list[Task], steps: int, episodes: int, seed: int) -> AdaptationResult:
         """Stage 0: E episodes with theta; stage k: E episodes after k gradient steps, each step using the

@@ -395,6 +395,40 @@ def test_kl_bounded_inner_step_by_hand(sampler):
         MAMLTRPOConfig(inner_max_kl=-1.0)
 
 
+def test_inner_gae_lambda_sets_the_adaptation_steps_lambda_and_leaves_the_outer_losss(sampler, monkeypatch):
+    """inner_gae_lambda: the inner step's advantages are those of gae_lambda = inner_gae_lambda, the outer
+    loss's keep gae_lambda; unset (None), both use gae_lambda. In a training step (two inner steps) and in
+    evaluation's adaptation, GAE is called with the inner lambda for each adaptation batch, the outer one last."""
+    import metarl.agents.maml_trpo as module
+
+    agent, outer = _tiny_problem(sampler, first_order=False)
+    batch, _ = outer.train[0]
+    base = agent.config
+    agent.config = dataclasses.replace(base, gae_lambda=1.0, inner_gae_lambda=0.5)
+    inner, outer_adv = agent.advantages(batch, inner=True), agent.advantages(batch)
+    agent.config = dataclasses.replace(base, gae_lambda=0.5, inner_gae_lambda=None)
+    torch.testing.assert_close(inner, agent.advantages(batch), rtol=0, atol=0)
+    torch.testing.assert_close(inner, agent.advantages(batch, inner=True), rtol=0, atol=0)
+    agent.config = dataclasses.replace(base, gae_lambda=1.0, inner_gae_lambda=None)
+    torch.testing.assert_close(outer_adv, agent.advantages(batch, inner=True), rtol=0, atol=0)
+    assert not torch.allclose(inner, outer_adv)  # the two lambdas give different advantages on this batch
+
+    lambdas = []
+    real_gae = module.gae
+    monkeypatch.setattr(module, "gae", lambda r, v, m, g, lam: lambdas.append(lam) or real_gae(r, v, m, g, lam))
+    config = MAMLTRPOConfig(tasks_per_batch=2, episodes_per_task=2, inner_steps=2, hidden=(8,),
+                            gae_lambda=0.9, inner_gae_lambda=0.3)
+    trainer = MAMLTRPO(config, sampler, seed=0)
+    tasks = sampler.family.sample_tasks(2, "train", seed=0)
+    trainer.train_step(tasks)
+    assert lambdas == [0.3, 0.3, 0.9]
+    lambdas.clear()
+    trainer.evaluate_adaptation(tasks, steps=2, episodes=2, seed=1)
+    assert lambdas == [0.3, 0.3]
+    with pytest.raises(ValueError, match="inner_gae_lambda"):
+        MAMLTRPOConfig(inner_gae_lambda=1.5)
+
+
 @pytest.mark.parametrize("first_order", [False, True])
 def test_fisher_subsample_estimates_the_curvature_on_every_kth_episode(sampler, first_order):
     """fisher_subsample=k: the meta-gradient is the exact one; the KL Hessian-vector products are the exact
