@@ -89,8 +89,11 @@ class MAMLTRPOConfig:
     # grows as the policy sharpens (measured 0.003 -> 38 nats on PointNav2D, 0.05 -> 2.7 on HalfCheetahDir);
     # with inner_max_kl > 0 each task's step is shrunk to alpha_i = inner_lr * min(1, sqrt(inner_max_kl / KL_i))
     # where KL_i is the true (summed) KL of the full step on that task's adaptation episodes, so no step
-    # moves its policy by much more than inner_max_kl nats. alpha_i is a constant of the meta-gradient.
+    # moves its policy by much more than inner_max_kl nats. alpha_i is a constant of the meta-gradient, unless
+    # inner_max_kl_grad: then alpha_i(theta) is differentiated too (d alpha_i = -alpha_i / (2 KL_i) d KL_i where the
+    # bound is active), so meta-training sees that making a task's step larger in KL shrinks its step size.
     inner_max_kl: float = 0.0
+    inner_max_kl_grad: bool = False
     # Curvature from a subsample (1: exact, every anchor's). With k > 1, conjugate gradient's KL Hessian-vector
     # products (the inner-loss Hessians in the adaptation's Jacobian and the Fisher of the adapted policies)
     # use every k-th episode of each task; the meta-gradient, the adapted parameters and the line search's
@@ -130,6 +133,10 @@ class MAMLTRPOConfig:
             raise ValueError(f"agent.inner_max_kl must be a number >= 0 (0: off), got {self.inner_max_kl!r}")
         if not (isinstance(self.cg_damping, (int, float)) and self.cg_damping >= 0):
             raise ValueError(f"agent.cg_damping must be >= 0, got {self.cg_damping!r}")
+        if self.inner_max_kl_grad and (self.inner_max_kl <= 0 or self.first_order):
+            raise ValueError("agent.inner_max_kl_grad differentiates the KL-bounded inner step sizes: it needs "
+                             f"inner_max_kl > 0 and first_order: false (got inner_max_kl {self.inner_max_kl!r}, "
+                             f"first_order {self.first_order!r})")
         if self.learn_inner_lr not in LEARN_INNER_LR:
             raise ValueError(f"agent.learn_inner_lr must be one of {', '.join(LEARN_INNER_LR)}, got {self.learn_inner_lr!r}")
         if self.learn_inner_lr != "off" and self.inner_max_kl > 0:
@@ -261,13 +268,18 @@ class MAMLTRPO:
         if c.inner_max_kl <= 0:
             return full, torch.full((batch.num_tasks,), c.inner_lr, dtype=grads[0].dtype)
         # KL grows as the square of the step near zero: scaling the step by sqrt(bound / KL) meets the bound
-        lr = c.inner_lr * torch.sqrt(c.inner_max_kl / self.task_kl(params, full, batch).clamp_min(1e-30)).clamp(max=1.0)
+        with torch.no_grad():
+            lr = self.bounded_lr(params, full, batch)
         return self._step(params, grads, lr), lr
 
     @torch.no_grad()
     def task_kl(self, before: Params, after: Params, batch: EpisodeBatch) -> torch.Tensor:
         """Each task's KL(pi_before || pi_after) ``[N]``, summed over action dimensions (the true KL whatever
         ``log_prob_reduction`` is), averaged over the valid steps of its episodes in ``batch``."""
+        return self._task_kl(before, after, batch)
+
+    def _task_kl(self, before: Params, after: Params, batch: EpisodeBatch) -> torch.Tensor:
+        """`task_kl`, differentiable."""
         mask = batch.mask
         p = self.policy.distribution(batch.observations, before)
         q = self.policy.distribution(batch.observations, after)
@@ -297,9 +309,20 @@ class MAMLTRPO:
         params = batch_params(policy, n)
         second_order = create_graph and not self.config.first_order
         for k, (batch, adv) in enumerate(train):
+            if self.config.inner_max_kl_grad:  # alpha_i(theta), recomputed from the KL of the full step
+                grads = torch.autograd.grad(self.inner_loss(params, batch, adv), list(params.values()),
+                                            create_graph=second_order)
+                params = self._step(params, grads, self.bounded_lr(params, self._step(params, grads), batch))
+                continue
             params = self.adapt(params, batch, adv, create_graph=second_order,
                                 lr=None if inner_lrs is None else inner_lrs[k], log_lr=log_lr)
         return params
+
+    def bounded_lr(self, before: Params, full: Params, batch: EpisodeBatch) -> torch.Tensor:
+        """Each task's step size ``[N]``: ``inner_lr * min(1, sqrt(inner_max_kl / KL_i))``, KL_i the KL of the
+        full step ``before -> full`` on the task's episodes (differentiable where the inputs carry a graph)."""
+        c = self.config
+        return c.inner_lr * torch.sqrt(c.inner_max_kl / self._task_kl(before, full, batch).clamp_min(1e-30)).clamp(max=1.0)
 
     def outer_terms(self, adapted: Params, outer: OuterBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Surrogate loss and mean KL on the post-adaptation episodes, as functions of the adapted
@@ -354,12 +377,21 @@ class MAMLTRPO:
         lrs = outer.inner_lrs or [None] * len(outer.train)
         log_lr_values = None if log_lr is None else OrderedDict((k, v.detach()) for k, v in log_lr.items())
         alphas = [[self._alpha(name, p, lr, log_lr_values) for name, p in zip(names, params, strict=True)] for lr in lrs]
-        for (batch, adv), alpha in zip(outer.train, alphas, strict=True):
+        dalphas: list[list[torch.Tensor] | None] = []  # with inner_max_kl_grad: each task's d alpha_i / d theta^(k)
+        for k, ((batch, adv), alpha) in enumerate(zip(outer.train, alphas, strict=True)):
             leaf = [p.requires_grad_() for p in params]
             named = OrderedDict(zip(names, leaf, strict=True))
             grads = torch.autograd.grad(self.inner_loss(named, batch, adv), leaf, create_graph=not c.first_order)
             points.append(leaf)
             inner_grads.append(grads)
+            dalphas.append(None)
+            if c.inner_max_kl_grad:  # alpha_i = lr sqrt(B / KL_i) where the bound is active: d alpha_i = -alpha_i / (2 KL_i) d KL_i
+                full = OrderedDict((name, p - c.inner_lr * g) for name, p, g in zip(names, leaf, grads, strict=True))
+                kl = self._task_kl(named, full, batch)
+                dkl = torch.autograd.grad(kl.sum(), leaf, retain_graph=True)
+                task_lr = lrs[k].to(kl.dtype)
+                coef = torch.where(task_lr < c.inner_lr, -task_lr / (2 * kl.detach().clamp_min(1e-30)), torch.zeros_like(kl))
+                dalphas[k] = [_per_task(coef, d) * d.detach() for d in dkl]
             if subsample and not c.first_order:
                 sub, sub_adv = batch.episode_slice(every_kth), adv[:, every_kth]
                 curvature_grads.append(torch.autograd.grad(self.inner_loss(named, sub, sub_adv), leaf, create_graph=True))
@@ -385,7 +417,11 @@ class MAMLTRPO:
             """J (d theta, d rho): the adapted parameters' tangent, task-batched."""
             for k in steps:
                 hv = hessian_times(grads, k, v)
-                v = [x - a * h for x, a, h in zip(v, alphas[k], hv, strict=True)]
+                moved = [x - a * h for x, a, h in zip(v, alphas[k], hv, strict=True)]
+                if dalphas[k] is not None:  # - g_k (d alpha . v), task by task
+                    along = _task_dot(dalphas[k], v)
+                    moved = [x - _per_task(along, g) * g for x, g in zip(moved, step_grads[k], strict=True)]
+                v = moved
                 if v_rho is not None:
                     v = [x - a * r * g for x, a, r, g in zip(v, alphas[k], v_rho, step_grads[k], strict=True)]
             return v
@@ -398,7 +434,11 @@ class MAMLTRPO:
                     u_rho = [acc - _reduce_to(a * x * g, acc) for acc, a, x, g in zip(u_rho, alphas[k], u, step_grads[k],
                                                                                       strict=True)]
                 au = [a * x for a, x in zip(alphas[k], u, strict=True)]
-                u = [x - h for x, h in zip(u, hessian_times(grads, k, au), strict=True)]
+                moved = [x - h for x, h in zip(u, hessian_times(grads, k, au), strict=True)]
+                if dalphas[k] is not None:  # - d alpha (g_k . u), task by task
+                    along = _task_dot(step_grads[k], u)
+                    moved = [x - _per_task(along, d) * d for x, d in zip(moved, dalphas[k], strict=True)]
+                u = moved
             return flatten([*(x.sum(0) for x in u), *(u_rho or [])]).detach()
 
         shapes = [*policy_theta.values(), *(log_lr_values or {}).values()]
@@ -608,3 +648,13 @@ def _reduce_to(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Sum the task-batched ``x`` ``[N, ...]`` down to the shape of a log step size (``()`` or ``x.shape[1:]``)."""
     return x.sum() if like.dim() == 0 else x.sum(0)
 
+
+
+def _per_task(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Each task's scalar ``values`` ``[N]`` shaped to broadcast over the task-batched ``like`` ``[N, ...]``."""
+    return values.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def _task_dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
+    """``[N]``: task by task, the inner product of two lists of task-batched tensors."""
+    return sum((x * y).flatten(1).sum(1) for x, y in zip(a, b, strict=True))

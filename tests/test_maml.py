@@ -30,13 +30,13 @@ def _double(batch: EpisodeBatch) -> EpisodeBatch:
 
 
 def _tiny_problem(sampler, first_order: bool, inner_steps: int = 1, inner_max_kl: float = 0.0,
-                  learn_inner_lr: str = "off"):
+                  learn_inner_lr: str = "off", inner_max_kl_grad: bool = False):
     """Real PointNav2D episodes (2 tasks x 3 episodes, horizon cut to 12 steps) and a tiny float64 policy
     (with ``inner_max_kl``, the recorded per-task step sizes go into the OuterBatch as sampling used them;
     with ``learn_inner_lr``, the learned step sizes are spread around inner_lr so that each differs)."""
     config = MAMLTRPOConfig(tasks_per_batch=2, episodes_per_task=3, inner_steps=inner_steps, inner_lr=0.5,
                             first_order=first_order, hidden=(5,), init_std=0.5, inner_max_kl=inner_max_kl,
-                            learn_inner_lr=learn_inner_lr)
+                            learn_inner_lr=learn_inner_lr, inner_max_kl_grad=inner_max_kl_grad)
     agent = MAMLTRPO(config, sampler, seed=3)
     agent.policy.double()
     spread = torch.Generator().manual_seed(5)
@@ -91,14 +91,16 @@ def _grad_and_fd(agent, outer, coords, eps=1e-6):
     return grad, np.array(fd)
 
 
-@pytest.mark.parametrize("inner_steps,inner_max_kl,learn_inner_lr", [(1, 0.0, "off"), (2, 0.0, "off"), (2, 1e-3, "off"),
-                                                                    (2, 0.0, "per_tensor"), (1, 0.0, "per_parameter")])
-def test_meta_gradient_matches_finite_differences(sampler, inner_steps, inner_max_kl, learn_inner_lr):
+@pytest.mark.parametrize("inner_steps,inner_max_kl,learn_inner_lr,inner_max_kl_grad", [
+    (1, 0.0, "off", False), (2, 0.0, "off", False), (2, 1e-3, "off", False), (2, 0.0, "per_tensor", False),
+    (1, 0.0, "per_parameter", False), (1, 1e-3, "off", True), (2, 1e-3, "off", True)])
+def test_meta_gradient_matches_finite_differences(sampler, inner_steps, inner_max_kl, learn_inner_lr, inner_max_kl_grad):
     """d/dtheta of the post-adaptation surrogate, through the inner step(s), equals central differences
-    (with a KL-bounded inner step: its per-task step sizes held at the values sampling used; with learned
-    step sizes: their coordinates too, which come last in theta)."""
+    (with a KL-bounded inner step: its per-task step sizes held at the values sampling used, or, with
+    inner_max_kl_grad, recomputed from theta and differentiated; with learned step sizes: their coordinates
+    too, which come last in theta)."""
     agent, outer = _tiny_problem(sampler, first_order=False, inner_steps=inner_steps, inner_max_kl=inner_max_kl,
-                                 learn_inner_lr=learn_inner_lr)
+                                 learn_inner_lr=learn_inner_lr, inner_max_kl_grad=inner_max_kl_grad)
     n = sum(p.numel() for p in agent.meta_params().values())
     n_policy = sum(p.numel() for p in agent.policy.parameters())
     coords = np.random.default_rng(0).choice(n, size=8, replace=False)
@@ -131,18 +133,20 @@ def test_first_order_drops_the_second_order_terms(sampler):
     torch.testing.assert_close(first, expected, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("inner_steps,first_order,inner_max_kl,learn_inner_lr", [
-    (1, False, 0.0, "off"), (2, False, 0.0, "off"), (1, True, 0.0, "off"), (2, False, 1e-3, "off"),
-    (2, False, 0.0, "per_tensor"), (1, False, 0.0, "per_parameter"), (2, True, 0.0, "per_parameter")])
+@pytest.mark.parametrize("inner_steps,first_order,inner_max_kl,learn_inner_lr,inner_max_kl_grad", [
+    (1, False, 0.0, "off", False), (2, False, 0.0, "off", False), (1, True, 0.0, "off", False),
+    (2, False, 1e-3, "off", False), (2, False, 0.0, "per_tensor", False), (1, False, 0.0, "per_parameter", False),
+    (2, True, 0.0, "per_parameter", False), (2, False, 1e-3, "off", True)])
 def test_chain_rule_operators_equal_differentiating_through_the_adaptation(sampler, inner_steps, first_order,
-                                                                            inner_max_kl, learn_inner_lr):
+                                                                            inner_max_kl, learn_inner_lr,
+                                                                            inner_max_kl_grad):
     """trpo_operators (J^T grad L and J^T F' J v, second order only) give the same meta-gradient and the
     same KL Hessian-vector products as autograd through the whole adaptation (a third-order graph),
     learned step sizes included."""
     from metarl.optim import flat_grad, hessian_vector_product
 
     agent, outer = _tiny_problem(sampler, first_order=first_order, inner_steps=inner_steps, inner_max_kl=inner_max_kl,
-                                 learn_inner_lr=learn_inner_lr)
+                                 learn_inner_lr=learn_inner_lr, inner_max_kl_grad=inner_max_kl_grad)
     theta = agent.meta_params()
     loss, _ = agent.meta_objective(theta, outer, create_graph=True)
     expected_grad = flat_grad(loss, list(theta.values()))
@@ -427,6 +431,29 @@ def test_inner_gae_lambda_sets_the_adaptation_steps_lambda_and_leaves_the_outer_
     assert lambdas == [0.3, 0.3]
     with pytest.raises(ValueError, match="inner_gae_lambda"):
         MAMLTRPOConfig(inner_gae_lambda=1.5)
+
+
+def test_inner_max_kl_grad_adds_the_step_sizes_dependence_on_theta(sampler):
+    """With the bound active, differentiating alpha_i(theta) changes the meta-gradient (by more than the
+    finite-difference test's tolerance, so that test checks the new term); where no task reaches the bound
+    alpha_i = inner_lr is constant and the two gradients are equal. It needs a bound and second order."""
+    agent, outer = _tiny_problem(sampler, first_order=False, inner_steps=2, inner_max_kl=1e-3, inner_max_kl_grad=True)
+    differentiated, _ = _grad_and_fd(agent, outer, [])
+    agent.config = dataclasses.replace(agent.config, inner_max_kl_grad=False)
+    constant, _ = _grad_and_fd(agent, outer, [])
+    assert (differentiated - constant).norm() > 1e-2 * constant.norm()
+
+    loose = 1e6  # no task reaches it: every step size is inner_lr
+    agent.config = dataclasses.replace(agent.config, inner_max_kl=loose, inner_max_kl_grad=True)
+    outer = dataclasses.replace(outer, inner_lrs=[torch.full_like(lr, 0.5) for lr in outer.inner_lrs])
+    value, grad, _ = agent.trpo_operators(agent.meta_params(), outer)
+    agent.config = dataclasses.replace(agent.config, inner_max_kl=0.0, inner_max_kl_grad=False)
+    plain_value, plain, _ = agent.trpo_operators(agent.meta_params(), dataclasses.replace(outer, inner_lrs=None))
+    assert value == pytest.approx(plain_value, rel=1e-12)
+    torch.testing.assert_close(grad, plain, rtol=1e-10, atol=1e-12)
+    for bad in ({"inner_max_kl": 0.0}, {"inner_max_kl": 5.0, "first_order": True}):
+        with pytest.raises(ValueError, match="inner_max_kl_grad"):
+            MAMLTRPOConfig(inner_max_kl_grad=True, **bad)
 
 
 @pytest.mark.parametrize("first_order", [False, True])
