@@ -649,7 +649,6 @@ def _reduce_to(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return x.sum() if like.dim() == 0 else x.sum(0)
 
 
-
 def _per_task(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Each task's scalar ``values`` ``[N]`` shaped to broadcast over the task-batched ``like`` ``[N, ...]``."""
     return values.reshape(-1, *([1] * (like.dim() - 1)))

@@ -159,16 +159,24 @@ MAY_CHANGE = frozenset({"sampler.workers", "sampler.placement", "sampler.address
                         "sampler.retries", "sampler.timeout"})
 
 
+#: Options added after runs were recorded, with the value that keeps the behaviour those runs had: a record
+#: without the field matches a config holding that value, so older run folders still resume.
+ADDED_OPTIONS = {"agent.inner_gae_lambda": None, "agent.inner_max_kl_grad": False}
+
+
 def config_changes(stored: str, config_dict: dict[str, Any]) -> list[str]:
     """The dotted fields whose value differs between a checkpoint's config record and ``config_dict``
-    (but `MAY_CHANGE`)."""
+    (but `MAY_CHANGE`, and `ADDED_OPTIONS` absent from the record and at their old behaviour's value)."""
     old, new = json.loads(stored), json.loads(config_record(config_dict))
     out: list[str] = []
 
     def walk(a: Any, b: Any, where: str) -> None:
         if isinstance(a, dict) and isinstance(b, dict):
             for key in sorted(set(a) | set(b)):
-                walk(a.get(key), b.get(key), f"{where}.{key}" if where else key)
+                name = f"{where}.{key}" if where else key
+                if key not in a and name in ADDED_OPTIONS and b[key] == ADDED_OPTIONS[name]:
+                    continue
+                walk(a.get(key), b.get(key), name)
         elif a != b and where not in MAY_CHANGE:
             out.append(f"{where} {a!r} -> {b!r}")
 

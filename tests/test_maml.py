@@ -399,7 +399,7 @@ def test_kl_bounded_inner_step_by_hand(sampler):
         MAMLTRPOConfig(inner_max_kl=-1.0)
 
 
-def test_inner_gae_lambda_sets_the_adaptation_steps_lambda_and_leaves_the_outer_losss(sampler, monkeypatch):
+def test_inner_gae_lambda_sets_the_adaptation_steps_lambda_and_leaves_the_outer_loss(sampler, monkeypatch):
     """inner_gae_lambda: the inner step's advantages are those of gae_lambda = inner_gae_lambda, the outer
     loss's keep gae_lambda; unset (None), both use gae_lambda. In a training step (two inner steps) and in
     evaluation's adaptation, GAE is called with the inner lambda for each adaptation batch, the outer one last."""

@@ -253,6 +253,32 @@ def test_an_edited_config_is_refused(straight, tmp_path, capsys):
         assert len(err.splitlines()) == 1 and "config.yaml was edited" in err and "agent.inner_lr 0.1 -> 0.5" in err
 
 
+def test_a_run_recorded_before_an_option_existed_still_resumes(straight, tmp_path, capsys):
+    """A checkpoint whose config record predates an option (ADDED_OPTIONS) matches a config holding the
+    value that keeps the old behaviour, so the run resumes; any other value is still an edit."""
+    from metarl.runfolder import ADDED_OPTIONS, checksum
+
+    run = _copy(straight, tmp_path / "run")
+    for name in ("latest.pt", "previous.pt"):
+        path = run / "checkpoints" / name
+        state = torch.load(path, weights_only=False)
+        record = json.loads(state["config"])
+        for option in ADDED_OPTIONS:
+            assert record["agent"].pop(option.split(".", 1)[1]) == ADDED_OPTIONS[option]
+        state["config"] = json.dumps(record, sort_keys=True)
+        state["sha256"] = checksum(state)
+        torch.save(state, path)
+    data = yaml.safe_load((run / "config.yaml").read_text())
+    data["agent"]["inner_gae_lambda"] = 0.5
+    (run / "config.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    assert main(["train", "--resume", str(run), "iterations=3", "--quiet"]) == 2
+    assert "agent.inner_gae_lambda None -> 0.5" in capsys.readouterr().err
+    data["agent"]["inner_gae_lambda"] = None
+    (run / "config.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    assert main(["train", "--resume", str(run), "iterations=3", "--quiet"]) == 0
+    assert [r["iteration"] for r in _metrics(run)] == [1, 2, 3]
+
+
 @pytest.mark.parametrize(("content", "message"), [
     (b"", "expected a mapping"),
     (b"experiment: [x\n", "not valid YAML"),
