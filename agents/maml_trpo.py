@@ -385,12 +385,12 @@ class MAMLTRPO:
             points.append(leaf)
             inner_grads.append(grads)
             dalphas.append(None)
-            if c.inner_max_kl_grad:  # alpha_i = lr sqrt(B / KL_i) where the bound is active: d alpha_i = -alpha_i / (2 KL_i) d KL_i
-                full = OrderedDict((name, p - c.inner_lr * g) for name, p, g in zip(names, leaf, grads, strict=True))
-                kl = self._task_kl(named, full, batch)
+            active = lrs[k] < c.inner_lr if c.inner_max_kl_grad else None  # the tasks whose bound shrank the step
+            if active is not None and bool(active.any()):  # alpha_i = lr sqrt(B / KL_i): d alpha_i = -alpha_i / (2 KL_i) d KL_i
+                kl = self._task_kl(named, self._step(named, grads), batch)  # the full step's KL, as sampling took it
                 dkl = torch.autograd.grad(kl.sum(), leaf, retain_graph=True)
                 task_lr = lrs[k].to(kl.dtype)
-                coef = torch.where(task_lr < c.inner_lr, -task_lr / (2 * kl.detach().clamp_min(1e-30)), torch.zeros_like(kl))
+                coef = torch.where(active, -task_lr / (2 * kl.detach().clamp_min(1e-30)), torch.zeros_like(kl))
                 dalphas[k] = [_per_task(coef, d) * d.detach() for d in dkl]
             if subsample and not c.first_order:
                 sub, sub_adv = batch.episode_slice(every_kth), adv[:, every_kth]
