@@ -69,6 +69,7 @@ from metarl.config import (
     shipped,
 )
 from metarl.evaluation import atomic_write, grouped_bootstrap_ci, iqm, plot_curves, write_summary
+from metarl.runfolder import record_changes
 from metarl.tasks import TaskError, episode_limit
 
 #: method name -> (kind, algorithm); kind "meta" runs metarl's own agent of that name.
@@ -118,12 +119,13 @@ class Cell:
         return f"{self.family}/{self.method}/seed{self.seed}"
 
     def spec(self) -> dict[str, Any]:
-        """What the cell's result depends on (a finished cell run with another spec is an error)."""
+        """What the cell's result depends on (a finished cell run with another spec is an error); a copy, as
+        JSON values, so editing it leaves the cell as it is."""
         spec = {"family": self.family, "method": self.method, "seed": self.seed, "env_kwargs": self.env_kwargs,
                 "eval": dataclasses.asdict(self.eval), "options": self.options}
         if self.resolved is not None:
             spec["config"] = self.resolved
-        return spec
+        return json.loads(json.dumps(spec))
 
 
 @dataclasses.dataclass
@@ -348,26 +350,38 @@ def cell_dir(suite: Suite, cell: Cell) -> Path:
     return folder
 
 
+def _spec_changes(stored: Any, cell: Cell) -> str | None:
+    """How a cell's recorded spec differs from the one the suite now gives, in a few words, or None if it
+    does not (options added to the run config since it was recorded, at their old behaviour's value, are no
+    difference: `ADDED_OPTIONS`)."""
+    if not isinstance(stored, dict):
+        return f"spec {stored!r}"
+    changes = record_changes(stored, cell.spec(), config_at="config.")
+    return "; ".join(changes[:3]) + ("; ..." if len(changes) > 3 else "") if changes else None
+
+
 def finished(suite: Suite, cell: Cell) -> dict | None:
     """The cell's stored result, or None if it has not finished; error if it ran with other settings."""
     path = cell_dir(suite, cell) / "cell.json"
     if not path.is_file():
         return None
     stored = json.loads(path.read_text())
-    if stored.get("spec") != json.loads(json.dumps(cell.spec())):
+    changes = _spec_changes(stored.get("spec"), cell)
+    if changes:
         raise ConfigError(
-            f"{cell.key}: {path} was run with other settings than the suite now gives; move that cell folder "
-            f"(or the whole {suite.out}) away, or point --out at a new folder")
+            f"{cell.key}: {path} was run with other settings than the suite now gives ({changes}); move that cell "
+            f"folder (or the whole {suite.out}) away, or point --out at a new folder")
     return stored
 
 
 def check_partial(suite: Suite, cell: Cell) -> None:
     """Error if an unfinished meta-learner cell holds a run started with other settings (it would resume)."""
     path = cell_dir(suite, cell) / "spec.json"
-    if path.is_file() and json.loads(path.read_text()) != json.loads(json.dumps(cell.spec())):
+    changes = _spec_changes(json.loads(path.read_text()), cell) if path.is_file() else None
+    if changes:
         raise ConfigError(
             f"{cell.key}: the unfinished run in {path.parent} was started with other settings than the suite now "
-            "gives, so it cannot be resumed; move that cell folder away, or point --out at a new folder")
+            f"gives ({changes}), so it cannot be resumed; move that cell folder away, or point --out at a new folder")
 
 
 def run_cell(suite: Suite, cell: Cell, log: Callable[[str], None] = print, verbose: bool = True) -> dict:

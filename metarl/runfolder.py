@@ -164,24 +164,31 @@ MAY_CHANGE = frozenset({"sampler.workers", "sampler.placement", "sampler.address
 ADDED_OPTIONS = {"agent.inner_gae_lambda": None, "agent.inner_max_kl_grad": False}
 
 
-def config_changes(stored: str, config_dict: dict[str, Any]) -> list[str]:
-    """The dotted fields whose value differs between a checkpoint's config record and ``config_dict``
-    (but `MAY_CHANGE`, and `ADDED_OPTIONS` absent from the record and at their old behaviour's value)."""
-    old, new = json.loads(stored), json.loads(config_record(config_dict))
+def record_changes(old: Any, new: Any, may_change: frozenset[str] = frozenset(), config_at: str = "") -> list[str]:
+    """The dotted fields whose value differs between two records of JSON values, as ``"field old -> new"``,
+    but the fields in ``may_change``, and `ADDED_OPTIONS` (a run config's fields, found under ``config_at``)
+    absent from ``old`` and at their old behaviour's value in ``new``."""
     out: list[str] = []
 
     def walk(a: Any, b: Any, where: str) -> None:
         if isinstance(a, dict) and isinstance(b, dict):
             for key in sorted(set(a) | set(b)):
                 name = f"{where}.{key}" if where else key
-                if key not in a and name in ADDED_OPTIONS and b[key] == ADDED_OPTIONS[name]:
+                option = name[len(config_at):] if name.startswith(config_at) else None
+                if key not in a and option in ADDED_OPTIONS and b[key] == ADDED_OPTIONS[option]:
                     continue
                 walk(a.get(key), b.get(key), name)
-        elif a != b and where not in MAY_CHANGE:
+        elif a != b and where not in may_change:
             out.append(f"{where} {a!r} -> {b!r}")
 
     walk(old, new, "")
     return out
+
+
+def config_changes(stored: str, config_dict: dict[str, Any]) -> list[str]:
+    """The dotted fields whose value differs between a checkpoint's config record and ``config_dict``
+    (but `MAY_CHANGE`, and `ADDED_OPTIONS` absent from the record and at their old behaviour's value)."""
+    return record_changes(json.loads(stored), json.loads(config_record(config_dict)), MAY_CHANGE)
 
 
 # ---- one writer -------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ envs and measurement, small learning runs, a trimmed smoke suite end to end (and
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -334,9 +335,44 @@ def test_an_unfinished_run_with_other_settings_is_not_resumed(tmp_path, capsys):
     spec["config"]["agent"]["inner_lr"] = 0.5  # as if the experiment file had been edited since
     (folder / "spec.json").write_text(json.dumps(spec))
     assert main(["bench", str(path), "--quiet"]) == 2
-    assert "cannot be resumed" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "cannot be resumed" in err and "config.agent.inner_lr 0.5 -> 0.1" in err
     assert (folder / "run" / "checkpoints" / "latest.pt").read_bytes() == b"a checkpoint of some other run"
     assert not (folder / "cell.json").exists()
+
+
+def test_a_cell_recorded_before_an_option_existed_is_still_finished_and_resumable(tmp_path):
+    """A cell whose recorded spec predates a run-config option (ADDED_OPTIONS) matches a suite giving that
+    option its old behaviour's value; any other value, or a field missing from the suite's spec, is a change."""
+    from metarl.bench import check_partial, finished
+    from metarl.runfolder import ADDED_OPTIONS
+
+    suite = load_suite(None, {"out": str(tmp_path / "out"), "eval": {"tasks": 2, "steps": 1, "episodes": 2},
+                              "families": {"PointNav2D": {}}, "methods": {"maml_trpo": {}}})
+    cell = suite.cells[0]
+    folder = tmp_path / "out" / "cells" / "PointNav2D" / "maml_trpo" / "seed0"
+    folder.mkdir(parents=True)
+    old = cell.spec()
+    for option in ADDED_OPTIONS:
+        section, name = option.split(".")
+        assert old["config"][section].pop(name) == ADDED_OPTIONS[option]
+    record = {"spec": old, "summary": {"stages": []}}
+    (folder / "cell.json").write_text(json.dumps(record))
+    (folder / "spec.json").write_text(json.dumps(old))
+    assert finished(suite, cell) == record
+    check_partial(suite, cell)
+
+    changed = cell.spec()
+    changed["config"]["agent"]["inner_gae_lambda"] = 0.5  # the suite now asks for another value: not the same cell
+    changed = dataclasses.replace(cell, resolved=changed["config"])
+    with pytest.raises(ConfigError, match=r"config.agent.inner_gae_lambda None -> 0.5"):
+        finished(suite, changed)
+    with pytest.raises(ConfigError, match=r"cannot be resumed"):
+        check_partial(suite, changed)
+    # only a run config's options are loosened: a cell-level field missing from the record is a change
+    (folder / "cell.json").write_text(json.dumps({"spec": {k: v for k, v in old.items() if k != "eval"}}))
+    with pytest.raises(ConfigError, match=r"\(eval None -> \{"):
+        finished(suite, cell)
 
 
 def test_default_experiment_configs_are_found_for_every_family():
