@@ -53,6 +53,7 @@ from metarl.video import StageRollout
 
 Params = OrderedDict  # name -> tensor
 LEARN_INNER_LR = ("off", "per_tensor", "per_parameter")
+INNER_OBJECTIVES = ("log_prob", "lvc")
 LR_PREFIX = "inner_log_lr:"  # meta-parameters that are log inner step sizes, beside the policy's
 
 
@@ -94,6 +95,13 @@ class MAMLTRPOConfig:
     # bound is active), so meta-training sees that making a task's step larger in KL shrinks its step size.
     inner_max_kl: float = 0.0
     inner_max_kl_grad: bool = False
+    # The inner step's objective, as the meta-gradient differentiates it. "log_prob": -mean(log pi * A), the
+    # MAML estimator of every anchor (Finn et al. 2017): its Hessian is E[A grad^2 log pi], with no term for the
+    # adaptation episodes having been sampled by theta. "lvc": ProMP's low-variance curvature objective
+    # (Rothfuss et al. 2019, Sec. 5), -mean(pi / stopgrad(pi) * A): the same value and gradient, so the same
+    # adaptation, but its Hessian adds E[A grad log pi grad log pi^T] (per time step), which gives the pre-update
+    # policy credit for the episodes it samples. Changes only the meta-gradient and the outer KL's curvature.
+    inner_objective: str = "log_prob"
     # Curvature from a subsample (1: exact, every anchor's). With k > 1, conjugate gradient's KL Hessian-vector
     # products (the inner-loss Hessians in the adaptation's Jacobian and the Fisher of the adapted policies)
     # use every k-th episode of each task; the meta-gradient, the adapted parameters and the line search's
@@ -137,6 +145,12 @@ class MAMLTRPOConfig:
             raise ValueError("agent.inner_max_kl_grad differentiates the KL-bounded inner step sizes: it needs "
                              f"inner_max_kl > 0 and first_order: false (got inner_max_kl {self.inner_max_kl!r}, "
                              f"first_order {self.first_order!r})")
+        if self.inner_objective not in INNER_OBJECTIVES:
+            raise ValueError(f"agent.inner_objective must be one of {', '.join(INNER_OBJECTIVES)}, "
+                             f"got {self.inner_objective!r}")
+        if self.inner_objective != "log_prob" and self.first_order:
+            raise ValueError("agent.inner_objective 'lvc' changes only the inner step's Hessian, which first_order "
+                             "drops: set first_order: false or inner_objective: log_prob")
         if self.learn_inner_lr not in LEARN_INNER_LR:
             raise ValueError(f"agent.learn_inner_lr must be one of {', '.join(LEARN_INNER_LR)}, got {self.learn_inner_lr!r}")
         if self.learn_inner_lr != "off" and self.inner_max_kl > 0:
@@ -226,8 +240,15 @@ class MAMLTRPO:
         return normalize(adv, batch.mask) if c.normalize_advantages else adv
 
     def inner_loss(self, params: Params, batch: EpisodeBatch, advantages: torch.Tensor) -> torch.Tensor:
-        """Sum over tasks of each task's policy-gradient loss (so grad w.r.t. batched params is per task)."""
+        """Sum over tasks of each task's policy-gradient loss (so grad w.r.t. batched params is per task):
+        ``-mean_t log pi(a|s) A`` or, with ``inner_objective: lvc``, ``-mean_t pi(a|s) / stopgrad(pi(a|s)) A``
+        (the same gradient where the episodes were sampled, a Hessian with the sampling term). With
+        ``log_prob_reduction: mean`` (log pi divided by the d action dimensions) the ratio is the true one and the
+        loss keeps the 1/d: ``exp(d (m - stopgrad(m))) / d`` of the mean log-prob m."""
         logp = self.policy.log_prob(batch.observations, batch.actions, params)
+        if self.config.inner_objective == "lvc":
+            d = batch.actions.shape[-1] if self.config.log_prob_reduction == "mean" else 1
+            logp = torch.exp(d * (logp - logp.detach())) / d
         per_task = -(logp * advantages * batch.mask).sum((1, 2)) / batch.mask.sum((1, 2)).clamp_min(1.0)
         return per_task.sum()
 

@@ -30,13 +30,14 @@ def _double(batch: EpisodeBatch) -> EpisodeBatch:
 
 
 def _tiny_problem(sampler, first_order: bool, inner_steps: int = 1, inner_max_kl: float = 0.0,
-                  learn_inner_lr: str = "off", inner_max_kl_grad: bool = False):
+                  learn_inner_lr: str = "off", inner_max_kl_grad: bool = False, **options):
     """Real PointNav2D episodes (2 tasks x 3 episodes, horizon cut to 12 steps) and a tiny float64 policy
     (with ``inner_max_kl``, the recorded per-task step sizes go into the OuterBatch as sampling used them;
-    with ``learn_inner_lr``, the learned step sizes are spread around inner_lr so that each differs)."""
+    with ``learn_inner_lr``, the learned step sizes are spread around inner_lr so that each differs;
+    ``options``: more MAMLTRPOConfig fields)."""
     config = MAMLTRPOConfig(tasks_per_batch=2, episodes_per_task=3, inner_steps=inner_steps, inner_lr=0.5,
                             first_order=first_order, hidden=(5,), init_std=0.5, inner_max_kl=inner_max_kl,
-                            learn_inner_lr=learn_inner_lr, inner_max_kl_grad=inner_max_kl_grad)
+                            learn_inner_lr=learn_inner_lr, inner_max_kl_grad=inner_max_kl_grad, **options)
     agent = MAMLTRPO(config, sampler, seed=3)
     agent.policy.double()
     spread = torch.Generator().manual_seed(5)
@@ -133,20 +134,24 @@ def test_first_order_drops_the_second_order_terms(sampler):
     torch.testing.assert_close(first, expected, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("inner_steps,first_order,inner_max_kl,learn_inner_lr,inner_max_kl_grad", [
-    (1, False, 0.0, "off", False), (2, False, 0.0, "off", False), (1, True, 0.0, "off", False),
-    (2, False, 1e-3, "off", False), (2, False, 0.0, "per_tensor", False), (1, False, 0.0, "per_parameter", False),
-    (2, True, 0.0, "per_parameter", False), (2, False, 1e-3, "off", True)])
+@pytest.mark.parametrize("inner_steps,first_order,inner_max_kl,learn_inner_lr,inner_max_kl_grad,inner_objective", [
+    (1, False, 0.0, "off", False, "log_prob"), (2, False, 0.0, "off", False, "log_prob"),
+    (1, True, 0.0, "off", False, "log_prob"), (2, False, 1e-3, "off", False, "log_prob"),
+    (2, False, 0.0, "per_tensor", False, "log_prob"), (1, False, 0.0, "per_parameter", False, "log_prob"),
+    (2, True, 0.0, "per_parameter", False, "log_prob"), (2, False, 1e-3, "off", True, "log_prob"),
+    (1, False, 0.0, "off", False, "lvc"), (2, False, 1e-3, "off", False, "lvc"), (2, False, 0.0, "per_tensor", False, "lvc")])
 def test_chain_rule_operators_equal_differentiating_through_the_adaptation(sampler, inner_steps, first_order,
                                                                             inner_max_kl, learn_inner_lr,
-                                                                            inner_max_kl_grad):
+                                                                            inner_max_kl_grad, inner_objective):
     """trpo_operators (J^T grad L and J^T F' J v, second order only) give the same meta-gradient and the
     same KL Hessian-vector products as autograd through the whole adaptation (a third-order graph),
-    learned step sizes included."""
+    learned step sizes included ("lvc": ProMP's inner objective, whose sampling term autograd finds through
+    the stop-gradient ratio)."""
     from metarl.optim import flat_grad, hessian_vector_product
 
     agent, outer = _tiny_problem(sampler, first_order=first_order, inner_steps=inner_steps, inner_max_kl=inner_max_kl,
-                                 learn_inner_lr=learn_inner_lr, inner_max_kl_grad=inner_max_kl_grad)
+                                 learn_inner_lr=learn_inner_lr, inner_max_kl_grad=inner_max_kl_grad,
+                                 inner_objective=inner_objective)
     theta = agent.meta_params()
     loss, _ = agent.meta_objective(theta, outer, create_graph=True)
     expected_grad = flat_grad(loss, list(theta.values()))
@@ -454,6 +459,49 @@ def test_inner_max_kl_grad_adds_the_step_sizes_dependence_on_theta(sampler):
     for bad in ({"inner_max_kl": 0.0}, {"inner_max_kl": 5.0, "first_order": True}):
         with pytest.raises(ValueError, match="inner_max_kl_grad"):
             MAMLTRPOConfig(inner_max_kl_grad=True, **bad)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_lvc_inner_objective_adds_exactly_the_sampling_term(sampler, reduction):
+    """inner_objective "lvc" (ProMP) adapts exactly as "log_prob" does; its meta-gradient differs by the
+    sampling term alone, computed here by hand from per-step score vectors: with one inner step
+    theta'_i = theta - alpha g_i and u_i = dL/dtheta'_i, the extra Hessian of task i's inner loss is
+    -(1/T_i) sum_t A_t grad s_t grad s_t^T / d (s: the summed log-prob; d: the action dimensions with
+    "mean", else 1), so the meta-gradient moves by alpha sum_i (1/T_i) sum_t A_t grad s_t (grad s_t . u_i) / d."""
+    agent, outer = _tiny_problem(sampler, first_order=False, log_prob_reduction=reduction)
+    theta = agent.policy.params()
+    _, plain, _ = agent.trpo_operators(theta, outer)
+    adapted = agent.adapted_params(theta, outer.train, create_graph=False)
+    agent.config = dataclasses.replace(agent.config, inner_objective="lvc")
+    _, lvc, _ = agent.trpo_operators(theta, outer)
+    for name, value in agent.adapted_params(theta, outer.train, create_graph=False).items():
+        torch.testing.assert_close(value, adapted[name], rtol=0, atol=0)  # the same adaptation, bit for bit
+
+    batch, adv = outer.train[0]
+    leaves = OrderedDict((k, v.detach().requires_grad_()) for k, v in adapted.items())
+    surrogate, _ = agent.outer_terms(leaves, outer)
+    u = torch.autograd.grad(surrogate, list(leaves.values()))  # dL/dtheta'_i, task-batched
+    d = batch.actions.shape[-1] if reduction == "mean" else 1
+    expected = torch.zeros_like(plain)
+    names = list(theta.keys())
+    for i in range(batch.num_tasks):
+        u_i = torch.cat([x[i].reshape(-1) for x in u])
+        steps = int(batch.mask[i].sum())
+        for e in range(batch.mask.shape[1]):
+            for t in range(batch.mask.shape[2]):
+                if batch.mask[i, e, t] == 0:
+                    continue
+                params = OrderedDict((k, theta[k].detach().requires_grad_()) for k in names)
+                dist = agent.policy.distribution(batch.observations[i, e, t][None], params)
+                s = dist.log_prob(batch.actions[i, e, t][None]).sum() * (d if reduction == "mean" else 1)
+                score = torch.cat([g.reshape(-1) for g in torch.autograd.grad(s, list(params.values()))])
+                expected += agent.config.inner_lr * adv[i, e, t] / steps * score * torch.dot(score, u_i) / d
+    assert expected.norm() > 1e-3 * plain.norm()  # the term is there to be found
+    torch.testing.assert_close(lvc - plain, expected, rtol=1e-8, atol=1e-12)
+    with pytest.raises(ValueError, match="inner_objective"):
+        MAMLTRPOConfig(inner_objective="dice")
+    with pytest.raises(ValueError, match="first_order"):
+        MAMLTRPOConfig(inner_objective="lvc", first_order=True)
 
 
 @pytest.mark.parametrize("first_order", [False, True])
