@@ -161,7 +161,9 @@ MAY_CHANGE = frozenset({"sampler.workers", "sampler.placement", "sampler.address
 
 #: Options added after runs were recorded, with the value that keeps the behaviour those runs had: a record
 #: without the field matches a config holding that value, so older run folders still resume.
-ADDED_OPTIONS = {"agent.inner_gae_lambda": None, "agent.inner_max_kl_grad": False, "agent.inner_objective": "log_prob"}
+ADDED_OPTIONS = {"agent.log_prob_reduction": "sum", "agent.action_scale": 1.0, "agent.inner_max_kl": 0.0,
+                 "agent.fisher_subsample": 1, "agent.learn_inner_lr": "off", "agent.inner_gae_lambda": None,
+                 "agent.inner_max_kl_grad": False, "agent.inner_objective": "log_prob"}  # MAML-TRPO's, since 2026-12-01
 
 
 def record_changes(old: Any, new: Any, may_change: frozenset[str] = frozenset(), config_at: str = "") -> list[str]:

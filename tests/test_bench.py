@@ -347,8 +347,9 @@ def test_a_cell_recorded_before_an_option_existed_is_still_finished_and_resumabl
     from metarl.bench import check_partial, finished
     from metarl.runfolder import ADDED_OPTIONS
 
+    old_behaviour = [f"{option}={json.dumps(value)}" for option, value in ADDED_OPTIONS.items()]
     suite = load_suite(None, {"out": str(tmp_path / "out"), "eval": {"tasks": 2, "steps": 1, "episodes": 2},
-                              "families": {"PointNav2D": {}}, "methods": {"maml_trpo": {}}})
+                              "families": {"PointNav2D": {}}, "methods": {"maml_trpo": {"overrides": old_behaviour}}})
     cell = suite.cells[0]
     folder = tmp_path / "out" / "cells" / "PointNav2D" / "maml_trpo" / "seed0"
     folder.mkdir(parents=True)
