@@ -98,9 +98,11 @@ class MAMLTRPOConfig:
     # The inner step's objective, as the meta-gradient differentiates it. "log_prob": -mean(log pi * A), the
     # MAML estimator of every anchor (Finn et al. 2017): its Hessian is E[A grad^2 log pi], with no term for the
     # adaptation episodes having been sampled by theta. "lvc": ProMP's low-variance curvature objective
-    # (Rothfuss et al. 2019, Sec. 5), -mean(pi / stopgrad(pi) * A): the same value and gradient, so the same
-    # adaptation, but its Hessian adds E[A grad log pi grad log pi^T] (per time step), which gives the pre-update
-    # policy credit for the episodes it samples. Changes only the meta-gradient and the outer KL's curvature.
+    # (Rothfuss et al. 2019, Sec. 5), -mean(pi / pi_sampling * A) with pi_sampling the distribution that sampled
+    # the episodes (held fixed): at the sampling point the same gradient, so the same adaptation, but its Hessian
+    # adds E[A grad log pi grad log pi^T] (per time step), which gives the pre-update policy credit for the
+    # episodes it samples; away from it (the line search's candidates) the inner gradient is importance-weighted,
+    # so the line search tests the objective the step was computed for.
     inner_objective: str = "log_prob"
     # Curvature from a subsample (1: exact, every anchor's). With k > 1, conjugate gradient's KL Hessian-vector
     # products (the inner-loss Hessians in the adaptation's Jacobian and the Fisher of the adapted policies)
@@ -176,6 +178,9 @@ class OuterBatch:
     valid_advantages: torch.Tensor
     old_dist: Any
     inner_lrs: list[torch.Tensor] | None = None  # per inner step, each task's step size [N] (None: inner_lr)
+    # with inner_objective "lvc": per inner step, the log-probs [N, E, T] of its episodes' actions under the
+    # policy that sampled them (None: taken where `inner_loss` is called, i.e. that point is the sampling one)
+    inner_logps: list[torch.Tensor] | None = None
 
     def episode_slice(self, index: slice) -> OuterBatch:
         """The post-adaptation part restricted to some episodes of every task (``train`` kept whole)."""
@@ -239,24 +244,38 @@ class MAMLTRPO:
         adv = gae(batch.rewards, values, batch.mask, c.gamma, lam)
         return normalize(adv, batch.mask) if c.normalize_advantages else adv
 
-    def inner_loss(self, params: Params, batch: EpisodeBatch, advantages: torch.Tensor) -> torch.Tensor:
+    def inner_loss(self, params: Params, batch: EpisodeBatch, advantages: torch.Tensor,
+                   sampling_logp: torch.Tensor | None = None) -> torch.Tensor:
         """Sum over tasks of each task's policy-gradient loss (so grad w.r.t. batched params is per task):
-        ``-mean_t log pi(a|s) A`` or, with ``inner_objective: lvc``, ``-mean_t pi(a|s) / stopgrad(pi(a|s)) A``
-        (the same gradient where the episodes were sampled, a Hessian with the sampling term). With
-        ``log_prob_reduction: mean`` (log pi divided by the d action dimensions) the ratio is the true one and the
-        loss keeps the 1/d: ``exp(d (m - stopgrad(m))) / d`` of the mean log-prob m."""
+        ``-mean_t m A`` with m the log-prob (summed, or averaged over the d action dimensions with
+        ``log_prob_reduction: mean``). With ``inner_objective: lvc``, ProMP's ``-mean_t (pi / pi_sampling) A / d``,
+        written ``-mean_t (m + (exp(y) - 1 - y) / d) A`` with ``y = d (m - m_sampling)``: a constant away from it,
+        so the same gradient (exactly: the added term's is ``(exp(y) - 1) grad m``, zero where y is 0) and the LVC
+        Hessian ``d grad m grad m^T A`` more. ``sampling_logp``: m_sampling [N, E, T] (default: ``m`` itself,
+        detached, for a call at the parameters that sampled ``batch``)."""
         logp = self.policy.log_prob(batch.observations, batch.actions, params)
         if self.config.inner_objective == "lvc":
             d = batch.actions.shape[-1] if self.config.log_prob_reduction == "mean" else 1
-            logp = torch.exp(d * (logp - logp.detach())) / d
+            y = d * (logp - (logp.detach() if sampling_logp is None else sampling_logp))
+            logp = logp + (torch.exp(y) - 1 - y) / d
         per_task = -(logp * advantages * batch.mask).sum((1, 2)) / batch.mask.sum((1, 2)).clamp_min(1.0)
         return per_task.sum()
 
+    @torch.no_grad()
+    def sampling_logps(self, params: Params, batch: EpisodeBatch) -> torch.Tensor | None:
+        """What `OuterBatch.inner_logps` records of an inner step's episodes sampled with ``params``: their
+        log-probs [N, E, T] with ``inner_objective: lvc``, else None (nothing needs them)."""
+        if self.config.inner_objective != "lvc":
+            return None
+        return self.policy.log_prob(batch.observations, batch.actions, OrderedDict((k, v.detach()) for k, v in params.items()))
+
     def adapt(self, params: Params, batch: EpisodeBatch, advantages: torch.Tensor, create_graph: bool,
-              lr: torch.Tensor | None = None, log_lr: Params | None = None) -> Params:
+              lr: torch.Tensor | None = None, log_lr: Params | None = None,
+              sampling_logp: torch.Tensor | None = None) -> Params:
         """One inner gradient step per task. ``params`` are task-batched ``[N, ...]``; ``lr``: each task's step
-        size ``[N]``, or ``log_lr``: learned log step sizes per tensor (default: ``inner_lr`` for all)."""
-        loss = self.inner_loss(params, batch, advantages)
+        size ``[N]``, or ``log_lr``: learned log step sizes per tensor (default: ``inner_lr`` for all);
+        ``sampling_logp``: see `inner_loss`."""
+        loss = self.inner_loss(params, batch, advantages, sampling_logp)
         grads = torch.autograd.grad(loss, list(params.values()), create_graph=create_graph)
         return self._step(params, grads, lr, log_lr)
 
@@ -321,22 +340,26 @@ class MAMLTRPO:
                 "meta/inner_param_change": change.mean().item()}
 
     def adapted_params(self, theta: Params, train: list[tuple[EpisodeBatch, torch.Tensor]], create_graph: bool,
-                       inner_lrs: list[torch.Tensor] | None = None) -> Params:
+                       inner_lrs: list[torch.Tensor] | None = None,
+                       inner_logps: list[torch.Tensor] | None = None) -> Params:
         """theta'(theta) after the inner steps on the recorded episodes, differentiable w.r.t. theta
-        (``inner_lrs``: the per-task step sizes each step was taken with; default ``inner_lr``; ``theta`` may hold
+        (``inner_lrs``: the per-task step sizes each step was taken with; default ``inner_lr``; ``inner_logps``:
+        with ``inner_objective: lvc``, each step's sampling log-probs, see `OuterBatch`; ``theta`` may hold
         learned log step sizes, see `meta_params`)."""
         n = train[0][0].num_tasks
         policy, log_lr = self.split_meta_params(theta)
         params = batch_params(policy, n)
         second_order = create_graph and not self.config.first_order
         for k, (batch, adv) in enumerate(train):
+            sampling_logp = None if inner_logps is None else inner_logps[k]
             if self.config.inner_max_kl_grad:  # alpha_i(theta), recomputed from the KL of the full step
-                grads = torch.autograd.grad(self.inner_loss(params, batch, adv), list(params.values()),
+                grads = torch.autograd.grad(self.inner_loss(params, batch, adv, sampling_logp), list(params.values()),
                                             create_graph=second_order)
                 params = self._step(params, grads, self.bounded_lr(params, self._step(params, grads), batch))
                 continue
             params = self.adapt(params, batch, adv, create_graph=second_order,
-                                lr=None if inner_lrs is None else inner_lrs[k], log_lr=log_lr)
+                                lr=None if inner_lrs is None else inner_lrs[k], log_lr=log_lr,
+                                sampling_logp=sampling_logp)
         return params
 
     def bounded_lr(self, before: Params, full: Params, batch: EpisodeBatch) -> torch.Tensor:
@@ -363,7 +386,8 @@ class MAMLTRPO:
         with theta'_i = theta'(theta) recomputed on the recorded inner-loop episodes (``create_graph``:
         differentiable through the adaptation, second order unless ``first_order``).
         """
-        return self.outer_terms(self.adapted_params(theta, outer.train, create_graph, outer.inner_lrs), outer)
+        return self.outer_terms(self.adapted_params(theta, outer.train, create_graph, outer.inner_lrs,
+                                                    outer.inner_logps), outer)
 
     def trpo_operators(self, theta: Params, outer: OuterBatch
                        ) -> tuple[float, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
@@ -402,7 +426,9 @@ class MAMLTRPO:
         for k, ((batch, adv), alpha) in enumerate(zip(outer.train, alphas, strict=True)):
             leaf = [p.requires_grad_() for p in params]
             named = OrderedDict(zip(names, leaf, strict=True))
-            grads = torch.autograd.grad(self.inner_loss(named, batch, adv), leaf, create_graph=not c.first_order)
+            sampling_logp = None if outer.inner_logps is None else outer.inner_logps[k]
+            grads = torch.autograd.grad(self.inner_loss(named, batch, adv, sampling_logp), leaf,
+                                        create_graph=not c.first_order)
             points.append(leaf)
             inner_grads.append(grads)
             dalphas.append(None)
@@ -415,7 +441,9 @@ class MAMLTRPO:
                 dalphas[k] = [_per_task(coef, d) * d.detach() for d in dkl]
             if subsample and not c.first_order:
                 sub, sub_adv = batch.episode_slice(every_kth), adv[:, every_kth]
-                curvature_grads.append(torch.autograd.grad(self.inner_loss(named, sub, sub_adv), leaf, create_graph=True))
+                sub_logp = None if sampling_logp is None else sampling_logp[:, every_kth]
+                curvature_grads.append(torch.autograd.grad(self.inner_loss(named, sub, sub_adv, sub_logp), leaf,
+                                                           create_graph=True))
             else:
                 curvature_grads.append(grads)
             params = [(p - a * g).detach() for p, a, g in zip(leaf, alpha, grads, strict=True)]
@@ -490,12 +518,14 @@ class MAMLTRPO:
         stage_returns = []
         inner_stats: list[dict[str, float]] = []
         inner_lrs: list[torch.Tensor] = []
+        inner_logps: list[torch.Tensor | None] = []
         for _ in range(c.inner_steps):
             ts = time.perf_counter()
             batch = self.sampler.sample(self._actor(params), tasks, c.episodes_per_task, self._seed())
             sample_time += time.perf_counter() - ts
             adv = self.advantages(batch, inner=True)
             train.append((batch, adv))
+            inner_logps.append(self.sampling_logps(params, batch))
             stage_returns.append(batch.returns.mean().item())
             before = params
             params, lr = self.adapt_bounded(params, batch, adv)
@@ -513,7 +543,8 @@ class MAMLTRPO:
         # Outer loop: TRPO on the post-adaptation surrogate.
         with torch.no_grad():
             old_dist = self.policy.distribution(valid.observations, params)
-        outer = OuterBatch(train, valid, valid_adv, old_dist, inner_lrs if c.inner_max_kl > 0 else None)
+        outer = OuterBatch(train, valid, valid_adv, old_dist, inner_lrs if c.inner_max_kl > 0 else None,
+                           inner_logps if c.inner_objective == "lvc" else None)
 
         def surrogate_and_kl(theta_: Params, create_graph: bool) -> tuple[torch.Tensor, torch.Tensor]:
             return self.meta_objective(theta_, outer, create_graph)

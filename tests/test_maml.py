@@ -54,21 +54,23 @@ def _tiny_problem(sampler, first_order: bool, inner_steps: int = 1, inner_max_kl
                                     rewards=batch.rewards[:, :, :cut], mask=batch.mask[:, :, :cut])
         return _double(batch)
 
-    train, lrs = [], []
+    train, lrs, logps = [], [], []
     params = batch_params(agent.policy.params(), 2)
     for k in range(inner_steps):
         b = collect(10 + k)
         train.append((b, agent.advantages(b).double()))
+        logps.append(agent.sampling_logps(params, b))
         params, lr = agent.adapt_bounded(params, *train[-1])
         lrs.append(lr)
     if inner_max_kl:
         assert torch.all(torch.cat(lrs) < 0.5)  # the bound is active, so the tests below exercise it
     valid = collect(20)
+    logps = logps if config.inner_objective == "lvc" else None
     params = agent.adapted_params(agent.meta_params(), train, create_graph=False,  # needs autograd: no no_grad
-                                  inner_lrs=lrs if inner_max_kl else None)
+                                  inner_lrs=lrs if inner_max_kl else None, inner_logps=logps)
     with torch.no_grad():
         old_dist = agent.policy.distribution(valid.observations, OrderedDict((k, v.detach()) for k, v in params.items()))
-    outer = OuterBatch(train, valid, agent.advantages(valid).double(), old_dist, lrs if inner_max_kl else None)
+    outer = OuterBatch(train, valid, agent.advantages(valid).double(), old_dist, lrs if inner_max_kl else None, logps)
     return agent, outer
 
 
@@ -92,16 +94,20 @@ def _grad_and_fd(agent, outer, coords, eps=1e-6):
     return grad, np.array(fd)
 
 
-@pytest.mark.parametrize("inner_steps,inner_max_kl,learn_inner_lr,inner_max_kl_grad", [
-    (1, 0.0, "off", False), (2, 0.0, "off", False), (2, 1e-3, "off", False), (2, 0.0, "per_tensor", False),
-    (1, 0.0, "per_parameter", False), (1, 1e-3, "off", True), (2, 1e-3, "off", True)])
-def test_meta_gradient_matches_finite_differences(sampler, inner_steps, inner_max_kl, learn_inner_lr, inner_max_kl_grad):
+@pytest.mark.parametrize("inner_steps,inner_max_kl,learn_inner_lr,inner_max_kl_grad,options", [
+    (1, 0.0, "off", False, {}), (2, 0.0, "off", False, {}), (2, 1e-3, "off", False, {}), (2, 0.0, "per_tensor", False, {}),
+    (1, 0.0, "per_parameter", False, {}), (1, 1e-3, "off", True, {}), (2, 1e-3, "off", True, {}),
+    (1, 0.0, "off", False, {"inner_objective": "lvc"}),
+    (2, 1e-3, "off", True, {"inner_objective": "lvc", "log_prob_reduction": "mean"})])
+def test_meta_gradient_matches_finite_differences(sampler, inner_steps, inner_max_kl, learn_inner_lr, inner_max_kl_grad,
+                                                  options):
     """d/dtheta of the post-adaptation surrogate, through the inner step(s), equals central differences
     (with a KL-bounded inner step: its per-task step sizes held at the values sampling used, or, with
     inner_max_kl_grad, recomputed from theta and differentiated; with learned step sizes: their coordinates
-    too, which come last in theta)."""
+    too, which come last in theta; with ProMP's "lvc" inner objective the surrogate the line search evaluates
+    weighs each inner step's episodes by pi / pi_sampling, and its derivative is the LVC meta-gradient)."""
     agent, outer = _tiny_problem(sampler, first_order=False, inner_steps=inner_steps, inner_max_kl=inner_max_kl,
-                                 learn_inner_lr=learn_inner_lr, inner_max_kl_grad=inner_max_kl_grad)
+                                 learn_inner_lr=learn_inner_lr, inner_max_kl_grad=inner_max_kl_grad, **options)
     n = sum(p.numel() for p in agent.meta_params().values())
     n_policy = sum(p.numel() for p in agent.policy.parameters())
     coords = np.random.default_rng(0).choice(n, size=8, replace=False)
@@ -468,14 +474,18 @@ def test_lvc_inner_objective_adds_exactly_the_sampling_term(sampler, reduction):
     theta'_i = theta - alpha g_i and u_i = dL/dtheta'_i, the extra Hessian of task i's inner loss is
     -(1/T_i) sum_t A_t grad s_t grad s_t^T / d (s: the summed log-prob; d: the action dimensions with
     "mean", else 1), so the meta-gradient moves by alpha sum_i (1/T_i) sum_t A_t grad s_t (grad s_t . u_i) / d."""
-    agent, outer = _tiny_problem(sampler, first_order=False, log_prob_reduction=reduction)
+    agent, outer = _tiny_problem(sampler, first_order=False, log_prob_reduction=reduction, inner_objective="lvc")
     theta = agent.policy.params()
-    _, plain, _ = agent.trpo_operators(theta, outer)
-    adapted = agent.adapted_params(theta, outer.train, create_graph=False)
-    agent.config = dataclasses.replace(agent.config, inner_objective="lvc")
     _, lvc, _ = agent.trpo_operators(theta, outer)
-    for name, value in agent.adapted_params(theta, outer.train, create_graph=False).items():
-        torch.testing.assert_close(value, adapted[name], rtol=0, atol=0)  # the same adaptation, bit for bit
+    lvc_adapted = agent.adapted_params(theta, outer.train, create_graph=False, inner_logps=outer.inner_logps)
+    sampled, _ = agent.adapt_bounded(batch_params(theta, 2), *outer.train[0])  # as sampling and evaluation adapt
+    agent.config = dataclasses.replace(agent.config, inner_objective="log_prob")
+    _, plain, _ = agent.trpo_operators(theta, dataclasses.replace(outer, inner_logps=None))
+    adapted = agent.adapted_params(theta, outer.train, create_graph=False)
+    plain_sampled, _ = agent.adapt_bounded(batch_params(theta, 2), *outer.train[0])
+    for name, value in adapted.items():
+        torch.testing.assert_close(sampled[name], plain_sampled[name], rtol=0, atol=0)  # the same adaptation, bit for bit
+        torch.testing.assert_close(lvc_adapted[name], value, rtol=1e-12, atol=1e-14)  # ratio 1 at the sampling point
 
     batch, adv = outer.train[0]
     leaves = OrderedDict((k, v.detach().requires_grad_()) for k, v in adapted.items())
@@ -498,6 +508,11 @@ def test_lvc_inner_objective_adds_exactly_the_sampling_term(sampler, reduction):
                 expected += agent.config.inner_lr * adv[i, e, t] / steps * score * torch.dot(score, u_i) / d
     assert expected.norm() > 1e-3 * plain.norm()  # the term is there to be found
     torch.testing.assert_close(lvc - plain, expected, rtol=1e-8, atol=1e-12)
+    # a real iteration records each inner step's sampling log-probs and takes a finite, accepted step
+    trainer = MAMLTRPO(MAMLTRPOConfig(tasks_per_batch=2, episodes_per_task=2, inner_steps=2, hidden=(8,),
+                                      inner_objective="lvc", log_prob_reduction=reduction), sampler, seed=0)
+    metrics = trainer.train_step(sampler.family.sample_tasks(2, "train", seed=0))
+    assert metrics["loss/line_search_accepted"] == 1.0 and np.isfinite(metrics["loss/surrogate_after"])
     with pytest.raises(ValueError, match="inner_objective"):
         MAMLTRPOConfig(inner_objective="dice")
     with pytest.raises(ValueError, match="first_order"):
