@@ -166,11 +166,17 @@ ADDED_OPTIONS = {"agent.log_prob_reduction": "sum", "agent.action_scale": 1.0, "
                  "agent.inner_max_kl_grad": False, "agent.inner_objective": "log_prob"}  # MAML-TRPO's, since 2026-12-01
 
 
+class _Absent:
+    def __repr__(self) -> str:
+        return "(absent)"
+
+
 def record_changes(old: Any, new: Any, may_change: frozenset[str] = frozenset(), config_at: str = "") -> list[str]:
     """The dotted fields whose value differs between two records of JSON values, as ``"field old -> new"``,
     but the fields in ``may_change``, and `ADDED_OPTIONS` (a run config's fields, found under ``config_at``)
     absent from ``old`` and at their old behaviour's value in ``new``."""
     out: list[str] = []
+    absent = _Absent()  # a field one record lacks differs from any value, None included
 
     def walk(a: Any, b: Any, where: str) -> None:
         if isinstance(a, dict) and isinstance(b, dict):
@@ -179,8 +185,8 @@ def record_changes(old: Any, new: Any, may_change: frozenset[str] = frozenset(),
                 option = name[len(config_at):] if name.startswith(config_at) else None
                 if key not in a and option in ADDED_OPTIONS and b[key] == ADDED_OPTIONS[option]:
                     continue
-                walk(a.get(key), b.get(key), name)
-        elif a != b and where not in may_change:
+                walk(a.get(key, absent), b.get(key, absent), name)
+        elif (a is absent or b is absent or a != b) and where not in may_change:
             out.append(f"{where} {a!r} -> {b!r}")
 
     walk(old, new, "")

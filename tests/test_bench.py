@@ -366,13 +366,13 @@ def test_a_cell_recorded_before_an_option_existed_is_still_finished_and_resumabl
     changed = cell.spec()
     changed["config"]["agent"]["inner_gae_lambda"] = 0.5  # the suite now asks for another value: not the same cell
     changed = dataclasses.replace(cell, resolved=changed["config"])
-    with pytest.raises(ConfigError, match=r"config.agent.inner_gae_lambda None -> 0.5"):
+    with pytest.raises(ConfigError, match=r"config.agent.inner_gae_lambda \(absent\) -> 0.5"):
         finished(suite, changed)
     with pytest.raises(ConfigError, match=r"cannot be resumed"):
         check_partial(suite, changed)
     # only a run config's options are loosened: a cell-level field missing from the record is a change
     (folder / "cell.json").write_text(json.dumps({"spec": {k: v for k, v in old.items() if k != "eval"}}))
-    with pytest.raises(ConfigError, match=r"\(eval None -> \{"):
+    with pytest.raises(ConfigError, match=r"\(eval \(absent\) -> \{"):
         finished(suite, cell)
 
 

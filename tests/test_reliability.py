@@ -271,8 +271,8 @@ def test_a_run_recorded_before_an_option_existed_still_resumes(straight, tmp_pat
     data = yaml.safe_load((run / "config.yaml").read_text())
     for option, value in ADDED_OPTIONS.items():  # the config gives each its old behaviour
         data["agent"][option.split(".", 1)[1]] = value
-    for option, value, message in (("inner_gae_lambda", 0.5, "agent.inner_gae_lambda None -> 0.5"),
-                                   ("action_scale", 0.1, "agent.action_scale None -> 0.1")):
+    for option, value, message in (("inner_gae_lambda", 0.5, "agent.inner_gae_lambda (absent) -> 0.5"),
+                                   ("action_scale", 0.1, "agent.action_scale (absent) -> 0.1")):
         data["agent"][option] = value  # a record without the field ran the old behaviour, not this
         (run / "config.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
         assert main(["train", "--resume", str(run), "iterations=3", "--quiet"]) == 2
@@ -281,6 +281,26 @@ def test_a_run_recorded_before_an_option_existed_still_resumes(straight, tmp_pat
     (run / "config.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
     assert main(["train", "--resume", str(run), "iterations=3", "--quiet"]) == 0
     assert [r["iteration"] for r in _metrics(run)] == [1, 2, 3]
+
+
+def test_record_changes_names_each_differing_field():
+    """The comparison behind resume and bench: nested fields by dotted name; a field one record lacks differs
+    from every value (None too), but an ADDED_OPTIONS option at its old value, and only under ``config_at``;
+    ``may_change`` fields are never differences."""
+    from metarl.runfolder import record_changes
+
+    old = {"agent": {"inner_lr": 0.1, "hidden": [8]}, "sampler": {"workers": 2}}
+    new = {"agent": {"inner_lr": 0.5, "hidden": [8], "extra": None}, "sampler": {"workers": 4}}
+    assert record_changes(old, new) == ["agent.extra (absent) -> None", "agent.inner_lr 0.1 -> 0.5",
+                                        "sampler.workers 2 -> 4"]
+    assert record_changes(old, new, may_change=frozenset({"sampler.workers"}))[-1] == "agent.inner_lr 0.1 -> 0.5"
+    added = {"agent": {"inner_lr": 0.1, "hidden": [8], "inner_max_kl": 0.0}, "sampler": {"workers": 2}}
+    assert record_changes(old, added) == []
+    assert record_changes(added, old) == ["agent.inner_max_kl 0.0 -> (absent)"]
+    assert record_changes(old, {**added, "agent": {**added["agent"], "inner_max_kl": 5.0}}) == [
+        "agent.inner_max_kl (absent) -> 5.0"]
+    assert record_changes({"config": old}, {"config": added}, config_at="config.") == []
+    assert record_changes({"config": old}, {"config": added}) == ["config.agent.inner_max_kl (absent) -> 0.0"]
 
 
 @pytest.mark.parametrize(("content", "message"), [
