@@ -171,12 +171,14 @@ class _Absent:
         return "(absent)"
 
 
+_ABSENT = _Absent()  # a field one record lacks: it differs from any value, None included
+
+
 def record_changes(old: Any, new: Any, may_change: frozenset[str] = frozenset(), config_at: str = "") -> list[str]:
     """The dotted fields whose value differs between two records of JSON values, as ``"field old -> new"``,
     but the fields in ``may_change``, and `ADDED_OPTIONS` (a run config's fields, found under ``config_at``)
     absent from ``old`` and at their old behaviour's value in ``new``."""
     out: list[str] = []
-    absent = _Absent()  # a field one record lacks differs from any value, None included
 
     def walk(a: Any, b: Any, where: str) -> None:
         if isinstance(a, dict) and isinstance(b, dict):
@@ -185,8 +187,8 @@ def record_changes(old: Any, new: Any, may_change: frozenset[str] = frozenset(),
                 option = name[len(config_at):] if name.startswith(config_at) else None
                 if key not in a and option in ADDED_OPTIONS and b[key] == ADDED_OPTIONS[option]:
                     continue
-                walk(a.get(key, absent), b.get(key, absent), name)
-        elif (a is absent or b is absent or a != b) and where not in may_change:
+                walk(a.get(key, _ABSENT), b.get(key, _ABSENT), name)
+        elif (a is _ABSENT or b is _ABSENT or a != b) and where not in may_change:
             out.append(f"{where} {a!r} -> {b!r}")
 
     walk(old, new, "")

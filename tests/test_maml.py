@@ -503,7 +503,7 @@ def test_lvc_inner_objective_adds_exactly_the_sampling_term(sampler, reduction):
                     continue
                 params = OrderedDict((k, theta[k].detach().requires_grad_()) for k in names)
                 dist = agent.policy.distribution(batch.observations[i, e, t][None], params)
-                s = dist.log_prob(batch.actions[i, e, t][None]).sum() * (d if reduction == "mean" else 1)
+                s = dist.log_prob(batch.actions[i, e, t][None]).sum() * d  # the summed log-prob
                 score = torch.cat([g.reshape(-1) for g in torch.autograd.grad(s, list(params.values()))])
                 expected += agent.config.inner_lr * adv[i, e, t] / steps * score * torch.dot(score, u_i) / d
     assert expected.norm() > 1e-3 * plain.norm()  # the term is there to be found
