@@ -159,11 +159,13 @@ MAY_CHANGE = frozenset({"sampler.workers", "sampler.placement", "sampler.address
                         "sampler.retries", "sampler.timeout"})
 
 
-#: Options added after runs were recorded, with the value that keeps the behaviour those runs had: a record
-#: without the field matches a config holding that value, so older run folders still resume.
-ADDED_OPTIONS = {"agent.log_prob_reduction": "sum", "agent.action_scale": 1.0, "agent.inner_max_kl": 0.0,
-                 "agent.fisher_subsample": 1, "agent.learn_inner_lr": "off", "agent.inner_gae_lambda": None,
-                 "agent.inner_max_kl_grad": False, "agent.inner_objective": "log_prob"}  # MAML-TRPO's, since 2026-12-01
+#: Options added to an agent after runs were recorded, by agent name, with the value that keeps the behaviour
+#: those runs had: a record without the field matches a config of that agent holding that value, so older run
+#: folders still resume. Scoped by agent: another agent's option of the same name may have another old value.
+ADDED_OPTIONS = {"maml_trpo": {  # since 2026-12-01
+    "agent.log_prob_reduction": "sum", "agent.action_scale": 1.0, "agent.inner_max_kl": 0.0,
+    "agent.fisher_subsample": 1, "agent.learn_inner_lr": "off", "agent.inner_gae_lambda": None,
+    "agent.inner_max_kl_grad": False, "agent.inner_objective": "log_prob"}}
 
 
 class _Absent:
@@ -177,15 +179,20 @@ _ABSENT = _Absent()  # a field one record lacks: it differs from any value, None
 def record_changes(old: Any, new: Any, may_change: frozenset[str] = frozenset(), config_at: str = "") -> list[str]:
     """The dotted fields whose value differs between two records of JSON values, as ``"field old -> new"``,
     but the fields in ``may_change``, and `ADDED_OPTIONS` (a run config's fields, found under ``config_at``)
-    absent from ``old`` and at their old behaviour's value in ``new``."""
+    absent from ``old`` and at their old behaviour's value in ``new`` (for the agent ``new`` names)."""
     out: list[str] = []
+    config = new
+    for part in config_at.split(".")[:-1]:
+        config = config.get(part) if isinstance(config, dict) else None
+    agent = config.get("agent") if isinstance(config, dict) else None
+    added = ADDED_OPTIONS.get(agent.get("name"), {}) if isinstance(agent, dict) else {}
 
     def walk(a: Any, b: Any, where: str) -> None:
         if isinstance(a, dict) and isinstance(b, dict):
             for key in sorted(set(a) | set(b)):
                 name = f"{where}.{key}" if where else key
                 option = name[len(config_at):] if name.startswith(config_at) else None
-                if key not in a and option in ADDED_OPTIONS and b[key] == ADDED_OPTIONS[option]:
+                if key not in a and option in added and b[key] == added[option]:
                     continue
                 walk(a.get(key, _ABSENT), b.get(key, _ABSENT), name)
         elif (a is _ABSENT or b is _ABSENT or a != b) and where not in may_change:

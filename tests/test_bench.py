@@ -347,16 +347,17 @@ def test_a_cell_recorded_before_an_option_existed_is_still_finished_and_resumabl
     from metarl.bench import check_partial, finished
     from metarl.runfolder import ADDED_OPTIONS
 
-    old_behaviour = [f"{option}={json.dumps(value)}" for option, value in ADDED_OPTIONS.items()]
+    added = ADDED_OPTIONS["maml_trpo"]
+    old_behaviour = [f"{option}={json.dumps(value)}" for option, value in added.items()]
     suite = load_suite(None, {"out": str(tmp_path / "out"), "eval": {"tasks": 2, "steps": 1, "episodes": 2},
                               "families": {"PointNav2D": {}}, "methods": {"maml_trpo": {"overrides": old_behaviour}}})
     cell = suite.cells[0]
     folder = tmp_path / "out" / "cells" / "PointNav2D" / "maml_trpo" / "seed0"
     folder.mkdir(parents=True)
     old = cell.spec()
-    for option in ADDED_OPTIONS:
+    for option in added:
         section, name = option.split(".")
-        assert old["config"][section].pop(name) == ADDED_OPTIONS[option]
+        assert old["config"][section].pop(name) == added[option]
     record = {"spec": old, "summary": {"stages": []}}
     (folder / "cell.json").write_text(json.dumps(record))
     (folder / "spec.json").write_text(json.dumps(old))

@@ -263,13 +263,13 @@ def test_a_run_recorded_before_an_option_existed_still_resumes(straight, tmp_pat
         path = run / "checkpoints" / name
         state = torch.load(path, weights_only=False)
         record = json.loads(state["config"])
-        for option in ADDED_OPTIONS:
+        for option in ADDED_OPTIONS["maml_trpo"]:
             record["agent"].pop(option.split(".", 1)[1])
         state["config"] = json.dumps(record, sort_keys=True)
         state["sha256"] = checksum(state)
         torch.save(state, path)
     data = yaml.safe_load((run / "config.yaml").read_text())
-    for option, value in ADDED_OPTIONS.items():  # the config gives each its old behaviour
+    for option, value in ADDED_OPTIONS["maml_trpo"].items():  # the config gives each its old behaviour
         data["agent"][option.split(".", 1)[1]] = value
     for option, value, message in (("inner_gae_lambda", 0.5, "agent.inner_gae_lambda (absent) -> 0.5"),
                                    ("action_scale", 0.1, "agent.action_scale (absent) -> 0.1")):
@@ -277,7 +277,7 @@ def test_a_run_recorded_before_an_option_existed_still_resumes(straight, tmp_pat
         (run / "config.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
         assert main(["train", "--resume", str(run), "iterations=3", "--quiet"]) == 2
         assert message in capsys.readouterr().err
-        data["agent"][option] = ADDED_OPTIONS[f"agent.{option}"]
+        data["agent"][option] = ADDED_OPTIONS["maml_trpo"][f"agent.{option}"]
     (run / "config.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
     assert main(["train", "--resume", str(run), "iterations=3", "--quiet"]) == 0
     assert [r["iteration"] for r in _metrics(run)] == [1, 2, 3]
@@ -285,22 +285,27 @@ def test_a_run_recorded_before_an_option_existed_still_resumes(straight, tmp_pat
 
 def test_record_changes_names_each_differing_field():
     """The comparison behind resume and bench: nested fields by dotted name; a field one record lacks differs
-    from every value (None too), but an ADDED_OPTIONS option at its old value, and only under ``config_at``;
-    ``may_change`` fields are never differences."""
+    from every value (None too), but an ADDED_OPTIONS option of the new record's agent at its old value, and
+    only under ``config_at``; ``may_change`` fields are never differences."""
     from metarl.runfolder import record_changes
 
-    old = {"agent": {"inner_lr": 0.1, "hidden": [8]}, "sampler": {"workers": 2}}
-    new = {"agent": {"inner_lr": 0.5, "hidden": [8], "extra": None}, "sampler": {"workers": 4}}
+    old = {"agent": {"name": "maml_trpo", "inner_lr": 0.1, "hidden": [8]}, "sampler": {"workers": 2}}
+    new = {"agent": {"name": "maml_trpo", "inner_lr": 0.5, "hidden": [8], "extra": None}, "sampler": {"workers": 4}}
     assert record_changes(old, new) == ["agent.extra (absent) -> None", "agent.inner_lr 0.1 -> 0.5",
                                         "sampler.workers 2 -> 4"]
     assert record_changes(old, new, may_change=frozenset({"sampler.workers"}))[-1] == "agent.inner_lr 0.1 -> 0.5"
-    added = {"agent": {"inner_lr": 0.1, "hidden": [8], "inner_max_kl": 0.0}, "sampler": {"workers": 2}}
+    added = {"agent": {"name": "maml_trpo", "inner_lr": 0.1, "hidden": [8], "inner_max_kl": 0.0},
+             "sampler": {"workers": 2}}
     assert record_changes(old, added) == []
     assert record_changes(added, old) == ["agent.inner_max_kl 0.0 -> (absent)"]
     assert record_changes(old, {**added, "agent": {**added["agent"], "inner_max_kl": 5.0}}) == [
         "agent.inner_max_kl (absent) -> 5.0"]
     assert record_changes({"config": old}, {"config": added}, config_at="config.") == []
     assert record_changes({"config": old}, {"config": added}) == ["config.agent.inner_max_kl (absent) -> 0.0"]
+    # scoped by the agent the new record names: another agent's field of the same name is a change
+    rl2 = {section: {**fields, "name": "rl2"} if section == "agent" else fields for section, fields in added.items()}
+    assert record_changes({**old, "agent": {**old["agent"], "name": "rl2"}}, rl2) == [
+        "agent.inner_max_kl (absent) -> 0.0"]
 
 
 @pytest.mark.parametrize(("content", "message"), [
