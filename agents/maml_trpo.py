@@ -516,6 +516,7 @@ class MAMLTRPO:
         train: list[tuple[EpisodeBatch, torch.Tensor]] = []
         params = OrderedDict((k, v.detach()) for k, v in batch_params(self.policy.params(), n).items())
         stage_returns = []
+        stage_task_returns = []  # each stage's mean return per task [N]: a task left behind shows in the min
         inner_stats: list[dict[str, float]] = []
         inner_lrs: list[torch.Tensor] = []
         inner_logps: list[torch.Tensor | None] = []
@@ -527,6 +528,7 @@ class MAMLTRPO:
             train.append((batch, adv))
             inner_logps.append(self.sampling_logps(params, batch))
             stage_returns.append(batch.returns.mean().item())
+            stage_task_returns.append(batch.returns.mean(1))
             before = params
             params, lr = self.adapt_bounded(params, batch, adv)
             inner_lrs.append(lr)
@@ -536,6 +538,7 @@ class MAMLTRPO:
         valid = self.sampler.sample(self._actor(params), tasks, c.episodes_per_task, self._seed())
         sample_time += time.perf_counter() - ts
         stage_returns.append(valid.returns.mean().item())
+        stage_task_returns.append(valid.returns.mean(1))
         valid_adv = self.advantages(valid)
         steps = sum(b.env_steps for b, _ in train) + valid.env_steps
         self.env_steps += steps
@@ -586,6 +589,9 @@ class MAMLTRPO:
         self.iteration += 1
         total = time.perf_counter() - t0
         metrics = {f"meta/return_step{k}": r for k, r in enumerate(stage_returns)}
+        for k, per_task in enumerate(stage_task_returns):
+            metrics[f"meta/return_step{k}_task_min"] = per_task.min().item()
+            metrics[f"meta/return_step{k}_task_max"] = per_task.max().item()
         for k, stats in enumerate(inner_stats):
             suffix = "" if k == 0 else f"_step{k + 1}"  # meta/inner_kl is the first inner step's
             metrics.update({f"{name}{suffix}": value for name, value in stats.items()})

@@ -224,6 +224,25 @@ def test_trpo_step_respects_the_kl_bound_and_improves_the_surrogate(sampler):
     assert not torch.equal(before, after)
 
 
+def test_per_task_return_spread_is_the_worst_and_best_tasks_mean(sampler, monkeypatch):
+    """meta/return_step{k}_task_min/_max: the smallest and largest of the tasks' mean episode returns in stage
+    k's batch, computed here by hand from the batches the sampler returned (each task's episodes summed step by
+    step over the mask); the stage's mean return lies between them."""
+    config = MAMLTRPOConfig(tasks_per_batch=3, episodes_per_task=4, hidden=(8,), inner_steps=2)
+    agent = MAMLTRPO(config, sampler, seed=0)
+    batches = []
+    sample = agent.sampler.sample
+    monkeypatch.setattr(agent.sampler, "sample", lambda *a, **k: batches.append(sample(*a, **k)) or batches[-1])
+    m = agent.train_step(sampler.family.sample_tasks(3, "train", seed=0))
+    assert len(batches) == 3
+    for k, batch in enumerate(batches):
+        per_task = [sum(float((batch.rewards[i, e] * batch.mask[i, e]).sum()) for e in range(4)) / 4 for i in range(3)]
+        assert len(set(per_task)) == 3  # distinct goals: min and max are different tasks
+        assert m[f"meta/return_step{k}_task_min"] == pytest.approx(min(per_task), rel=1e-5)
+        assert m[f"meta/return_step{k}_task_max"] == pytest.approx(max(per_task), rel=1e-5)
+        assert m[f"meta/return_step{k}_task_min"] < m[f"meta/return_step{k}"] < m[f"meta/return_step{k}_task_max"]
+
+
 def test_short_training_run_learns_to_adapt():
     """A small real run on PointNav2D: after a few iterations one gradient step on held-out tasks helps a lot."""
     config = MAMLTRPOConfig(tasks_per_batch=10, episodes_per_task=10, hidden=(32, 32))
