@@ -115,9 +115,16 @@ def test_two_seeds_one_command_resumable(tmp_path):
             assert rep["stages"][k]["mean_return"] == pytest.approx(np.mean(per_task))
         assert rep["stages"][1]["gain"] == pytest.approx(np.mean(np.subtract(pooled["stages"][1]["per_task"],
                                                                              pooled["stages"][0]["per_task"])))
+        # each distinct task's own returns (few distinct tasks): the mean of its two adaptations, per stage
+        assert [t["task"] for t in rep["by_task"]] == plain["tasks"]
+        for i, task in enumerate(rep["by_task"]):
+            assert task["adaptations"] == 2
+            assert task["mean_return"] == pytest.approx([(st["per_task"][i] + st["per_task"][i + 4]) / 2
+                                                         for st in pooled["stages"]])
     means = [s["heldout_repeated"]["stages"][1]["mean_return"] for s in with_repeats["per_seed"]]
     assert with_repeats["aggregate"]["heldout_repeated_stages"][1]["mean"] == pytest.approx(np.mean(means))
     assert "final policy, 2 adaptations per task" in repeats.stdout
+    assert repeats.stdout.count(", task {") == 8  # each seed's 4 tasks
     # the pooled intervals resample within each task (the 4 held-out tasks, each adapted twice)
     from metarl.evaluation import stratified_bootstrap_ci
 

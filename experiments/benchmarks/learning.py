@@ -107,7 +107,22 @@ def repeated_eval(run_dir: Path, repeats: int, iterations: int) -> dict[str, Any
     keep = ("stage", "adapt_episodes", "mean_return", "ci95", "gain", "gain_ci95", "success_rate", "success_ci95")
     return {"repeats": repeats, "distinct_tasks": summary["distinct_tasks"], "num_tasks": summary["num_tasks"],
             "iteration": summary["iteration"],
-            "stages": [{k: st[k] for k in keep if k in st} for st in summary["stages"]]}
+            "stages": [{k: st[k] for k in keep if k in st} for st in summary["stages"]],
+            **({"by_task": by_task(summary)} if summary["distinct_tasks"] <= MAX_BY_TASK else {})}
+
+
+MAX_BY_TASK = 10  # families with this many distinct held-out tasks or fewer get each task's own returns
+
+
+def by_task(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each distinct task's mean return per stage over its repeated adaptations, in the order the tasks first
+    appear: a mean over HalfCheetahDir's two directions can hide one of them not adapting at all."""
+    groups: dict[str, list[int]] = {}
+    for i, task in enumerate(summary["tasks"]):
+        groups.setdefault(json.dumps(task, sort_keys=True), []).append(i)
+    return [{"task": json.loads(key), "adaptations": len(rows),
+             "mean_return": [sum(st["per_task"][i] for i in rows) / len(rows) for st in summary["stages"]]}
+            for key, rows in groups.items()]
 
 
 def aggregate(seeds: list[dict[str, Any]]) -> dict[str, Any]:
@@ -241,6 +256,8 @@ def print_repeated(name: str, repeated: dict[str, Any] | None) -> None:
     if repeated:
         print_stages(f"{name}, final policy, {repeated['repeats']} adaptations per task "
                      f"({repeated['num_tasks']} in all)", repeated["stages"])
+        for task in repeated.get("by_task", []):
+            print(f"{name}, task {json.dumps(task['task'])}: " + " -> ".join(f"{v:.1f}" for v in task["mean_return"]))
 
 
 def print_late(name: str, late: dict[str, Any] | None) -> None:
