@@ -515,8 +515,7 @@ class MAMLTRPO:
         # Inner loop: collect, adapt (no graph: these parameters only drive sampling), collect again.
         train: list[tuple[EpisodeBatch, torch.Tensor]] = []
         params = OrderedDict((k, v.detach()) for k, v in batch_params(self.policy.params(), n).items())
-        stage_returns = []
-        stage_task_returns = []  # each stage's mean return per task [N]: a task left behind shows in the min
+        stage_returns: list[torch.Tensor] = []  # each stage's episode returns [N, E]
         inner_stats: list[dict[str, float]] = []
         inner_lrs: list[torch.Tensor] = []
         inner_logps: list[torch.Tensor | None] = []
@@ -527,8 +526,7 @@ class MAMLTRPO:
             adv = self.advantages(batch, inner=True)
             train.append((batch, adv))
             inner_logps.append(self.sampling_logps(params, batch))
-            stage_returns.append(batch.returns.mean().item())
-            stage_task_returns.append(batch.returns.mean(1))
+            stage_returns.append(batch.returns)
             before = params
             params, lr = self.adapt_bounded(params, batch, adv)
             inner_lrs.append(lr)
@@ -537,8 +535,7 @@ class MAMLTRPO:
         ts = time.perf_counter()
         valid = self.sampler.sample(self._actor(params), tasks, c.episodes_per_task, self._seed())
         sample_time += time.perf_counter() - ts
-        stage_returns.append(valid.returns.mean().item())
-        stage_task_returns.append(valid.returns.mean(1))
+        stage_returns.append(valid.returns)
         valid_adv = self.advantages(valid)
         steps = sum(b.env_steps for b, _ in train) + valid.env_steps
         self.env_steps += steps
@@ -588,16 +585,18 @@ class MAMLTRPO:
         loss_after, kl_after = evaluated[-1] if accepted else (0.0, 0.0)
         self.iteration += 1
         total = time.perf_counter() - t0
-        metrics = {f"meta/return_step{k}": r for k, r in enumerate(stage_returns)}
-        for k, per_task in enumerate(stage_task_returns):
-            metrics[f"meta/return_step{k}_task_min"] = per_task.min().item()
-            metrics[f"meta/return_step{k}_task_max"] = per_task.max().item()
+        metrics = {}
+        for k, returns in enumerate(stage_returns):  # the mean, and the worst and best task's: one left behind shows
+            per_task = returns.mean(1)
+            metrics.update({f"meta/return_step{k}": returns.mean().item(),
+                            f"meta/return_step{k}_task_min": per_task.min().item(),
+                            f"meta/return_step{k}_task_max": per_task.max().item()})
         for k, stats in enumerate(inner_stats):
             suffix = "" if k == 0 else f"_step{k + 1}"  # meta/inner_kl is the first inner step's
             metrics.update({f"{name}{suffix}": value for name, value in stats.items()})
         metrics.update({
-            "meta/return_pre_adaptation": stage_returns[0],
-            "meta/return_post_adaptation": stage_returns[-1],
+            "meta/return_pre_adaptation": metrics["meta/return_step0"],
+            "meta/return_post_adaptation": metrics[f"meta/return_step{len(stage_returns) - 1}"],
             "loss/surrogate_before": loss_before_value,
             "loss/surrogate_after": loss_before_value - loss_after,
             "loss/kl": kl_after,
