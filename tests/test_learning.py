@@ -172,6 +172,39 @@ def test_two_seeds_one_command_resumable(tmp_path):
     assert other.returncode != 0 and "agent.inner_lr" in other.stderr and "other settings" in other.stderr
     assert config_file.read_bytes() == before and not (tmp_path / "o.json").exists()
 
+    # Seeds trained by separate commands (the two-seed file and a single-seed run of seed 2 in another
+    # experiment folder) gather into one file: their entries as they were, the aggregate over all three
+    single = tmp_path / "seed2.json"
+    alone = _run([str(config), *overrides, "seed=2", "experiment=elsewhere", "--out", str(single)], tmp_path)
+    assert alone.returncode == 0, alone.stderr[-2000:]
+    both = json.loads(out.read_text())
+    combined = tmp_path / "combined.json"
+    gathered = _run(["--combine", str(out), str(single), "--out", str(combined), "--note", "n"], tmp_path)
+    assert gathered.returncode == 0, gathered.stderr[-2000:]
+    merged = json.loads(combined.read_text())
+    seed2 = json.loads(single.read_text())
+    assert merged["seeds"] == [0, 1, 2] and merged["complete"] and merged["note"] == "n"
+    assert merged["per_seed"][:2] == both["per_seed"]
+    assert merged["per_seed"][2]["heldout"] == seed2["heldout"] and merged["per_seed"][2]["seed"] == 2
+    finals = [s["heldout"]["stages"][1]["mean_return"] for s in merged["per_seed"]]
+    assert len(set(finals)) == 3
+    assert merged["aggregate"]["heldout_stages"][1]["mean"] == pytest.approx(np.mean(finals))
+    assert merged["aggregate"]["heldout_stages"][1]["ci95"] == pytest.approx(list(t_ci95(np.array(finals))))
+    assert [(x["file"], x["seeds"]) for x in merged["combined_from"]] == [(str(out), [0, 1]), (str(single), [2])]
+    assert combined.with_suffix(".png").stat().st_size > 1000
+
+    # Refused, naming what is wrong, with --out left as it was: other settings, another length, a seed twice
+    written = combined.read_bytes()
+    for change, message in ((lambda r: r["config"]["agent"].update(inner_lr=0.2), "agent.inner_lr 0.1 -> 0.2"),
+                            (lambda r: r.update(iterations=5), "ran 5 iterations, not 4"),
+                            (lambda r: r.update(seed=1), "seed 1 is in two files")):
+        bad = json.loads(single.read_text())
+        change(bad)
+        (tmp_path / "bad.json").write_text(json.dumps(bad))
+        refused = _run(["--combine", str(out), str(tmp_path / "bad.json"), "--out", str(combined)], tmp_path)
+        assert refused.returncode != 0 and message in refused.stderr, refused.stderr[-2000:]
+        assert combined.read_bytes() == written
+
 
 def _learning_module():
     import importlib.util

@@ -4,6 +4,7 @@ write the figures to a file.
     python experiments/benchmarks/learning.py CONFIG [key=value ...] --out experiments/results/NAME.json
     python experiments/benchmarks/learning.py CONFIG [key=value ...] --seeds 0 1 2 --out ...   # several seeds
     python experiments/benchmarks/learning.py --resume RUN_DIR iterations=N --out ...   # continue one run
+    python experiments/benchmarks/learning.py --combine A.json B.json ... --out ALL.json  # seeds run apart
 
 One seed writes the training curve (pre- and post-adaptation return per iteration), the held-out adaptation
 curve of the final policy (mean return and 95% bootstrap CI over tasks per adaptation stage), the held-out
@@ -25,6 +26,12 @@ per adaptation stage, the mean of the held-out curve over its last third (the ev
 ``--final-repeats R`` also evaluates each seed's final policy with R independent adaptations per held-out task,
 pooled (``metarl eval --repeats R``, into ``RUN_DIR/eval/<split>-repeats<R>/``): ``heldout_repeated`` per seed,
 ``heldout_repeated_stages`` over seeds. Seeds read back from an earlier file get it too, from their folders.
+
+``--combine`` gathers seeds trained by separate commands (single-seed or ``--seeds`` result files) into one
+multi-seed file with the same ``aggregate`` and PNG, no training: refused, naming the field, unless every file's
+resolved config is the same but for ``seed``, ``experiment`` and ``run_root`` (and the fields a resume may
+change), with the same number of iterations; a seed in two files is refused too. ``combined_from`` records each
+file with its seeds, overrides and note.
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ import numpy as np
 
 from metarl.config import RunConfig, load_config
 from metarl.evaluation import atomic_write, t_ci95
-from metarl.runfolder import config_changes, config_record
+from metarl.runfolder import ADDED_OPTIONS, MAY_CHANGE, config_changes, config_record, record_changes
 from metarl.training import load_run_config, read_eval_history, train
 
 
@@ -213,10 +220,16 @@ def main() -> None:
     parser.add_argument("--note", default="", help="free text stored with the result (e.g. what to compare with)")
     parser.add_argument("--final-repeats", type=int, default=1, metavar="R",
                         help="also evaluate the final policy with R independent adaptations per held-out task")
+    parser.add_argument("--combine", nargs="+", metavar="FILE",
+                        help="gather these result files' seeds (the same settings) into --out, without training")
     args = parser.parse_args()
     if args.final_repeats < 1:
         parser.error(f"--final-repeats must be >= 1, got {args.final_repeats}")
     out = Path(args.out)
+    if args.combine:
+        if args.config or args.overrides or args.seeds or args.resume or args.final_repeats > 1:
+            parser.error("--combine takes result files and --out (and --note) only")
+        return combine(args.combine, out, args.note)
     if args.seeds:
         if args.resume:
             parser.error("--seeds and --resume do not go together (rerun the --seeds command to resume)")
@@ -305,6 +318,66 @@ def multi_seed(args: argparse.Namespace, out: Path) -> None:
         print_repeated(f"seed {seed}", per_seed[-1].get("heldout_repeated"))
         write_multi(out, args, config, per_seed, complete=False)
     write_multi(out, args, config, per_seed, complete=True)
+    print_aggregate(per_seed)
+
+
+#: Config fields that may differ between the files `combine` gathers: where a seed ran, not what it ran.
+COMBINE_MAY_DIFFER = MAY_CHANGE | {"seed", "experiment", "run_root"}
+
+
+def combine(files: list[str], out: Path, note: str) -> None:
+    """Gather the seeds of several result files (the same settings, trained apart) into one multi-seed file."""
+    per_seed: list[dict[str, Any]] = []
+    sources: list[dict[str, Any]] = []
+    first: dict[str, Any] | None = None
+    for name in files:
+        try:
+            result = json.loads(Path(name).read_text())
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"--combine: cannot read {name}: {exc}") from None
+        if not isinstance(result, dict) or result.get("benchmark") != "learning" or "config" not in result:
+            raise SystemExit(f"--combine: {name} is not a learning.py result file")
+        seeds = result["per_seed"] if "per_seed" in result else [
+            {k: v for k, v in result.items() if k not in ("benchmark", "agent", "config", "overrides", "note")}]
+        if first is None:
+            first = result
+        else:
+            changes = record_changes(_with_added(first["config"]), _with_added(result["config"]), COMBINE_MAY_DIFFER)
+            if changes:
+                raise SystemExit(f"--combine: {name} ran other settings than {files[0]} ({'; '.join(changes)})")
+        for entry in seeds:
+            if per_seed and entry["iterations"] != per_seed[0]["iterations"]:
+                raise SystemExit(f"--combine: {name} seed {entry['seed']} ran {entry['iterations']} iterations, "
+                                 f"not {per_seed[0]['iterations']} as seed {per_seed[0]['seed']}")
+            if entry["seed"] in [s["seed"] for s in per_seed]:
+                raise SystemExit(f"--combine: seed {entry['seed']} is in two files (the second: {name})")
+            per_seed.append(entry)
+        sources.append({"file": name, "seeds": [s["seed"] for s in seeds], "overrides": result.get("overrides", []),
+                        "note": result.get("note", "")})
+    assert first is not None
+    seeds = [s["seed"] for s in per_seed]
+    result = {"benchmark": "learning", "agent": first["agent"], "config": {**first["config"], "seed": None},
+              "overrides": first.get("overrides", []), "note": note, "combined_from": sources, "seeds": seeds,
+              "complete": True, "per_seed": per_seed, "aggregate": aggregate(per_seed)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out, json.dumps(result, indent=2) + "\n")
+    plot(result, out.with_suffix(".png"))
+    print(f"seeds {seeds} from {len(files)} files written to {out}")
+    print_aggregate(per_seed)
+
+
+def _with_added(config: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a stored config with the options added since (`ADDED_OPTIONS`) at their old behaviour's value
+    where it lacks them: a file written before an option existed ran with that value."""
+    filled = json.loads(json.dumps(config))
+    agent = filled.get("agent")
+    if isinstance(agent, dict):
+        for option, value in ADDED_OPTIONS.get(agent.get("name"), {}).items():
+            agent.setdefault(option.split(".", 1)[1], value)
+    return filled
+
+
+def print_aggregate(per_seed: list[dict[str, Any]]) -> None:
     agg = aggregate(per_seed)
     print_stages(f"mean of {len(per_seed)} seeds", agg["heldout_stages"], key="mean")
     if agg["heldout_late_stages"]:
