@@ -44,6 +44,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "tasks_40": ("40 tasks per meta-batch", ["agent.tasks_per_batch=40"]),
     "inner_max_kl_5": ("inner step bounded to KL 5 per task", ["agent.inner_max_kl=5.0"]),
     "lvc": ("ProMP's LVC inner objective (the sampling term in the meta-gradient)", ["agent.inner_objective=lvc"]),
+    "fisher_subsample_4": ("curvature from every 4th episode (`fisher_subsample` 4; the meta-gradient exact)",
+                           ["agent.fisher_subsample=4"]),
     "l2l_combined": ("all of learn2learn's: mean, (100, 100) ReLU, line search x0.5, 40 tasks", L2L),
     "l2l_no_action_scale": ("learn2learn's as it is (the above with action scale 1)", [*L2L, "agent.action_scale=1.0"]),
 }
