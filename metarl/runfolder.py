@@ -168,6 +168,18 @@ ADDED_OPTIONS = {"maml_trpo": {  # since 2026-12-01
     "agent.inner_max_kl_grad": False, "agent.inner_objective": "log_prob"}}
 
 
+def with_added_options(config_dict: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a stored run config with the `ADDED_OPTIONS` of its agent that it lacks at their old behaviour's
+    value: a record written before an option existed ran with that value (to compare two such records
+    symmetrically; `record_changes` forgives them in its ``old`` record only)."""
+    filled = json.loads(json.dumps(config_dict))
+    agent = filled.get("agent")
+    if isinstance(agent, dict):
+        for option, value in ADDED_OPTIONS.get(agent.get("name"), {}).items():
+            agent.setdefault(option.split(".", 1)[1], value)
+    return filled
+
+
 class _Absent:
     def __repr__(self) -> str:
         return "(absent)"

@@ -46,7 +46,7 @@ import numpy as np
 
 from metarl.config import RunConfig, load_config
 from metarl.evaluation import atomic_write, t_ci95
-from metarl.runfolder import ADDED_OPTIONS, MAY_CHANGE, config_changes, config_record, record_changes
+from metarl.runfolder import MAY_CHANGE, config_changes, config_record, record_changes, with_added_options
 from metarl.training import load_run_config, read_eval_history, train
 
 
@@ -317,8 +317,7 @@ def multi_seed(args: argparse.Namespace, out: Path) -> None:
         print_late(f"seed {seed}", per_seed[-1]["heldout_late"])
         print_repeated(f"seed {seed}", per_seed[-1].get("heldout_repeated"))
         write_multi(out, args, config, per_seed, complete=False)
-    write_multi(out, args, config, per_seed, complete=True)
-    print_aggregate(per_seed)
+    print_aggregate(write_multi(out, args, config, per_seed, complete=True))
 
 
 #: Config fields that may differ between the files `combine` gathers: where a seed ran, not what it ran.
@@ -342,7 +341,8 @@ def combine(files: list[str], out: Path, note: str) -> None:
         if first is None:
             first = result
         else:
-            changes = record_changes(_with_added(first["config"]), _with_added(result["config"]), COMBINE_MAY_DIFFER)
+            changes = record_changes(with_added_options(first["config"]), with_added_options(result["config"]),
+                                     COMBINE_MAY_DIFFER)
             if changes:
                 raise SystemExit(f"--combine: {name} ran other settings than {files[0]} ({'; '.join(changes)})")
         for entry in seeds:
@@ -359,39 +359,32 @@ def combine(files: list[str], out: Path, note: str) -> None:
     result = {"benchmark": "learning", "agent": first["agent"], "config": {**first["config"], "seed": None},
               "overrides": first.get("overrides", []), "note": note, "combined_from": sources, "seeds": seeds,
               "complete": True, "per_seed": per_seed, "aggregate": aggregate(per_seed)}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(out, json.dumps(result, indent=2) + "\n")
-    plot(result, out.with_suffix(".png"))
+    save_multi(out, result)
     print(f"seeds {seeds} from {len(files)} files written to {out}")
-    print_aggregate(per_seed)
+    print_aggregate(result["aggregate"])
 
 
-def _with_added(config: dict[str, Any]) -> dict[str, Any]:
-    """A copy of a stored config with the options added since (`ADDED_OPTIONS`) at their old behaviour's value
-    where it lacks them: a file written before an option existed ran with that value."""
-    filled = json.loads(json.dumps(config))
-    agent = filled.get("agent")
-    if isinstance(agent, dict):
-        for option, value in ADDED_OPTIONS.get(agent.get("name"), {}).items():
-            agent.setdefault(option.split(".", 1)[1], value)
-    return filled
-
-
-def print_aggregate(per_seed: list[dict[str, Any]]) -> None:
-    agg = aggregate(per_seed)
-    print_stages(f"mean of {len(per_seed)} seeds", agg["heldout_stages"], key="mean")
+def print_aggregate(agg: dict[str, Any]) -> None:
+    n = len(agg["seeds"])
+    print_stages(f"mean of {n} seeds", agg["heldout_stages"], key="mean")
     if agg["heldout_late_stages"]:
-        print_stages(f"mean of {len(per_seed)} seeds, held-out curve's last third", agg["heldout_late_stages"],
-                     key="mean")
+        print_stages(f"mean of {n} seeds, held-out curve's last third", agg["heldout_late_stages"], key="mean")
     if agg["heldout_repeated_stages"]:
-        print_stages(f"mean of {len(per_seed)} seeds, final policy, {agg['heldout_repeats']} adaptations per task",
+        print_stages(f"mean of {n} seeds, final policy, {agg['heldout_repeats']} adaptations per task",
                      agg["heldout_repeated_stages"], key="mean")
 
 
-def write_multi(out: Path, args: argparse.Namespace, config: RunConfig, per_seed: list[dict], complete: bool) -> None:
+def write_multi(out: Path, args: argparse.Namespace, config: RunConfig, per_seed: list[dict],
+                complete: bool) -> dict[str, Any]:
+    """Write a multi-seed result file and its PNG; returns its aggregate."""
     result = {"benchmark": "learning", "agent": config.agent_name, "config": {**config.to_dict(), "seed": None},
               "overrides": args.overrides, "note": args.note, "seeds": args.seeds, "complete": complete,
               "per_seed": per_seed, "aggregate": aggregate(per_seed)}
+    save_multi(out, result)
+    return result["aggregate"]
+
+
+def save_multi(out: Path, result: dict[str, Any]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out, json.dumps(result, indent=2) + "\n")
     plot(result, out.with_suffix(".png"))
