@@ -335,7 +335,8 @@ class PEARLActor:
         assert self._nets is not None
         n, slots = self._shape
         o = np.ascontiguousarray(obs, np.float32).reshape(n * slots, -1)
-        out = self._nets[0](np.concatenate([o, self.z], 1))
+        # stacked [tasks, slots, ...]: each task's rows in products of one shape (see NumpyRecurrentPolicy.step)
+        out = self._nets[0](np.concatenate([o, self.z], 1).reshape(n, slots, -1)).reshape(n * slots, -1)
         mean, log_std = out[:, :self.act_dim], np.clip(out[:, self.act_dim:], LOG_STD_MIN, LOG_STD_MAX)
         if self.deterministic:
             u = mean

@@ -217,11 +217,11 @@ NUMPY_GRU_MAX_BATCH = 16
 
 
 def _gru_gates(gi: np.ndarray, gh: np.ndarray, h: np.ndarray, H: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One GRU step from the input and recurrent pre-activations ``gi``, ``gh`` ``[B, 3H]`` (PyTorch's gate order
-    r, z, n): returns (r and z ``[B, 2H]``, n ``[B, H]``, the new state ``[B, H]``)."""
-    rz = 0.5 + 0.5 * np.tanh(0.5 * (gi[:, :2 * H] + gh[:, :2 * H]))  # σ(u) = (1 + tanh(u/2)) / 2: no overflow
-    n = np.tanh(gi[:, 2 * H:] + rz[:, :H] * gh[:, 2 * H:])
-    return rz, n, n + rz[:, H:] * (h - n)  # h' = (1 - z) n + z h
+    """One GRU step from the input and recurrent pre-activations ``gi``, ``gh`` ``[..., 3H]`` (PyTorch's gate
+    order r, z, n): returns (r and z ``[..., 2H]``, n ``[..., H]``, the new state ``[..., H]``)."""
+    rz = 0.5 + 0.5 * np.tanh(0.5 * (gi[..., :2 * H] + gh[..., :2 * H]))  # σ(u) = (1 + tanh(u/2)) / 2: no overflow
+    n = np.tanh(gi[..., 2 * H:] + rz[..., :H] * gh[..., 2 * H:])
+    return rz, n, n + rz[..., H:] * (h - n)  # h' = (1 - z) n + z h
 
 
 class _GRUSequence(torch.autograd.Function):
@@ -375,7 +375,8 @@ class RL2Actor:
         inputs = make_inputs(o, self._prev_action, self._prev_reward, self._ended, self.obs_rms, self.reward_scale)
         if self.record_hidden:
             self.hidden_log.append(self._hidden.copy())
-        mean, self._hidden = self._model.step(inputs.numpy(), self._hidden)
+        mean, hidden = self._model.step(inputs.numpy().reshape(n, slots, -1), self._hidden.reshape(n, slots, -1))
+        mean, self._hidden = mean.reshape(n * slots, -1), hidden.reshape(n * slots, -1)
         if self.deterministic:
             action = mean
         else:
@@ -434,11 +435,15 @@ class NumpyRecurrentPolicy:
             return np.tanh(x @ w + b)
         o, a = self.obs_dim, self.act_dim
         (ws, bs), (wa, ba), (wr, br) = self.encoder
-        state = np.concatenate([x[:, :o], x[:, o + a + 1:]], 1)
-        return np.maximum(np.concatenate([state @ ws + bs, x[:, o:o + a] @ wa + ba, x[:, o + a:o + a + 1] @ wr + br], 1), 0)
+        state = np.concatenate([x[..., :o], x[..., o + a + 1:]], -1)
+        return np.maximum(np.concatenate([state @ ws + bs, x[..., o:o + a] @ wa + ba, x[..., o + a:o + a + 1] @ wr + br],
+                                         -1), 0)
 
     def step(self, x: np.ndarray, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``x [B, in]``, ``h [B, H]`` -> action means ``[B, act]``, new hidden ``[B, H]``."""
+        """``x [..., in]``, ``h [..., H]`` -> action means ``[..., act]``, new hidden ``[..., H]``. The actor passes
+        ``[tasks, slots, ...]``: numpy multiplies a stacked array slice by slice, so each task's rows go through
+        matrix products of one shape whichever tasks share the call (a flat ``[tasks * slots, in]`` product did
+        not: OpenBLAS's small-matrix kernels rounded a row differently for 15 rows and for 6)."""
         H = self.hidden_size
         gi = self.embed(x) @ self.w_ih + self.b_ih
         _, _, h = _gru_gates(gi, h @ self.w_hh + self.b_hh, h, H)

@@ -9,9 +9,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from metarl.agents.policies import GaussianActor, GaussianMLPPolicy
-from metarl.sampling import GymnasiumSampler, WorkerError
+from metarl.sampling import GymnasiumSampler, Sampler, WorkerError
 
 
 def test_batch_layout_and_bad_arguments():
@@ -103,3 +104,41 @@ def test_importing_metarl_makes_openmp_threads_sleep_unless_the_user_chose():
     out = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "ACTIVE"
+
+
+def _placement_actors(sampler):
+    """Each agent's sampling-side actor, as its training collects with it, on ``sampler``'s spaces."""
+    from metarl.agents.pearl import PEARL, PEARLActor, PEARLConfig
+    from metarl.agents.policies import batch_params
+    from metarl.agents.rl2 import RL2, RL2Config
+
+    obs_dim, act_dim = sampler.observation_space.shape[0], sampler.action_space.shape[0]
+    torch.manual_seed(0)
+    policy = GaussianMLPPolicy(obs_dim, act_dim, (32, 32))
+    # MAML-TRPO's adapted policies: a parameter set per task (perturbed, as an inner step leaves them)
+    adapted = {k: v + 0.05 * torch.randn_like(v) for k, v in batch_params(policy.params(), 5).items()}
+    rl2 = RL2(RL2Config(tasks_per_batch=5, trials_per_task=1, episodes_per_trial=3, hidden_size=32), sampler, seed=0)
+    pearl = PEARL(PEARLConfig(latent_dim=3, hidden=(32, 32), encoder_hidden=(32,)), sampler, seed=0)
+    low, high = sampler.action_space.low, sampler.action_space.high
+    return {"maml_trpo": (GaussianActor(policy.config, adapted, seed=5), 1),
+            "rl2": (rl2.actor(), 3),
+            "pearl": (PEARLActor(pearl.policy.state_dict(), pearl.encoder.state_dict(), act_dim, 3, low, high, seed=5,
+                                 infer=True), 3)}
+
+
+@pytest.mark.parametrize("agent", ["maml_trpo", "rl2", "pearl"])
+def test_a_tasks_actions_do_not_depend_on_the_tasks_beside_it(agent):
+    """The same batch in this process and split over 2 worker processes (3 tasks and 2), for every agent's
+    actor, number for number. HalfCheetah is the witness: an ulp of difference in one action parts its
+    trajectories within the episode. The placement promise rests on this (a chunk's numbers depend only on
+    its tasks and the seed), and it held on one CPU but not on another while the Gaussian actor multiplied
+    all tasks in one batched matmul, whose rows' rounding depended on how many tasks it held."""
+    kwargs = {"max_episode_steps": 40}
+    with Sampler("metarl/HalfCheetahVel-v0", kwargs, workers=0, backend="native") as local:
+        actor, trial = _placement_actors(local)[agent]
+        tasks = local.family.sample_tasks(5, "train", seed=1)
+        expected = local.sample(actor, tasks, 3, seed=11, episodes_per_trial=trial)
+    with Sampler("metarl/HalfCheetahVel-v0", kwargs, workers=2, backend="native") as split:
+        got = split.sample(actor, tasks, 3, seed=11, episodes_per_trial=trial)
+    for name in ("observations", "actions", "rewards", "mask", "terminated", "truncated"):
+        assert torch.equal(getattr(got, name), getattr(expected, name)), name
