@@ -70,17 +70,28 @@ def test_maml_adapts_to_a_goal_of_our_own(maml_run, tmp_path):
 
 def test_rl2_adapts_in_context_on_an_env_built_by_hand(rl2_run, tmp_path):
     """RL² carries its hidden state out of the adaptation trial: after one episode of context its next
-    episode beats its first; saved mid-trial and loaded, it continues the same."""
+    episode beats its first; saved mid-trial and loaded, it continues the same.
+
+    Judged over both sides, not one: a trained policy's first action leans to one side, and which side is
+    a matter of the seed and of the CPU's floating-point path (one side's first episode alone ran from -0.23
+    to -1.66 over seeds 0-2 here). Over both sides the first episode cannot beat -0.8 (its first action is the
+    same for d = +1 and d = -1, and |a - 0.8| + |a + 0.8| >= 1.6), whatever the machine; the second episode,
+    with the first one in memory, reached -0.03 to -0.11 (seeds 0-2, 1 and 2 threads, identical per seed).
+    """
+    firsts, seconds = [], []
     with mrl.load(rl2_run) as learner:
         env = gym.make("tests/HiddenSide-v0")
-        metarl.family_of(env).set_task(DirectionTask("HiddenSide", -1.0))
-        first = learner.adapt(env, steps=0).run_episodes(env, 1, seed=0, deterministic=True)[0]
-        adapted = learner.adapt(env, steps=1, seed=0)
-        path = adapted.save(tmp_path / "rl2.pt")
-        second = adapted.run_episodes(env, 1, seed=0, deterministic=True)[0]
-        assert second > first + 0.3, (first, second)
-        loaded = mrl.AdaptedPolicy.load(path)
-        assert loaded.run_episodes(env, 1, seed=0, deterministic=True)[0] == pytest.approx(second, abs=1e-6)
+        for side in (-1.0, 1.0):
+            metarl.family_of(env).set_task(DirectionTask("HiddenSide", side))
+            firsts.append(learner.adapt(env, steps=0).run_episodes(env, 1, seed=0, deterministic=True)[0])
+            adapted = learner.adapt(env, steps=1, seed=0)
+            path = adapted.save(tmp_path / f"rl2{side:+.0f}.pt")
+            seconds.append(adapted.run_episodes(env, 1, seed=0, deterministic=True)[0])
+            loaded = mrl.AdaptedPolicy.load(path)
+            assert loaded.run_episodes(env, 1, seed=0, deterministic=True)[0] == pytest.approx(seconds[-1], abs=1e-6)
+    first, second = np.mean(firsts), np.mean(seconds)
+    assert first <= -0.8 + 1e-6, firsts  # the bound above: no policy's first episode does better on average
+    assert second > -0.4, (firsts, seconds)  # memory of episode 1: at least half the unavoidable loss recovered
 
 
 def test_evaluate_writes_the_protocols_summary(maml_run):
