@@ -38,8 +38,8 @@ import torch
 
 from metarl.agents.baselines import LinearFeatureBaseline
 from metarl.agents.policies import GaussianActor, GaussianMLPPolicy, batch_params
+from metarl.agent import Agent, Collect
 from metarl.episodes import EpisodeBatch
-from metarl.evaluation import AdaptationResult
 from metarl.optim import (
     backtracking_line_search,
     conjugate_gradient,
@@ -49,7 +49,6 @@ from metarl.optim import (
 from metarl.returns import discounted_returns, gae, normalize
 from metarl.system import keep_freed_memory
 from metarl.tasks import Task
-from metarl.video import StageRollout
 
 Params = OrderedDict  # name -> tensor
 LEARN_INNER_LR = ("off", "per_tensor", "per_parameter")
@@ -189,11 +188,16 @@ class OuterBatch:
                                    old_dist=self.old_dist.episode_slice(index))
 
 
-class MAMLTRPO:
+class MAMLTRPO(Agent):
     """The MAML-TRPO agent. ``sampler`` collects episodes (see `metarl.sampling`)."""
 
     name = "maml_trpo"
     config_class = MAMLTRPOConfig
+    #: options added after checkpoints began recording their config (2026-12-01), at the value that keeps the
+    #: behaviour runs recorded before them had: their folders and bench cells still resume
+    added_options = {"log_prob_reduction": "sum", "action_scale": 1.0, "inner_max_kl": 0.0, "fisher_subsample": 1,
+                     "learn_inner_lr": "off", "inner_gae_lambda": None, "inner_max_kl_grad": False,
+                     "inner_objective": "log_prob"}
 
     def __init__(self, config: MAMLTRPOConfig, sampler: Any, seed: int = 0):
         keep_freed_memory()  # the update's large tensors would otherwise be page-faulted in afresh (metarl.system)
@@ -641,38 +645,28 @@ class MAMLTRPO:
             if stage < steps:
                 params, _ = self.adapt_bounded(params, batch, self.advantages(batch, inner=True))
 
-    def evaluate_adaptation(self, tasks: list[Task], steps: int, episodes: int, seed: int) -> AdaptationResult:
-        """Stage 0: E episodes with theta; stage k: E episodes after k gradient steps, each step using the
-        previous stage's episodes. Returns the mean return per task and stage."""
-        n = len(tasks)
-        returns, env_steps, within = [], [], []
-        consumed = 0.0
-        for _, _, batch in self._evaluation_stages(tasks, steps, episodes, seed):
-            returns.append(batch.returns.mean(1).numpy())
-            within.append(batch.binned_returns().mean(1).numpy())
-            env_steps.append(consumed)
-            consumed += batch.env_steps / n
-        return AdaptationResult(
-            tasks=list(tasks),
-            returns=np.stack(returns, axis=1),
-            adapt_episodes=[stage * episodes for stage in range(steps + 1)],
-            adapt_env_steps=env_steps,
-            within_episode=np.stack(within, axis=1),
-        )
+    def adaptation(self, tasks: list[Task], steps: int, episodes: int, seed: int, collect: Collect,
+                   final: bool = True) -> GaussianActor:
+        """The adaptation primitive (`metarl.agent.Agent`): stage 0, E episodes per task with theta; stage k,
+        E episodes after k gradient steps, each step on the previous stage's episodes (one ``collect`` call a
+        stage). Returns the actor after ``steps`` steps; without ``final`` its episodes are not collected and
+        it comes back started on one slot (deployment)."""
+        actor = None
+        for actor, _, _ in self._evaluation_stages(tasks, steps, episodes, seed, sample=collect, sample_last=final):
+            pass
+        if not final:
+            actor.start([0], 1)
+        return actor
 
-    def adaptation_rollouts(self, tasks: list[Task], steps: int, episodes: int, seed: int) -> list[StageRollout]:
-        """How `evaluate_adaptation` with the same arguments sampled each stage (its actor with the
-        per-task adapted parameters, and its seed), for `metarl.video` to replay. Runs the adaptation."""
-        return [StageRollout(actor, (k,), episodes, sample_seed)
-                for k, (actor, sample_seed, _) in enumerate(self._evaluation_stages(tasks, steps, episodes, seed))]
+    @classmethod
+    def save_actor(cls, actor: GaussianActor) -> dict[str, Any]:
+        return {"kind": "gaussian", "policy_config": dict(actor.policy_config), "seed": actor.seed,
+                "params": {k: torch.from_numpy(np.asarray(v)[0] if actor.batched else np.asarray(v))
+                           for k, v in actor.params.items()}}
 
-    def adapt_with(self, sample: Callable[..., EpisodeBatch], task: Any, steps: int, episodes: int,
-                   seed: int) -> GaussianActor:
-        """Deployment (`metarl.api`): the evaluation protocol's adaptation on one task whose episodes
-        ``sample(actor, [task], episodes, seed)`` collects; returns the actor after ``steps`` gradient steps,
-        started on one env slot, ready to act."""
-        stages = list(self._evaluation_stages([task], steps, episodes, seed, sample=sample, sample_last=False))
-        actor = stages[-1][0]
+    @classmethod
+    def load_actor(cls, state: dict[str, Any]) -> GaussianActor:
+        actor = GaussianActor(state["policy_config"], state["params"], seed=state["seed"])
         actor.start([0], 1)
         return actor
 

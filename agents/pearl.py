@@ -51,12 +51,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from metarl.agent import Agent, Collect
 from metarl.agents.policies import numpy_task_generators
 from metarl.episodes import EpisodeBatch
-from metarl.evaluation import AdaptationResult, trial_result
 from metarl.system import keep_freed_memory
 from metarl.tasks import Task, TaskError
-from metarl.video import StageRollout
 
 LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0  # the policy's log-std clamp (rlkit's, which the authors use)
 
@@ -401,7 +400,7 @@ def task_pool(family: Any, n: int, seed: int) -> list[Task]:
                     f"<= {len(pool)}")
 
 
-class PEARL:
+class PEARL(Agent):
     """The PEARL agent (see the module docstring)."""
 
     name = "pearl"
@@ -610,30 +609,34 @@ class PEARL:
         })
         return metrics
 
-    def evaluate_adaptation(self, tasks: list[Task], steps: int, episodes: int, seed: int) -> AdaptationResult:
-        """A trial of ``steps + 1`` episodes per held-out task, ``episodes`` trials each: z from the prior in
-        episode 0, then from the posterior of the trial's transitions so far; stage k is episode k."""
-        (plan,) = self.adaptation_rollouts(tasks, steps, episodes, seed)
-        batch = self.sampler.sample(plan.actor, tasks, plan.episodes, plan.seed, episodes_per_trial=steps + 1)
-        return trial_result(tasks, batch, episodes, steps + 1)
-
-    def adaptation_rollouts(self, tasks: list[Task], steps: int, episodes: int, seed: int) -> list[StageRollout]:
-        """How `evaluate_adaptation` samples (for `metarl.video`): one call, trials of ``steps + 1`` episodes."""
+    def adaptation(self, tasks: list[Task], steps: int, episodes: int, seed: int, collect: Collect,
+                   final: bool = True) -> PEARLActor:
+        """The adaptation primitive (`metarl.agent.Agent`): one ``collect`` call of ``episodes`` trials of
+        ``steps + 1`` episodes per task, z from the prior in episode 0, then from the posterior of the trial's
+        transitions so far; stage k is episode k. Without ``final`` (deployment on one env): ``steps`` context
+        episodes in one trial, the returned actor carrying its context and posterior z on (``episodes`` unused);
+        ``steps=0``: z from the prior, started on one slot."""
         rng = np.random.default_rng(seed)
         actor = self.actor(infer=True, deterministic=self.config.deterministic_eval, seed=int(rng.integers(2**31 - 1)))
-        return [StageRollout(actor, tuple(range(steps + 1)), episodes * (steps + 1), int(rng.integers(2**31 - 1)))]
-
-    def adapt_with(self, sample: Any, task: Any, steps: int, episodes: int, seed: int) -> PEARLActor:
-        """Deployment (`metarl.api`): ``steps`` context episodes of one task collected by
-        ``sample(actor, [task], steps, seed, episodes_per_trial=steps)`` (z re-inferred after each); returns
-        the actor, its context and posterior z carried on (``episodes`` is MAML's: unused). With ``steps=0``,
-        z from the prior, started on one env slot."""
-        rng = np.random.default_rng(seed)
-        actor = self.actor(infer=True, deterministic=self.config.deterministic_eval, seed=int(rng.integers(2**31 - 1)))
-        if steps > 0:
-            sample(actor, [task], steps, int(rng.integers(2**31 - 1)), episodes_per_trial=steps)
+        K, trials = (steps + 1, episodes) if final else (steps, 1)
+        if K > 0:
+            collect(actor, tasks, trials * K, int(rng.integers(2**31 - 1)), episodes_per_trial=K)
         else:
             actor.start([0], 1)
+        return actor
+
+    @classmethod
+    def save_actor(cls, actor: PEARLActor) -> dict[str, Any]:
+        return {"kind": "pearl", "policy": dict(actor.policy), "encoder": dict(actor.encoder or {}),
+                "act_dim": actor.act_dim, "latent_dim": actor.latent_dim, "low": torch.from_numpy(actor.low),
+                "high": torch.from_numpy(actor.high), "seed": actor.seed, **actor.context()}
+
+    @classmethod
+    def load_actor(cls, state: dict[str, Any]) -> PEARLActor:
+        actor = PEARLActor(state["policy"], state["encoder"], state["act_dim"], state["latent_dim"],
+                           state["low"].numpy(), state["high"].numpy(), seed=state["seed"], infer=True)
+        actor.start([0], 1)
+        actor.set_context(state)
         return actor
 
     def state_dict(self) -> dict[str, Any]:

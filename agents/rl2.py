@@ -29,13 +29,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from metarl.agent import Agent, Collect
 from metarl.agents.policies import DiagGaussian, numpy_task_generators
 from metarl.episodes import EpisodeBatch
-from metarl.evaluation import AdaptationResult, trial_result
 from metarl.returns import discounted_returns, gae
 from metarl.system import keep_freed_memory
 from metarl.tasks import Task, TaskError
-from metarl.video import StageRollout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -502,7 +501,7 @@ def to_trials(batch: EpisodeBatch, episodes_per_trial: int) -> Trials:
     return Trials(obs_ext, actions, rewards, m, prev_action, prev_reward, ended, lengths, last_truncated)
 
 
-class RL2:
+class RL2(Agent):
     """The RL²-PPO agent (see the module docstring)."""
 
     name = "rl2"
@@ -660,34 +659,38 @@ class RL2:
         })
         return metrics
 
-    def evaluate_adaptation(self, tasks: list[Task], steps: int, episodes: int, seed: int) -> AdaptationResult:
-        """A trial of ``steps + 1`` episodes per held-out task, ``episodes`` trials each; stage k is the
-        return of episode k of the trial (it has seen k episodes of the task before)."""
-        K = steps + 1
-        (plan,) = self.adaptation_rollouts(tasks, steps, episodes, seed)
-        batch = self.sampler.sample(plan.actor, tasks, plan.episodes, plan.seed, episodes_per_trial=K)
-        return trial_result(tasks, batch, episodes, K)
-
-    def adaptation_rollouts(self, tasks: list[Task], steps: int, episodes: int, seed: int) -> list[StageRollout]:
-        """How `evaluate_adaptation` with the same arguments samples (for `metarl.video` to replay): one call
-        of ``episodes`` trials of ``steps + 1`` episodes per task, episode k of a trial being stage k."""
+    def adaptation(self, tasks: list[Task], steps: int, episodes: int, seed: int, collect: Collect,
+                   final: bool = True) -> RL2Actor:
+        """The adaptation primitive (`metarl.agent.Agent`): one ``collect`` call of ``episodes`` trials of
+        ``steps + 1`` episodes per task, episode k of a trial being stage k (it has seen k episodes of the task
+        before). Without ``final`` (deployment on one env): one trial of ``steps`` episodes, the returned actor
+        carrying its hidden state on from the trial's end (``episodes`` unused); ``steps=0``: a fresh trial,
+        started on one slot."""
         rng = np.random.default_rng(seed)
         actor = RL2Actor(self.model.config, self.model.state_dict(), self._frozen_obs_rms(), self.input_reward_scale,
                          seed=int(rng.integers(2**31 - 1)))
-        return [StageRollout(actor, tuple(range(steps + 1)), episodes * (steps + 1), int(rng.integers(2**31 - 1)))]
-
-    def adapt_with(self, sample: Any, task: Any, steps: int, episodes: int, seed: int) -> RL2Actor:
-        """Deployment (`metarl.api`): a trial of ``steps`` episodes of one task collected by
-        ``sample(actor, [task], steps, seed, episodes_per_trial=steps)``; returns the actor, its hidden state
-        carried to the end of that trial, to act on from there (``episodes`` is MAML's: unused); with
-        ``steps=0`` a fresh trial, started on one env slot."""
-        rng = np.random.default_rng(seed)
-        actor = RL2Actor(self.model.config, self.model.state_dict(), self._frozen_obs_rms(), self.input_reward_scale,
-                         seed=int(rng.integers(2**31 - 1)))
-        if steps > 0:
-            sample(actor, [task], steps, int(rng.integers(2**31 - 1)), episodes_per_trial=steps)
+        K, trials = (steps + 1, episodes) if final else (steps, 1)
+        if K > 0:
+            collect(actor, tasks, trials * K, int(rng.integers(2**31 - 1)), episodes_per_trial=K)
         else:
             actor.start([0], 1)
+        return actor
+
+    @classmethod
+    def save_actor(cls, actor: RL2Actor) -> dict[str, Any]:
+        rms = None if actor.obs_rms is None else actor.obs_rms.state()
+        return {"kind": "rl2", "model_config": dict(actor.model_config), "state_dict": dict(actor.state_dict),
+                "obs_rms": rms, "reward_scale": actor.reward_scale, "seed": actor.seed, **actor.context()}
+
+    @classmethod
+    def load_actor(cls, state: dict[str, Any]) -> RL2Actor:
+        rms = None
+        if state["obs_rms"] is not None:
+            rms = RunningMeanStd(tuple(state["obs_rms"]["mean"].shape))
+            rms.load(state["obs_rms"])
+        actor = RL2Actor(state["model_config"], state["state_dict"], rms, state["reward_scale"], seed=state["seed"])
+        actor.start([0], 1)
+        actor.set_context(state)
         return actor
 
     def _value_loss(self, value: torch.Tensor, old_value: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -220,7 +220,7 @@ class AdaptedPolicy:
         buffer = io.BytesIO()
         torch.save({"format": 1, "agent": self.agent, "adapted_steps": self.adapted_steps,
                     "low": torch.from_numpy(self.low), "high": torch.from_numpy(self.high),
-                    "actor": _actor_state(self._actor)}, buffer)
+                    "actor": _agent(self.agent).save_actor(self._actor)}, buffer)
         atomic_write(Path(path), buffer.getvalue())
         return Path(path)
 
@@ -230,7 +230,7 @@ class AdaptedPolicy:
         starts again from its seed)."""
         try:
             state = torch.load(Path(path), weights_only=True)
-            actor = _actor_from_state(state["actor"])
+            actor = _agent(state["agent"]).load_actor(state["actor"])
             return AdaptedPolicy(actor, state["low"].numpy(), state["high"].numpy(), state["agent"],
                                  state["adapted_steps"])
         except Exception as exc:  # a file that is not one fails in many ways (zip, pickle, index, key errors)
@@ -275,48 +275,7 @@ def _task_of(env: gym.Env) -> Any:
         return None  # any env will do; episodes of an env that is not a family carry no task
 
 
-def _actor_state(actor: Any) -> dict[str, Any]:
-    from metarl.agents.pearl import PEARLActor
-    from metarl.agents.policies import GaussianActor
-    from metarl.agents.rl2 import RL2Actor
+def _agent(name: str) -> Any:
+    from metarl.agent import get_agent
 
-    if isinstance(actor, GaussianActor):
-        return {"kind": "gaussian", "policy_config": dict(actor.policy_config), "seed": actor.seed,
-                "params": {k: torch.from_numpy(np.asarray(v)[0] if actor.batched else np.asarray(v))
-                           for k, v in actor.params.items()}}
-    if isinstance(actor, RL2Actor):
-        rms = None if actor.obs_rms is None else actor.obs_rms.state()
-        return {"kind": "rl2", "model_config": dict(actor.model_config), "state_dict": dict(actor.state_dict),
-                "obs_rms": rms, "reward_scale": actor.reward_scale, "seed": actor.seed, **actor.context()}
-    if isinstance(actor, PEARLActor):
-        return {"kind": "pearl", "policy": dict(actor.policy), "encoder": dict(actor.encoder or {}),
-                "act_dim": actor.act_dim, "latent_dim": actor.latent_dim, "low": torch.from_numpy(actor.low),
-                "high": torch.from_numpy(actor.high), "seed": actor.seed, **actor.context()}
-    raise TypeError(f"cannot save an adapted {type(actor).__name__}")
-
-
-def _actor_from_state(state: dict[str, Any]) -> Any:
-    from metarl.agents.pearl import PEARLActor
-    from metarl.agents.policies import GaussianActor
-    from metarl.agents.rl2 import RL2Actor, RunningMeanStd
-
-    if state["kind"] == "gaussian":
-        actor = GaussianActor(state["policy_config"], state["params"], seed=state["seed"])
-        actor.start([0], 1)
-        return actor
-    if state["kind"] == "rl2":
-        rms = None
-        if state["obs_rms"] is not None:
-            rms = RunningMeanStd(tuple(state["obs_rms"]["mean"].shape))
-            rms.load(state["obs_rms"])
-        actor = RL2Actor(state["model_config"], state["state_dict"], rms, state["reward_scale"], seed=state["seed"])
-        actor.start([0], 1)
-        actor.set_context(state)
-        return actor
-    if state["kind"] == "pearl":
-        actor = PEARLActor(state["policy"], state["encoder"], state["act_dim"], state["latent_dim"],
-                           state["low"].numpy(), state["high"].numpy(), seed=state["seed"], infer=True)
-        actor.start([0], 1)
-        actor.set_context(state)
-        return actor
-    raise ValueError(f"unknown adapted policy kind {state['kind']!r}")
+    return get_agent(name)

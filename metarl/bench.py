@@ -72,11 +72,9 @@ from metarl.evaluation import atomic_write, grouped_bootstrap_ci, iqm, plot_curv
 from metarl.runfolder import record_changes
 from metarl.tasks import TaskError, episode_limit
 
-#: method name -> (kind, algorithm); kind "meta" runs metarl's own agent of that name.
-METHODS: dict[str, tuple[str, str]] = {
-    "maml_trpo": ("meta", "maml_trpo"),
-    "rl2": ("meta", "rl2"),
-    "pearl": ("meta", "pearl"),
+#: baseline method name -> (kind, algorithm); every other method is a meta-learner, an agent of the registry
+#: (`metarl.agent`: the built-in ones and any a suite's ``imports`` register), run by its name.
+BASELINES: dict[str, tuple[str, str]] = {
     "ppo_scratch": ("scratch", "ppo"),
     "sac_scratch": ("scratch", "sac"),
     "ppo_multitask": ("multitask", "ppo"),
@@ -84,6 +82,27 @@ METHODS: dict[str, tuple[str, str]] = {
     "oracle": ("oracle", "ppo"),
     "random": ("random", "none"),
 }
+
+
+def method_names() -> list[str]:
+    """Every method a suite may list: the registered agents, then the baselines."""
+    from metarl.agent import agent_names
+
+    return [*agent_names(), *BASELINES]
+
+
+def method_kind(method: str) -> tuple[str, str]:
+    """``(kind, algorithm)`` of a method: ``("meta", agent name)`` for an agent, a baseline's own otherwise;
+    ConfigError if it is neither."""
+    from metarl.agent import agent_names
+
+    if method in BASELINES:
+        return BASELINES[method]
+    if method in agent_names():
+        return "meta", method
+    raise ConfigError(f"methods.{method}: unknown method; available: {', '.join(method_names())} (for an agent of your "
+                      "own, name the module that registers it in the suite's imports: or with --import)")
+
 
 #: Published results (REFERENCE.md) shown beside ours when the family and horizon match. Returns are
 #: only comparable at the same horizon and reward constants; the budgets are the anchors', not ours.
@@ -171,7 +190,7 @@ def _mapping(value: Any, where: str) -> dict:
 
 
 def _method_options(method: str, options: dict, where: str) -> dict:
-    kind = METHODS[method][0]
+    kind = method_kind(method)[0]
     allowed = _META_OPTIONS if kind == "meta" else _BASELINE_OPTIONS
     unknown = sorted(set(options) - set(allowed))
     if unknown:
@@ -222,10 +241,9 @@ def load_suite(path: str | Path | None, data: dict | None = None, out: str | Pat
     if not families:
         raise ConfigError("families: list at least one task family (e.g. families: {PointNav2D: {}})")
     if not methods:
-        raise ConfigError(f"methods: list at least one method ({', '.join(METHODS)})")
+        raise ConfigError(f"methods: list at least one method ({', '.join(method_names())})")
     for method in methods:
-        if method not in METHODS:
-            raise ConfigError(f"methods.{method}: unknown method; available: {', '.join(METHODS)}")
+        method_kind(method)
     cells, horizons = [], {}
     for family, fam_opts in families.items():
         where = f"families.{family}"
@@ -272,7 +290,7 @@ def load_suite(path: str | Path | None, data: dict | None = None, out: str | Pat
             _check_method(family, method, options, env_kwargs, protocol, at, base, suite_imports)
             for seed in seeds:
                 resolved = None
-                if METHODS[method][0] == "meta":
+                if method_kind(method)[0] == "meta":
                     resolved = meta_config(family, method, options, env_kwargs, protocol, seed, at, base,
                                            suite_imports).to_dict()
                 cells.append(Cell(family, method, seed, dict(env_kwargs), protocol, options, resolved,
@@ -287,7 +305,7 @@ def load_suite(path: str | Path | None, data: dict | None = None, out: str | Pat
 
 def _check_method(family: str, method: str, options: dict, env_kwargs: dict, protocol: EvalConfig,
                   where: str, base: Path | None = None, imports: tuple[str, ...] = ()) -> None:
-    kind, algo = METHODS[method]
+    kind, algo = method_kind(method)
     if kind == "meta":
         meta_config(family, method, options, env_kwargs, protocol, 0, where, base, imports)
         return
@@ -297,8 +315,19 @@ def _check_method(family: str, method: str, options: dict, env_kwargs: dict, pro
         raise ConfigError(f"{where}: {exc}") from exc
 
 
+#: the module of the Stable-Baselines3 baselines, loaded where a baseline cell is checked or run (the core
+#: imports no agent module; the baselines are found here as the agents are through their registry)
+BASELINES_MODULE = "metarl.agents.sb3_baselines"
+
+
+def _baselines() -> Any:
+    import importlib
+
+    return importlib.import_module(BASELINES_MODULE)
+
+
 def _baseline_spec(kind: str, algo: str, options: dict):
-    from metarl.agents.sb3_baselines import BaselineSpec
+    BaselineSpec = _baselines().BaselineSpec
 
     opts = dict(options)
     if "extra_episodes" in opts:
@@ -353,7 +382,7 @@ def cell_dir(suite: Suite, cell: Cell) -> Path:
 def _spec_changes(stored: Any, cell: Cell) -> str | None:
     """How a cell's recorded spec differs from the one the suite now gives, in a few words, or None if it
     does not (options added to the run config since it was recorded, at their old behaviour's value, are no
-    difference: `ADDED_OPTIONS`)."""
+    difference: `metarl.runfolder.added_options`)."""
     if not isinstance(stored, dict):
         return f"spec {stored!r}"
     changes = record_changes(stored, cell.spec(), config_at="config.")
@@ -388,7 +417,7 @@ def run_cell(suite: Suite, cell: Cell, log: Callable[[str], None] = print, verbo
     """Run one cell and write its ``cell.json``; returns the stored record."""
     folder = cell_dir(suite, cell)
     folder.mkdir(parents=True, exist_ok=True)
-    kind, algo = METHODS[cell.method]
+    kind, algo = method_kind(cell.method)
     start = time.perf_counter()
     if kind == "meta":
         from metarl.training import train
@@ -411,7 +440,7 @@ def run_cell(suite: Suite, cell: Cell, log: Callable[[str], None] = print, verbo
         cost = {"pretrain_env_steps": int(summary["env_steps"]),
                 "adapt_env_steps_per_task": float(summary["stages"][-1]["adapt_env_steps"])}
     else:
-        from metarl.agents.sb3_baselines import run_baseline
+        run_baseline = _baselines().run_baseline
         from metarl.training import eval_tasks
 
         env = metarl.make_family(cell.family, **cell.env_kwargs)
@@ -646,5 +675,5 @@ def write_report(suite: Suite) -> Path:
     return report
 
 
-__all__ = ["METHODS", "PUBLISHED", "Cell", "Suite", "aggregate", "load_suite", "meta_config", "run_cell", "run_suite",
+__all__ = ["BASELINES", "PUBLISHED", "Cell", "Suite", "aggregate", "load_suite", "meta_config", "run_cell", "run_suite",
            "write_report"]

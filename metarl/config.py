@@ -34,21 +34,14 @@ class ConfigError(ValueError):
     """A malformed config: the message names the field and what was expected."""
 
 
-AGENTS: dict[str, str] = {
-    # name -> "module:Class"; the class has `config_class` (a frozen dataclass) and the agent protocol.
-    "maml_trpo": "metarl.agents.maml_trpo:MAMLTRPO",
-    "rl2": "metarl.agents.rl2:RL2",
-    "pearl": "metarl.agents.pearl:PEARL",
-}
-
-
 def agent_class(name: str) -> Any:
-    import importlib
+    """The agent class registered as ``name`` (`metarl.agent.get_agent`); ConfigError naming ``agent.name``."""
+    from metarl.agent import AgentError, get_agent
 
-    if name not in AGENTS:
-        raise ConfigError(f"agent.name: unknown agent {name!r}; available: {', '.join(sorted(AGENTS))}")
-    module, cls = AGENTS[name].split(":")
-    return getattr(importlib.import_module(module), cls)
+    try:
+        return get_agent(name)
+    except AgentError as exc:
+        raise ConfigError(f"agent.name: {exc}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -358,7 +351,8 @@ def load_config(path: str | Path | None, overrides: list[str] = (), data: dict[s
         raise ConfigError("agent: expected a mapping with a 'name' (e.g. agent: {name: maml_trpo, ...})")
     agent = dict(agent)
     name = agent.pop("name")
-    cls = agent_class(name)
+    base = Path(path).resolve().parent if path is not None else None
+    cls = _agent_class_after_imports(name, data, base)
     agent_config = build(cls.config_class, agent, "agent")
     for required in ("experiment", "env"):
         if required not in data:
@@ -375,8 +369,26 @@ def load_config(path: str | Path | None, overrides: list[str] = (), data: dict[s
     if not config.experiment.strip() or experiment.is_absolute() or ".." in experiment.parts:
         raise ConfigError(f"experiment: expected a relative name inside run_root (e.g. maml_trpo/point_nav_2d), "
                           f"got {config.experiment!r}")
-    base = Path(path).resolve().parent if path is not None else None
     return dataclasses.replace(config, imports=resolve_imports(config.imports, base, config.env))
+
+
+def _agent_class_after_imports(name: Any, data: dict[str, Any], base: Path | None) -> Any:
+    """The agent class of ``agent.name``; an agent not registered yet may be registered by the config's own
+    ``imports`` (a user's agent module), which are then imported first."""
+    from metarl.agent import agent_names
+
+    if not isinstance(name, str):
+        raise ConfigError(f"agent.name: expected a string, got {name!r}")
+    imports = data.get("imports") or []
+    if name not in agent_names() and isinstance(imports, (list, tuple)) and imports:
+        from metarl.plugins import load
+        from metarl.tasks import TaskError
+
+        try:
+            load(resolve_imports(tuple(imports), base, data.get("env") if isinstance(data.get("env"), str) else None))
+        except TaskError as exc:
+            raise ConfigError(f"imports: {exc}") from exc
+    return agent_class(name)
 
 
 def resolve_imports(imports: Any, base: Path | None, env: str | None = None, where: str = "imports") -> tuple[str, ...]:

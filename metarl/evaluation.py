@@ -49,31 +49,11 @@ class AdaptationResult:
     reward_terms: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # name -> [n_tasks, n_stages]
 
 
-def trial_result(tasks: list[Task], batch: Any, trials: int, K: int) -> AdaptationResult:
-    """The result of agents that adapt within a trial (RL², PEARL): ``batch`` holds ``trials`` trials of ``K``
-    episodes per task (episode ``m * K + k`` is episode k of trial m) and stage k is episode k of every trial,
-    after the k episodes of the task before it."""
-    import torch
-
-    n = len(tasks)
-    returns = batch.returns.reshape(n, trials, K)
-    lengths = batch.lengths.reshape(n, trials, K)
-    before = torch.cat([torch.zeros(n, trials, 1), torch.cumsum(lengths, -1)[..., :-1]], -1)
-    within = batch.binned_returns()  # [n, trials * K, bins]
-    return AdaptationResult(
-        tasks=list(tasks),
-        returns=returns.mean(1).numpy(),
-        adapt_episodes=list(range(K)),
-        adapt_env_steps=[float(x) for x in before.mean((0, 1))],
-        within_episode=within.reshape(n, trials, K, -1).mean(1).numpy(),
-    )
-
-
 def stage_metrics(records: list[Any], n_stages: int, returns: np.ndarray | None = None
                   ) -> tuple[np.ndarray | None, dict[str, np.ndarray]] | None:
     """Success and reward terms ``[n_tasks, n_stages]`` (means over each stage's episodes) from the sampler calls
     of an evaluation or a training iteration (`metarl.sampling.SampleRecord`, in call order). Stages are taken
-    in call order, as `metarl.video.StageRollout` describes them: a call with K episodes per trial holds the
+    in call order, as `metarl.agent.StageRollout` describes them: a call with K episodes per trial holds the
     next K stages, episode ``e`` of it at stage ``offset + e % K`` (MAML: one call per stage; RL²: one call,
     stage k = episode k of each trial). None if the calls do not hold exactly ``n_stages`` stages, or (given
     ``returns``, ``[n_tasks, n_stages]``) if their returns are not those: then the calls were something else."""

@@ -30,6 +30,7 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
+from metarl.agent import AgentError
 from metarl.tasks import TaskError
 
 _LOADED: list[str] = []  # resolved entries imported in this process, in order (the workers import them too)
@@ -133,7 +134,7 @@ def _load_one(entry: str) -> str:
         raise TaskError(f"cannot import {entry!r}: {exc}") from exc
     except SyntaxError as exc:
         raise TaskError(f"cannot import {entry!r}: {exc.filename}:{exc.lineno}: {exc.msg}") from exc
-    except (ImportError, TaskError) as exc:  # e.g. a task class under a name already taken
+    except (ImportError, TaskError, AgentError) as exc:  # e.g. a task class or an agent under a name already taken
         raise TaskError(f"cannot import {entry!r}: {' '.join(str(exc).split())}") from exc
     got = getattr(module, "__file__", None)
     if file is not None and (got is None or os.path.realpath(got) != os.path.realpath(file)):

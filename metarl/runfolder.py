@@ -159,23 +159,30 @@ MAY_CHANGE = frozenset({"sampler.workers", "sampler.placement", "sampler.address
                         "sampler.retries", "sampler.timeout"})
 
 
-#: Options added to an agent after runs were recorded, by agent name, with the value that keeps the behaviour
-#: those runs had: a record without the field matches a config of that agent holding that value, so older run
-#: folders still resume. Scoped by agent: another agent's option of the same name may have another old value.
-ADDED_OPTIONS = {"maml_trpo": {  # since 2026-12-01
-    "agent.log_prob_reduction": "sum", "agent.action_scale": 1.0, "agent.inner_max_kl": 0.0,
-    "agent.fisher_subsample": 1, "agent.learn_inner_lr": "off", "agent.inner_gae_lambda": None,
-    "agent.inner_max_kl_grad": False, "agent.inner_objective": "log_prob"}}
+def added_options(agent_name: Any) -> dict[str, Any]:
+    """Options added to an agent after runs were recorded (its class's ``added_options``, as ``agent.<option>``
+    keys), with the value that keeps the behaviour those runs had: a record without the field matches a config of
+    that agent holding that value, so older run folders still resume. Scoped by agent: another agent's option of
+    the same name may have another old value. An agent that is not registered has none."""
+    from metarl.agent import AgentError, get_agent
+
+    if not isinstance(agent_name, str):
+        return {}
+    try:
+        cls = get_agent(agent_name)
+    except AgentError:
+        return {}
+    return {f"agent.{k}": v for k, v in cls.added_options.items()}
 
 
 def with_added_options(config_dict: dict[str, Any]) -> dict[str, Any]:
-    """A copy of a stored run config with the `ADDED_OPTIONS` of its agent that it lacks at their old behaviour's
+    """A copy of a stored run config with the `added_options` of its agent that it lacks at their old behaviour's
     value: a record written before an option existed ran with that value (to compare two such records
     symmetrically; `record_changes` forgives them in its ``old`` record only)."""
     filled = json.loads(json.dumps(config_dict))
     agent = filled.get("agent")
     if isinstance(agent, dict):
-        for option, value in ADDED_OPTIONS.get(agent.get("name"), {}).items():
+        for option, value in added_options(agent.get("name")).items():
             agent.setdefault(option.split(".", 1)[1], value)
     return filled
 
@@ -190,14 +197,14 @@ _ABSENT = _Absent()  # a field one record lacks: it differs from any value, None
 
 def record_changes(old: Any, new: Any, may_change: frozenset[str] = frozenset(), config_at: str = "") -> list[str]:
     """The dotted fields whose value differs between two records of JSON values, as ``"field old -> new"``,
-    but the fields in ``may_change``, and `ADDED_OPTIONS` (a run config's fields, found under ``config_at``)
+    but the fields in ``may_change``, and `added_options` (a run config's fields, found under ``config_at``)
     absent from ``old`` and at their old behaviour's value in ``new`` (for the agent ``new`` names)."""
     out: list[str] = []
     config = new
     for part in config_at.split(".")[:-1]:
         config = config.get(part) if isinstance(config, dict) else None
     agent = config.get("agent") if isinstance(config, dict) else None
-    added = ADDED_OPTIONS.get(agent.get("name"), {}) if isinstance(agent, dict) else {}
+    added = added_options(agent.get("name")) if isinstance(agent, dict) else {}
 
     def walk(a: Any, b: Any, where: str) -> None:
         if isinstance(a, dict) and isinstance(b, dict):
@@ -216,7 +223,7 @@ def record_changes(old: Any, new: Any, may_change: frozenset[str] = frozenset(),
 
 def config_changes(stored: str, config_dict: dict[str, Any]) -> list[str]:
     """The dotted fields whose value differs between a checkpoint's config record and ``config_dict``
-    (but `MAY_CHANGE`, and `ADDED_OPTIONS` absent from the record and at their old behaviour's value)."""
+    (but `MAY_CHANGE`, and `added_options` absent from the record and at their old behaviour's value)."""
     return record_changes(json.loads(stored), json.loads(config_record(config_dict)), MAY_CHANGE)
 
 

@@ -14,10 +14,8 @@ Run folder (nothing a run writes goes elsewhere)::
                               evaluation); history.jsonl (every evaluation made during training)
         eval/<split>/video/   task<j>_before|after|before_after.gif (metarl eval --video)
 
-The loop talks to agents through a small protocol: ``train_step(tasks) -> metrics``,
-``evaluate_adaptation(tasks, steps, episodes, seed) -> AdaptationResult``, ``state_dict()``,
-``load_state_dict()``, ``env_steps``, ``iteration`` and ``config.tasks_per_batch``; videos also need
-``adaptation_rollouts(tasks, steps, episodes, seed) -> list[metarl.video.StageRollout]``.
+The loop talks to agents through the agent protocol (`metarl.agent.Agent`) and finds them through its
+registry (`metarl.agent.get_agent`), never by importing one.
 """
 
 from __future__ import annotations
@@ -101,8 +99,7 @@ def build_agent(config: RunConfig):
     except TaskError as exc:  # e.g. an agent that cannot run on this env's spaces
         sampler.close()
         raise ConfigError(f"agent: {exc}") from exc
-    if hasattr(agent, "set_total_iterations"):
-        agent.set_total_iterations(config.iterations)
+    agent.set_total_iterations(config.iterations)
     return sampler, agent
 
 
@@ -383,9 +380,6 @@ def render_run(agent: Any, config: RunConfig, run_dir: Path, split: str, tasks: 
     ``RUN_DIR/eval/<split>/video/`` and TensorBoard (``eval/<split>/video/task<j>``, x = env steps)."""
     from metarl.video import VideoError, check_renderable, write_videos
 
-    if not hasattr(agent, "adaptation_rollouts"):
-        raise VideoError(f"agent {config.agent_name!r} cannot replay its evaluation (no adaptation_rollouts); "
-                         "videos are not available for it")
     if steps < 1:
         raise VideoError("a video needs at least one adaptation stage (--steps >= 1) to show before and after")
     check_renderable(agent.sampler.env_id, agent.sampler.env_kwargs)  # before the adaptation, which takes time
@@ -540,8 +534,10 @@ def _train_locked(config: RunConfig, run_dir: Path, resume: bool, verbose: bool,
             task_seed = int(np.random.SeedSequence([config.seed, it]).generate_state(1)[0])
             tasks = family.sample_tasks(n_tasks, "train", seed=task_seed)
             fault_point("iteration")
+            steps_before, t_it = agent.env_steps, time.perf_counter()
             with sampler.recording() as calls:
                 metrics = agent.train_step(tasks)
+            it_rate = (agent.env_steps - steps_before) / max(time.perf_counter() - t_it, 1e-9)
             metrics.update(episode_scalars(calls))  # meta/success_rate_stage{k}, meta/reward_<term>_stage{k}
             for key, value in metrics.items():
                 if not np.isfinite(value):
@@ -556,12 +552,13 @@ def _train_locked(config: RunConfig, run_dir: Path, resume: bool, verbose: bool,
             if verbose:
                 done_its = it + 1 - start
                 per_it = (time.perf_counter() - t_start) / done_its
+                # the training batch's return before and after adaptation, where the agent reports them
+                returns = "".join(f"{label} {metrics[key]:.1f} " for label, key in (
+                    ("pre", "meta/return_pre_adaptation"), ("post", "meta/return_post_adaptation")) if key in metrics)
                 print(
-                    f"[{it + 1}/{config.iterations}] {agent.env_steps / 1e6:.2f}M steps | "
-                    f"{metrics.get('time/env_steps_per_s', 0):,.0f} steps/s | "
-                    f"pre {metrics.get('meta/return_pre_adaptation', float('nan')):.1f} "
-                    f"post {metrics.get('meta/return_post_adaptation', float('nan')):.1f} | "
-                    f"{per_it:.1f}s/it | ETA {_fmt_time(per_it * (config.iterations - it - 1))}",
+                    f"[{it + 1}/{config.iterations}] {agent.env_steps / 1e6:.2f}M steps | {it_rate:,.0f} steps/s | "
+                    + (f"{returns}| " if returns else "")
+                    + f"{per_it:.1f}s/it | ETA {_fmt_time(per_it * (config.iterations - it - 1))}",
                     flush=True,
                 )
             if _eval_due(config, it + 1):

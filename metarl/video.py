@@ -5,9 +5,9 @@ meta-learned policy produced before adaptation (stage 0) and the one after the l
 one env made with ``render_mode="rgb_array"``, and writes animated GIFs (Pillow; no ffmpeg needed) to
 ``RUN_DIR/eval/<split>/video/`` and to TensorBoard (``eval/<split>/video/task<j>``, Images tab).
 
-*What is shown is what was evaluated.* An agent describes how its `evaluate_adaptation` sampled each
-stage as `StageRollout` records (the actor, the episodes per task and the seed of that sampler call;
-``agent.adaptation_rollouts(tasks, steps, episodes, seed)``). The renderer runs the sampler's own
+*What is shown is what was evaluated.* The agent's adaptation primitive runs as the evaluation runs it,
+and each of its sampler calls is recorded as a `metarl.agent.StageRollout` (the actor, the episodes per task
+and the seed of that call; ``agent.adaptation_rollouts(tasks, steps, episodes, seed)``). The renderer runs the sampler's own
 `metarl.sampling.rollout` loop with those arguments on one task, with the same env seeds, action noise
 and action clipping, and renders its first slot: the frames are episode 0 of that task at that stage, with
 the return the evaluation counted (up to float rounding where batch sizes differ). For MAML the
@@ -38,6 +38,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
+from metarl.agent import StageRollout
 from metarl.evaluation import atomic_write
 from metarl.sampling import GymSlots, rollout
 from metarl.tasks import Task
@@ -47,22 +48,6 @@ MAX_DEFAULT_FPS = 25  # default playback rate cap; faster envs (Hopper: 125 Hz) 
 
 class VideoError(RuntimeError):
     """A video cannot be made here (no off-screen renderer, an env without ``rgb_array`` rendering)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class StageRollout:
-    """How an evaluation sampled some adaptation stages, so a renderer can replay them.
-
-    The agent called ``sampler.sample(actor, tasks, episodes, seed, episodes_per_trial=len(stages))``;
-    episode ``k`` of each trial (slot) shows adaptation stage ``stages[k]``. One stage per record for
-    agents that adapt between sampler calls (MAML), all stages in one record for agents that adapt within a
-    trial (RL²).
-    """
-
-    actor: Any
-    stages: tuple[int, ...]
-    episodes: int
-    seed: int
 
 
 @dataclasses.dataclass

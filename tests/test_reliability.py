@@ -254,22 +254,22 @@ def test_an_edited_config_is_refused(straight, tmp_path, capsys):
 
 
 def test_a_run_recorded_before_an_option_existed_still_resumes(straight, tmp_path, capsys):
-    """A checkpoint whose config record predates an option (ADDED_OPTIONS) matches a config holding the
+    """A checkpoint whose config record predates an option (the agent's added_options) matches a config holding the
     value that keeps the old behaviour, so the run resumes; any other value is still an edit."""
-    from metarl.runfolder import ADDED_OPTIONS, checksum
+    from metarl.runfolder import added_options, checksum
 
     run = _copy(straight, tmp_path / "run")
     for name in ("latest.pt", "previous.pt"):
         path = run / "checkpoints" / name
         state = torch.load(path, weights_only=False)
         record = json.loads(state["config"])
-        for option in ADDED_OPTIONS["maml_trpo"]:
+        for option in added_options("maml_trpo"):
             record["agent"].pop(option.split(".", 1)[1])
         state["config"] = json.dumps(record, sort_keys=True)
         state["sha256"] = checksum(state)
         torch.save(state, path)
     data = yaml.safe_load((run / "config.yaml").read_text())
-    for option, value in ADDED_OPTIONS["maml_trpo"].items():  # the config gives each its old behaviour
+    for option, value in added_options("maml_trpo").items():  # the config gives each its old behaviour
         data["agent"][option.split(".", 1)[1]] = value
     for option, value, message in (("inner_gae_lambda", 0.5, "agent.inner_gae_lambda (absent) -> 0.5"),
                                    ("action_scale", 0.1, "agent.action_scale (absent) -> 0.1")):
@@ -277,7 +277,7 @@ def test_a_run_recorded_before_an_option_existed_still_resumes(straight, tmp_pat
         (run / "config.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
         assert main(["train", "--resume", str(run), "iterations=3", "--quiet"]) == 2
         assert message in capsys.readouterr().err
-        data["agent"][option] = ADDED_OPTIONS["maml_trpo"][f"agent.{option}"]
+        data["agent"][option] = added_options("maml_trpo")[f"agent.{option}"]
     (run / "config.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
     assert main(["train", "--resume", str(run), "iterations=3", "--quiet"]) == 0
     assert [r["iteration"] for r in _metrics(run)] == [1, 2, 3]
@@ -285,7 +285,7 @@ def test_a_run_recorded_before_an_option_existed_still_resumes(straight, tmp_pat
 
 def test_record_changes_names_each_differing_field():
     """The comparison behind resume and bench: nested fields by dotted name; a field one record lacks differs
-    from every value (None too), but an ADDED_OPTIONS option of the new record's agent at its old value, and
+    from every value (None too), but an added option of the new record's agent at its old value, and
     only under ``config_at``; ``may_change`` fields are never differences."""
     from metarl.runfolder import record_changes
 
