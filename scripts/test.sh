@@ -1,11 +1,51 @@
 #!/usr/bin/env bash
-# Install (scripts/setup.sh) and run the test suite (extra arguments go to its pytest), then the optional
-# integrations' tests, each in a venv of its own: Ray (scripts/test_ray.sh), Meta-World (scripts/test_metaworld.sh).
-set -euo pipefail
+# Install (scripts/setup.sh) and run the three test suites, each whatever the others gave: the base suite in
+# .venv (extra arguments go to its pytest), Ray's (scripts/test_ray.sh, .venv-ray) and Meta-World's
+# (scripts/test_metaworld.sh, .venv-metaworld). Ends with one line per suite and exits non-zero if any failed.
+#
+#   METARL_TEST_THREADS  also run the base suite again with that many threads for torch, OpenMP, MKL and
+#                        OpenBLAS (e.g. 1; CI sets it), so that no result hangs on one thread setting.
+set -uo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
-# shellcheck disable=SC1091
-. .venv/bin/activate
-python -m pytest -q "$@"
-bash scripts/test_ray.sh
-bash scripts/test_metaworld.sh
+
+summary=()
+failed=0
+suite() {  # suite NAME COMMAND...: run it, time it, record how it ended
+    local name=$1 start=$SECONDS
+    shift
+    echo "[test] $name"
+    if "$@"; then
+        summary+=("$name: passed ($((SECONDS - start)) s)")
+    else
+        summary+=("$name: FAILED, exit $? ($((SECONDS - start)) s)")
+        failed=1
+    fi
+}
+base() {  # the base suite, optionally pinned to a thread count (OMP_NUM_THREADS also sets torch's)
+    local threads=$1
+    shift
+    if [ -n "$threads" ]; then
+        env OMP_NUM_THREADS="$threads" MKL_NUM_THREADS="$threads" OPENBLAS_NUM_THREADS="$threads" \
+            .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+    else
+        .venv/bin/python -m pytest -q "$@"
+    fi
+}
+
+if bash scripts/setup.sh; then
+    suite "base suite" base "" "$@"
+    if [ -n "${METARL_TEST_THREADS:-}" ]; then
+        suite "base suite, ${METARL_TEST_THREADS} thread(s)" base "$METARL_TEST_THREADS" "$@"
+    fi
+else
+    summary+=("base suite: not run, the install (scripts/setup.sh) failed")
+    failed=1
+fi
+suite "Ray suite" bash scripts/test_ray.sh
+suite "Meta-World suite" bash scripts/test_metaworld.sh
+
+echo "[test] summary"
+for line in "${summary[@]}"; do
+    echo "[test]   $line"
+done
+exit "$failed"
