@@ -36,9 +36,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from metarl.agents.baselines import LinearFeatureBaseline
-from metarl.agents.policies import GaussianActor, GaussianMLPPolicy, batch_params
 from metarl.agent import Agent, Collect
+from metarl.agents.baselines import LinearFeatureBaseline
 from metarl.episodes import EpisodeBatch
 from metarl.optim import (
     backtracking_line_search,
@@ -46,6 +45,7 @@ from metarl.optim import (
     flatten,
     unflatten_like,
 )
+from metarl.policies import GaussianActor, GaussianMLPPolicy, batch_params
 from metarl.returns import discounted_returns, gae, normalize
 from metarl.system import keep_freed_memory
 from metarl.tasks import Task
@@ -80,7 +80,7 @@ class MAMLTRPOConfig:
     activation: str = "tanh"
     init_std: float = 1.0
     init: str = "xavier"            # "xavier" (pytorch-maml-rl) or "orthogonal" (small output layer)
-    # Conventions where the anchors differ (agents/policies.py): "sum" of log-probs and KLs over action
+    # Conventions where the anchors differ (metarl/policies.py): "sum" of log-probs and KLs over action
     # dimensions (cbfinn, pytorch-maml-rl, ProMP, garage) or their "mean" (learn2learn); the env sees
     # clip(action_scale * a) (0.1: pytorch-maml-rl's and ProMP's division of the output by 10).
     log_prob_reduction: str = "sum"
@@ -652,8 +652,8 @@ class MAMLTRPO(Agent):
         stage). Returns the actor after ``steps`` steps; without ``final`` its episodes are not collected and
         it comes back started on one slot (deployment)."""
         actor = None
-        for actor, _, _ in self._evaluation_stages(tasks, steps, episodes, seed, sample=collect, sample_last=final):
-            pass
+        for stage_actor, _, _ in self._evaluation_stages(tasks, steps, episodes, seed, sample=collect, sample_last=final):
+            actor = stage_actor  # each stage's batch is freed once the next stage has adapted on it
         if not final:
             actor.start([0], 1)
         return actor

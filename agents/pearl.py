@@ -52,8 +52,8 @@ import torch
 from torch import nn
 
 from metarl.agent import Agent, Collect
-from metarl.agents.policies import numpy_task_generators
 from metarl.episodes import EpisodeBatch
+from metarl.policies import numpy_task_generators
 from metarl.system import keep_freed_memory
 from metarl.tasks import Task, TaskError
 

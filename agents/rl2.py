@@ -30,8 +30,8 @@ import torch
 from torch import nn
 
 from metarl.agent import Agent, Collect
-from metarl.agents.policies import DiagGaussian, numpy_task_generators
 from metarl.episodes import EpisodeBatch
+from metarl.policies import DiagGaussian, numpy_task_generators
 from metarl.returns import discounted_returns, gae
 from metarl.system import keep_freed_memory
 from metarl.tasks import Task, TaskError

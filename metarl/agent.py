@@ -70,7 +70,7 @@ class Actor(Protocol):
     ``[n_tasks, slots, act_dim]``. Optional: ``observe(rewards, dones)`` after every step (``[n_tasks, slots]``;
     recurrent and context-based actors), ``action_scale`` (the env steps with ``clip(action_scale * a)``),
     ``deterministic`` (act with the mean). A task's actions must not depend on which other tasks share the
-    call (see `metarl.agents.policies.GaussianActor`), so batches are the same on any placement.
+    call (see `metarl.policies.GaussianActor`), so batches are the same on any placement.
     """
 
     def start(self, task_indices: list[int], slots_per_task: int) -> None: ...

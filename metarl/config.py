@@ -48,7 +48,7 @@ def agent_class(name: str) -> Any:
 class SamplerConfig:
     backend: str = "auto"  # auto: native where the family supports it, else gymnasium
     workers: int | None = None  # None: one per core (placement ray: actors, None: the cluster's CPUs)
-    # where the env slots run: local worker processes, or the actors of a Ray cluster (metarl.ray_sampling)
+    # where the env slots run: local worker processes, or the actors of a Ray cluster (metarl.sampling.ray)
     placement: str = "local"
     address: str | None = None  # ray: as ray.init takes it (None: RAY_ADDRESS, else the cluster on this machine)
     cpus_per_actor: float = 1.0  # ray: each actor's CPU request

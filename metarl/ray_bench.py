@@ -22,7 +22,7 @@ from typing import Any
 
 from metarl.bench import Cell, Suite, _fmt, cell_dir, plan_cells, run_cell, write_report
 from metarl.evaluation import atomic_write
-from metarl.ray_sampling import connect
+from metarl.sampling.ray import connect
 
 
 def _pack(folder: Path) -> dict[str, bytes]:

@@ -99,7 +99,7 @@ def _peak_rss_mib(pid: int | str = "self") -> float | None:
 def _sampler_rate(sampler: Any, tasks: list, episodes: int, seed: int) -> float:
     import torch
 
-    from metarl.agents.policies import GaussianActor, GaussianMLPPolicy, batch_params
+    from metarl.policies import GaussianActor, GaussianMLPPolicy, batch_params
 
     obs_dim = int(np.prod(sampler.observation_space.shape))
     act_dim = int(np.prod(sampler.action_space.shape))

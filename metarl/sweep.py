@@ -233,7 +233,7 @@ def finished(sweep: Sweep, i: int, seed: int) -> dict | None:
 
 def run_sweep(sweep: Sweep, address: str | None = None, log: Callable[[str], None] = print) -> Path:
     """Run the unfinished trials with Ray Tune, write each ``trial.json`` and the report; the report path."""
-    from metarl.ray_sampling import connect
+    from metarl.sampling.ray import connect
 
     ray = connect(address)
     from ray import tune

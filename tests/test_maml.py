@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from metarl.agents.maml_trpo import MAMLTRPO, MAMLTRPOConfig, OuterBatch
-from metarl.agents.policies import GaussianActor, batch_params
 from metarl.episodes import EpisodeBatch
+from metarl.policies import GaussianActor, batch_params
 from metarl.sampling import GymnasiumSampler
 
 
@@ -266,7 +266,7 @@ def test_short_training_run_learns_to_adapt():
 
 
 def test_diag_gaussian_matches_torch_distributions():
-    from metarl.agents.policies import DiagGaussian
+    from metarl.policies import DiagGaussian
 
     g = torch.Generator().manual_seed(0)
     m1, m2 = torch.randn(4, 3, generator=g, dtype=torch.float64), torch.randn(4, 3, generator=g, dtype=torch.float64)
@@ -284,7 +284,7 @@ def test_diag_gaussian_matches_torch_distributions():
 # ---- conventions where the anchors differ (issue: reproducing the published curves) --------------------
 def test_diag_gaussian_mean_reduction_hand_computed():
     """One action vector in 2-D: p = N((0, 0), diag(1, 2^2)), a = (1, 2), q = N((1, 0), diag(2^2, 2^2))."""
-    from metarl.agents.policies import DiagGaussian
+    from metarl.policies import DiagGaussian
 
     mean = torch.tensor([[0.0, 0.0]], dtype=torch.float64)
     log_std = torch.tensor([[0.0, np.log(2.0)]], dtype=torch.float64)
@@ -361,7 +361,7 @@ def test_inner_step_stats_hand_checked(sampler):
 def test_action_scale_steps_the_env_with_scaled_actions_and_records_the_policys():
     """An actor with action_scale 0.1 drives the env exactly as one that outputs 0.1 * a with scale 1;
     the episode records the policy's own (unscaled) actions."""
-    from metarl.agents.policies import GaussianMLPPolicy
+    from metarl.policies import GaussianMLPPolicy
 
     sampler = GymnasiumSampler("metarl/HalfCheetahVel-v0", workers=0, env_kwargs={"max_episode_steps": 20})
     try:

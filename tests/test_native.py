@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import metarl
-from metarl.agents.policies import GaussianActor, GaussianMLPPolicy
 from metarl.envs.native import NativeSlots, native_kernel, supported_families, unsupported_reason
+from metarl.policies import GaussianActor, GaussianMLPPolicy
 from metarl.sampling import GymnasiumSampler, NativeSampler, Sampler, make_sampler
 from metarl.tasks import TaskError
 

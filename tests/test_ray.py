@@ -26,7 +26,7 @@ import yaml
 
 ray = pytest.importorskip("ray")
 
-from metarl.agents.policies import GaussianActor, GaussianMLPPolicy  # noqa: E402
+from metarl.policies import GaussianActor, GaussianMLPPolicy  # noqa: E402
 from metarl.sampling import Sampler, WorkerError, make_sampler  # noqa: E402
 
 STORE = str(100 * 1024 * 1024)  # object store bytes per node: the machine is small and shared
@@ -303,3 +303,23 @@ def test_a_sweep_on_ray_scores_each_trial_by_the_protocol_and_resumes(cluster, t
     assert main(["sweep", str(path), "--address", cluster]) == 0
     assert "2 trials finished already" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in trials} == stamps
+
+
+def test_an_agent_in_a_users_own_file_trains_on_ray(cluster, tmp_path):
+    """The example agent of docs/custom-agents.md (a file outside the repository, named by the config's imports)
+    trains on the two-node cluster: its actors import the file, and the run's metrics equal the local run's."""
+    from metarl.cli import main
+
+    example = Path(__file__).resolve().parents[1] / "experiments" / "custom_agent"
+    shutil.copy(example / "fomaml.py", tmp_path / "fomaml.py")
+    shutil.copy(example / "fomaml_point_nav_2d.yaml", tmp_path / "fomaml.yaml")
+    rows = {}
+    for name, flags in (("local", ["sampler.workers=2"]), ("ray", ["--address", cluster])):
+        run_dir = tmp_path / name
+        assert main(["train", str(tmp_path / "fomaml.yaml"), "iterations=2", "agent.tasks_per_batch=4",
+                     "agent.episodes_per_task=2", "agent.hidden=[16]", "eval.every=0", "eval.tasks=2",
+                     "eval.episodes=2", "eval.steps=1", "--run-dir", str(run_dir), "--quiet", *flags]) == 0
+        rows[name] = [{k: v for k, v in json.loads(line).items() if not k.startswith("time/")}
+                      for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows["local"]) == 2 and rows["ray"] == rows["local"]
+    assert yaml.safe_load((tmp_path / "ray" / "config.yaml").read_text())["sampler"]["placement"] == "ray"

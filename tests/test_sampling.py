@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from metarl.agents.policies import GaussianActor, GaussianMLPPolicy
+from metarl.policies import GaussianActor, GaussianMLPPolicy
 from metarl.sampling import GymnasiumSampler, Sampler, WorkerError
 
 
@@ -55,7 +55,7 @@ def test_a_worker_whose_main_process_has_gone_exits_quietly(capfd, env_id):
     # runs in a process of its own, as the sampler starts it (its env setup changes process-wide settings)
     import multiprocessing as mp
 
-    from metarl.sampling import _worker
+    from metarl.sampling.local import _worker
 
     policy = GaussianMLPPolicy(2, 2)
     with GymnasiumSampler("metarl/PointNav2D-v0", workers=0) as s:
@@ -109,8 +109,8 @@ def test_importing_metarl_makes_openmp_threads_sleep_unless_the_user_chose():
 def _placement_actors(sampler):
     """Each agent's sampling-side actor, as its training collects with it, on ``sampler``'s spaces."""
     from metarl.agents.pearl import PEARL, PEARLActor, PEARLConfig
-    from metarl.agents.policies import batch_params
     from metarl.agents.rl2 import RL2, RL2Config
+    from metarl.policies import batch_params
 
     obs_dim, act_dim = sampler.observation_space.shape[0], sampler.action_space.shape[0]
     torch.manual_seed(0)

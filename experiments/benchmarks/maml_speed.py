@@ -33,7 +33,7 @@ import torch
 
 import metarl
 from metarl.agents.maml_trpo import MAMLTRPO, MAMLTRPOConfig
-from metarl.agents.policies import GaussianActor, GaussianMLPPolicy
+from metarl.policies import GaussianActor, GaussianMLPPolicy
 from metarl.sampling import Sampler
 from metarl.speed import gym_env_rate
 

@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
-from metarl.agents.policies import GaussianActor, GaussianMLPPolicy
-from metarl.ray_sampling import RaySampler
+from metarl.policies import GaussianActor, GaussianMLPPolicy
 from metarl.sampling import Sampler
+from metarl.sampling.ray import RaySampler
 
 
 def timed(sampler: Sampler, actor_of, tasks, episodes: int, seed: int) -> tuple[float, int]:

@@ -29,7 +29,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from metarl.sampling import (
+from metarl.sampling.local import (
     NonFiniteError,
     Sampler,
     WorkerError,
