@@ -347,6 +347,16 @@ class PEARLActor:
         action = (self.high + self.low) / 2 + (self.high - self.low) / 2 * a
         return action.reshape(n, slots, -1)
 
+    def force(self, actions: np.ndarray) -> None:
+        """The actions actually taken at the last `act` (``[tasks, slots, act_dim]``, in the env's box, as `act`
+        returns them), in place of the actor's own sample: the context records them (`metarl.api.MetaLearner.
+        adapt_on` replays episodes collected elsewhere)."""
+        assert self._last is not None, "force() after act()"
+        a = np.asarray(actions, np.float32).reshape(len(self._last), -1)
+        half = (self.high - self.low) / 2
+        squashed = np.clip((a - (self.high + self.low) / 2) / np.where(half > 0, half, 1), -1, 1)
+        self._last = np.concatenate([self._last[:, :-self.act_dim], squashed.astype(np.float32)], 1)
+
     def observe(self, rewards: np.ndarray, dones: np.ndarray) -> None:
         if not self.infer or self._last is None:
             return

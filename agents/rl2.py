@@ -385,6 +385,12 @@ class RL2Actor:
         self._prev_action = torch.from_numpy(action)
         return action.reshape(n, slots, -1)
 
+    def force(self, actions: np.ndarray) -> None:
+        """The actions actually taken at the last `act` (``[tasks, slots, act_dim]``, as `act` returns them), in
+        place of the actor's own sample: the next step's input carries them (`metarl.api.MetaLearner.adapt_on`
+        replays episodes collected elsewhere)."""
+        self._prev_action = torch.from_numpy(np.asarray(actions, np.float32).reshape(self._prev_action.shape).copy())
+
     def observe(self, rewards: np.ndarray, dones: np.ndarray) -> None:
         self._prev_reward = torch.from_numpy(np.asarray(rewards, np.float32).reshape(-1))
         self._ended = torch.from_numpy(np.asarray(dones, np.float32).reshape(-1))

@@ -24,6 +24,7 @@ command line's ``train`` and ``eval`` are `train` and `load` + `MetaLearner.eval
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,41 @@ from metarl.episodes import EpisodeBatch
 from metarl.sampling import GymSlots, rollout
 from metarl.tasks import TaskError, family_of
 
-__all__ = ["AdaptedPolicy", "MetaLearner", "load", "train"]
+__all__ = ["AdaptedPolicy", "Episode", "MetaLearner", "load", "train"]
+
+
+@dataclasses.dataclass
+class Episode:
+    """One episode collected anywhere (a robot, another simulator, a plain Gymnasium loop), for
+    `MetaLearner.adapt_on`.
+
+    ``observations`` ``[T, obs_dim]``: the observation each action was taken in; ``actions`` ``[T, act_dim]``: the
+    actions as the policy produced them, before the env's scaling and clipping (the ``raw`` of
+    `AdaptedPolicy.sample`; for PEARL, whose actions are in the env's box already, the action itself);
+    ``rewards`` ``[T]``; ``terminated``: the episode ended in a terminal state (else a time limit cut it);
+    ``last_observation``: the observation after the last step (default: the last observation)."""
+
+    observations: np.ndarray
+    actions: np.ndarray
+    rewards: np.ndarray
+    terminated: bool = False
+    last_observation: np.ndarray | None = None
+
+    def checked(self, obs_dim: int, act_dim: int, where: str) -> Episode:
+        """This episode as float32 arrays; ValueError in one line naming what is malformed."""
+        obs = np.asarray(self.observations, np.float32)
+        act = np.asarray(self.actions, np.float32)
+        rew = np.asarray(self.rewards, np.float32).reshape(-1)
+        t = len(rew)
+        if t < 1 or obs.shape != (t, obs_dim) or act.shape != (t, act_dim):
+            raise ValueError(f"{where}: expected observations [T, {obs_dim}], actions [T, {act_dim}] and rewards [T] "
+                             f"with T >= 1, got {obs.shape}, {act.shape}, {rew.shape}")
+        last = obs[-1] if self.last_observation is None else np.asarray(self.last_observation, np.float32).reshape(-1)
+        if last.shape != (obs_dim,):
+            raise ValueError(f"{where}: last_observation must have shape ({obs_dim},), got {last.shape}")
+        if not all(np.isfinite(x).all() for x in (obs, act, rew, last)):
+            raise ValueError(f"{where}: non-finite values")
+        return Episode(obs, act, rew, bool(self.terminated), last)
 
 
 def train(config: str | Path | RunConfig, overrides: list[str] | tuple[str, ...] = (),
@@ -120,6 +155,42 @@ class MetaLearner:
         actor = self.agent.adapt_with(sample, task, steps, episodes, seed)
         return AdaptedPolicy(actor, slots.low, slots.high, self.name, steps)
 
+    def adapt_on(self, stages: list[list[Episode]], seed: int = 0, task: Any = None) -> AdaptedPolicy:
+        """Adapt on episodes collected outside metarl: ``stages[k]`` are the episodes of adaptation stage k, in
+        the order the agent's adaptation consumes them, replayed through its own actor (its actions replaced
+        by the recorded ones). MAML-TRPO: one gradient step per stage on its episodes, which the policy of that
+        stage collected (stage 0: ``learner.adapt(env, steps=0)``; stage k: the policy ``adapt_on(stages[:k])``
+        returned). RL² and PEARL: one trial of all the episodes, one episode per stage, carried into the
+        returned policy (hidden state; context and z). ``seed`` seeds what the adaptation draws (PEARL's z);
+        ``task`` is recorded with the episodes (for envs that are task families). Given the episodes that
+        `adapt` collected, it returns the policy `adapt` returned."""
+        if not stages or any(not stage for stage in stages):
+            raise ValueError("adapt_on: give at least one stage, each a non-empty list of episodes")
+        if len({len(stage) for stage in stages}) > 1:
+            raise ValueError(f"adapt_on: every stage must hold as many episodes as the first, got "
+                             f"{[len(stage) for stage in stages]}")
+        sampler = self.agent.sampler
+        obs_dim, act_dim = sampler.observation_space.shape[0], sampler.action_space.shape[0]
+        queue = [ep.checked(obs_dim, act_dim, f"adapt_on: stage {k} episode {i}")
+                 for k, stage in enumerate(stages) for i, ep in enumerate(stage)]
+        total = len(queue)
+        low = sampler.action_space.low.astype(np.float64)
+        high = sampler.action_space.high.astype(np.float64)
+
+        def collect(actor: Any, tasks: list[Any], count: int, sample_seed: int, episodes_per_trial: int = 1) -> EpisodeBatch:
+            if count > len(queue):
+                raise ValueError(f"adapt_on: the {self.name} adaptation asked for {count} more episodes, "
+                                 f"{len(queue)} of the {total} given are left")
+            slots = _ReplaySlots([queue.pop(0) for _ in range(count)], low, high)
+            return EpisodeBatch.from_numpy(tasks, rollout(slots, _Replayed(actor, slots), tasks, [0], count,
+                                                          sample_seed, episodes_per_trial=count))
+
+        actor = self.agent.adapt_with(collect, task, len(stages), len(stages[0]), seed)
+        if queue:
+            raise ValueError(f"adapt_on: the {self.name} adaptation used {total - len(queue)} of the {total} episodes "
+                             "given (RL² and PEARL take one episode per stage)")
+        return AdaptedPolicy(actor, low, high, self.name, len(stages))
+
     def evaluate(self, split: str | None = None, tasks: int | None = None, steps: int | None = None,
                  episodes: int | None = None, lock: bool = True, repeats: int = 1) -> dict[str, Any]:
         """The evaluation protocol on the family's held-out tasks (defaults: the run's ``eval`` settings);
@@ -188,6 +259,27 @@ class AdaptedPolicy:
         finally:
             self._actor.deterministic = saved
         return np.clip(action * self._scale, self.low, self.high).astype(np.float32)
+
+    def sample(self, obs: np.ndarray, deterministic: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """``(action, raw)`` for one observation ``[obs_dim]``, or for a batch ``[B, obs_dim]`` where the policy
+        keeps no state between steps (MAML-TRPO's; RL² and PEARL carry one state per env: one observation at a
+        time). ``action`` is what the env takes, ``clip(action_scale * raw, low, high)``; ``raw`` is the
+        policy's own output, what an `Episode` records for `MetaLearner.adapt_on`."""
+        obs = np.asarray(obs, np.float32)
+        batch = obs.ndim == 2
+        if obs.ndim not in (1, 2) or not np.all(np.isfinite(obs)):
+            raise ValueError(f"sample: expected a finite observation [obs_dim] or batch [B, obs_dim], got shape {obs.shape}")
+        if batch and self._observe is not None and len(obs) != 1:
+            raise ValueError(f"sample: {self.agent} keeps one state per env; act on one observation at a time "
+                             "(adapt a policy per env)")
+        saved, self._actor.deterministic = self._actor.deterministic, bool(deterministic)
+        try:
+            raw = np.asarray(self._actor.act(obs.reshape(1, -1 if batch else 1, obs.shape[-1])), np.float32)
+        finally:
+            self._actor.deterministic = saved
+        raw = raw.reshape(len(obs), -1) if batch else raw.reshape(-1)
+        action = np.clip(raw.astype(np.float64) * self._scale, self.low, self.high).astype(np.float32)
+        return action, raw
 
     def observe(self, reward: float, done: bool) -> None:
         """What the env returned for the last action: its reward, and whether the episode ended there."""
@@ -279,3 +371,62 @@ def _agent(name: str) -> Any:
     from metarl.agent import get_agent
 
     return get_agent(name)
+
+
+class _ReplaySlots:
+    """The rollout's slot protocol over recorded episodes, one after another on one slot: each step returns the
+    recorded outcome whatever the action (the actor is `_Replayed`, so the action is the recorded one too)."""
+
+    def __init__(self, episodes: list[Episode], low: np.ndarray, high: np.ndarray):
+        self._episodes = list(episodes)
+        self.horizon = max(len(ep.rewards) for ep in episodes)
+        self.low, self.high = low, high
+        self.current: Episode | None = None
+        self.t = 0
+
+    def configure(self, tasks: Any, slots_per_task: int) -> None:
+        """Replayed episodes have their task already."""
+
+    def reset(self, slot: int, seed: int) -> np.ndarray:
+        self.current, self.t = self._episodes.pop(0), 0
+        return self.current.observations[0]
+
+    def action(self) -> np.ndarray:
+        assert self.current is not None
+        return self.current.actions[self.t]
+
+    def step(self, idx: np.ndarray, actions: np.ndarray) -> tuple:
+        ep, t = self.current, self.t
+        assert ep is not None
+        self.t += 1
+        last = self.t == len(ep.rewards)
+        obs = ep.last_observation if last else ep.observations[self.t]
+        terminated = bool(last and ep.terminated)
+        return (obs[None], np.array([ep.rewards[t]], np.float32), np.array([terminated]),
+                np.array([last and not terminated]), {})
+
+    def close(self) -> None:
+        """Nothing to close."""
+
+
+class _Replayed:
+    """An actor driven through recorded episodes: it acts as usual (so its state advances), then the recorded
+    action replaces its own (`force`, where the actor keeps the action in its state: RL², PEARL)."""
+
+    action_scale = 1.0  # the replayed slots ignore the action; the recorded one is what the batch keeps
+
+    def __init__(self, actor: Any, slots: _ReplaySlots):
+        self.actor, self.slots = actor, slots
+        if hasattr(actor, "observe"):
+            self.observe = actor.observe
+
+    def start(self, task_indices: list[int], slots_per_task: int) -> None:
+        self.actor.start(task_indices, slots_per_task)
+
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        self.actor.act(obs)
+        recorded = self.slots.action().reshape(1, 1, -1)
+        force = getattr(self.actor, "force", None)
+        if force is not None:
+            force(recorded)
+        return recorded

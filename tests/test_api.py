@@ -128,3 +128,113 @@ def test_bad_input_is_one_clear_error(maml_run, tmp_path):
         mrl.AdaptedPolicy.load(text)
     with pytest.raises(ConfigError, match="not a run folder"):
         mrl.load(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def pearl_run(tmp_path_factory):
+    """A tiny real PEARL run on PointNav2D (episodes of 10 steps)."""
+    folder = tmp_path_factory.mktemp("pearl") / "run"
+    mrl.train(ROOT / "experiments/pearl/point_nav_2d.yaml", ["quick=true", "sampler.workers=0", "iterations=1",
+                                                             "env_kwargs={max_episode_steps: 10}"], run_dir=folder).close()
+    return folder
+
+
+def _episodes(recorded: dict) -> list[mrl.Episode]:
+    """The episodes of one rollout call (one task) as `Episode` records, as a user would have logged them."""
+    out = []
+    for e in range(recorded["rewards"].shape[1]):
+        t = int(recorded["mask"][0, e].sum())
+        out.append(mrl.Episode(recorded["observations"][0, e, :t], recorded["actions"][0, e, :t],
+                               recorded["rewards"][0, e, :t], bool(recorded["terminated"][0, e]),
+                               recorded["last_observations"][0, e]))
+    return out
+
+
+@pytest.mark.parametrize("name", ["maml", "rl2", "pearl"])
+def test_adapting_on_recorded_episodes_gives_what_adapt_gave(name, maml_run, rl2_run, pearl_run, monkeypatch):
+    """`adapt_on` with the episodes `adapt` collected (logged as a user would: observations, the policy's
+    actions, rewards) returns the policy `adapt` returned: same parameters (MAML-TRPO), same hidden state
+    (RL²), same context and z (PEARL, whose actions pass through the env's box and back: to float rounding)."""
+    run, env_id, goal, steps = {"maml": (maml_run, "metarl/PointNav2D-v0", (0.37, -0.29), 1),
+                                "rl2": (rl2_run, "tests/HiddenSide-v0", None, 2),
+                                "pearl": (pearl_run, "metarl/PointNav2D-v0", (0.2, 0.3), 2)}[name]
+    env = gym.make(env_id, **({"max_episode_steps": 10} if name == "pearl" else {}))
+    if goal is not None:
+        metarl.family_of(env).set_task(GoalTask("PointNav2D", goal))
+    calls = []
+
+    def recording(*args, **kwargs):
+        calls.append(real(*args, **kwargs))
+        return calls[-1]
+
+    real = mrl.rollout
+    with mrl.load(run) as learner:
+        monkeypatch.setattr(mrl, "rollout", recording)
+        adapted = learner.adapt(env, steps=steps, episodes=4, seed=3)
+        monkeypatch.setattr(mrl, "rollout", real)
+        episodes = [ep for call in calls for ep in _episodes(call)]
+        stages = [episodes] if name == "maml" else [[ep] for ep in episodes]
+        replayed = learner.adapt_on(stages, seed=3)
+        assert replayed.adapted_steps == adapted.adapted_steps == steps
+        for k in range(4):
+            obs = env.observation_space.sample()
+            a, b = adapted.predict(obs, deterministic=True), replayed.predict(obs, deterministic=True)
+            if name == "pearl":
+                np.testing.assert_allclose(a, b, atol=1e-4)
+            else:
+                np.testing.assert_array_equal(a, b)
+            adapted.observe(0.0, False)
+            replayed.observe(0.0, False)
+
+
+def test_episodes_from_a_plain_gymnasium_loop(maml_run, rl2_run):
+    """Collected by hand, no metarl sampler: MAML-TRPO adapts on 10 episodes of its unadapted policy and then acts
+    on a batch of observations; RL² replayed through the two episodes its live policy ran equals that policy."""
+    env = gym.make("metarl/PointNav2D-v0")
+    metarl.family_of(env).set_task(GoalTask("PointNav2D", (0.37, -0.29)))
+
+    def run_episode(policy, seed: int) -> mrl.Episode:
+        obs, _ = env.reset(seed=seed)
+        rows, done = [], False
+        while not done:
+            action, raw = policy.sample(obs)
+            nxt, reward, terminated, truncated, _ = env.step(action)
+            done = terminated or truncated
+            policy.observe(float(reward), done)
+            rows.append((obs, raw, reward))
+            obs = nxt
+        return mrl.Episode(np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows]),
+                           np.array([r[2] for r in rows]), bool(terminated), obs)
+
+    with mrl.load(maml_run) as learner:
+        unadapted = learner.adapt(env, steps=0, seed=0)
+        episodes = [run_episode(unadapted, seed=s) for s in range(10)]
+        assert np.abs(episodes[0].actions).max() > 0.1  # raw: policy units, before action_scale 0.1 and clipping
+        adapted = learner.adapt_on([episodes])
+        obs = np.stack([env.reset(seed=100 + i)[0] for i in range(5)])
+        actions, raw = adapted.sample(obs, deterministic=True)
+        assert actions.shape == raw.shape == (5, 2) and np.all(np.abs(actions) <= 0.1 + 1e-6)
+        # a row of the batch is the single observation's action to float rounding (a matmul of 5 rows or of 1)
+        np.testing.assert_allclose(actions[2], adapted.predict(obs[2], deterministic=True), rtol=1e-5, atol=1e-7)
+        before = np.mean(unadapted.run_episodes(env, 5, seed=100, deterministic=True))
+        after = np.mean(adapted.run_episodes(env, 5, seed=100, deterministic=True))
+        assert after > before, (before, after)
+        with pytest.raises(ValueError, match=r"adapt_on: stage 0 episode 1: expected observations \[T, 2\]"):
+            learner.adapt_on([[episodes[0], mrl.Episode(np.zeros((3, 5)), np.zeros((3, 2)), np.zeros(3))]])
+        with pytest.raises(ValueError, match=r"every stage must hold as many episodes as the first, got \[3, 7\]"):
+            learner.adapt_on([episodes[:3], episodes[3:]])
+
+    side = gym.make("tests/HiddenSide-v0")
+    metarl.family_of(side).set_task(DirectionTask("HiddenSide", -1.0))
+    env = side
+    with mrl.load(rl2_run) as learner:
+        live = learner.adapt(side, steps=0, seed=0)
+        episodes = [run_episode(live, seed=s) for s in range(2)]
+        # another seed than the live policy's: its own noise differs, the recorded actions replace it
+        replayed = learner.adapt_on([[ep] for ep in episodes], seed=7)
+        obs = side.reset(seed=9)[0]
+        np.testing.assert_array_equal(replayed.predict(obs, deterministic=True), live.predict(obs, deterministic=True))
+        with pytest.raises(ValueError, match="keeps one state per env"):
+            replayed.sample(np.zeros((3, 1)))
+        with pytest.raises(ValueError, match="used 1 of the 2 episodes given"):
+            learner.adapt_on([episodes])

@@ -273,12 +273,17 @@ def test_the_example_agent_learns_to_adapt(tmp_path):
     10 episodes of each of 10 held-out goals lifts the return by >= 5% (measured over seeds 0-2, at 1 and 2
     threads: 11.6-13.6%), and the adapted return is > -55 where after 1 iteration it was -64 to -85 (measured
     -41.4 to -45.3 after 20): meta-training improved what one step reaches."""
-    import metarl.api as mrl
-    from metarl.config import load_config
-
-    config = load_config(EXAMPLE / "fomaml_point_nav_2d.yaml", [
-        "iterations=20", "sampler.workers=0", "eval.every=0", "eval.tasks=10", "eval.steps=1", "eval.episodes=10"])
-    mrl.train(config, run_dir=tmp_path / "run").close()
+    # in a process of its own: importing the example here would make its module name taken in this process for
+    # the docs tests, which import their own copy of the file
+    script = f"""
+import metarl.api as mrl
+from metarl.config import load_config
+config = load_config({str(EXAMPLE / "fomaml_point_nav_2d.yaml")!r}, [
+    "iterations=20", "sampler.workers=0", "eval.every=0", "eval.tasks=10", "eval.steps=1", "eval.episodes=10"])
+mrl.train(config, run_dir={str(tmp_path / "run")!r}).close()
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
     stages = json.loads((tmp_path / "run" / "eval" / "test" / "summary.json").read_text())["stages"]
     before, after = stages[0]["mean_return"], stages[1]["mean_return"]
     assert after - before >= 0.05 * abs(before), (before, after)
