@@ -176,7 +176,8 @@ def test_adapting_on_recorded_episodes_gives_what_adapt_gave(name, maml_run, rl2
         stages = [episodes] if name == "maml" else [[ep] for ep in episodes]
         replayed = learner.adapt_on(stages, seed=3)
         assert replayed.adapted_steps == adapted.adapted_steps == steps
-        for k in range(4):
+        env.observation_space.seed(0)
+        for _ in range(4):
             obs = env.observation_space.sample()
             a, b = adapted.predict(obs, deterministic=True), replayed.predict(obs, deterministic=True)
             if name == "pearl":
