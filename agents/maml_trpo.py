@@ -51,9 +51,7 @@ from metarl.system import keep_freed_memory
 from metarl.tasks import Task
 
 Params = OrderedDict  # name -> tensor
-LEARN_INNER_LR = ("off", "per_tensor", "per_parameter")
 INNER_OBJECTIVES = ("log_prob", "lvc")
-LR_PREFIX = "inner_log_lr:"  # meta-parameters that are log inner step sizes, beside the policy's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,9 +65,6 @@ class MAMLTRPOConfig:
     first_order: bool = False
     gamma: float = 0.99
     gae_lambda: float = 1.0
-    # GAE lambda of the inner (adaptation) step's advantages, where it differs from the outer loss's
-    # (None: gae_lambda for both, as every anchor). Evaluation's adaptation steps use it too.
-    inner_gae_lambda: float | None = None
     normalize_advantages: bool = True
     max_kl: float = 0.01
     cg_iters: int = 10
@@ -89,11 +84,8 @@ class MAMLTRPOConfig:
     # grows as the policy sharpens (measured 0.003 -> 38 nats on PointNav2D, 0.05 -> 2.7 on HalfCheetahDir);
     # with inner_max_kl > 0 each task's step is shrunk to alpha_i = inner_lr * min(1, sqrt(inner_max_kl / KL_i))
     # where KL_i is the true (summed) KL of the full step on that task's adaptation episodes, so no step
-    # moves its policy by much more than inner_max_kl nats. alpha_i is a constant of the meta-gradient, unless
-    # inner_max_kl_grad: then alpha_i(theta) is differentiated too (d alpha_i = -alpha_i / (2 KL_i) d KL_i where the
-    # bound is active), so meta-training sees that making a task's step larger in KL shrinks its step size.
+    # moves its policy by much more than inner_max_kl nats; alpha_i is a constant of the meta-gradient.
     inner_max_kl: float = 0.0
-    inner_max_kl_grad: bool = False
     # The inner step's objective, as the meta-gradient differentiates it. "log_prob": -mean(log pi * A), the
     # MAML estimator of every anchor (Finn et al. 2017): its Hessian is E[A grad^2 log pi], with no term for the
     # adaptation episodes having been sampled by theta. "lvc": ProMP's low-variance curvature objective
@@ -109,12 +101,6 @@ class MAMLTRPOConfig:
     # surrogate and KL stay exact. OpenAI baselines' TRPO takes its Fisher-vector products on every 5th sample;
     # these products are ~85% of a MAML-TRPO update (experiments/benchmarks/maml_speed.py).
     fisher_subsample: int = 1
-    # Meta-learned inner step sizes (Meta-SGD, Li et al. 2017): "off" (the fixed inner_lr of every MAML anchor),
-    # "per_tensor" (one step size per parameter tensor) or "per_parameter" (one per parameter, Meta-SGD's).
-    # They start at inner_lr, are kept as logs (so they stay positive; Meta-SGD's may change sign) and are
-    # meta-parameters of the TRPO step: the meta-gradient and the KL's curvature reach them through the
-    # adaptation, so meta-training can shrink the step as the policy sharpens.
-    learn_inner_lr: str = "off"
 
     def __post_init__(self) -> None:
         positive_ints = ("tasks_per_batch", "episodes_per_task", "inner_steps", "cg_iters", "ls_max_steps",
@@ -131,10 +117,6 @@ class MAMLTRPOConfig:
             raise ValueError(f"agent.gamma must be in (0, 1], got {self.gamma!r}")
         if not (isinstance(self.gae_lambda, (int, float)) and 0 <= self.gae_lambda <= 1):
             raise ValueError(f"agent.gae_lambda must be in [0, 1], got {self.gae_lambda!r}")
-        if self.inner_gae_lambda is not None and (isinstance(self.inner_gae_lambda, bool)
-                                                  or not isinstance(self.inner_gae_lambda, (int, float))
-                                                  or not 0 <= self.inner_gae_lambda <= 1):
-            raise ValueError(f"agent.inner_gae_lambda must be in [0, 1] or null (gae_lambda), got {self.inner_gae_lambda!r}")
         if not (isinstance(self.ls_backtrack, (int, float)) and 0 < self.ls_backtrack < 1):
             raise ValueError(f"agent.ls_backtrack must be in (0, 1), got {self.ls_backtrack!r}")
         if not (isinstance(self.inner_max_kl, (int, float)) and math.isfinite(self.inner_max_kl)
@@ -142,21 +124,12 @@ class MAMLTRPOConfig:
             raise ValueError(f"agent.inner_max_kl must be a number >= 0 (0: off), got {self.inner_max_kl!r}")
         if not (isinstance(self.cg_damping, (int, float)) and self.cg_damping >= 0):
             raise ValueError(f"agent.cg_damping must be >= 0, got {self.cg_damping!r}")
-        if self.inner_max_kl_grad and (self.inner_max_kl <= 0 or self.first_order):
-            raise ValueError("agent.inner_max_kl_grad differentiates the KL-bounded inner step sizes: it needs "
-                             f"inner_max_kl > 0 and first_order: false (got inner_max_kl {self.inner_max_kl!r}, "
-                             f"first_order {self.first_order!r})")
         if self.inner_objective not in INNER_OBJECTIVES:
             raise ValueError(f"agent.inner_objective must be one of {', '.join(INNER_OBJECTIVES)}, "
                              f"got {self.inner_objective!r}")
         if self.inner_objective != "log_prob" and self.first_order:
             raise ValueError("agent.inner_objective 'lvc' changes only the inner step's Hessian, which first_order "
                              "drops: set first_order: false or inner_objective: log_prob")
-        if self.learn_inner_lr not in LEARN_INNER_LR:
-            raise ValueError(f"agent.learn_inner_lr must be one of {', '.join(LEARN_INNER_LR)}, got {self.learn_inner_lr!r}")
-        if self.learn_inner_lr != "off" and self.inner_max_kl > 0:
-            raise ValueError("agent.learn_inner_lr and agent.inner_max_kl are two answers to the same problem: "
-                             "set one of them (inner_max_kl: 0 or learn_inner_lr: off)")
         if self.init not in ("xavier", "orthogonal"):
             raise ValueError(f"agent.init must be 'xavier' or 'orthogonal', got {self.init!r}")
         if self.log_prob_reduction not in ("sum", "mean"):
@@ -196,8 +169,17 @@ class MAMLTRPO(Agent):
     #: options added after checkpoints began recording their config (2026-12-01), at the value that keeps the
     #: behaviour runs recorded before them had: their folders and bench cells still resume
     added_options = {"log_prob_reduction": "sum", "action_scale": 1.0, "inner_max_kl": 0.0, "fisher_subsample": 1,
-                     "learn_inner_lr": "off", "inner_gae_lambda": None, "inner_max_kl_grad": False,
                      "inner_objective": "log_prob"}
+    #: options retired after every measured comparison went against them (docs/agents.md, "Retired options"):
+    #: a run recorded with one at its neutral value still resumes, at any other value it is refused
+    retired_options = {
+        "learn_inner_lr": ("off", "meta-learned inner step sizes: 57% against 59% one-step gain on PointNav2D, "
+                                  "later steps overshooting"),
+        "inner_gae_lambda": (None, "a separate GAE lambda for the inner step: 0.97 declined on HalfCheetahDir "
+                                   "(138 against 362 after one step)"),
+        "inner_max_kl_grad": (False, "differentiated KL-bounded step sizes: made HalfCheetahDir's decline come "
+                                     "sooner"),
+    }
 
     def __init__(self, config: MAMLTRPOConfig, sampler: Any, seed: int = 0):
         keep_freed_memory()  # the update's large tensors would otherwise be page-faulted in afresh (metarl.system)
@@ -210,11 +192,6 @@ class MAMLTRPO(Agent):
                                         init=config.init, log_prob_reduction=config.log_prob_reduction,
                                         action_scale=config.action_scale)
         self.baseline = LinearFeatureBaseline()
-        # log step sizes, one per policy tensor (per_tensor) or per parameter (per_parameter); empty when off
-        self.inner_log_lr: OrderedDict[str, torch.Tensor] = OrderedDict(
-            (name, torch.full(() if config.learn_inner_lr == "per_tensor" else p.shape, math.log(config.inner_lr),
-                              dtype=p.dtype, requires_grad=True))
-            for name, p in self.policy.params().items() if config.learn_inner_lr != "off")
         self.rng = np.random.default_rng(seed)
         self.env_steps = 0
         self.iteration = 0
@@ -224,25 +201,17 @@ class MAMLTRPO(Agent):
         return int(self.rng.integers(2**31 - 1))
 
     def meta_params(self) -> Params:
-        """What the outer step updates: the policy's parameters, then (with ``learn_inner_lr``) the log inner
-        step sizes under ``inner_log_lr:<tensor name>``."""
-        return OrderedDict([*self.policy.params().items(), *((LR_PREFIX + k, v) for k, v in self.inner_log_lr.items())])
-
-    @staticmethod
-    def split_meta_params(theta: Params) -> tuple[Params, Params | None]:
-        """``(policy parameters, log step sizes by policy tensor name or None)`` of a `meta_params` dict."""
-        policy = OrderedDict((k, v) for k, v in theta.items() if not k.startswith(LR_PREFIX))
-        log_lr = OrderedDict((k[len(LR_PREFIX):], v) for k, v in theta.items() if k.startswith(LR_PREFIX))
-        return policy, (log_lr or None)
+        """What the outer step updates: the policy's parameters."""
+        return self.policy.params()
 
     def _actor(self, params: dict[str, torch.Tensor], deterministic: bool = False) -> GaussianActor:
         return GaussianActor(self.policy.config, params, seed=self._seed(), deterministic=deterministic)
 
     def advantages(self, batch: EpisodeBatch, inner: bool = False) -> torch.Tensor:
-        """``[N, E, T]`` GAE advantages with the per-task linear baseline, normalised per task; ``inner``: for an
-        adaptation step (λ = ``inner_gae_lambda`` where set), else for the outer loss (λ = ``gae_lambda``)."""
+        """``[N, E, T]`` GAE advantages with the per-task linear baseline, normalised per task (``inner``: for an
+        adaptation step; the same λ as the outer loss's, as every anchor)."""
         c = self.config
-        lam = c.inner_gae_lambda if inner and c.inner_gae_lambda is not None else c.gae_lambda
+        lam = c.gae_lambda
         returns = discounted_returns(batch.rewards, batch.mask, c.gamma)
         values = self.baseline.fit(batch.observations, returns, batch.mask).predict(batch.observations, batch.mask)
         adv = gae(batch.rewards, values, batch.mask, c.gamma, lam)
@@ -274,24 +243,19 @@ class MAMLTRPO(Agent):
         return self.policy.log_prob(batch.observations, batch.actions, OrderedDict((k, v.detach()) for k, v in params.items()))
 
     def adapt(self, params: Params, batch: EpisodeBatch, advantages: torch.Tensor, create_graph: bool,
-              lr: torch.Tensor | None = None, log_lr: Params | None = None,
-              sampling_logp: torch.Tensor | None = None) -> Params:
+              lr: torch.Tensor | None = None, sampling_logp: torch.Tensor | None = None) -> Params:
         """One inner gradient step per task. ``params`` are task-batched ``[N, ...]``; ``lr``: each task's step
-        size ``[N]``, or ``log_lr``: learned log step sizes per tensor (default: ``inner_lr`` for all);
-        ``sampling_logp``: see `inner_loss`."""
+        size ``[N]`` (default: ``inner_lr`` for all); ``sampling_logp``: see `inner_loss`."""
         loss = self.inner_loss(params, batch, advantages, sampling_logp)
         grads = torch.autograd.grad(loss, list(params.values()), create_graph=create_graph)
-        return self._step(params, grads, lr, log_lr)
+        return self._step(params, grads, lr)
 
-    def _step(self, params: Params, grads: Any, lr: torch.Tensor | None = None, log_lr: Params | None = None) -> Params:
-        """``theta - alpha * g`` per task: alpha is ``lr`` ``[N]`` (one per task), ``exp(log_lr[name])`` (learned,
-        per tensor or per parameter, the same for every task) or ``inner_lr``."""
-        return OrderedDict((k, p - self._alpha(k, p, lr, log_lr) * g) for (k, p), g in zip(params.items(), grads, strict=True))
+    def _step(self, params: Params, grads: Any, lr: torch.Tensor | None = None) -> Params:
+        """``theta - alpha * g`` per task: alpha is ``lr`` ``[N]`` (one per task) or ``inner_lr``."""
+        return OrderedDict((k, p - self._alpha(p, lr) * g) for (k, p), g in zip(params.items(), grads, strict=True))
 
-    def _alpha(self, name: str, like: torch.Tensor, lr: torch.Tensor | None, log_lr: Params | None):
+    def _alpha(self, like: torch.Tensor, lr: torch.Tensor | None):
         """The step size multiplying the task-batched ``like`` ``[N, ...]`` in `_step`."""
-        if log_lr is not None:
-            return torch.exp(log_lr[name])  # () or like.shape[1:]: broadcasts over the task axis
         if lr is None:
             return self.config.inner_lr
         return lr.to(like.dtype).reshape(-1, *([1] * (like.dim() - 1)))  # one per task
@@ -304,10 +268,6 @@ class MAMLTRPO(Agent):
         params = OrderedDict((k, v.detach()) for k, v in params.items())
         leaf = OrderedDict((k, v.detach().requires_grad_()) for k, v in params.items())  # a new view, params untouched
         grads = torch.autograd.grad(self.inner_loss(leaf, batch, advantages), list(leaf.values()))
-        if self.inner_log_lr:  # learned step sizes (the lr returned: their mean, for the logs)
-            log_lr = OrderedDict((k, v.detach()) for k, v in self.inner_log_lr.items())
-            mean = torch.cat([v.exp().reshape(-1) for v in log_lr.values()]).mean()
-            return self._step(params, grads, log_lr=log_lr), mean.expand(batch.num_tasks)
         full = self._step(params, grads)  # the plain step, exactly as `adapt` takes it
         if c.inner_max_kl <= 0:
             return full, torch.full((batch.num_tasks,), c.inner_lr, dtype=grads[0].dtype)
@@ -348,22 +308,14 @@ class MAMLTRPO(Agent):
                        inner_logps: list[torch.Tensor] | None = None) -> Params:
         """theta'(theta) after the inner steps on the recorded episodes, differentiable w.r.t. theta
         (``inner_lrs``: the per-task step sizes each step was taken with; default ``inner_lr``; ``inner_logps``:
-        with ``inner_objective: lvc``, each step's sampling log-probs, see `OuterBatch`; ``theta`` may hold
-        learned log step sizes, see `meta_params`)."""
+        with ``inner_objective: lvc``, each step's sampling log-probs, see `OuterBatch`)."""
         n = train[0][0].num_tasks
-        policy, log_lr = self.split_meta_params(theta)
-        params = batch_params(policy, n)
+        params = batch_params(theta, n)
         second_order = create_graph and not self.config.first_order
         for k, (batch, adv) in enumerate(train):
             sampling_logp = None if inner_logps is None else inner_logps[k]
-            if self.config.inner_max_kl_grad:  # alpha_i(theta), recomputed from the KL of the full step
-                grads = torch.autograd.grad(self.inner_loss(params, batch, adv, sampling_logp), list(params.values()),
-                                            create_graph=second_order)
-                params = self._step(params, grads, self.bounded_lr(params, self._step(params, grads), batch))
-                continue
             params = self.adapt(params, batch, adv, create_graph=second_order,
-                                lr=None if inner_lrs is None else inner_lrs[k], log_lr=log_lr,
-                                sampling_logp=sampling_logp)
+                                lr=None if inner_lrs is None else inner_lrs[k], sampling_logp=sampling_logp)
         return params
 
     def bounded_lr(self, before: Params, full: Params, batch: EpisodeBatch) -> torch.Tensor:
@@ -407,26 +359,20 @@ class MAMLTRPO(Agent):
         of differentiating a third-order graph (the KL through the adaptation) ten times. ``theta``
         enters every task as the same copy, so products w.r.t. theta sum over the task axis. With
         ``fisher_subsample`` k > 1 the products' Hessians and Fisher are estimated on every k-th episode of
-        each task, at the same points (the meta-gradient stays exact). With learned step sizes
-        (``learn_inner_lr``, alpha = exp(rho) per tensor or parameter) a step is ``theta^(k+1) = theta^(k) -
-        alpha * g_k``: its tangent map is ``(d theta, d rho) -> d theta - alpha * (H_k d theta) - alpha * d rho *
-        g_k`` and its adjoint ``u -> (u - H_k (alpha * u), -sum(alpha * u * g_k))``, summed over tasks for rho.
+        each task, at the same points (the meta-gradient stays exact).
         """
         c = self.config
         n = outer.valid.num_tasks
-        policy_theta, log_lr = self.split_meta_params(theta)
-        names = list(policy_theta.keys())
+        names = list(theta.keys())
         subsample = c.fisher_subsample > 1
         every_kth = slice(None, None, c.fisher_subsample)  # the episodes the curvature is estimated on
         # Forward through the inner steps with a fresh leaf at each step's starting point.
         points: list[list[torch.Tensor]] = []
         inner_grads: list[tuple[torch.Tensor, ...]] = []
         curvature_grads: list[tuple[torch.Tensor, ...]] = []  # the inner gradients the Hessians come from
-        params = [v.detach().unsqueeze(0).expand(n, *v.shape).clone() for v in policy_theta.values()]
+        params = [v.detach().unsqueeze(0).expand(n, *v.shape).clone() for v in theta.values()]
         lrs = outer.inner_lrs or [None] * len(outer.train)
-        log_lr_values = None if log_lr is None else OrderedDict((k, v.detach()) for k, v in log_lr.items())
-        alphas = [[self._alpha(name, p, lr, log_lr_values) for name, p in zip(names, params, strict=True)] for lr in lrs]
-        dalphas: list[list[torch.Tensor] | None] = []  # with inner_max_kl_grad: each task's d alpha_i / d theta^(k)
+        alphas = [[self._alpha(p, lr) for p in params] for lr in lrs]
         for k, ((batch, adv), alpha) in enumerate(zip(outer.train, alphas, strict=True)):
             leaf = [p.requires_grad_() for p in params]
             named = OrderedDict(zip(names, leaf, strict=True))
@@ -435,14 +381,6 @@ class MAMLTRPO(Agent):
                                         create_graph=not c.first_order)
             points.append(leaf)
             inner_grads.append(grads)
-            dalphas.append(None)
-            active = lrs[k] < c.inner_lr if c.inner_max_kl_grad else None  # the tasks whose bound shrank the step
-            if active is not None and bool(active.any()):  # alpha_i = lr sqrt(B / KL_i): d alpha_i = -alpha_i / (2 KL_i) d KL_i
-                kl = self._task_kl(named, self._step(named, grads), batch)  # the full step's KL, as sampling took it
-                dkl = torch.autograd.grad(kl.sum(), leaf, retain_graph=True)
-                task_lr = lrs[k].to(kl.dtype)
-                coef = torch.where(active, -task_lr / (2 * kl.detach().clamp_min(1e-30)), torch.zeros_like(kl))
-                dalphas[k] = [_per_task(coef, d) * d.detach() for d in dkl]
             if subsample and not c.first_order:
                 sub, sub_adv = batch.episode_slice(every_kth), adv[:, every_kth]
                 sub_logp = None if sampling_logp is None else sampling_logp[:, every_kth]
@@ -451,7 +389,6 @@ class MAMLTRPO(Agent):
             else:
                 curvature_grads.append(grads)
             params = [(p - a * g).detach() for p, a, g in zip(leaf, alpha, grads, strict=True)]
-        step_grads = [[g.detach() for g in grads] for grads in inner_grads]  # g_k, what d rho multiplies
         adapted = [p.requires_grad_() for p in params]
         named_adapted = OrderedDict(zip(names, adapted, strict=True))
         surrogate, kl = self.outer_terms(named_adapted, outer)
@@ -466,40 +403,24 @@ class MAMLTRPO(Agent):
                 return [torch.zeros_like(v) for v in vectors]
             return list(torch.autograd.grad(grads[k], points[k], grad_outputs=vectors, retain_graph=True))
 
-        def forward(v: list[torch.Tensor], v_rho: list[torch.Tensor] | None, grads: list) -> list[torch.Tensor]:
-            """J (d theta, d rho): the adapted parameters' tangent, task-batched."""
+        def forward(v: list[torch.Tensor], grads: list) -> list[torch.Tensor]:
+            """J d theta: the adapted parameters' tangent, task-batched."""
             for k in steps:
-                hv = hessian_times(grads, k, v)
-                moved = [x - a * h for x, a, h in zip(v, alphas[k], hv, strict=True)]
-                if dalphas[k] is not None:  # - g_k (d alpha . v), task by task
-                    along = _task_dot(dalphas[k], v)
-                    moved = [x - _per_task(along, g) * g for x, g in zip(moved, step_grads[k], strict=True)]
-                v = moved
-                if v_rho is not None:
-                    v = [x - a * r * g for x, a, r, g in zip(v, alphas[k], v_rho, step_grads[k], strict=True)]
+                v = [x - a * h for x, a, h in zip(v, alphas[k], hessian_times(grads, k, v), strict=True)]
             return v
 
         def adjoint(u: list[torch.Tensor], grads: list) -> torch.Tensor:
-            """J^T u, flattened as theta (the policy's tensors summed over tasks, then the log step sizes)."""
-            u_rho = [torch.zeros_like(r) for r in log_lr_values.values()] if log_lr_values is not None else None
+            """J^T u, flattened as theta (the policy's tensors summed over tasks)."""
             for k in reversed(steps):
-                if u_rho is not None:
-                    u_rho = [acc - _reduce_to(a * x * g, acc) for acc, a, x, g in zip(u_rho, alphas[k], u, step_grads[k],
-                                                                                      strict=True)]
                 au = [a * x for a, x in zip(alphas[k], u, strict=True)]
-                moved = [x - h for x, h in zip(u, hessian_times(grads, k, au), strict=True)]
-                if dalphas[k] is not None:  # - d alpha (g_k . u), task by task
-                    along = _task_dot(step_grads[k], u)
-                    moved = [x - _per_task(along, d) * d for x, d in zip(moved, dalphas[k], strict=True)]
-                u = moved
-            return flatten([*(x.sum(0) for x in u), *(u_rho or [])]).detach()
+                u = [x - h for x, h in zip(u, hessian_times(grads, k, au), strict=True)]
+            return flatten([x.sum(0) for x in u]).detach()
 
-        shapes = [*policy_theta.values(), *(log_lr_values or {}).values()]
+        shapes = list(theta.values())
 
         def fisher_vector_product(vector: torch.Tensor) -> torch.Tensor:
-            pieces = unflatten_like(vector.detach(), shapes)
-            v = [t.unsqueeze(0).expand(n, *t.shape) for t in pieces[:len(names)]]
-            u = forward(v, pieces[len(names):] if log_lr_values is not None else None, curvature_grads)  # J v
+            v = [t.unsqueeze(0).expand(n, *t.shape) for t in unflatten_like(vector.detach(), shapes)]
+            u = forward(v, curvature_grads)  # J v
             fu = torch.autograd.grad(grad_kl, adapted, grad_outputs=u, retain_graph=True)  # F' J v
             return adjoint(list(fu), curvature_grads) + c.cg_damping * vector.detach()
 
@@ -608,7 +529,6 @@ class MAMLTRPO(Agent):
             "loss/line_search_accepted": float(accepted),
             "loss/step_scale": float(scale),
             "loss/policy_std": float(self.policy.log_std.exp().mean().item()),
-            **self.learned_lr_metrics(),
             "time/sampling_s": sample_time,
             "time/update_s": total - sample_time,
             "time/iteration_s": total,
@@ -617,10 +537,6 @@ class MAMLTRPO(Agent):
             "env_steps": float(self.env_steps),
         })
         return metrics
-
-    def learned_lr_metrics(self) -> dict[str, float]:
-        """``meta/learned_lr/<tensor>``: the mean learned inner step size of each policy tensor (learn_inner_lr)."""
-        return {f"meta/learned_lr/{k}": float(v.detach().exp().mean()) for k, v in self.inner_log_lr.items()}
 
     # ---- evaluation protocol -------------------------------------------------------------------------
     def _evaluation_stages(self, tasks: list[Task], steps: int, episodes: int, seed: int,
@@ -675,7 +591,6 @@ class MAMLTRPO(Agent):
         """Everything needed to continue training exactly (loadable with ``weights_only=True``)."""
         return {
             "policy": self.policy.state_dict(),
-            "inner_log_lr": {k: v.detach().clone() for k, v in self.inner_log_lr.items()},
             "iteration": self.iteration,
             "env_steps": self.env_steps,
             "rng": self.rng.bit_generator.state,
@@ -683,28 +598,8 @@ class MAMLTRPO(Agent):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.policy.load_state_dict(state["policy"])
-        saved = state.get("inner_log_lr", {})  # checkpoints from before learn_inner_lr have none
-        if set(saved) != set(self.inner_log_lr):
-            raise ValueError(f"the checkpoint's learned inner step sizes ({len(saved)} tensors) do not match "
-                             f"agent.learn_inner_lr={self.config.learn_inner_lr!r}")
-        with torch.no_grad():
-            for k, v in self.inner_log_lr.items():
-                v.copy_(saved[k])
+        if state.get("inner_log_lr"):  # a checkpoint of the retired learn_inner_lr (its config is refused first)
+            raise ValueError("the checkpoint holds learned inner step sizes (agent.learn_inner_lr, retired)")
         self.iteration = int(state["iteration"])
         self.env_steps = int(state["env_steps"])
         self.rng.bit_generator.state = state["rng"]
-
-
-def _reduce_to(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Sum the task-batched ``x`` ``[N, ...]`` down to the shape of a log step size (``()`` or ``x.shape[1:]``)."""
-    return x.sum() if like.dim() == 0 else x.sum(0)
-
-
-def _per_task(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Each task's scalar ``values`` ``[N]`` shaped to broadcast over the task-batched ``like`` ``[N, ...]``."""
-    return values.reshape(-1, *([1] * (like.dim() - 1)))
-
-
-def _task_dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
-    """``[N]``: task by task, the inner product of two lists of task-batched tensors."""
-    return sum((x * y).flatten(1).sum(1) for x, y in zip(a, b, strict=True))

@@ -29,7 +29,9 @@ a video replays (`Agent.adaptation_rollouts`) and deployment (`Agent.adapt_with`
 picklable object the sampler ships to its worker processes and Ray actors. ``save_actor`` / ``load_actor``
 (optional) let `metarl.api.AdaptedPolicy` save an adapted policy; ``set_total_iterations(n)`` (optional) tells
 an agent the run's length before training (for schedules); ``added_options`` maps options added after runs
-were recorded to the value that keeps those runs' behaviour, so their folders still resume.
+were recorded to the value that keeps those runs' behaviour, so their folders still resume; ``retired_options``
+maps options the agent no longer has to ``(neutral value, why)``: a run or config that gave one its neutral value
+still resumes and loads, any other value is refused in one line saying why.
 
 Registry: built-in agents are entry points of the group ``metarl.agents`` (pyproject.toml), and a
 third-party package declares its own the same way; an agent in a module or file of the user's registers with
@@ -97,6 +99,7 @@ class Agent(abc.ABC):
     name: ClassVar[str] = ""
     config_class: ClassVar[type]
     added_options: ClassVar[dict[str, Any]] = {}
+    retired_options: ClassVar[dict[str, tuple[Any, str]]] = {}
 
     config: Any
     sampler: Any
@@ -239,9 +242,11 @@ def check_agent(cls: Any) -> None:
         except TypeError:
             raise AgentError(f"agent {name}: {member}{inspect.signature(fn)} must take "
                              f"(self, {', '.join(params)})") from None
-    for member in ("added_options",):
-        if not isinstance(getattr(cls, member), dict):
-            raise AgentError(f"agent {name}: {member} must be a dict")
+    if not isinstance(cls.added_options, dict):
+        raise AgentError(f"agent {name}: added_options must be a dict of option -> old value")
+    if not isinstance(cls.retired_options, dict) or not all(
+            isinstance(v, tuple) and len(v) == 2 and isinstance(v[1], str) for v in cls.retired_options.values()):
+        raise AgentError(f"agent {name}: retired_options must be a dict of option -> (neutral value, why)")
 
 
 def register_agent(cls: type[Agent]) -> type[Agent]:

@@ -353,6 +353,12 @@ def load_config(path: str | Path | None, overrides: list[str] = (), data: dict[s
     name = agent.pop("name")
     base = Path(path).resolve().parent if path is not None else None
     cls = _agent_class_after_imports(name, data, base)
+    for option, (neutral, why) in cls.retired_options.items():
+        if option in agent:
+            if agent[option] != neutral:
+                raise ConfigError(f"agent.{option}: retired ({why}); this version runs only its neutral value "
+                                  f"{neutral!r}, got {agent[option]!r}")
+            del agent[option]  # a config or run recorded while it existed, at the value that changes nothing
     agent_config = build(cls.config_class, agent, "agent")
     for required in ("experiment", "env"):
         if required not in data:

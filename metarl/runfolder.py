@@ -175,15 +175,33 @@ def added_options(agent_name: Any) -> dict[str, Any]:
     return {f"agent.{k}": v for k, v in cls.added_options.items()}
 
 
+def retired_options(agent_name: Any) -> dict[str, Any]:
+    """The options an agent retired (its class's ``retired_options``, as ``agent.<option>`` keys) with their
+    neutral value: a record holding one at that value matches a config without it."""
+    from metarl.agent import AgentError, get_agent
+
+    if not isinstance(agent_name, str):
+        return {}
+    try:
+        cls = get_agent(agent_name)
+    except AgentError:
+        return {}
+    return {f"agent.{k}": neutral for k, (neutral, _) in cls.retired_options.items()}
+
+
 def with_added_options(config_dict: dict[str, Any]) -> dict[str, Any]:
     """A copy of a stored run config with the `added_options` of its agent that it lacks at their old behaviour's
-    value: a record written before an option existed ran with that value (to compare two such records
+    value, and without its `retired_options` at their neutral value: a record written before an option existed
+    ran with that value (to compare two such records
     symmetrically; `record_changes` forgives them in its ``old`` record only)."""
     filled = json.loads(json.dumps(config_dict))
     agent = filled.get("agent")
     if isinstance(agent, dict):
         for option, value in added_options(agent.get("name")).items():
             agent.setdefault(option.split(".", 1)[1], value)
+        for option, neutral in retired_options(agent.get("name")).items():  # and without retired ones at neutral
+            if option.split(".", 1)[1] in agent and agent[option.split(".", 1)[1]] == neutral:
+                del agent[option.split(".", 1)[1]]
     return filled
 
 
@@ -197,14 +215,16 @@ _ABSENT = _Absent()  # a field one record lacks: it differs from any value, None
 
 def record_changes(old: Any, new: Any, may_change: frozenset[str] = frozenset(), config_at: str = "") -> list[str]:
     """The dotted fields whose value differs between two records of JSON values, as ``"field old -> new"``,
-    but the fields in ``may_change``, and `added_options` (a run config's fields, found under ``config_at``)
-    absent from ``old`` and at their old behaviour's value in ``new`` (for the agent ``new`` names)."""
+    but the fields in ``may_change``, `added_options` (a run config's fields, found under ``config_at``) absent from
+    ``old`` and at their old behaviour's value in ``new``, and `retired_options` at their neutral value in ``old``
+    and absent from ``new`` (for the agent ``new`` names)."""
     out: list[str] = []
     config = new
     for part in config_at.split(".")[:-1]:
         config = config.get(part) if isinstance(config, dict) else None
     agent = config.get("agent") if isinstance(config, dict) else None
     added = added_options(agent.get("name")) if isinstance(agent, dict) else {}
+    retired = retired_options(agent.get("name")) if isinstance(agent, dict) else {}
 
     def walk(a: Any, b: Any, where: str) -> None:
         if isinstance(a, dict) and isinstance(b, dict):
@@ -212,6 +232,8 @@ def record_changes(old: Any, new: Any, may_change: frozenset[str] = frozenset(),
                 name = f"{where}.{key}" if where else key
                 option = name[len(config_at):] if name.startswith(config_at) else None
                 if key not in a and option in added and b[key] == added[option]:
+                    continue
+                if key not in b and option in retired and a[key] == retired[option]:
                     continue
                 walk(a.get(key, _ABSENT), b.get(key, _ABSENT), name)
         elif (a is _ABSENT or b is _ABSENT or a != b) and where not in may_change:

@@ -365,9 +365,9 @@ def test_a_cell_recorded_before_an_option_existed_is_still_finished_and_resumabl
     check_partial(suite, cell)
 
     changed = cell.spec()
-    changed["config"]["agent"]["inner_gae_lambda"] = 0.5  # the suite now asks for another value: not the same cell
+    changed["config"]["agent"]["inner_objective"] = "lvc"  # the suite now asks for another value: not the same cell
     changed = dataclasses.replace(cell, resolved=changed["config"])
-    with pytest.raises(ConfigError, match=r"config.agent.inner_gae_lambda \(absent\) -> 0.5"):
+    with pytest.raises(ConfigError, match=r"config.agent.inner_objective \(absent\) -> 'lvc'"):
         finished(suite, changed)
     with pytest.raises(ConfigError, match=r"cannot be resumed"):
         check_partial(suite, changed)

@@ -29,21 +29,14 @@ def _double(batch: EpisodeBatch) -> EpisodeBatch:
     )
 
 
-def _tiny_problem(sampler, first_order: bool, inner_steps: int = 1, inner_max_kl: float = 0.0,
-                  learn_inner_lr: str = "off", inner_max_kl_grad: bool = False, **options):
+def _tiny_problem(sampler, first_order: bool, inner_steps: int = 1, inner_max_kl: float = 0.0, **options):
     """Real PointNav2D episodes (2 tasks x 3 episodes, horizon cut to 12 steps) and a tiny float64 policy
     (with ``inner_max_kl``, the recorded per-task step sizes go into the OuterBatch as sampling used them;
-    with ``learn_inner_lr``, the learned step sizes are spread around inner_lr so that each differs;
     ``options``: more MAMLTRPOConfig fields)."""
     config = MAMLTRPOConfig(tasks_per_batch=2, episodes_per_task=3, inner_steps=inner_steps, inner_lr=0.5,
-                            first_order=first_order, hidden=(5,), init_std=0.5, inner_max_kl=inner_max_kl,
-                            learn_inner_lr=learn_inner_lr, inner_max_kl_grad=inner_max_kl_grad, **options)
+                            first_order=first_order, hidden=(5,), init_std=0.5, inner_max_kl=inner_max_kl, **options)
     agent = MAMLTRPO(config, sampler, seed=3)
     agent.policy.double()
-    spread = torch.Generator().manual_seed(5)
-    agent.inner_log_lr = OrderedDict(
-        (k, (v.detach().double() + 0.3 * torch.randn(v.shape, generator=spread, dtype=torch.float64)).requires_grad_())
-        for k, v in agent.inner_log_lr.items())
     tasks = sampler.family.sample_tasks(2, "train", seed=1)
 
     def collect(seed):
@@ -94,25 +87,18 @@ def _grad_and_fd(agent, outer, coords, eps=1e-6):
     return grad, np.array(fd)
 
 
-@pytest.mark.parametrize("inner_steps,inner_max_kl,learn_inner_lr,inner_max_kl_grad,options", [
-    (1, 0.0, "off", False, {}), (2, 0.0, "off", False, {}), (2, 1e-3, "off", False, {}), (2, 0.0, "per_tensor", False, {}),
-    (1, 0.0, "per_parameter", False, {}), (1, 1e-3, "off", True, {}), (2, 1e-3, "off", True, {}),
-    (1, 0.0, "off", False, {"inner_objective": "lvc"}),
-    (2, 1e-3, "off", True, {"inner_objective": "lvc", "log_prob_reduction": "mean"})])
-def test_meta_gradient_matches_finite_differences(sampler, inner_steps, inner_max_kl, learn_inner_lr, inner_max_kl_grad,
-                                                  options):
+@pytest.mark.parametrize("inner_steps,inner_max_kl,options", [
+    (1, 0.0, {}), (2, 0.0, {}), (2, 1e-3, {}), (1, 0.0, {"inner_objective": "lvc"}),
+    (2, 1e-3, {"inner_objective": "lvc", "log_prob_reduction": "mean"})])
+def test_meta_gradient_matches_finite_differences(sampler, inner_steps, inner_max_kl, options):
     """d/dtheta of the post-adaptation surrogate, through the inner step(s), equals central differences
-    (with a KL-bounded inner step: its per-task step sizes held at the values sampling used, or, with
-    inner_max_kl_grad, recomputed from theta and differentiated; with learned step sizes: their coordinates
-    too, which come last in theta; with ProMP's "lvc" inner objective the surrogate the line search evaluates
-    weighs each inner step's episodes by pi / pi_sampling, and its derivative is the LVC meta-gradient)."""
+    (with a KL-bounded inner step: its per-task step sizes held at the values sampling used; with ProMP's "lvc"
+    inner objective the surrogate the line search evaluates weighs each inner step's episodes by pi / pi_sampling,
+    and its derivative is the LVC meta-gradient)."""
     agent, outer = _tiny_problem(sampler, first_order=False, inner_steps=inner_steps, inner_max_kl=inner_max_kl,
-                                 learn_inner_lr=learn_inner_lr, inner_max_kl_grad=inner_max_kl_grad, **options)
+                                 **options)
     n = sum(p.numel() for p in agent.meta_params().values())
-    n_policy = sum(p.numel() for p in agent.policy.parameters())
     coords = np.random.default_rng(0).choice(n, size=8, replace=False)
-    if learn_inner_lr != "off":  # two learned step sizes among the coordinates
-        coords = np.concatenate([coords[:6], np.random.default_rng(1).choice(np.arange(n_policy, n), 2, replace=False)])
     grad, fd = _grad_and_fd(agent, outer, coords)
     np.testing.assert_allclose(grad[coords].numpy(), fd, rtol=1e-4, atol=1e-7)
 
@@ -140,23 +126,17 @@ def test_first_order_drops_the_second_order_terms(sampler):
     torch.testing.assert_close(first, expected, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("inner_steps,first_order,inner_max_kl,learn_inner_lr,inner_max_kl_grad,inner_objective", [
-    (1, False, 0.0, "off", False, "log_prob"), (2, False, 0.0, "off", False, "log_prob"),
-    (1, True, 0.0, "off", False, "log_prob"), (2, False, 1e-3, "off", False, "log_prob"),
-    (2, False, 0.0, "per_tensor", False, "log_prob"), (1, False, 0.0, "per_parameter", False, "log_prob"),
-    (2, True, 0.0, "per_parameter", False, "log_prob"), (2, False, 1e-3, "off", True, "log_prob"),
-    (1, False, 0.0, "off", False, "lvc"), (2, False, 1e-3, "off", False, "lvc"), (2, False, 0.0, "per_tensor", False, "lvc")])
+@pytest.mark.parametrize("inner_steps,first_order,inner_max_kl,inner_objective", [
+    (1, False, 0.0, "log_prob"), (2, False, 0.0, "log_prob"), (1, True, 0.0, "log_prob"), (2, True, 0.0, "log_prob"),
+    (2, False, 1e-3, "log_prob"), (1, False, 0.0, "lvc"), (2, False, 1e-3, "lvc")])
 def test_chain_rule_operators_equal_differentiating_through_the_adaptation(sampler, inner_steps, first_order,
-                                                                            inner_max_kl, learn_inner_lr,
-                                                                            inner_max_kl_grad, inner_objective):
+                                                                            inner_max_kl, inner_objective):
     """trpo_operators (J^T grad L and J^T F' J v, second order only) give the same meta-gradient and the
-    same KL Hessian-vector products as autograd through the whole adaptation (a third-order graph),
-    learned step sizes included ("lvc": ProMP's inner objective, whose sampling term autograd finds through
-    the stop-gradient ratio)."""
+    same KL Hessian-vector products as autograd through the whole adaptation (a third-order graph)
+    ("lvc": ProMP's inner objective, whose sampling term autograd finds through the stop-gradient ratio)."""
     from metarl.optim import flat_grad, hessian_vector_product
 
     agent, outer = _tiny_problem(sampler, first_order=first_order, inner_steps=inner_steps, inner_max_kl=inner_max_kl,
-                                 learn_inner_lr=learn_inner_lr, inner_max_kl_grad=inner_max_kl_grad,
                                  inner_objective=inner_objective)
     theta = agent.meta_params()
     loss, _ = agent.meta_objective(theta, outer, create_graph=True)
@@ -389,14 +369,28 @@ def test_new_options_are_validated():
 
     base = {"experiment": "x", "env": "PointNav2D", "agent": {"name": "maml_trpo"}}
     for field, value in (("log_prob_reduction", "max"), ("action_scale", 0.0), ("activation", "gelu"),
-                         ("fisher_subsample", 0), ("learn_inner_lr", "yes")):
+                         ("fisher_subsample", 0)):
         with pytest.raises(ConfigError, match=f"agent.{field}"):
             load_config(None, data={**base, "agent": {"name": "maml_trpo", field: value}})
     config = load_config(None, ["agent.log_prob_reduction=mean", "agent.action_scale=0.1"], data=base)
     assert (config.agent.log_prob_reduction, config.agent.action_scale) == ("mean", 0.1)
-    with pytest.raises(ConfigError, match="learn_inner_lr and agent.inner_max_kl"):
-        load_config(None, data={**base, "agent": {"name": "maml_trpo", "learn_inner_lr": "per_tensor",
-                                                  "inner_max_kl": 1.0}})
+
+
+def test_retired_options_load_at_their_neutral_value_and_are_refused_otherwise():
+    """learn_inner_lr, inner_gae_lambda and inner_max_kl_grad lost every measured comparison and are gone: a
+    config (or a run recorded while they existed) giving one its neutral value loads as if it were absent;
+    any other value is one line naming the option, why it went, and the value this version runs."""
+    from metarl.config import ConfigError, load_config
+
+    base = {"experiment": "x", "env": "PointNav2D"}
+    plain = load_config(None, data={**base, "agent": {"name": "maml_trpo"}})
+    for option, neutral, other in (("learn_inner_lr", "off", "per_tensor"), ("inner_gae_lambda", None, 0.97),
+                                   ("inner_max_kl_grad", False, True)):
+        assert load_config(None, data={**base, "agent": {"name": "maml_trpo", option: neutral}}) == plain
+        with pytest.raises(ConfigError) as err:
+            load_config(None, data={**base, "agent": {"name": "maml_trpo", option: other}})
+        assert str(err.value).startswith(f"agent.{option}: retired (") and "\n" not in str(err.value)
+        assert f"runs only its neutral value {neutral!r}, got {other!r}" in str(err.value)
 
 
 def test_kl_bounded_inner_step_by_hand(sampler):
@@ -427,63 +421,6 @@ def test_kl_bounded_inner_step_by_hand(sampler):
                                    (theta[name][above] - off[name][above]) * lr[above] / 0.5)
     with pytest.raises(ValueError, match="inner_max_kl"):
         MAMLTRPOConfig(inner_max_kl=-1.0)
-
-
-def test_inner_gae_lambda_sets_the_adaptation_steps_lambda_and_leaves_the_outer_loss(sampler, monkeypatch):
-    """inner_gae_lambda: the inner step's advantages are those of gae_lambda = inner_gae_lambda, the outer
-    loss's keep gae_lambda; unset (None), both use gae_lambda. In a training step (two inner steps) and in
-    evaluation's adaptation, GAE is called with the inner lambda for each adaptation batch, the outer one last."""
-    import metarl.agents.maml_trpo as module
-
-    agent, outer = _tiny_problem(sampler, first_order=False)
-    batch, _ = outer.train[0]
-    base = agent.config
-    agent.config = dataclasses.replace(base, gae_lambda=1.0, inner_gae_lambda=0.5)
-    inner, outer_adv = agent.advantages(batch, inner=True), agent.advantages(batch)
-    agent.config = dataclasses.replace(base, gae_lambda=0.5, inner_gae_lambda=None)
-    torch.testing.assert_close(inner, agent.advantages(batch), rtol=0, atol=0)
-    torch.testing.assert_close(inner, agent.advantages(batch, inner=True), rtol=0, atol=0)
-    agent.config = dataclasses.replace(base, gae_lambda=1.0, inner_gae_lambda=None)
-    torch.testing.assert_close(outer_adv, agent.advantages(batch, inner=True), rtol=0, atol=0)
-    assert not torch.allclose(inner, outer_adv)  # the two lambdas give different advantages on this batch
-
-    lambdas = []
-    real_gae = module.gae
-    monkeypatch.setattr(module, "gae", lambda r, v, m, g, lam: lambdas.append(lam) or real_gae(r, v, m, g, lam))
-    config = MAMLTRPOConfig(tasks_per_batch=2, episodes_per_task=2, inner_steps=2, hidden=(8,),
-                            gae_lambda=0.9, inner_gae_lambda=0.3)
-    trainer = MAMLTRPO(config, sampler, seed=0)
-    tasks = sampler.family.sample_tasks(2, "train", seed=0)
-    trainer.train_step(tasks)
-    assert lambdas == [0.3, 0.3, 0.9]
-    lambdas.clear()
-    trainer.evaluate_adaptation(tasks, steps=2, episodes=2, seed=1)
-    assert lambdas == [0.3, 0.3]
-    with pytest.raises(ValueError, match="inner_gae_lambda"):
-        MAMLTRPOConfig(inner_gae_lambda=1.5)
-
-
-def test_inner_max_kl_grad_adds_the_step_sizes_dependence_on_theta(sampler):
-    """With the bound active, differentiating alpha_i(theta) changes the meta-gradient (by more than the
-    finite-difference test's tolerance, so that test checks the new term); where no task reaches the bound
-    alpha_i = inner_lr is constant and the two gradients are equal. It needs a bound and second order."""
-    agent, outer = _tiny_problem(sampler, first_order=False, inner_steps=2, inner_max_kl=1e-3, inner_max_kl_grad=True)
-    differentiated, _ = _grad_and_fd(agent, outer, [])
-    agent.config = dataclasses.replace(agent.config, inner_max_kl_grad=False)
-    constant, _ = _grad_and_fd(agent, outer, [])
-    assert (differentiated - constant).norm() > 1e-2 * constant.norm()
-
-    loose = 1e6  # no task reaches it: every step size is inner_lr
-    agent.config = dataclasses.replace(agent.config, inner_max_kl=loose, inner_max_kl_grad=True)
-    outer = dataclasses.replace(outer, inner_lrs=[torch.full_like(lr, 0.5) for lr in outer.inner_lrs])
-    value, grad, _ = agent.trpo_operators(agent.meta_params(), outer)
-    agent.config = dataclasses.replace(agent.config, inner_max_kl=0.0, inner_max_kl_grad=False)
-    plain_value, plain, _ = agent.trpo_operators(agent.meta_params(), dataclasses.replace(outer, inner_lrs=None))
-    assert value == pytest.approx(plain_value, rel=1e-12)
-    torch.testing.assert_close(grad, plain, rtol=1e-10, atol=1e-12)
-    for bad in ({"inner_max_kl": 0.0}, {"inner_max_kl": 5.0, "first_order": True}):
-        with pytest.raises(ValueError, match="inner_max_kl_grad"):
-            MAMLTRPOConfig(inner_max_kl_grad=True, **bad)
 
 
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
@@ -573,45 +510,3 @@ def test_fisher_subsample_estimates_the_curvature_on_every_kth_episode(sampler, 
         assert not torch.allclose(fvp(v), exact_fvp(v), rtol=1e-3)  # a different (subsampled) estimate
 
 
-@pytest.mark.parametrize("mode", ["per_tensor", "per_parameter"])
-def test_learned_inner_lr_steps_with_its_own_sizes_trains_and_resumes(mode):
-    """learn_inner_lr: the step sizes start at inner_lr (one per tensor or per parameter); the inner step of
-    sampling and evaluation is theta - exp(rho) * g by hand; meta-training moves rho (logged as
-    meta/learned_lr/<tensor>); a checkpoint restores it, and one without it is refused with one message."""
-    config = MAMLTRPOConfig(tasks_per_batch=4, episodes_per_task=4, hidden=(8,), learn_inner_lr=mode, inner_lr=0.2)
-    with GymnasiumSampler("metarl/PointNav2D-v0", workers=0) as s:
-        agent = MAMLTRPO(config, s, seed=0)
-        for name, p in agent.policy.params().items():
-            rho = agent.inner_log_lr[name]
-            assert rho.shape == (() if mode == "per_tensor" else p.shape)
-            torch.testing.assert_close(rho.exp(), torch.full_like(rho, 0.2))
-        with torch.no_grad():  # distinct sizes, so that a step using the wrong one shows
-            for i, rho in enumerate(agent.inner_log_lr.values()):
-                rho.add_(0.1 * (i + 1) if mode == "per_tensor" else torch.linspace(-0.5, 0.5, rho.numel()).reshape(rho.shape))
-        tasks = s.family.sample_tasks(4, "train", seed=0)
-        theta = OrderedDict((k, v.detach()) for k, v in batch_params(agent.policy.params(), 4).items())
-        batch = s.sample(GaussianActor(agent.policy.config, theta, seed=0), tasks, 4, seed=0)
-        adv = agent.advantages(batch)
-        stepped, lr = agent.adapt_bounded(theta, batch, adv)
-        leaf = OrderedDict((k, v.clone().requires_grad_()) for k, v in theta.items())
-        grads = torch.autograd.grad(agent.inner_loss(leaf, batch, adv), list(leaf.values()))
-        for (name, p), g in zip(theta.items(), grads, strict=True):
-            torch.testing.assert_close(stepped[name], p - agent.inner_log_lr[name].detach().exp() * g)
-        sizes = torch.cat([v.detach().exp().reshape(-1) for v in agent.inner_log_lr.values()])
-        torch.testing.assert_close(lr, sizes.mean().expand(4))
-
-        before = {k: v.detach().clone() for k, v in agent.inner_log_lr.items()}
-        metrics = agent.train_step(tasks)
-        assert metrics["loss/line_search_accepted"] == 1.0
-        assert any(not torch.equal(before[k], v.detach()) for k, v in agent.inner_log_lr.items())
-        for name, rho in agent.inner_log_lr.items():
-            assert metrics[f"meta/learned_lr/{name}"] == pytest.approx(float(rho.detach().exp().mean()))
-
-        state = agent.state_dict()
-        restored = MAMLTRPO(config, s, seed=1)
-        restored.load_state_dict(state)
-        for name, rho in agent.inner_log_lr.items():
-            assert torch.equal(restored.inner_log_lr[name], rho.detach())
-        plain = MAMLTRPO(dataclasses.replace(config, learn_inner_lr="off"), s, seed=0)
-        with pytest.raises(ValueError, match="learned inner step sizes"):
-            plain.load_state_dict(state)

@@ -271,7 +271,7 @@ def test_a_run_recorded_before_an_option_existed_still_resumes(straight, tmp_pat
     data = yaml.safe_load((run / "config.yaml").read_text())
     for option, value in added_options("maml_trpo").items():  # the config gives each its old behaviour
         data["agent"][option.split(".", 1)[1]] = value
-    for option, value, message in (("inner_gae_lambda", 0.5, "agent.inner_gae_lambda (absent) -> 0.5"),
+    for option, value, message in (("inner_objective", "lvc", "agent.inner_objective (absent) -> 'lvc'"),
                                    ("action_scale", 0.1, "agent.action_scale (absent) -> 0.1")):
         data["agent"][option] = value  # a record without the field ran the old behaviour, not this
         (run / "config.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
@@ -281,6 +281,31 @@ def test_a_run_recorded_before_an_option_existed_still_resumes(straight, tmp_pat
     (run / "config.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
     assert main(["train", "--resume", str(run), "iterations=3", "--quiet"]) == 0
     assert [r["iteration"] for r in _metrics(run)] == [1, 2, 3]
+
+    # recorded while the retired options existed (config.yaml and the checkpoints' records), at their neutral
+    # values: it resumes; a retired option set to anything else is one line saying it is retired
+    from metarl.runfolder import retired_options
+
+    retired = {option.split(".", 1)[1]: neutral for option, neutral in retired_options("maml_trpo").items()}
+    assert set(retired) == {"learn_inner_lr", "inner_gae_lambda", "inner_max_kl_grad"}
+    for name in ("latest.pt", "previous.pt"):
+        path = run / "checkpoints" / name
+        state = torch.load(path, weights_only=False)
+        record = json.loads(state["config"])
+        record["agent"].update(retired)
+        state["config"] = json.dumps(record, sort_keys=True)
+        state["sha256"] = checksum(state)
+        torch.save(state, path)
+    data["agent"].update(retired)
+    (run / "config.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    assert main(["train", "--resume", str(run), "iterations=4", "--quiet"]) == 0
+    assert [r["iteration"] for r in _metrics(run)] == [1, 2, 3, 4]
+    data["agent"]["learn_inner_lr"] = "per_tensor"
+    (run / "config.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "iterations=5", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "agent.learn_inner_lr: retired (" in err
 
 
 def test_record_changes_names_each_differing_field():
