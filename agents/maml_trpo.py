@@ -16,7 +16,7 @@ One meta-iteration, for a batch of N training tasks:
 
 All tasks are processed at once: theta is expanded along a leading task axis, so one batched network
 evaluation and one backward pass give every task's inner gradient (each task's loss only touches its
-own slice). Settings default to the anchors' (REFERENCE.md): 40 tasks x 20 episodes, alpha 0.1, one
+own slice). Settings default to the anchors' (docs/anchors.md): 40 tasks x 20 episodes, alpha 0.1, one
 inner step, max KL 0.01, 10 CG iterations, damping 1e-5, 15 line-search steps x 0.8, gamma 0.99, GAE
 lambda 1, linear baseline.
 
@@ -56,7 +56,7 @@ INNER_OBJECTIVES = ("log_prob", "lvc")
 
 @dataclasses.dataclass(frozen=True)
 class MAMLTRPOConfig:
-    """Hyperparameters of MAML-TRPO (defaults: the anchors' settings, REFERENCE.md)."""
+    """Hyperparameters of MAML-TRPO (defaults: the anchors' settings, docs/anchors.md)."""
 
     tasks_per_batch: int = 40
     episodes_per_task: int = 20

@@ -14,7 +14,7 @@ started from the hidden states of a no-grad pass: truncated BPTT). The same fuse
 (one step at a time) and in the update (whole sequences), so the update's no-grad pass reproduces the
 sampling policy's hidden states and log-probabilities (tested to float tolerance).
 
-Defaults follow VariBAD's RL² (REFERENCE.md): GRU 128, 2 episodes per trial, lr 7e-4, clip 0.1, 2 epochs,
+Defaults follow VariBAD's RL² (docs/anchors.md): GRU 128, 2 episodes per trial, lr 7e-4, clip 0.1, 2 epochs,
 4 minibatches, 16 parallel trials, gamma 0.97, GAE lambda 0.9, entropy 0.01.
 """
 
@@ -39,7 +39,7 @@ from metarl.tasks import Task, TaskError
 
 @dataclasses.dataclass(frozen=True)
 class RL2Config:
-    """Hyperparameters of RL²-PPO (defaults: VariBAD's RL², REFERENCE.md)."""
+    """Hyperparameters of RL²-PPO (defaults: VariBAD's RL², docs/anchors.md)."""
 
     tasks_per_batch: int = 16
     trials_per_task: int = 1
@@ -60,7 +60,7 @@ class RL2Config:
     bptt_chunk: int = 0             # 0: back-propagate through whole trials
     bootstrap_trial_end: bool = True
     init_std: float = 1.0
-    # The input path and losses (VariBAD's RL², REFERENCE.md, is embedding "separate", reward_input "raw",
+    # The input path and losses (VariBAD's RL², docs/anchors.md, is embedding "separate", reward_input "raw",
     # head_hidden [128], gru_init "orthogonal", value_loss "huber", value_clip true; the defaults keep the
     # original model: one tanh layer over all inputs, linear heads, squared value error).
     embedding: str = "tanh"         # "tanh": one tanh layer over [obs, action, reward, flag]; "separate": a ReLU

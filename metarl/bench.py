@@ -104,7 +104,7 @@ def method_kind(method: str) -> tuple[str, str]:
                       "own, name the module that registers it in the suite's imports: or with --import)")
 
 
-#: Published results (REFERENCE.md) shown beside ours when the family and horizon match. Returns are
+#: Published results (docs/anchors.md) shown beside ours when the family and horizon match. Returns are
 #: only comparable at the same horizon and reward constants; the budgets are the anchors', not ours.
 PUBLISHED: list[dict[str, Any]] = [
     {"family": "HalfCheetahDir", "horizon": 100, "source": "learn2learn MAML-TRPO, 3 seeds, 300 iterations",

@@ -8,7 +8,7 @@ lines up with the leading axis of ``obs``; then all tasks run in one batched mat
 `GaussianActor` is the picklable object the sampler ships to its workers: detached per-task parameters
 plus the noise seeds, no autograd.
 
-Two conventions differ between the MAML anchors and are options here (REFERENCE.md, "MAML-TRPO settings"):
+Two conventions differ between the MAML anchors and are options here (docs/anchors.md, "MAML-TRPO settings"):
 
 * ``log_prob_reduction``: how a log-probability (and a KL, and an entropy) is reduced over the action
   dimensions. ``"sum"`` is the density of the action vector (cbfinn, pytorch-maml-rl, ProMP, garage);
