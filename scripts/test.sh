@@ -4,7 +4,8 @@
 # (scripts/test_metaworld.sh, .venv-metaworld). Ends with one line per suite and exits non-zero if any failed.
 #
 #   METARL_TEST_THREADS  also run the base suite again with that many threads for torch, OpenMP, MKL and
-#                        OpenBLAS (e.g. 1; CI sets it), so that no result hangs on one thread setting.
+#                        OpenBLAS (e.g. 1; CI sets it), so that no result hangs on one thread setting; the docs'
+#                        site build and examples (tests/test_docs.py) run once, in the first run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,7 +36,7 @@ base() {  # the base suite, optionally pinned to a thread count (OMP_NUM_THREADS
 if bash scripts/setup.sh; then
     suite "base suite" base "" "$@"
     if [ -n "${METARL_TEST_THREADS:-}" ]; then
-        suite "base suite, ${METARL_TEST_THREADS} thread(s)" base "$METARL_TEST_THREADS" "$@"
+        suite "base suite, ${METARL_TEST_THREADS} thread(s)" base "$METARL_TEST_THREADS" --ignore=tests/test_docs.py "$@"
     fi
 else
     summary+=("base suite: not run, the install (scripts/setup.sh) failed")
