@@ -347,6 +347,15 @@ class PEARLActor:
         action = (self.high + self.low) / 2 + (self.high - self.low) / 2 * a
         return action.reshape(n, slots, -1)
 
+    def widen(self, slots: int) -> None:
+        """Continue the state of a one-slot actor (an adapted policy) on ``slots`` slots of the same task, one env
+        each, every slot from its context and z (`metarl.api.AdaptedPolicy.sample` on a batch)."""
+        assert self._shape == (1, 1), "widen() an actor started on one slot"
+        self._shape = (1, slots)
+        self.z = np.repeat(self.z, slots, 0)
+        self._context = [list(self._context[0]) for _ in range(slots)]
+        self._last = None
+
     def force(self, actions: np.ndarray) -> None:
         """The actions actually taken at the last `act` (``[tasks, slots, act_dim]``, in the env's box, as `act`
         returns them), in place of the actor's own sample: the context records them (`metarl.api.MetaLearner.

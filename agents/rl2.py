@@ -385,6 +385,16 @@ class RL2Actor:
         self._prev_action = torch.from_numpy(action)
         return action.reshape(n, slots, -1)
 
+    def widen(self, slots: int) -> None:
+        """Continue the state of a one-slot actor (an adapted policy) on ``slots`` slots of the same task, one env
+        each, every slot from that state (`metarl.api.AdaptedPolicy.sample` on a batch)."""
+        assert self._shape == (1, 1), "widen() an actor started on one slot"
+        self._shape = (1, slots)
+        self._hidden = np.repeat(self._hidden, slots, 0)
+        self._prev_action, self._prev_reward, self._ended = (
+            x.repeat_interleave(slots, 0) for x in (self._prev_action, self._prev_reward, self._ended))
+        self._noise = np.zeros((1, slots, self._noise.shape[-1]), np.float32)
+
     def force(self, actions: np.ndarray) -> None:
         """The actions actually taken at the last `act` (``[tasks, slots, act_dim]``, as `act` returns them), in
         place of the actor's own sample: the next step's input carries them (`metarl.api.MetaLearner.adapt_on`

@@ -247,31 +247,32 @@ class AdaptedPolicy:
         self.agent, self.adapted_steps = agent, int(adapted_steps)
         self._scale = float(getattr(actor, "action_scale", 1.0))
         self._observe = getattr(actor, "observe", None)  # ``actor`` is started on one env slot (`adapt_with`)
+        self.envs = 1  # the envs a stateful actor runs (`sample` on a batch widens it)
 
     def predict(self, obs: np.ndarray, deterministic: bool = False) -> np.ndarray:
         """The action for one observation, as the env takes it: ``clip(action_scale * a, low, high)``."""
         obs = np.asarray(obs, np.float32)
         if not np.all(np.isfinite(obs)):
             raise ValueError(f"predict: the observation has non-finite values: {obs}")
-        saved, self._actor.deterministic = self._actor.deterministic, bool(deterministic)
-        try:
-            action = np.asarray(self._actor.act(obs.reshape(1, 1, -1)), np.float64).reshape(-1)
-        finally:
-            self._actor.deterministic = saved
-        return np.clip(action * self._scale, self.low, self.high).astype(np.float32)
+        return self.sample(obs.reshape(-1), deterministic)[0]
 
     def sample(self, obs: np.ndarray, deterministic: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """``(action, raw)`` for one observation ``[obs_dim]``, or for a batch ``[B, obs_dim]`` where the policy
-        keeps no state between steps (MAML-TRPO's; RL² and PEARL carry one state per env: one observation at a
-        time). ``action`` is what the env takes, ``clip(action_scale * raw, low, high)``; ``raw`` is the
-        policy's own output, what an `Episode` records for `MetaLearner.adapt_on`."""
+        """``(action, raw)`` for one observation ``[obs_dim]``, or for a batch ``[B, obs_dim]`` of B envs of the
+        adapted task. ``action`` is what the env takes, ``clip(action_scale * raw, low, high)``; ``raw`` is the
+        policy's own output, what an `Episode` records for `MetaLearner.adapt_on`. RL² and PEARL keep a state per
+        env: the first batch continues the adapted state in each of its B envs, which from then on are the
+        policy's (the same B every call; `observe` takes B rewards and ends)."""
         obs = np.asarray(obs, np.float32)
         batch = obs.ndim == 2
         if obs.ndim not in (1, 2) or not np.all(np.isfinite(obs)):
             raise ValueError(f"sample: expected a finite observation [obs_dim] or batch [B, obs_dim], got shape {obs.shape}")
-        if batch and self._observe is not None and len(obs) != 1:
-            raise ValueError(f"sample: {self.agent} keeps one state per env; act on one observation at a time "
-                             "(adapt a policy per env)")
+        envs = len(obs) if batch else 1
+        if self._observe is not None and envs != self.envs:  # a policy with a state per env
+            if self.envs != 1 or not hasattr(self._actor, "widen"):
+                raise ValueError(f"sample: this {self.agent} policy runs {self.envs} envs (a state for each), got "
+                                 f"{envs} observations")
+            self._actor.widen(envs)  # every env continues from the adapted state
+            self.envs = envs
         saved, self._actor.deterministic = self._actor.deterministic, bool(deterministic)
         try:
             raw = np.asarray(self._actor.act(obs.reshape(1, -1 if batch else 1, obs.shape[-1])), np.float32)
@@ -281,10 +282,15 @@ class AdaptedPolicy:
         action = np.clip(raw.astype(np.float64) * self._scale, self.low, self.high).astype(np.float32)
         return action, raw
 
-    def observe(self, reward: float, done: bool) -> None:
-        """What the env returned for the last action: its reward, and whether the episode ended there."""
+    def observe(self, reward: float | np.ndarray, done: bool | np.ndarray) -> None:
+        """What the env (or each of the batch's B envs) returned for the last action: its reward, and whether the
+        episode ended there."""
         if self._observe is not None:
-            self._observe(np.array([[reward]], np.float32), np.array([[bool(done)]]))
+            rewards, dones = np.asarray(reward, np.float32).reshape(-1), np.asarray(done, bool).reshape(-1)
+            if len(rewards) != self.envs or len(dones) != self.envs:
+                raise ValueError(f"observe: this policy runs {self.envs} env(s), got {len(rewards)} rewards and "
+                                 f"{len(dones)} ends")
+            self._observe(rewards.reshape(1, -1), dones.reshape(1, -1))
 
     def run_episodes(self, env: gym.Env, episodes: int = 1, seed: int | None = None,
                      deterministic: bool = False) -> list[float]:

@@ -187,6 +187,11 @@ def test_adapting_on_recorded_episodes_gives_what_adapt_gave(name, maml_run, rl2
                 np.testing.assert_array_equal(a, b)
             adapted.observe(0.0, False)
             replayed.observe(0.0, False)
+        # acting on a batch of 3 envs of the task: each row is what the adapted policy does alone (float rounding)
+        obs = env.observation_space.sample()
+        alone = learner.adapt_on(stages, seed=3).predict(obs, deterministic=True)
+        rows, _ = learner.adapt_on(stages, seed=3).sample(np.stack([obs] * 3), deterministic=True)
+        np.testing.assert_allclose(rows, np.repeat(alone[None], 3, 0), rtol=1e-5, atol=1e-6)
 
 
 def test_episodes_from_a_plain_gymnasium_loop(maml_run, rl2_run):
@@ -236,7 +241,14 @@ def test_episodes_from_a_plain_gymnasium_loop(maml_run, rl2_run):
         replayed = learner.adapt_on([[ep] for ep in episodes], seed=7)
         obs = side.reset(seed=9)[0]
         np.testing.assert_array_equal(replayed.predict(obs, deterministic=True), live.predict(obs, deterministic=True))
-        with pytest.raises(ValueError, match="keeps one state per env"):
-            replayed.sample(np.zeros((3, 1)))
+        # a batch of 3 envs of the task: each continues the adapted hidden state (so acts as the policy would
+        # alone, to float rounding), and from then on the policy runs those 3 envs
+        single = learner.adapt_on([[ep] for ep in episodes], seed=7).predict(np.zeros(1), deterministic=True)
+        batched = learner.adapt_on([[ep] for ep in episodes], seed=7)
+        actions, _ = batched.sample(np.zeros((3, 1)), deterministic=True)
+        np.testing.assert_allclose(actions, np.repeat(single[None], 3, 0), rtol=1e-5, atol=1e-6)
+        batched.observe(np.array([-0.1, -0.2, -0.3]), np.array([False, False, True]))
+        with pytest.raises(ValueError, match="runs 3 envs"):
+            batched.predict(np.zeros(1))
         with pytest.raises(ValueError, match="used 1 of the 2 episodes given"):
             learner.adapt_on([episodes])
