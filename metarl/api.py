@@ -34,7 +34,8 @@ import torch
 
 from metarl.config import ConfigError, RunConfig, load_config
 from metarl.episodes import EpisodeBatch
-from metarl.sampling import GymSlots, rollout
+from metarl.sampling import rollout
+from metarl.sampling.slots import EnvSlots, Replayed, ReplaySlots
 from metarl.tasks import TaskError, family_of
 
 __all__ = ["AdaptedPolicy", "Episode", "MetaLearner", "load", "train"]
@@ -143,7 +144,7 @@ class MetaLearner:
         episodes = e.episodes if episodes is None else int(episodes)
         if steps < 0 or episodes < 1:
             raise ValueError(f"adapt: steps must be >= 0 and episodes >= 1, got steps={steps}, episodes={episodes}")
-        slots = _EnvSlots(env, self._spaces(env), horizon)
+        slots = EnvSlots(env, self._spaces(env), horizon)
         task = _task_of(env)
 
         def sample(actor: Any, tasks: list[Any], count: int, sample_seed: int, episodes_per_trial: int = 1) -> EpisodeBatch:
@@ -181,8 +182,8 @@ class MetaLearner:
             if count > len(queue):
                 raise ValueError(f"adapt_on: the {self.name} adaptation asked for {count} more episodes, "
                                  f"{len(queue)} of the {total} given are left")
-            slots = _ReplaySlots([queue.pop(0) for _ in range(count)], low, high)
-            return EpisodeBatch.from_numpy(tasks, rollout(slots, _Replayed(actor, slots), tasks, [0], count,
+            slots = ReplaySlots([queue.pop(0) for _ in range(count)], low, high)
+            return EpisodeBatch.from_numpy(tasks, rollout(slots, Replayed(actor, slots), tasks, [0], count,
                                                           sample_seed, episodes_per_trial=count))
 
         actor = self.agent.adapt_with(collect, task, len(stages), len(stages[0]), seed)
@@ -339,33 +340,6 @@ class AdaptedPolicy:
         return f"AdaptedPolicy({self.agent}, adapted with {self.adapted_steps} step(s))"
 
 
-class _EnvSlots(GymSlots):
-    """The rollout's slot protocol over one given env instance (the user's, with its task already set)."""
-
-    def __init__(self, env: gym.Env, spaces: tuple[tuple[int, ...], tuple[int, ...]], horizon: int | None):
-        self.env_id, self.env_kwargs = None, {}
-        self.envs = [env]
-        if horizon is None:
-            spec = getattr(env, "spec", None)
-            horizon = getattr(spec, "max_episode_steps", None)
-            if horizon is None:
-                try:
-                    horizon = family_of(env).horizon
-                except TaskError:
-                    raise ValueError("adapt: the env has no time limit and no family horizon; pass horizon=") from None
-        if int(horizon) < 1:
-            raise ValueError(f"adapt: horizon must be >= 1, got {horizon}")
-        self.horizon = int(horizon)
-        space = env.action_space
-        self.low, self.high = space.low.astype(np.float64), space.high.astype(np.float64)
-
-    def configure(self, tasks: Any, slots_per_task: int) -> None:
-        """The env keeps the task it was given: nothing to set."""
-
-    def close(self) -> None:
-        """The env is the caller's: it stays open."""
-
-
 def _task_of(env: gym.Env) -> Any:
     try:
         return family_of(env).task
@@ -377,62 +351,3 @@ def _agent(name: str) -> Any:
     from metarl.agent import get_agent
 
     return get_agent(name)
-
-
-class _ReplaySlots:
-    """The rollout's slot protocol over recorded episodes, one after another on one slot: each step returns the
-    recorded outcome whatever the action (the actor is `_Replayed`, so the action is the recorded one too)."""
-
-    def __init__(self, episodes: list[Episode], low: np.ndarray, high: np.ndarray):
-        self._episodes = list(episodes)
-        self.horizon = max(len(ep.rewards) for ep in episodes)
-        self.low, self.high = low, high
-        self.current: Episode | None = None
-        self.t = 0
-
-    def configure(self, tasks: Any, slots_per_task: int) -> None:
-        """Replayed episodes have their task already."""
-
-    def reset(self, slot: int, seed: int) -> np.ndarray:
-        self.current, self.t = self._episodes.pop(0), 0
-        return self.current.observations[0]
-
-    def action(self) -> np.ndarray:
-        assert self.current is not None
-        return self.current.actions[self.t]
-
-    def step(self, idx: np.ndarray, actions: np.ndarray) -> tuple:
-        ep, t = self.current, self.t
-        assert ep is not None
-        self.t += 1
-        last = self.t == len(ep.rewards)
-        obs = ep.last_observation if last else ep.observations[self.t]
-        terminated = bool(last and ep.terminated)
-        return (obs[None], np.array([ep.rewards[t]], np.float32), np.array([terminated]),
-                np.array([last and not terminated]), {})
-
-    def close(self) -> None:
-        """Nothing to close."""
-
-
-class _Replayed:
-    """An actor driven through recorded episodes: it acts as usual (so its state advances), then the recorded
-    action replaces its own (`force`, where the actor keeps the action in its state: RL², PEARL)."""
-
-    action_scale = 1.0  # the replayed slots ignore the action; the recorded one is what the batch keeps
-
-    def __init__(self, actor: Any, slots: _ReplaySlots):
-        self.actor, self.slots = actor, slots
-        if hasattr(actor, "observe"):
-            self.observe = actor.observe
-
-    def start(self, task_indices: list[int], slots_per_task: int) -> None:
-        self.actor.start(task_indices, slots_per_task)
-
-    def act(self, obs: np.ndarray) -> np.ndarray:
-        self.actor.act(obs)
-        recorded = self.slots.action().reshape(1, 1, -1)
-        force = getattr(self.actor, "force", None)
-        if force is not None:
-            force(recorded)
-        return recorded

@@ -26,7 +26,8 @@ Backends differ only in their *env slots* (``configure`` / ``reset`` / ``step`` 
 and rewards for the whole batch at once, producing the same numbers. ``make_sampler(backend="auto")``
 picks native where it is supported.
 
-The package: `metarl.sampling.local` (env slots, the rollout loop, `Sampler` on local worker processes),
+The package: `metarl.sampling.slots` (the env slots the loop steps: Gymnasium envs, a user's env instance,
+recorded episodes), `metarl.sampling.local` (the rollout loop, `Sampler` on local worker processes),
 `metarl.sampling.ray` (`RaySampler`: the same slots and loop on Ray actors; imported only for ``placement:
 ray``); `make_sampler` picks one.
 """
@@ -38,7 +39,6 @@ from typing import Any
 from metarl.sampling.local import (
     BACKENDS,
     GymnasiumSampler,
-    GymSlots,
     NativeSampler,
     NonFiniteError,
     Sampler,
@@ -46,8 +46,8 @@ from metarl.sampling.local import (
     WorkerError,
     prepare_worker,
     rollout,
-    slot_seed,
 )
+from metarl.sampling.slots import GymSlots, slot_seed
 
 PLACEMENTS = ("local", "ray")
 

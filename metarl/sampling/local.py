@@ -1,4 +1,4 @@
-"""Local placement: env slots, the rollout loop, and the sampler on worker processes of this machine.
+"""Local placement: the rollout loop, and the sampler on worker processes of this machine.
 
 See the package docstring (`metarl.sampling`) for what a sampler does, the actor protocol and the backends.
 """
@@ -17,64 +17,8 @@ import gymnasium as gym
 import numpy as np
 
 from metarl.episodes import EpisodeBatch
+from metarl.sampling.slots import GymSlots, slot_seed
 from metarl.tasks import Task, TaskError, episode_limit, family_of
-
-
-def slot_seed(seed: int, task_index: int, episode: int) -> int:
-    """The reset seed of one episode slot: independent of how slots are spread over workers."""
-    return int(np.random.SeedSequence([seed, task_index, episode]).generate_state(1)[0])
-
-
-class GymSlots:
-    """Env slots stepped one at a time through Gymnasium (the reference backend; any registered family).
-
-    The slot protocol that `rollout` drives, which `metarl.envs.native.NativeSlots` and the video recorder
-    (`metarl.video`, a subclass that renders) also follow: ``horizon``, ``low``/``high`` (action bounds),
-    ``configure(tasks, slots_per_task)``, ``reset(slot, seed) -> obs``, ``step(slots, actions)``, ``close()``.
-    """
-
-    def __init__(self, env_id: str, env_kwargs: dict[str, Any]):
-        self.env_id, self.env_kwargs = env_id, env_kwargs
-        self.envs: list[gym.Env] = [gym.make(env_id, **env_kwargs)]
-        probe = self.envs[0]
-        self.horizon = episode_limit(probe)  # the rollout loop truncates there (also envs without a time limit)
-        space = probe.action_space
-        self.low, self.high = space.low.astype(np.float64), space.high.astype(np.float64)
-
-    def configure(self, tasks: Sequence[Task], slots_per_task: int) -> None:
-        """Give slot ``j * slots_per_task + m`` task ``j``."""
-        while len(self.envs) < len(tasks) * slots_per_task:
-            self.envs.append(gym.make(self.env_id, **self.env_kwargs))
-        for j, task in enumerate(tasks):
-            for m in range(slots_per_task):
-                family_of(self.envs[j * slots_per_task + m]).set_task(task)
-
-    def reset(self, s: int, seed: int) -> np.ndarray:
-        return self.envs[s].reset(seed=seed)[0]
-
-    def step(self, idx: np.ndarray, actions: np.ndarray):
-        """Step slots ``idx`` with (already clipped) ``actions``; ``(obs, reward, terminated, truncated,
-        terms)`` for those slots, ``terms`` holding the ``reward_*`` entries of ``info`` and, where the env
-        reports one, ``success`` (``info["success"]`` as 0 or 1)."""
-        B = len(idx)
-        obs, rewards = [], np.zeros(B)
-        terminated, truncated = np.zeros(B, bool), np.zeros(B, bool)
-        terms: dict[str, np.ndarray] = {}
-        for b, s in enumerate(idx.tolist()):
-            o, r, term, trunc, info = self.envs[s].step(actions[b])
-            obs.append(o)
-            rewards[b], terminated[b], truncated[b] = r, term, trunc
-            for key, value in info.items():
-                if key.startswith("reward_"):
-                    terms.setdefault(key, np.zeros(B))[b] = value
-            if "success" in info:
-                terms.setdefault("success", np.zeros(B))[b] = float(bool(info["success"]))
-        return np.stack(obs), rewards, terminated, truncated, terms
-
-    def close(self) -> None:
-        for env in self.envs:
-            env.close()
-        self.envs = []
 
 
 def _make_slots(backend: str, env_id: str, env_kwargs: dict[str, Any]) -> Any:
