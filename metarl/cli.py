@@ -8,9 +8,13 @@
     metarl eval RUN_DIR --video         ... plus GIFs of held-out episodes before and after adaptation
     metarl speed [--family F] [--json]  simulator / Gymnasium / sampler step rates, side by side
     metarl bench SUITE.yaml [--out DIR] meta-learners and SB3 baselines under one protocol, one report
+    metarl sweep SWEEP.yaml [--out DIR] a search over config keys and seeds on Ray Tune, with its report
+    metarl --version                    the installed version
+
+``train`` takes ``key=value`` overrides anywhere after its command (before, between or after the options).
 
 Every command takes ``--import MODULE_OR_FILE`` (repeatable): a module or a .py file of yours that registers
-your own task families (the same as ``imports:`` in a config or suite; see `metarl.plugins`).
+your own task families or agents (the same as ``imports:`` in a config or suite; see `metarl.plugins`).
 
 Usage errors (unknown family, bad arguments) print one line and exit with code 2.
 """
@@ -329,8 +333,9 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     from metarl.runfolder import run_lock
     from metarl.sweep import load_sweep, run_sweep, write_report
 
+    imports = _user_code(args)
     try:
-        sweep = load_sweep(args.sweep, out=args.out)
+        sweep = load_sweep(args.sweep, out=args.out, imports=imports)
         with run_lock(sweep.out, "sweep folder"):
             if args.report_only:
                 print(f"report: {write_report(sweep)}")
@@ -353,6 +358,7 @@ def _short(value) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="metarl", description="Meta-reinforcement learning for robotics.")
+    parser.add_argument("--version", action="version", version=f"metarl {metarl.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--import", dest="imports", action="append", metavar="MODULE_OR_FILE",
@@ -465,7 +471,13 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None:  # run as the program (the metarl script, python -m metarl.cli), not called from Python
         _drop_cwd_from_path()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may come anywhere after the command (Hydra's and RL Zoo's users write them after the
+    # options); anything else left over is the usual one-line usage error
+    if extra and (not hasattr(args, "overrides") or any(a.startswith("-") or "=" not in a for a in extra)):
+        parser.parse_args(argv)
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     try:
         _check_mujoco_gl()
         return int(args.func(args))

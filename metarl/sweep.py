@@ -115,8 +115,10 @@ def _check_param(key: str, spec: Any, search: str) -> None:
         raise ConfigError(f"{where}.loguniform: expected low > 0, got {bounds[0]}")
 
 
-def load_sweep(path: str | Path, out: str | Path | None = None) -> Sweep:
-    """Read and validate a sweep file; every configuration's run config is validated before any work."""
+def load_sweep(path: str | Path, out: str | Path | None = None, imports: tuple[str, ...] = ()) -> Sweep:
+    """Read and validate a sweep file; every configuration's run config is validated before any work.
+    ``imports``: more user modules (``--import``, resolved), added to every trial's run config's ``imports``
+    beside the config's own, so that each trial (on any Ray node that has the files) imports them too."""
     path = Path(path)
     data = read_yaml(path, "sweep file")
     if not isinstance(data, dict):
@@ -148,6 +150,9 @@ def load_sweep(path: str | Path, out: str | Path | None = None) -> Sweep:
     overrides = data.get("overrides", [])
     if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
         raise ConfigError("overrides: expected a list of key=value strings")
+    if imports:  # the config's own imports, then --import's, as the trials' run configs record them
+        own = load_config(config, list(overrides)).imports
+        overrides = [*overrides, f"imports={json.dumps(list(dict.fromkeys((*own, *imports))))}"]
     if search == "grid":
         points = [dict(zip(params, values, strict=True)) for values in itertools.product(*params.values())]
     else:

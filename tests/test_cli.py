@@ -194,3 +194,27 @@ def test_every_shipped_agent_config_loads_with_its_header_and_quick_mode(path):
     assert config.experiment == f"{path.parent.name}/{path.stem}"
     quick = load_config(path, ["quick=true"])
     assert quick.iterations < config.iterations
+
+
+def test_overrides_anywhere_after_the_command_and_the_version(tmp_path, capsys):
+    """key=value overrides after the options count as before them (the same run); an option the command does
+    not know, or a stray word, is still the one-line usage error; --version names the installed version."""
+    small = ["iterations=1", "agent.tasks_per_batch=2", "agent.episodes_per_task=2", "eval.every=0", "eval.tasks=2",
+             "eval.steps=1", "eval.episodes=2", "sampler.workers=0"]
+    config = "experiments/maml_trpo/point_nav_2d.yaml"
+    assert main(["train", config, *small[:3], "--run-dir", str(tmp_path / "a"), "--quiet", *small[3:]]) == 0
+    assert main(["train", config, *small, "--run-dir", str(tmp_path / "b"), "--quiet"]) == 0
+    stored = [yaml.safe_load((tmp_path / name / "config.yaml").read_text()) for name in "ab"]
+    assert {k: v for k, v in stored[0].items() if k != "meta"} == {k: v for k, v in stored[1].items() if k != "meta"}
+    assert stored[0]["agent"]["tasks_per_batch"] == 2 and stored[0]["sampler"]["workers"] == 0
+    capsys.readouterr()
+    for stray in (["--bogus"], ["stray"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(["train", config, "--run-dir", str(tmp_path / "c"), *stray])
+        assert exit_.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    import metarl
+
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"metarl {metarl.__version__}"
