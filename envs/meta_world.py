@@ -1,4 +1,4 @@
-"""Meta-World's ML1 and ML10 benchmarks as metarl task families (``pip install "metarl[metaworld]"``).
+"""Meta-World's ML1 and ML10 benchmarks as metarl task families (``pip install -e ".[metaworld]"``).
 
 =========================  ============================================================  =======
 id                         tasks                                                          horizon

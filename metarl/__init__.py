@@ -35,6 +35,14 @@ from metarl.tasks import (
 
 __version__ = "0.1.0"
 
+#: the distribution's name (the import name is ``metarl``; ``metarl`` on the public index is another project)
+DISTRIBUTION = "metarl-robotics"
+
+
+def install_hint(extra: str) -> str:
+    """What to run for one of the extras: in a clone of metarl, or from a built wheel or the index."""
+    return f'pip install -e ".[{extra}]" in a clone of metarl (a wheel or the index: "{DISTRIBUTION}[{extra}]")'
+
 register_envs()
 
 
@@ -58,7 +66,7 @@ def make_family(name_or_id: str, **kwargs):
         from metarl.envs.meta_world import missing_extra
 
         if missing_extra(name_or_id):
-            raise TaskError(f"{name_or_id!r} is a Meta-World family: install the extra, pip install 'metarl[metaworld]'")
+            raise TaskError(f"{name_or_id!r} is a Meta-World family: install the extra, {install_hint('metaworld')}")
         raise TaskError(
             f"unknown task family {name_or_id!r}; built-in families: {', '.join(FAMILIES)} (for your own, "
             "name the module that registers it: env 'module:Id', imports: [module], or --import module)"

@@ -14,6 +14,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
+import metarl
 from metarl.tasks import SPLITS, GoalTask, Task, TaskError, TaskFamily, VelocityTask, family_of, set_tasks
 
 
@@ -26,11 +27,9 @@ def _make(env_or_id: Any) -> gym.Env:
         if env_or_id not in gym.registry and ":" not in env_or_id:
             from metarl.envs.meta_world import missing_extra
 
-            extra = " (a Meta-World family: pip install 'metarl[metaworld]')" if missing_extra(env_or_id) else ""
+            extra = f" (a Meta-World family: {metarl.install_hint('metaworld')})" if missing_extra(env_or_id) else ""
             raise TaskError(f"unknown Gymnasium id {env_or_id!r}{extra}")
         if ":" in env_or_id:  # import the module (found as metarl.plugins says), as every command does
-            import metarl
-
             metarl.make_family(env_or_id).close()
         return gym.make(env_or_id)
     return env_or_id

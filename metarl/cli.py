@@ -53,7 +53,7 @@ def _cmd_families(args: argparse.Namespace) -> int:
     from metarl.envs.meta_world import family_ids, installed
 
     if installed():  # not made here: each Meta-World family loads its own MuJoCo models
-        print(f"Meta-World (metarl[metaworld]): ML1-<env> as metarl/ML1-<env>-v0 for its {len(family_ids()) - 1} v3 "
+        print(f"Meta-World (the metaworld extra): ML1-<env> as metarl/ML1-<env>-v0 for its {len(family_ids()) - 1} v3 "
               "envs (e.g. ML1-reach-v3), ML10 as metarl/ML10-v0; horizon 500, obs 39, act 4, splits train, test")
     return 0
 
@@ -180,7 +180,7 @@ def _on_ray(config, args: argparse.Namespace):
 
 
 def _ray_flags(p: argparse.ArgumentParser, what: str) -> None:
-    p.add_argument("--ray", action="store_true", help=f"{what} on a Ray cluster (pip install \"metarl[ray]\"): "
+    p.add_argument("--ray", action="store_true", help=f"{what} on a Ray cluster (the ray extra: pip install -e \".[ray]\"): "
                    "the one at --address, else RAY_ADDRESS, else the one started on this machine with `ray start`, "
                    "else a new local instance (ray.init's rules)")
     p.add_argument("--address", help="the Ray cluster's address (implies --ray), e.g. 10.0.0.1:6379 or auto")

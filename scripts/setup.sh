@@ -29,6 +29,12 @@ if ! python -c "import torch" >/dev/null 2>&1; then
     python -m pip install --quiet "$METARL_TORCH"
 fi
 
-echo "[setup] installing metarl and its dependencies"
+# The distribution is metarl-robotics; a distribution named "metarl" (this project's former name, or the unrelated
+# project of that name on the public index) would provide the same import name: remove it first.
+if python -m pip show metarl >/dev/null 2>&1; then
+    echo "[setup] removing the installed distribution 'metarl' (it claims the import name metarl; this project installs as metarl-robotics)"
+    python -m pip uninstall --quiet --yes metarl
+fi
+echo "[setup] installing metarl (distribution metarl-robotics) and its dependencies"
 python -m pip install --quiet -e ".[$EXTRAS]"  # docs: tests/test_docs.py builds the site
 python -c "import metarl, torch, mujoco, gymnasium; print(f'[setup] metarl {metarl.__version__}, torch {torch.__version__}, mujoco {mujoco.__version__}, gymnasium {gymnasium.__version__}')"

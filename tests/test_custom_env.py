@@ -582,7 +582,8 @@ def test_a_metaworld_family_without_the_extra_is_one_clear_line(capsys):
     from metarl.cli import main
 
     for name in ("ML1-reach-v3", "metarl/ML10-v0"):
-        with pytest.raises(TaskError, match=r"Meta-World family: install the extra, pip install 'metarl\[metaworld\]'"):
+        with pytest.raises(TaskError, match=r'Meta-World family: install the extra, pip install -e "\.\[metaworld\]" in a '
+                                            r'clone of metarl \(a wheel or the index: "metarl-robotics\[metaworld\]"\)'):
             metarl.make_family(name)
     assert main(["check", "ML1-push-v3"]) == 2
-    assert "pip install 'metarl[metaworld]'" in capsys.readouterr().err
+    assert 'pip install -e ".[metaworld]" in a clone of metarl (a wheel or the index: "metarl-robotics[metaworld]")' in capsys.readouterr().err

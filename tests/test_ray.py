@@ -2,7 +2,7 @@
 
 The module's fixture starts a head (``ray start --head``) and a worker node (``ray start --address``) on the
 loopback address, one CPU each, with small object stores, in a process group of their own, and stops exactly
-those processes afterwards. Needs ``pip install "metarl[ray]"`` (scripts/test_ray.sh runs these tests in
+those processes afterwards. Needs ``pip install -e ".[ray]"`` (scripts/test_ray.sh runs these tests in
 .venv-ray); elsewhere they skip.
 """
 

@@ -3,7 +3,7 @@
     python experiments/benchmarks/ray_speed.py [--repeats 5] [--backend native] [--address ADDRESS]
                                                [--out experiments/results/ray_speed.json]
 
-Needs ``pip install "metarl[ray]"``. Without ``--address`` it starts a one-node Ray instance in this process
+Needs ``pip install -e ".[ray]"``. Without ``--address`` it starts a one-node Ray instance in this process
 with as many CPUs as the machine has (and a 200 MB object store), so both placements use the same cores:
 the local sampler one worker process per core, the Ray sampler one actor per core. Measured in one run,
 alternating, medians over ``--repeats`` (fair on a shared, noisy machine):

@@ -19,7 +19,7 @@ ask for): never a hang. ``cpus_per_actor`` is each actor's CPU request (``num_cp
 of actors (None: the cluster's CPUs divided by ``cpus_per_actor``).
 
 Importing metarl never imports Ray: this module is imported only for ``placement: ray`` (``pip install
-"metarl[ray]"``).
+"metarl-robotics[ray]"``, ``pip install -e ".[ray]"`` in a clone).
 """
 
 from __future__ import annotations
@@ -48,7 +48,9 @@ def import_ray() -> Any:
     try:
         import ray
     except ImportError:
-        raise TaskError('sampler placement ray needs Ray: pip install "metarl[ray]"') from None
+        import metarl
+
+        raise TaskError(f"sampler placement ray needs Ray: {metarl.install_hint('ray')}") from None
     return ray
 
 
