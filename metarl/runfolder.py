@@ -159,34 +159,32 @@ MAY_CHANGE = frozenset({"sampler.workers", "sampler.placement", "sampler.address
                         "sampler.retries", "sampler.timeout"})
 
 
+def _registered(agent_name: Any) -> Any:
+    """The registered agent class of that name, or None (not a name, or no such agent)."""
+    from metarl.agent import AgentError, get_agent
+
+    if not isinstance(agent_name, str):
+        return None
+    try:
+        return get_agent(agent_name)
+    except AgentError:
+        return None
+
+
 def added_options(agent_name: Any) -> dict[str, Any]:
     """Options added to an agent after runs were recorded (its class's ``added_options``, as ``agent.<option>``
     keys), with the value that keeps the behaviour those runs had: a record without the field matches a config of
     that agent holding that value, so older run folders still resume. Scoped by agent: another agent's option of
     the same name may have another old value. An agent that is not registered has none."""
-    from metarl.agent import AgentError, get_agent
-
-    if not isinstance(agent_name, str):
-        return {}
-    try:
-        cls = get_agent(agent_name)
-    except AgentError:
-        return {}
-    return {f"agent.{k}": v for k, v in cls.added_options.items()}
+    cls = _registered(agent_name)
+    return {} if cls is None else {f"agent.{k}": v for k, v in cls.added_options.items()}
 
 
 def retired_options(agent_name: Any) -> dict[str, Any]:
     """The options an agent retired (its class's ``retired_options``, as ``agent.<option>`` keys) with their
     neutral value: a record holding one at that value matches a config without it."""
-    from metarl.agent import AgentError, get_agent
-
-    if not isinstance(agent_name, str):
-        return {}
-    try:
-        cls = get_agent(agent_name)
-    except AgentError:
-        return {}
-    return {f"agent.{k}": neutral for k, (neutral, _) in cls.retired_options.items()}
+    cls = _registered(agent_name)
+    return {} if cls is None else {f"agent.{k}": neutral for k, (neutral, _) in cls.retired_options.items()}
 
 
 def with_added_options(config_dict: dict[str, Any]) -> dict[str, Any]:
