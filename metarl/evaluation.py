@@ -256,15 +256,12 @@ def plot_within_episode(summary: dict[str, Any], title: str = "", path: str | Pa
 
 
 def atomic_write(path: str | Path, content: str | bytes) -> None:
-    """Write ``content`` to ``path`` through a temporary file beside it, so a reader (or a run killed
-    mid-write) never leaves half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    if isinstance(content, bytes):
-        tmp.write_bytes(content)
-    else:
-        tmp.write_text(content)
-    os.replace(tmp, path)
+    """Write ``content`` to ``path`` through a temporary file beside it, fsynced before its rename and the folder
+    after it, so that neither a kill nor a power cut mid-write leaves half a file (`metarl.system.durable_replace`)."""
+    from metarl.system import durable_replace
+
+    data = content if isinstance(content, bytes) else content.encode()
+    durable_replace(lambda handle: handle.write(data), path)
 
 
 def write_summary(result: AdaptationResult, out_dir: str | Path, title: str = "", extra: dict[str, Any] | None = None,

@@ -31,7 +31,7 @@ import torch
 
 from metarl.config import ConfigError
 from metarl.evaluation import atomic_write
-from metarl.system import fault_point
+from metarl.system import fault_point, fsync_dir
 
 LATEST, PREVIOUS = "latest.pt", "previous.pt"
 
@@ -72,23 +72,24 @@ def checksum(payload: dict[str, Any]) -> str:
 
 # ---- checkpoints ----------------------------------------------------------------------------------------
 def save_checkpoint(folder: Path, payload: dict[str, Any]) -> Path:
-    """Write ``payload`` (plus its checksum) as ``folder/latest.pt`` atomically, keeping the checkpoint it
-    replaces as ``previous.pt``. A kill at any moment leaves a complete latest.pt (old or new)."""
+    """Write ``payload`` (plus its checksum) as ``folder/latest.pt``, keeping the checkpoint it replaces as
+    ``previous.pt``. The new file is written beside them and fsynced; then latest.pt is renamed to previous.pt and
+    the new file to latest.pt, the folder fsynced after each rename. So the two checkpoints are always two
+    distinct files, and a kill or a power cut at any moment leaves the last complete checkpoint: as latest.pt,
+    or, between the renames, as previous.pt (which `latest_checkpoint` falls back to)."""
     folder.mkdir(parents=True, exist_ok=True)
     latest, previous = folder / LATEST, folder / PREVIOUS
     tmp = folder / f".{LATEST}.tmp"
-    torch.save({**payload, "sha256": checksum(payload)}, tmp)
+    with open(tmp, "wb") as handle:
+        torch.save({**payload, "sha256": checksum(payload)}, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
     if latest.is_file():
-        keep = folder / f".{PREVIOUS}.tmp"
-        with contextlib.suppress(FileNotFoundError):
-            keep.unlink()
-        try:
-            os.link(latest, keep)
-        except OSError:  # a file system without hard links: a copy does the same job
-            keep.write_bytes(latest.read_bytes())
-        os.replace(keep, previous)
+        os.replace(latest, previous)
+        fsync_dir(folder)
     fault_point("checkpoint")
     os.replace(tmp, latest)
+    fsync_dir(folder)
     return latest
 
 

@@ -22,7 +22,8 @@ import ctypes
 import ctypes.util
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -146,3 +147,32 @@ def fault_point(name: str) -> None:
                 return  # another process took the fault
         sys.stdout.flush()
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """Flush a folder's entries (the renames into it) to disk, where the platform allows it."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # a file system that cannot sync a folder: the rename is as durable as it gets
+        pass
+    finally:
+        os.close(fd)
+
+
+def durable_replace(write: Callable[[Any], None], path: str | os.PathLike) -> None:
+    """Replace ``path`` so that a kill or a power cut leaves the old file or the new one, never half of one:
+    ``write(file)`` fills a temporary file beside it, which is flushed and fsynced, then renamed over ``path``,
+    and the folder is fsynced after the rename."""
+    path = os.fspath(path)
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f".{name}.tmp")
+    with open(tmp, "wb") as handle:
+        write(handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    fsync_dir(folder or ".")

@@ -189,6 +189,64 @@ def test_checkpoints_are_kept_two_deep_and_carry_a_checksum(straight):
     assert latest["sha256"] != checksum(latest)
 
 
+def _payload(iteration: int) -> dict:
+    return {"agent": {"weights": torch.full((3,), float(iteration))}, "iteration": iteration, "env_steps": 10 * iteration}
+
+
+def test_the_two_checkpoints_are_distinct_files_at_every_moment_of_a_save(tmp_path, monkeypatch):
+    """Between its two renames (the fault point) a save leaves previous.pt (the last complete checkpoint) and the
+    new file, two files; after it, latest.pt and previous.pt are two files (no hard link: damage to one cannot
+    reach the other), and the checkpoint read back is the one written."""
+    import metarl.runfolder as rf
+
+    folder = tmp_path / "checkpoints"
+    seen = []
+
+    def at_fault(name):
+        if name == "checkpoint" and (folder / "previous.pt").exists():
+            seen.append((sorted(p.name for p in folder.iterdir()), (folder / "previous.pt").stat().st_nlink,
+                         rf.read_checkpoint(folder / "previous.pt")["iteration"]))
+
+    monkeypatch.setattr(rf, "fault_point", at_fault)
+    for it in (1, 2, 3):
+        rf.save_checkpoint(folder, _payload(it))
+    assert seen == [([".latest.pt.tmp", "previous.pt"], 1, 1), ([".latest.pt.tmp", "previous.pt"], 1, 2)]
+    latest, previous = folder / "latest.pt", folder / "previous.pt"
+    assert latest.stat().st_ino != previous.stat().st_ino and latest.stat().st_nlink == previous.stat().st_nlink == 1
+    assert (rf.read_checkpoint(latest)["iteration"], rf.read_checkpoint(previous)["iteration"]) == (3, 2)
+
+
+@pytest.mark.parametrize("cut", ["before the renames", "between the renames"])
+def test_a_power_cut_during_a_save_never_loses_the_last_good_checkpoint(tmp_path, monkeypatch, cut, capsys):
+    """A power cut as a crash leaves it: the new file written but its data never flushed (empty), and the save's
+    remaining renames never done. The checkpoint read afterwards is the last complete one, iteration 2, from
+    latest.pt or (the cut between the renames) from previous.pt with a warning."""
+    import metarl.runfolder as rf
+
+    folder = tmp_path / "checkpoints"
+    for it in (1, 2):
+        rf.save_checkpoint(folder, _payload(it))
+
+    class PowerCut(BaseException):
+        pass
+
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if cut == "before the renames" or Path(dst).name == "latest.pt":
+            Path(folder / ".latest.pt.tmp").write_bytes(b"")  # the unflushed data is lost with the power
+            raise PowerCut
+        real_replace(src, dst)
+
+    monkeypatch.setattr(rf.os, "replace", replace)
+    with pytest.raises(PowerCut):
+        rf.save_checkpoint(folder, _payload(3))
+    monkeypatch.setattr(rf.os, "replace", real_replace)
+    state = rf.latest_checkpoint(folder)
+    assert state["iteration"] == 2 and torch.equal(state["agent"]["weights"], torch.full((3,), 2.0))
+    assert ("using" in capsys.readouterr().err) == (cut == "between the renames")
+
+
 def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(straight, tmp_path, capsys):
     run = _copy(straight, tmp_path / "run")
     _flip(run / "checkpoints" / "latest.pt")
