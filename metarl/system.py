@@ -125,8 +125,8 @@ def fault_point(name: str) -> None:
     it costs one dictionary lookup. Points: ``iteration`` (start of an iteration), ``metrics`` (metrics
     appended, checkpoint not yet written), ``checkpoint`` (new checkpoint written beside the old one, not
     yet renamed), ``eval`` (held-out evaluation computed, nothing written), ``eval_files`` (summary.json
-    written, the csv and plot not yet), ``eval_logged`` (files and TensorBoard written, not yet recorded
-    as done), ``worker`` (a sampler worker process, before a rollout; the count is per worker), ``ray_actor``
+    written, the csv and plot not yet), ``eval_history`` (files and TensorBoard written, not yet its line in
+    history.jsonl), ``eval_logged`` (files, TensorBoard and history written, not yet recorded as done), ``worker`` (a sampler worker process, before a rollout; the count is per worker), ``ray_actor``
     (a Ray sampler actor, before a rollout; the count is per actor). With ``METARL_FAULT_ONCE=PATH`` as well,
     only the first process to create PATH is killed (one fault across all the processes that see PATH)."""
     target = os.environ.get("METARL_FAULT")

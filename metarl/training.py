@@ -487,7 +487,8 @@ def _train_locked(config: RunConfig, run_dir: Path, resume: bool, verbose: bool,
                 raise ConfigError(f"iterations: the checkpoint of {run_dir} is at iteration {start}; "
                                   f"iterations={config.iterations} would shrink the run below it")
             recorded = evals_done(run_dir)
-            if recorded is None:  # a run folder from before the record: trust complete summaries of this iteration
+            unrecorded = recorded is None
+            if unrecorded:  # a run folder from before the record: trust complete summaries of this iteration
                 recorded = [start] if _legacy_eval_done(run_dir, config, start) else []
             done = [k for k in recorded if k <= start]
             redo_eval = _eval_due(config, start) and start not in done
@@ -496,6 +497,8 @@ def _train_locked(config: RunConfig, run_dir: Path, resume: bool, verbose: bool,
                     print(f"{run_dir} is finished (iteration {start} of {config.iterations}, evaluated); nothing to do")
                 return run_dir
             set_aside_damaged(ckpt_dir)  # all checks passed: from here on the resume writes
+            if unrecorded:  # from now on an evaluation is done only once the record says so, the first one too
+                record_eval_done(run_dir, done)
             stored = read_yaml(run_dir / "config.yaml", "run config") or {}
             if stored.get("iterations") != config.iterations:  # resumed with iterations=N: keep the folder true
                 meta = dict(stored.get("meta") or {})
@@ -519,6 +522,9 @@ def _train_locked(config: RunConfig, run_dir: Path, resume: bool, verbose: bool,
         else:
             ckpt_dir.mkdir(parents=True, exist_ok=True)
             write_run_config(run_dir, config, _meta(sampler))
+            # no evaluation done yet, recorded: a kill during the first one leaves it to be redone (without the
+            # record, complete summary files were taken as done and its history line and points were lost)
+            record_eval_done(run_dir, [])
             logger = _Logger(run_dir)
             logger.writer.add_text("config", "```\n" + yaml.safe_dump(config.to_dict(), sort_keys=False) + "\n```")
             start = 0
@@ -572,6 +578,7 @@ def _train_locked(config: RunConfig, run_dir: Path, resume: bool, verbose: bool,
 def _eval_and_report(agent, config: RunConfig, run_dir: Path, logger: _Logger, verbose: bool, done: list[int]) -> None:
     e = config.eval
     summary = evaluate_run(agent, config, run_dir, e.split, e.tasks, e.steps, e.episodes, logger)
+    fault_point("eval_history")
     record_eval_history(run_dir / "eval" / e.split / "history.jsonl", summary)
     fault_point("eval_logged")
     done.append(agent.iteration)  # files, history and TensorBoard points (flushed by log_eval) are all written

@@ -57,6 +57,8 @@ def _assert_same_run(a: Path, b: Path) -> None:
         assert (a / "eval" / "test" / name).read_text() == (b / "eval" / "test" / name).read_text(), name
     assert (b / "eval" / "test" / "adaptation_curve.png").stat().st_size > 0
     assert _scalars(a) == _scalars(b)
+    history = [(r / "eval" / "test" / "history.jsonl").read_text().splitlines() for r in (a, b)]
+    assert [json.loads(line)["iteration"] for line in history[1]] == [json.loads(line)["iteration"] for line in history[0]]
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +71,9 @@ def straight(tmp_path_factory):
 # ---- resume always right --------------------------------------------------------------------------------
 @pytest.mark.parametrize("fault", [
     "eval_files:2",   # final evaluation killed between summary.json and summary.csv
+    "eval_files:1",   # the first evaluation killed there: no evaluation recorded yet (evals.json)
+    "eval_history:1",  # the first evaluation's files and TensorBoard points written, not yet its history line
+    "eval_logged:1",  # the first evaluation's files, points and history written, not yet recorded as done
     "eval:1",         # mid-run evaluation killed after computing, before writing
     "iteration:1",    # killed before the first checkpoint
     "metrics:1",      # killed after iteration 1's metrics line, before the first checkpoint
@@ -81,6 +86,20 @@ def test_a_killed_run_resumes_to_the_uninterrupted_run(straight, tmp_path, fault
     assert main(["train", "--resume", str(run), "--quiet"]) == 0
     _assert_same_run(straight, run)
     assert json.loads((run / "checkpoints" / "evals.json").read_text())["done"] == [1, 2]
+
+
+def test_a_run_without_mid_run_evaluations_killed_in_its_only_evaluation_redoes_it(tmp_path):
+    """eval.every 0: the final evaluation is the first one; killed before its history line, a resume used to
+    say "finished, nothing to do" and leave no history. Now the run's record says no evaluation is done."""
+    run = tmp_path / "run"
+    only_final = [*(o for o in TINY if not o.startswith("eval.every")), "eval.every=0"]
+    killed = _cli("train", CONFIG, *only_final, "--run-dir", str(run), "--quiet", fault="eval_history:1")
+    assert killed.returncode == -9, killed.stderr
+    assert json.loads((run / "checkpoints" / "evals.json").read_text())["done"] == []
+    assert main(["train", "--resume", str(run), "--quiet"]) == 0
+    history = (run / "eval" / "test" / "history.jsonl").read_text().splitlines()
+    assert [json.loads(line)["iteration"] for line in history] == [2]
+    assert json.loads((run / "checkpoints" / "evals.json").read_text())["done"] == [2]
 
 
 def test_a_resume_in_the_same_second_as_the_kill_keeps_tensorboard_in_order(straight, tmp_path):
