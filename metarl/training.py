@@ -150,10 +150,19 @@ def _meta(sampler: Any = None) -> dict[str, Any]:
     }
 
 
+def _no_config(run_dir: Path) -> ConfigError:
+    """The error for a folder without config.yaml: a run killed before writing it says how to start again."""
+    started = any((run_dir / name).exists() for name in (".lock", "checkpoints", ".config.yaml.tmp"))
+    if started and _unstarted(run_dir):
+        return ConfigError(f"{run_dir}: killed before its config.yaml was written, so there is nothing to resume; "
+                           f"start it again in place: metarl train CONFIG --run-dir {run_dir}")
+    return ConfigError(f"{run_dir}: not a run folder (no config.yaml)")
+
+
 def load_run_config(run_dir: Path) -> RunConfig:
     path = run_dir / "config.yaml"
     if not path.is_file():
-        raise ConfigError(f"{run_dir}: not a run folder (no config.yaml)")
+        raise _no_config(run_dir)
     data = read_yaml(path, "run config")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: damaged run config (expected a mapping, got {type(data).__name__})")
@@ -440,23 +449,29 @@ def train_agent(config: RunConfig, sampler: Any, agent: Any, run_dir: Path | Non
         run_dir = run_dir or Path(config.run_root) / config.experiment / f"{stamp}-{config.seed}"
         _check_new_run_folder(run_dir)
     elif not (run_dir / "config.yaml").is_file():
-        raise ConfigError(f"{run_dir}: not a run folder (no config.yaml)")
+        raise _no_config(run_dir)
     with run_lock(run_dir):
         if not resume:
             _check_new_run_folder(run_dir)  # again, now that no other process can start one there
         return _train_locked(config, run_dir, resume, verbose, sampler, agent)
 
 
+def _unstarted(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds only what a run killed before its config.yaml was in place leaves: a lock file,
+    an empty checkpoints/ and the config's temporary file."""
+    return run_dir.is_dir() and not [
+        p.name for p in run_dir.iterdir() if p.name not in (".lock", ".config.yaml.tmp")
+        and not (p.name == "checkpoints" and p.is_dir() and not any(p.iterdir()))]
+
+
 def _check_new_run_folder(run_dir: Path) -> None:
-    """A new run starts in a missing or empty folder (a lock file and an empty checkpoints/ left by a run
-    killed at once count as empty)."""
+    """A new run starts in a missing or empty folder (what a run killed before its config.yaml was in place
+    leaves counts as empty: it starts again in place)."""
     if not run_dir.exists():
         return
     if not run_dir.is_dir():
         raise ConfigError(f"run folder {run_dir} is a file")
-    leftovers = [p.name for p in run_dir.iterdir() if p.name != ".lock"
-                 and not (p.name == "checkpoints" and p.is_dir() and not any(p.iterdir()))]
-    if leftovers:
+    if not _unstarted(run_dir):
         raise ConfigError(f"run folder {run_dir} already exists and is not empty (use --resume to continue it)")
 
 

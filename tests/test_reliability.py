@@ -637,3 +637,20 @@ def test_an_unwritable_run_root_is_one_line_before_any_work(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "cannot write to run folder" in err, err
     assert blocker.read_text() == "not a folder"
+
+
+def test_a_run_killed_while_writing_its_config_is_restarted_in_place_not_a_dead_end(tmp_path, capsys):
+    """A kill during config.yaml's first write leaves a lock file, an empty checkpoints/ and the config's
+    temporary file: --resume says there is nothing to resume and what to run, and train --run-dir starts the
+    run again in that folder (it refused, 'already exists', and the folder had to be deleted by hand)."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / ".lock").write_text("")
+    (run / ".config.yaml.tmp").write_text("experiment: maml_trpo/point_na")  # cut mid-write
+    assert main(["train", "--resume", str(run), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "killed before its config.yaml was written" in err
+    assert f"metarl train CONFIG --run-dir {run}" in err
+    assert main(["train", CONFIG, *TINY, "--run-dir", str(run), "--quiet"]) == 0
+    assert (run / "config.yaml").is_file() and not (run / ".config.yaml.tmp").exists()
+    assert json.loads((run / "checkpoints" / "evals.json").read_text())["done"] == [1, 2]
