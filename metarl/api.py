@@ -100,7 +100,8 @@ def train(config: str | Path | RunConfig, overrides: list[str] | tuple[str, ...]
 
 def load(run_dir: str | Path) -> MetaLearner:
     """A trained run (its config.yaml and newest usable checkpoint) as a `MetaLearner`."""
-    from metarl.training import build_agent, load_checkpoint, load_run_config
+    from metarl.runfolder import load_checkpoint, load_run_config
+    from metarl.training import build_agent
 
     run_dir = Path(run_dir)
     config = load_run_config(run_dir)
@@ -199,8 +200,8 @@ class MetaLearner:
         is this call. ``repeats`` R > 1: R independent adaptations per task, pooled, written to
         ``RUN_DIR/eval/<split>-repeats<R>/`` (for families with few tasks). ``lock=False``: the caller
         already holds the run folder's lock (`run_lock`)."""
-        from metarl.runfolder import check_writable, run_lock
-        from metarl.training import eval_dir, evaluate_run
+        from metarl.runfolder import check_writable, eval_dir, run_lock
+        from metarl.training import evaluate_run
 
         e = self.config.eval
         split, tasks = split or e.split, tasks or e.tasks
@@ -314,7 +315,7 @@ class AdaptedPolicy:
         loadable with ``weights_only=True``), atomically."""
         import io
 
-        from metarl.evaluation import atomic_write
+        from metarl.system import atomic_write
 
         buffer = io.BytesIO()
         torch.save({"format": 1, "agent": self.agent, "adapted_steps": self.adapted_steps,

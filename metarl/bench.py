@@ -68,8 +68,9 @@ from metarl.config import (
     resolve_imports,
     shipped,
 )
-from metarl.evaluation import atomic_write, grouped_bootstrap_ci, iqm, plot_curves, write_summary
+from metarl.evaluation import grouped_bootstrap_ci, iqm, plot_curves, write_summary
 from metarl.runfolder import record_changes
+from metarl.system import atomic_write
 from metarl.tasks import TaskError, episode_limit
 
 #: baseline method name -> (kind, algorithm); every other method is a meta-learner, an agent of the registry

@@ -133,7 +133,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     import metarl.api as mrl
     from metarl.config import ConfigError, load_config
-    from metarl.training import load_run_config
+    from metarl.runfolder import load_run_config
 
     imports = _user_code(args)
     try:
@@ -196,8 +196,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         configure_gl()  # before anything imports mujoco: a headless Linux machine renders through EGL
 
     from metarl.config import ConfigError
-    from metarl.runfolder import run_lock
-    from metarl.training import load_run_config
+    from metarl.runfolder import load_run_config, run_lock
     from metarl.video import VideoError
 
     run_dir = Path(args.run_dir)
@@ -228,8 +227,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _evaluate(run_dir: Path, config: Any, split: str, tasks: int, steps: int, episodes: int, video: dict | None,
               repeats: int = 1) -> None:
     import metarl.api as mrl
-    from metarl.runfolder import check_writable
-    from metarl.training import eval_dir, render_run
+    from metarl.runfolder import check_writable, eval_dir
+    from metarl.training import render_run
 
     out = eval_dir(run_dir, split, repeats)
     check_writable(run_dir, run_dir / "eval", out)

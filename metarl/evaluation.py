@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from metarl.system import fault_point
+from metarl.system import atomic_write, fault_point
 from metarl.tasks import Task
 
 
@@ -253,15 +253,6 @@ def plot_within_episode(summary: dict[str, Any], title: str = "", path: str | Pa
     ax.set_xlabel("fraction of the horizon")
     ax.set_ylabel(f"reward per 1/{bins} of the horizon (mean over tasks)")
     return _finish(fig, ax, title, path)
-
-
-def atomic_write(path: str | Path, content: str | bytes) -> None:
-    """Write ``content`` to ``path`` through a temporary file beside it, fsynced before its rename and the folder
-    after it, so that neither a kill nor a power cut mid-write leaves half a file (`metarl.system.durable_replace`)."""
-    from metarl.system import durable_replace
-
-    data = content if isinstance(content, bytes) else content.encode()
-    durable_replace(lambda handle: handle.write(data), path)
 
 
 def write_summary(result: AdaptationResult, out_dir: str | Path, title: str = "", extra: dict[str, Any] | None = None,

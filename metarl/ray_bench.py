@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from metarl.bench import Cell, Suite, _fmt, cell_dir, plan_cells, run_cell, write_report
-from metarl.evaluation import atomic_write
 from metarl.sampling.ray import connect
+from metarl.system import atomic_write
 
 
 def _pack(folder: Path) -> dict[str, bytes]:

@@ -29,9 +29,8 @@ from typing import Any
 
 import torch
 
-from metarl.config import ConfigError
-from metarl.evaluation import atomic_write
-from metarl.system import fault_point, fsync_dir
+from metarl.config import ConfigError, RunConfig, load_config, read_yaml, yaml_dump
+from metarl.system import atomic_write, fault_point, fsync_dir
 
 LATEST, PREVIOUS = "latest.pt", "previous.pt"
 
@@ -308,4 +307,151 @@ def evals_done(run_dir: Path) -> list[int] | None:
 
 
 def record_eval_done(run_dir: Path, done: list[int]) -> None:
+    """Record the iterations whose evaluation finished (the last write of an evaluation)."""
+    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     atomic_write(run_dir / "checkpoints" / "evals.json", json.dumps({"done": sorted(set(done))}))
+
+
+# ---- the run folder's files ------------------------------------------------------------------------------
+def no_config_error(run_dir: Path) -> ConfigError:
+    """The error for a folder without config.yaml: a run killed before writing it says how to start again."""
+    started = any((run_dir / name).exists() for name in (".lock", "checkpoints", ".config.yaml.tmp"))
+    if started and unstarted(run_dir):
+        return ConfigError(f"{run_dir}: killed before its config.yaml was written, so there is nothing to resume; "
+                           f"start it again in place: metarl train CONFIG --run-dir {run_dir}")
+    return ConfigError(f"{run_dir}: not a run folder (no config.yaml)")
+
+
+def load_run_config(run_dir: Path) -> RunConfig:
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise no_config_error(run_dir)
+    data = read_yaml(path, "run config")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: damaged run config (expected a mapping, got {type(data).__name__})")
+    data.pop("meta", None)
+    try:
+        return load_config(None, data=data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def load_checkpoint(run_dir: Path, agent: Any, config: RunConfig | None = None) -> dict[str, Any]:
+    """Load the run's newest usable checkpoint into ``agent`` (falling back to ``previous.pt``, with a
+    warning, when ``latest.pt`` is damaged); with ``config``, refuse a config.yaml edited since it was
+    written. ConfigError in one line naming the file otherwise."""
+    folder = run_dir / "checkpoints"
+    state = latest_checkpoint(folder)
+    if state is None:
+        raise ConfigError(f"{run_dir}: no checkpoint at {folder / 'latest.pt'}")
+    check_config_unchanged(run_dir, state, config)
+    try:
+        agent.load_state_dict(state["agent"])
+    except (RuntimeError, KeyError, ValueError, TypeError) as exc:
+        raise ConfigError(f"{folder}: checkpoint does not match the run's config: {exc}") from exc
+    return state
+
+
+def check_config_unchanged(run_dir: Path, state: dict[str, Any], config: RunConfig | None) -> None:
+    if config is None or "config" not in state:
+        return
+    changes = config_changes(state["config"], config.to_dict())
+    if changes:
+        raise ConfigError(f"{run_dir / 'config.yaml'} was edited after the checkpoint at iteration "
+                          f"{state['iteration']} was written ({'; '.join(changes[:3])}); restore it, or start "
+                          "a new run with the new settings")
+
+
+def truncate_jsonl(path: Path, iteration: int) -> dict[str, Any] | None:
+    """Keep the lines of iterations up to the checkpoint's; drop later ones (the work a resume redoes).
+    A damaged line (cut by a kill, garbled) is dropped with a warning naming it, the original file kept
+    beside as ``metrics.jsonl.damaged``; missing or repeated iterations are reported. Returns the row of
+    ``iteration`` (None if absent)."""
+    if not path.is_file():
+        return None
+    lines = path.read_bytes().decode("utf-8", errors="replace").splitlines()
+    keep, rows, damaged = [], [], []
+    for number, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("iteration"), int):
+                raise ValueError("no integer 'iteration'")
+        except ValueError as exc:
+            damaged.append(number)
+            warn(f"{path} line {number} is damaged ({str(exc)[:60]}); dropped")
+            continue
+        if row["iteration"] <= iteration:
+            keep.append(line)
+            rows.append(row)
+    seen = [r["iteration"] for r in rows]
+    if seen != list(range(1, iteration + 1)):
+        missing = sorted(set(range(1, iteration + 1)) - set(seen))
+        repeated = sorted({i for i in seen if seen.count(i) > 1})
+        warn(f"{path} does not hold exactly one line per iteration up to the checkpoint's {iteration} "
+             f"(missing: {missing[:10] or 'none'}, repeated: {repeated[:10] or 'none'})")
+    if damaged:
+        atomic_write(path.with_name(path.name + ".damaged"), "".join(line + "\n" for line in lines))
+    if len(keep) != len(lines):
+        atomic_write(path, "".join(line + "\n" for line in keep))
+    return next((r for r in reversed(rows) if r["iteration"] == iteration), None)
+
+
+def record_eval_history(path: Path, summary: dict[str, Any]) -> None:
+    """Add one training-time evaluation to ``eval/<split>/history.jsonl`` (the held-out curve over
+    iterations, so that a reported number is never one phase of an oscillation). Lines of the same or
+    later iterations (left by a run that was killed and resumed from an earlier checkpoint) are replaced."""
+    rows = read_eval_history(path)
+    rows = [r for r in rows if r["iteration"] < summary["iteration"]]
+    rows.append({
+        "iteration": summary["iteration"], "env_steps": summary["env_steps"],
+        "stages": [{k: s[k] for k in ("stage", "adapt_episodes", "mean_return", "ci95", "gain", "gain_ci95") if k in s}
+                   for s in summary["stages"]],
+    })
+    atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def read_eval_history(path: Path) -> list[dict[str, Any]]:
+    """The evaluations ``record_eval_history`` wrote, in iteration order ([] if none yet)."""
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def eval_dir(run_dir: Path, split: str, repeats: int = 1) -> Path:
+    """Where an evaluation of ``split`` writes: ``eval/<split>/``, or ``eval/<split>-repeats<R>/`` for a
+    repeated one (so it never replaces the training-time evaluation the held-out curve continues)."""
+    return run_dir / "eval" / (split if repeats == 1 else f"{split}-repeats{repeats}")
+
+
+def write_run_config(run_dir: Path, config: RunConfig, meta: dict[str, Any]) -> None:
+    atomic_write(run_dir / "config.yaml", yaml_dump({**config.to_dict(), "meta": meta}))
+
+
+def legacy_eval_done(run_dir: Path, config: RunConfig, iteration: int) -> bool:
+    """For a run folder without ``checkpoints/evals.json``: its summary files are complete and of ``iteration``."""
+    out = run_dir / "eval" / config.eval.split
+    try:
+        summary = json.loads((out / "summary.json").read_text())
+    except (OSError, ValueError):
+        return False
+    files = ("summary.csv", "per_task.csv", "adaptation_curve.png")
+    return summary.get("iteration") == iteration and all((out / f).is_file() for f in files)
+
+
+def unstarted(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds only what a run killed before its config.yaml was in place leaves: a lock file,
+    an empty checkpoints/ and the config's temporary file."""
+    return run_dir.is_dir() and not [
+        p.name for p in run_dir.iterdir() if p.name not in (".lock", ".config.yaml.tmp")
+        and not (p.name == "checkpoints" and p.is_dir() and not any(p.iterdir()))]
+
+
+def check_new_run_folder(run_dir: Path) -> None:
+    """A new run starts in a missing or empty folder (what a run killed before its config.yaml was in place
+    leaves counts as empty: it starts again in place)."""
+    if not run_dir.exists():
+        return
+    if not run_dir.is_dir():
+        raise ConfigError(f"run folder {run_dir} is a file")
+    if not unstarted(run_dir):
+        raise ConfigError(f"run folder {run_dir} already exists and is not empty (use --resume to continue it)")

@@ -33,7 +33,7 @@ import gymnasium as gym
 import mujoco
 import numpy as np
 
-from metarl.evaluation import atomic_write
+from metarl.system import atomic_write
 
 RATE_KEYS = ("raw_mj_step", "raw_mj_step_native_settings", "gymnasium_env", "gymnasium_vector", "native")
 DEFAULT_FAMILIES = ("HalfCheetahVel", "AntGoal", "HopperRandParams")

@@ -48,7 +48,8 @@ from typing import Any
 import numpy as np
 
 from metarl.config import ConfigError, load_config, locate, read_yaml
-from metarl.evaluation import atomic_write, grouped_bootstrap_ci
+from metarl.evaluation import grouped_bootstrap_ci
+from metarl.system import atomic_write
 
 DISTRIBUTIONS = ("uniform", "loguniform", "randint")
 KEYS = {"name", "config", "out", "overrides", "seeds", "search", "samples", "seed", "params", "score", "splits",

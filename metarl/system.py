@@ -176,3 +176,10 @@ def durable_replace(write: Callable[[Any], None], path: str | os.PathLike) -> No
         os.fsync(handle.fileno())
     os.replace(tmp, path)
     fsync_dir(folder or ".")
+
+
+def atomic_write(path: str | os.PathLike, content: str | bytes) -> None:
+    """Write ``content`` to ``path`` through a temporary file beside it, fsynced before its rename and the folder
+    after it, so that neither a kill nor a power cut mid-write leaves half a file (`durable_replace`)."""
+    data = content if isinstance(content, bytes) else content.encode()
+    durable_replace(lambda handle: handle.write(data), path)

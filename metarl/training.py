@@ -35,10 +35,9 @@ import torch
 import yaml
 
 import metarl
-from metarl.config import ConfigError, RunConfig, agent_class, load_config, read_yaml, yaml_dump
+from metarl.config import ConfigError, RunConfig, agent_class, read_yaml
 from metarl.evaluation import (
     AdaptationResult,
-    atomic_write,
     episode_scalars,
     plot_curves,
     plot_within_episode,
@@ -46,16 +45,22 @@ from metarl.evaluation import (
     write_summary,
 )
 from metarl.runfolder import (
+    check_config_unchanged,
+    check_new_run_folder,
     check_writable,
-    config_changes,
     config_record,
+    eval_dir,
     evals_done,
     latest_checkpoint,
+    legacy_eval_done,
+    no_config_error,
     record_eval_done,
+    record_eval_history,
     run_lock,
     save_checkpoint,
     set_aside_damaged,
-    warn,
+    truncate_jsonl,
+    write_run_config,
 )
 from metarl.sampling import make_sampler
 from metarl.system import fault_point
@@ -150,55 +155,6 @@ def _meta(sampler: Any = None) -> dict[str, Any]:
     }
 
 
-def _no_config(run_dir: Path) -> ConfigError:
-    """The error for a folder without config.yaml: a run killed before writing it says how to start again."""
-    started = any((run_dir / name).exists() for name in (".lock", "checkpoints", ".config.yaml.tmp"))
-    if started and _unstarted(run_dir):
-        return ConfigError(f"{run_dir}: killed before its config.yaml was written, so there is nothing to resume; "
-                           f"start it again in place: metarl train CONFIG --run-dir {run_dir}")
-    return ConfigError(f"{run_dir}: not a run folder (no config.yaml)")
-
-
-def load_run_config(run_dir: Path) -> RunConfig:
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        raise _no_config(run_dir)
-    data = read_yaml(path, "run config")
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: damaged run config (expected a mapping, got {type(data).__name__})")
-    data.pop("meta", None)
-    try:
-        return load_config(None, data=data)
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
-
-
-def load_checkpoint(run_dir: Path, agent: Any, config: RunConfig | None = None) -> dict[str, Any]:
-    """Load the run's newest usable checkpoint into ``agent`` (falling back to ``previous.pt``, with a
-    warning, when ``latest.pt`` is damaged); with ``config``, refuse a config.yaml edited since it was
-    written. ConfigError in one line naming the file otherwise."""
-    folder = run_dir / "checkpoints"
-    state = latest_checkpoint(folder)
-    if state is None:
-        raise ConfigError(f"{run_dir}: no checkpoint at {folder / 'latest.pt'}")
-    _check_config_unchanged(run_dir, state, config)
-    try:
-        agent.load_state_dict(state["agent"])
-    except (RuntimeError, KeyError, ValueError, TypeError) as exc:
-        raise ConfigError(f"{folder}: checkpoint does not match the run's config: {exc}") from exc
-    return state
-
-
-def _check_config_unchanged(run_dir: Path, state: dict[str, Any], config: RunConfig | None) -> None:
-    if config is None or "config" not in state:
-        return
-    changes = config_changes(state["config"], config.to_dict())
-    if changes:
-        raise ConfigError(f"{run_dir / 'config.yaml'} was edited after the checkpoint at iteration "
-                          f"{state['iteration']} was written ({'; '.join(changes[:3])}); restore it, or start "
-                          "a new run with the new settings")
-
-
 def _after_existing_event_files(run_dir: Path) -> None:
     """TensorBoard reads a folder's event files in name order, and a name starts with the second it was
     created in, then the host and pid: a file created in the same second as an existing one (a resume
@@ -258,40 +214,6 @@ class _Logger:
         self.writer.close()
 
 
-def _truncate_jsonl(path: Path, iteration: int) -> dict[str, Any] | None:
-    """Keep the lines of iterations up to the checkpoint's; drop later ones (the work a resume redoes).
-    A damaged line (cut by a kill, garbled) is dropped with a warning naming it, the original file kept
-    beside as ``metrics.jsonl.damaged``; missing or repeated iterations are reported. Returns the row of
-    ``iteration`` (None if absent)."""
-    if not path.is_file():
-        return None
-    lines = path.read_bytes().decode("utf-8", errors="replace").splitlines()
-    keep, rows, damaged = [], [], []
-    for number, line in enumerate(lines, 1):
-        try:
-            row = json.loads(line)
-            if not isinstance(row, dict) or not isinstance(row.get("iteration"), int):
-                raise ValueError("no integer 'iteration'")
-        except ValueError as exc:
-            damaged.append(number)
-            warn(f"{path} line {number} is damaged ({str(exc)[:60]}); dropped")
-            continue
-        if row["iteration"] <= iteration:
-            keep.append(line)
-            rows.append(row)
-    seen = [r["iteration"] for r in rows]
-    if seen != list(range(1, iteration + 1)):
-        missing = sorted(set(range(1, iteration + 1)) - set(seen))
-        repeated = sorted({i for i in seen if seen.count(i) > 1})
-        warn(f"{path} does not hold exactly one line per iteration up to the checkpoint's {iteration} "
-             f"(missing: {missing[:10] or 'none'}, repeated: {repeated[:10] or 'none'})")
-    if damaged:
-        atomic_write(path.with_name(path.name + ".damaged"), "".join(line + "\n" for line in lines))
-    if len(keep) != len(lines):
-        atomic_write(path, "".join(line + "\n" for line in keep))
-    return next((r for r in reversed(rows) if r["iteration"] == iteration), None)
-
-
 def check_finite_state(state: Any, what: str, where: str = "") -> None:
     """FloatingPointError naming the first non-finite floating-point tensor of a (nested) state dict."""
     if isinstance(state, torch.Tensor):
@@ -304,27 +226,6 @@ def check_finite_state(state: Any, what: str, where: str = "") -> None:
     elif isinstance(state, (list, tuple)):
         for i, value in enumerate(state):
             check_finite_state(value, what, f"{where}[{i}]")
-
-
-def record_eval_history(path: Path, summary: dict[str, Any]) -> None:
-    """Add one training-time evaluation to ``eval/<split>/history.jsonl`` (the held-out curve over
-    iterations, so that a reported number is never one phase of an oscillation). Lines of the same or
-    later iterations (left by a run that was killed and resumed from an earlier checkpoint) are replaced."""
-    rows = read_eval_history(path)
-    rows = [r for r in rows if r["iteration"] < summary["iteration"]]
-    rows.append({
-        "iteration": summary["iteration"], "env_steps": summary["env_steps"],
-        "stages": [{k: s[k] for k in ("stage", "adapt_episodes", "mean_return", "ci95", "gain", "gain_ci95") if k in s}
-                   for s in summary["stages"]],
-    })
-    atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows))
-
-
-def read_eval_history(path: Path) -> list[dict[str, Any]]:
-    """The evaluations ``record_eval_history`` wrote, in iteration order ([] if none yet)."""
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _fmt_time(seconds: float) -> str:
@@ -345,12 +246,6 @@ def eval_tasks(family: Any, seed: int, split: str, tasks: int) -> list[Any]:
 
 def _eval_seed(config: RunConfig) -> int:
     return config.seed + 20_000
-
-
-def eval_dir(run_dir: Path, split: str, repeats: int = 1) -> Path:
-    """Where an evaluation of ``split`` writes: ``eval/<split>/``, or ``eval/<split>-repeats<R>/`` for a
-    repeated one (so it never replaces the training-time evaluation the held-out curve continues)."""
-    return run_dir / "eval" / (split if repeats == 1 else f"{split}-repeats{repeats}")
 
 
 def evaluate_run(agent: Any, config: RunConfig, run_dir: Path, split: str, tasks: int, steps: int,
@@ -405,27 +300,12 @@ def render_run(agent: Any, config: RunConfig, run_dir: Path, split: str, tasks: 
         logger.close()
 
 
-def write_run_config(run_dir: Path, config: RunConfig, meta: dict[str, Any]) -> None:
-    atomic_write(run_dir / "config.yaml", yaml_dump({**config.to_dict(), "meta": meta}))
-
-
 def _eval_due(config: RunConfig, iteration: int) -> bool:
     """Whether the training schedule evaluates after ``iteration`` (mid-run every ``eval.every``, and at
     the end)."""
     if iteration < 1:
         return False
     return iteration == config.iterations or bool(config.eval.every and iteration % config.eval.every == 0)
-
-
-def _legacy_eval_done(run_dir: Path, config: RunConfig, iteration: int) -> bool:
-    """For a run folder without ``checkpoints/evals.json``: its summary files are complete and of ``iteration``."""
-    out = run_dir / "eval" / config.eval.split
-    try:
-        summary = json.loads((out / "summary.json").read_text())
-    except (OSError, ValueError):
-        return False
-    files = ("summary.csv", "per_task.csv", "adaptation_curve.png")
-    return summary.get("iteration") == iteration and all((out / f).is_file() for f in files)
 
 
 def train(config: RunConfig, run_dir: Path | None = None, resume: bool = False, verbose: bool = True) -> Path:
@@ -447,32 +327,13 @@ def train_agent(config: RunConfig, sampler: Any, agent: Any, run_dir: Path | Non
     if not resume:
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         run_dir = run_dir or Path(config.run_root) / config.experiment / f"{stamp}-{config.seed}"
-        _check_new_run_folder(run_dir)
+        check_new_run_folder(run_dir)
     elif not (run_dir / "config.yaml").is_file():
-        raise _no_config(run_dir)
+        raise no_config_error(run_dir)
     with run_lock(run_dir):
         if not resume:
-            _check_new_run_folder(run_dir)  # again, now that no other process can start one there
+            check_new_run_folder(run_dir)  # again, now that no other process can start one there
         return _train_locked(config, run_dir, resume, verbose, sampler, agent)
-
-
-def _unstarted(run_dir: Path) -> bool:
-    """Whether ``run_dir`` holds only what a run killed before its config.yaml was in place leaves: a lock file,
-    an empty checkpoints/ and the config's temporary file."""
-    return run_dir.is_dir() and not [
-        p.name for p in run_dir.iterdir() if p.name not in (".lock", ".config.yaml.tmp")
-        and not (p.name == "checkpoints" and p.is_dir() and not any(p.iterdir()))]
-
-
-def _check_new_run_folder(run_dir: Path) -> None:
-    """A new run starts in a missing or empty folder (what a run killed before its config.yaml was in place
-    leaves counts as empty: it starts again in place)."""
-    if not run_dir.exists():
-        return
-    if not run_dir.is_dir():
-        raise ConfigError(f"run folder {run_dir} is a file")
-    if not _unstarted(run_dir):
-        raise ConfigError(f"run folder {run_dir} already exists and is not empty (use --resume to continue it)")
 
 
 def _train_locked(config: RunConfig, run_dir: Path, resume: bool, verbose: bool, sampler: Any, agent: Any) -> Path:
@@ -485,7 +346,7 @@ def _train_locked(config: RunConfig, run_dir: Path, resume: bool, verbose: bool,
         if resume:
             state = latest_checkpoint(ckpt_dir)
             if state is not None:
-                _check_config_unchanged(run_dir, state, config)
+                check_config_unchanged(run_dir, state, config)
                 try:
                     agent.load_state_dict(state["agent"])
                 except (RuntimeError, KeyError, ValueError, TypeError) as exc:
@@ -504,7 +365,7 @@ def _train_locked(config: RunConfig, run_dir: Path, resume: bool, verbose: bool,
             recorded = evals_done(run_dir)
             unrecorded = recorded is None
             if unrecorded:  # a run folder from before the record: trust complete summaries of this iteration
-                recorded = [start] if _legacy_eval_done(run_dir, config, start) else []
+                recorded = [start] if legacy_eval_done(run_dir, config, start) else []
             done = [k for k in recorded if k <= start]
             redo_eval = _eval_due(config, start) and start not in done
             if start == config.iterations and not redo_eval:
@@ -521,7 +382,7 @@ def _train_locked(config: RunConfig, run_dir: Path, resume: bool, verbose: bool,
                     {"at_iteration": start, "iterations": [stored.get("iterations"), config.iterations],
                      "command": " ".join(sys.argv)})
                 write_run_config(run_dir, config, meta)
-            row = _truncate_jsonl(run_dir / "metrics.jsonl", start)
+            row = truncate_jsonl(run_dir / "metrics.jsonl", start)
             # Events after the checkpoint are dropped (purge_step); when the evaluation at the checkpoint's
             # iteration is redone, its partial points too, and the iteration's own scalars are logged again.
             logger = _Logger(run_dir, purge_step=agent.env_steps + (0 if (redo_eval or not start) else 1))

@@ -39,8 +39,8 @@ import gymnasium as gym
 import numpy as np
 
 from metarl.agent import StageRollout
-from metarl.evaluation import atomic_write
 from metarl.sampling import GymSlots, rollout
+from metarl.system import atomic_write
 from metarl.tasks import Task
 
 MAX_DEFAULT_FPS = 25  # default playback rate cap; faster envs (Hopper: 125 Hz) drop frames to stay real time

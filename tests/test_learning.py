@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from metarl.evaluation import t_ci95
-from metarl.training import read_eval_history
+from metarl.runfolder import read_eval_history
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "experiments" / "benchmarks" / "learning.py"
@@ -250,7 +250,7 @@ def test_late_curve_mean_hand_computed():
 
 
 def test_eval_history_replaces_later_iterations(tmp_path):
-    from metarl.training import record_eval_history
+    from metarl.runfolder import record_eval_history
 
     path = tmp_path / "history.jsonl"
 
@@ -271,8 +271,8 @@ def test_summary_gain_is_paired_over_tasks(tmp_path):
     those per-task differences: here every task gains exactly 1 while the tasks' own returns spread by 100,
     so the gain's interval is [1, 1] although the two stages' intervals overlap almost entirely."""
     from metarl.evaluation import AdaptationResult, summarize
+    from metarl.runfolder import record_eval_history
     from metarl.tasks import GoalTask
-    from metarl.training import record_eval_history
 
     pre = np.array([0.0, 100.0, 200.0, -100.0])
     returns = np.stack([pre, pre + 1.0, pre + np.array([3.0, 1.0, 2.0, 2.0])], axis=1)

@@ -45,9 +45,18 @@ from typing import Any
 import numpy as np
 
 from metarl.config import RunConfig, load_config
-from metarl.evaluation import atomic_write, t_ci95
-from metarl.runfolder import MAY_CHANGE, config_changes, config_record, record_changes, with_added_options
-from metarl.training import load_run_config, read_eval_history, train
+from metarl.evaluation import t_ci95
+from metarl.runfolder import (
+    MAY_CHANGE,
+    config_changes,
+    config_record,
+    load_run_config,
+    read_eval_history,
+    record_changes,
+    with_added_options,
+)
+from metarl.system import atomic_write
+from metarl.training import train
 
 
 def late_stages(curve: list[dict[str, Any]], iterations: int) -> dict[str, Any] | None:

@@ -24,7 +24,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from metarl.evaluation import atomic_write
+from metarl.system import atomic_write
 
 ROOT = Path(__file__).resolve().parents[2]
 OUT = ROOT / "experiments" / "results" / "ablation_point_nav"
@@ -57,7 +57,7 @@ def out_file(name: str) -> Path:
 
 def run(name: str) -> None:
     from metarl.config import load_config
-    from metarl.training import load_run_config
+    from metarl.runfolder import load_run_config
 
     what, overrides = VARIANTS[name]
     overrides = [*overrides, f"iterations={ITERATIONS}", f"experiment=ablation_point_nav/{name}_{ITERATIONS}"]

@@ -30,8 +30,8 @@ import torch
 import metarl
 from metarl.agents.pearl import PEARL
 from metarl.config import load_config
-from metarl.evaluation import atomic_write
 from metarl.sampling import make_sampler
+from metarl.system import atomic_write
 
 AUTHORS = {"train_steps": 2000, "meta_batch": 16, "batch_size": 256, "hidden": (300, 300, 300)}
 
