@@ -338,14 +338,25 @@ class PEARLActor:
         out = self._nets[0](np.concatenate([o, self.z], 1).reshape(n, slots, -1)).reshape(n * slots, -1)
         mean, log_std = out[:, :self.act_dim], np.clip(out[:, self.act_dim:], LOG_STD_MIN, LOG_STD_MAX)
         if self.deterministic:
+            noise = np.zeros_like(mean)
             u = mean
         else:
             noise = np.concatenate([g.standard_normal((slots, self.act_dim), np.float32) for g in self._generators])
             u = mean + np.exp(log_std) * noise
         a = np.tanh(u)
+        self._density = (noise, log_std, u)  # what `last_log_prob` needs
         self._last = np.concatenate([o, a], 1)
         action = (self.high + self.low) / 2 + (self.high - self.low) / 2 * a
         return action.reshape(n, slots, -1)
+
+    def last_log_prob(self) -> np.ndarray:
+        """``[n, slots]``: the log-density of the last `act`'s actions in the env's box, summed over the action
+        dimensions: the Gaussian's at u, less log(1 - tanh(u)^2) and log(half the box's width) per dimension."""
+        noise, log_std, u = (np.asarray(x, np.float64) for x in self._density)
+        gaussian = -0.5 * noise**2 - log_std - 0.5 * np.log(2 * np.pi)
+        squash = 2 * (np.log(2.0) - u - np.logaddexp(0.0, -2 * u))  # log(1 - tanh(u)^2), stable
+        half = np.log((self.high.astype(np.float64) - self.low) / 2)
+        return (gaussian - squash - half).sum(-1).reshape(self._shape)
 
     def widen(self, slots: int) -> None:
         """Continue the state of a one-slot actor (an adapted policy) on ``slots`` slots of the same task, one env

@@ -376,6 +376,7 @@ class RL2Actor:
             self.hidden_log.append(self._hidden.copy())
         mean, hidden = self._model.step(inputs.numpy().reshape(n, slots, -1), self._hidden.reshape(n, slots, -1))
         mean, self._hidden = mean.reshape(n * slots, -1), hidden.reshape(n * slots, -1)
+        self._sampled = not self.deterministic
         if self.deterministic:
             action = mean
         else:
@@ -384,6 +385,13 @@ class RL2Actor:
             action = mean + self._model.std * self._noise.reshape(n * slots, -1)
         self._prev_action = torch.from_numpy(action)
         return action.reshape(n, slots, -1)
+
+    def last_log_prob(self) -> np.ndarray:
+        """``[n, slots]``: the log-density of the last `act`'s actions, summed over the action dimensions (at the
+        mean for a deterministic act)."""
+        noise = self._noise.astype(np.float64) if self._sampled else np.zeros(self._noise.shape)
+        log_std = np.log(self._model.std.astype(np.float64))
+        return (-0.5 * noise**2 - log_std - 0.5 * np.log(2 * np.pi)).sum(-1)
 
     def widen(self, slots: int) -> None:
         """Continue the state of a one-slot actor (an adapted policy) on ``slots`` slots of the same task, one env

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import gymnasium as gym
 import numpy as np
@@ -38,7 +38,15 @@ from metarl.sampling import rollout
 from metarl.sampling.slots import EnvSlots, Replayed, ReplaySlots
 from metarl.tasks import TaskError, family_of
 
-__all__ = ["AdaptedPolicy", "Episode", "MetaLearner", "load", "train"]
+__all__ = ["AdaptedPolicy", "Episode", "MetaLearner", "Sample", "load", "train"]
+
+
+class Sample(NamedTuple):
+    """What `AdaptedPolicy.sample` returns: the env's action, the policy's raw output, its log-density."""
+
+    action: np.ndarray
+    raw: np.ndarray
+    log_prob: float | np.ndarray
 
 
 @dataclasses.dataclass
@@ -256,14 +264,15 @@ class AdaptedPolicy:
         obs = np.asarray(obs, np.float32)
         if not np.all(np.isfinite(obs)):
             raise ValueError(f"predict: the observation has non-finite values: {obs}")
-        return self.sample(obs.reshape(-1), deterministic)[0]
+        return self.sample(obs.reshape(-1), deterministic).action
 
-    def sample(self, obs: np.ndarray, deterministic: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """``(action, raw)`` for one observation ``[obs_dim]``, or for a batch ``[B, obs_dim]`` of B envs of the
-        adapted task. ``action`` is what the env takes, ``clip(action_scale * raw, low, high)``; ``raw`` is the
-        policy's own output, what an `Episode` records for `MetaLearner.adapt_on`. RL² and PEARL keep a state per
-        env: the first batch continues the adapted state in each of its B envs, which from then on are the
-        policy's (the same B every call; `observe` takes B rewards and ends)."""
+    def sample(self, obs: np.ndarray, deterministic: bool = False) -> Sample:
+        """``(action, raw, log_prob)`` for one observation ``[obs_dim]``, or for a batch ``[B, obs_dim]`` of B envs
+        of the adapted task. ``action`` is what the env takes, ``clip(action_scale * raw, low, high)``; ``raw`` is
+        the policy's own output, what an `Episode` records for `MetaLearner.adapt_on`; ``log_prob`` its
+        log-density under the policy, summed over the action dimensions (at the mean when ``deterministic``).
+        RL² and PEARL keep a state per env: the first batch continues the adapted state in each of its B envs,
+        which from then on are the policy's (the same B every call; `observe` takes B rewards and ends)."""
         obs = np.asarray(obs, np.float32)
         batch = obs.ndim == 2
         if obs.ndim not in (1, 2) or not np.all(np.isfinite(obs)):
@@ -280,9 +289,10 @@ class AdaptedPolicy:
             raw = np.asarray(self._actor.act(obs.reshape(1, -1 if batch else 1, obs.shape[-1])), np.float32)
         finally:
             self._actor.deterministic = saved
+        log_prob = np.asarray(self._actor.last_log_prob(), np.float64).reshape(-1)
         raw = raw.reshape(len(obs), -1) if batch else raw.reshape(-1)
         action = np.clip(raw.astype(np.float64) * self._scale, self.low, self.high).astype(np.float32)
-        return action, raw
+        return Sample(action, raw, log_prob if batch else float(log_prob[0]))
 
     def observe(self, reward: float | np.ndarray, done: bool | np.ndarray) -> None:
         """What the env (or each of the batch's B envs) returned for the last action: its reward, and whether the

@@ -249,10 +249,22 @@ class GaussianActor:
     def act(self, obs: np.ndarray) -> np.ndarray:
         assert self._layers, "start() first"
         mean = self.mean(obs)
+        self._sampled = not self.deterministic
         if self.deterministic:
+            self._last_shape = mean.shape
             return mean
         if self._noise is None or tuple(self._noise.shape) != mean.shape:
             self._noise = torch.empty(mean.shape)
         for row, g in zip(self._noise, self._generators, strict=True):
             torch.randn(row.shape, generator=g, out=row)
         return mean + self._std * self._noise.numpy()
+
+    def last_log_prob(self) -> np.ndarray:
+        """``[n, slots]``: the log-density of the last `act`'s actions under the policy, summed over the action
+        dimensions (the density of the action vector; at the mean for a deterministic act)."""
+        if self._sampled:
+            noise = self._noise.numpy().astype(np.float64)
+        else:
+            noise = np.zeros(self._last_shape)
+        log_std = np.log(np.broadcast_to(self._std, noise.shape).astype(np.float64))
+        return (-0.5 * noise**2 - log_std - 0.5 * np.log(2 * np.pi)).sum(-1)

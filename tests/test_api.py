@@ -190,7 +190,7 @@ def test_adapting_on_recorded_episodes_gives_what_adapt_gave(name, maml_run, rl2
         # acting on a batch of 3 envs of the task: each row is what the adapted policy does alone (float rounding)
         obs = env.observation_space.sample()
         alone = learner.adapt_on(stages, seed=3).predict(obs, deterministic=True)
-        rows, _ = learner.adapt_on(stages, seed=3).sample(np.stack([obs] * 3), deterministic=True)
+        rows, _, _ = learner.adapt_on(stages, seed=3).sample(np.stack([obs] * 3), deterministic=True)
         np.testing.assert_allclose(rows, np.repeat(alone[None], 3, 0), rtol=1e-5, atol=1e-6)
 
 
@@ -204,7 +204,7 @@ def test_episodes_from_a_plain_gymnasium_loop(maml_run, rl2_run):
         obs, _ = env.reset(seed=seed)
         rows, done = [], False
         while not done:
-            action, raw = policy.sample(obs)
+            action, raw, _ = policy.sample(obs)
             nxt, reward, terminated, truncated, _ = env.step(action)
             done = terminated or truncated
             policy.observe(float(reward), done)
@@ -219,7 +219,7 @@ def test_episodes_from_a_plain_gymnasium_loop(maml_run, rl2_run):
         assert np.abs(episodes[0].actions).max() > 0.1  # raw: policy units, before action_scale 0.1 and clipping
         adapted = learner.adapt_on([episodes])
         obs = np.stack([env.reset(seed=100 + i)[0] for i in range(5)])
-        actions, raw = adapted.sample(obs, deterministic=True)
+        actions, raw, _ = adapted.sample(obs, deterministic=True)
         assert actions.shape == raw.shape == (5, 2) and np.all(np.abs(actions) <= 0.1 + 1e-6)
         # a row of the batch is the single observation's action to float rounding (a matmul of 5 rows or of 1)
         np.testing.assert_allclose(actions[2], adapted.predict(obs[2], deterministic=True), rtol=1e-5, atol=1e-7)
@@ -245,10 +245,48 @@ def test_episodes_from_a_plain_gymnasium_loop(maml_run, rl2_run):
         # alone, to float rounding), and from then on the policy runs those 3 envs
         single = learner.adapt_on([[ep] for ep in episodes], seed=7).predict(np.zeros(1), deterministic=True)
         batched = learner.adapt_on([[ep] for ep in episodes], seed=7)
-        actions, _ = batched.sample(np.zeros((3, 1)), deterministic=True)
+        actions, _, _ = batched.sample(np.zeros((3, 1)), deterministic=True)
         np.testing.assert_allclose(actions, np.repeat(single[None], 3, 0), rtol=1e-5, atol=1e-6)
         batched.observe(np.array([-0.1, -0.2, -0.3]), np.array([False, False, True]))
         with pytest.raises(ValueError, match="runs 3 envs"):
             batched.predict(np.zeros(1))
         with pytest.raises(ValueError, match="used 1 of the 2 episodes given"):
             learner.adapt_on([episodes])
+
+
+def test_the_acting_calls_log_prob_is_the_policys_density(maml_run, rl2_run, pearl_run):
+    """`sample`'s log_prob is the log-density of its raw action: MAML-TRPO's equals the training policy's own
+    log_prob (summed over dimensions); RL²'s the Gaussian at the raw mean the same state gives deterministically;
+    PEARL's torch's tanh-squashed, box-scaled Gaussian at the actor's pre-squash sample."""
+    import torch
+
+    env = gym.make("metarl/PointNav2D-v0")
+    obs = env.reset(seed=0)[0]
+    with mrl.load(maml_run) as learner:
+        s = learner.adapt(env, steps=0).sample(obs)
+        with torch.no_grad():
+            expected = learner.agent.policy.log_prob(torch.as_tensor(obs)[None], torch.as_tensor(s.raw)[None])
+        assert s.log_prob == pytest.approx(float(expected), rel=1e-5)
+        batch = learner.adapt(env, steps=0).sample(np.stack([obs, obs]))
+        assert batch.log_prob.shape == (2,)
+    side = gym.make("tests/HiddenSide-v0")
+    with mrl.load(rl2_run) as learner:
+        mean = learner.adapt(side, steps=0, seed=0).sample(np.zeros(1), deterministic=True).raw  # unclipped
+        s = learner.adapt(side, steps=0, seed=0).sample(np.zeros(1))
+        std = learner.agent.model.log_std.detach().exp().double()
+        expected = torch.distributions.Normal(torch.as_tensor(mean).double(), std).log_prob(
+            torch.as_tensor(s.raw).double()).sum()
+        assert s.log_prob == pytest.approx(float(expected), rel=1e-4)
+        assert learner.adapt(side, steps=0, seed=0).sample(np.zeros(1), deterministic=True).log_prob == pytest.approx(
+            float(-(std.log() + 0.5 * np.log(2 * np.pi)).sum()), rel=1e-5)
+    small = gym.make("metarl/PointNav2D-v0", max_episode_steps=10)
+    with mrl.load(pearl_run) as learner:
+        policy = learner.adapt(small, steps=0, seed=0)
+        s = policy.sample(obs)
+        noise, log_std, u = (torch.as_tensor(np.asarray(x, np.float64)) for x in policy._actor._density)
+        scale = torch.as_tensor((policy.high - policy.low) / 2)
+        squashed = torch.distributions.TransformedDistribution(
+            torch.distributions.Normal(u - log_std.exp() * noise, log_std.exp()),
+            [torch.distributions.TanhTransform(), torch.distributions.AffineTransform(torch.zeros_like(scale), scale)])
+        expected = squashed.log_prob(torch.as_tensor(s.raw, dtype=torch.float64)[None].clamp(-0.0999999, 0.0999999)).sum()
+        assert s.log_prob == pytest.approx(float(expected), rel=1e-3)
