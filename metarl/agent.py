@@ -71,7 +71,8 @@ class Actor(Protocol):
     (to pick per-task parameters and seed per-task noise); ``act(obs)`` maps ``[n_tasks, slots, obs_dim]`` to
     ``[n_tasks, slots, act_dim]``. Optional: ``observe(rewards, dones)`` after every step (``[n_tasks, slots]``;
     recurrent and context-based actors), ``action_scale`` (the env steps with ``clip(action_scale * a)``),
-    ``deterministic`` (act with the mean). A task's actions must not depend on which other tasks share the
+    ``deterministic`` (act with the mean), ``last_log_prob()`` (``[n_tasks, slots]``: the log-density of the last
+    `act`'s actions, for `metarl.api.AdaptedPolicy.sample`). A task's actions must not depend on which other tasks share the
     call (see `metarl.policies.GaussianActor`), so batches are the same on any placement.
     """
 
@@ -144,14 +145,7 @@ class Agent(abc.ABC):
     def evaluate_adaptation(self, tasks: list[Task], steps: int, episodes: int, seed: int) -> AdaptationResult:
         """The evaluation protocol on ``tasks``: the primitive with the agent's sampler, every stage collected;
         returns the mean return per task and stage and the experience consumed before each stage."""
-        calls: list[tuple[Any, int]] = []
-
-        def collect(actor: Any, tasks_: list[Task], count: int, sample_seed: int, episodes_per_trial: int = 1) -> Any:
-            batch = self.sampler.sample(actor, tasks_, count, sample_seed, episodes_per_trial=episodes_per_trial)
-            calls.append((batch, episodes_per_trial))
-            return batch
-
-        self.adaptation(list(tasks), steps, episodes, seed, collect, final=True)
+        _, calls = self._recorded_adaptation(tasks, steps, episodes, seed)
         result = adaptation_result(list(tasks), calls)
         if result.returns.shape[1] != steps + 1:
             raise AgentError(f"agent {self.name!r}: its adaptation collected {result.returns.shape[1]} stages, "
@@ -161,15 +155,24 @@ class Agent(abc.ABC):
     def adaptation_rollouts(self, tasks: list[Task], steps: int, episodes: int, seed: int) -> list[StageRollout]:
         """How `evaluate_adaptation` with the same arguments collected each stage (actor, stages, episodes,
         seed of every call), for `metarl.video` to replay. Runs the adaptation."""
+        return self._recorded_adaptation(tasks, steps, episodes, seed)[0]
+
+    def _recorded_adaptation(self, tasks: list[Task], steps: int, episodes: int, seed: int
+                             ) -> tuple[list[StageRollout], list[tuple[Any, int]]]:
+        """The primitive with the agent's sampler, every stage collected; each ``collect`` call recorded as a
+        `StageRollout` and as ``(batch, episodes_per_trial)``."""
         plans: list[StageRollout] = []
+        calls: list[tuple[Any, int]] = []
 
         def collect(actor: Any, tasks_: list[Task], count: int, sample_seed: int, episodes_per_trial: int = 1) -> Any:
             offset = sum(len(p.stages) for p in plans)
             plans.append(StageRollout(actor, tuple(range(offset, offset + episodes_per_trial)), count, sample_seed))
-            return self.sampler.sample(actor, tasks_, count, sample_seed, episodes_per_trial=episodes_per_trial)
+            batch = self.sampler.sample(actor, tasks_, count, sample_seed, episodes_per_trial=episodes_per_trial)
+            calls.append((batch, episodes_per_trial))
+            return batch
 
         self.adaptation(list(tasks), steps, episodes, seed, collect, final=True)
-        return plans
+        return plans, calls
 
     def adapt_with(self, collect: Collect, task: Any, steps: int, episodes: int, seed: int) -> Any:
         """Deployment (`metarl.api`): the primitive on one task whose episodes ``collect`` gathers (a user's

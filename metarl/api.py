@@ -46,7 +46,7 @@ class Sample(NamedTuple):
 
     action: np.ndarray
     raw: np.ndarray
-    log_prob: float | np.ndarray
+    log_prob: float | np.ndarray | None
 
 
 @dataclasses.dataclass
@@ -264,15 +264,25 @@ class AdaptedPolicy:
         obs = np.asarray(obs, np.float32)
         if not np.all(np.isfinite(obs)):
             raise ValueError(f"predict: the observation has non-finite values: {obs}")
-        return self.sample(obs.reshape(-1), deterministic).action
+        return self._act(obs.reshape(-1), deterministic)[0]
 
     def sample(self, obs: np.ndarray, deterministic: bool = False) -> Sample:
         """``(action, raw, log_prob)`` for one observation ``[obs_dim]``, or for a batch ``[B, obs_dim]`` of B envs
         of the adapted task. ``action`` is what the env takes, ``clip(action_scale * raw, low, high)``; ``raw`` is
         the policy's own output, what an `Episode` records for `MetaLearner.adapt_on`; ``log_prob`` its
-        log-density under the policy, summed over the action dimensions (at the mean when ``deterministic``).
-        RL² and PEARL keep a state per env: the first batch continues the adapted state in each of its B envs,
-        which from then on are the policy's (the same B every call; `observe` takes B rewards and ends)."""
+        log-density under the policy, summed over the action dimensions (at the mean when ``deterministic``; None
+        for an agent whose actor gives none). RL² and PEARL keep a state per env: the first batch continues the
+        adapted state in each of its B envs, which from then on are the policy's (the same B every call; `observe`
+        takes B rewards and ends)."""
+        action, raw = self._act(obs, deterministic)
+        density = getattr(self._actor, "last_log_prob", None)
+        if density is None:
+            return Sample(action, raw, None)
+        log_prob = np.asarray(density(), np.float64).reshape(-1)
+        return Sample(action, raw, log_prob if raw.ndim == 2 else float(log_prob[0]))
+
+    def _act(self, obs: np.ndarray, deterministic: bool) -> tuple[np.ndarray, np.ndarray]:
+        """``(action, raw)`` for one observation or a batch (see `sample`)."""
         obs = np.asarray(obs, np.float32)
         batch = obs.ndim == 2
         if obs.ndim not in (1, 2) or not np.all(np.isfinite(obs)):
@@ -289,10 +299,8 @@ class AdaptedPolicy:
             raw = np.asarray(self._actor.act(obs.reshape(1, -1 if batch else 1, obs.shape[-1])), np.float32)
         finally:
             self._actor.deterministic = saved
-        log_prob = np.asarray(self._actor.last_log_prob(), np.float64).reshape(-1)
         raw = raw.reshape(len(obs), -1) if batch else raw.reshape(-1)
-        action = np.clip(raw.astype(np.float64) * self._scale, self.low, self.high).astype(np.float32)
-        return Sample(action, raw, log_prob if batch else float(log_prob[0]))
+        return np.clip(raw.astype(np.float64) * self._scale, self.low, self.high).astype(np.float32), raw
 
     def observe(self, reward: float | np.ndarray, done: bool | np.ndarray) -> None:
         """What the env (or each of the batch's B envs) returned for the last action: its reward, and whether the

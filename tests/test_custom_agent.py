@@ -125,27 +125,13 @@ def test_an_agent_missing_a_protocol_member_is_refused_in_one_line(tmp_path):
 def test_the_protocols_checks_name_what_is_wrong():
     import dataclasses
 
-    from metarl.agent import Agent, AgentError, check_agent, get_agent, register_agent
+    from metarl.agent import AgentError, check_agent, get_agent, register_agent
 
-    @dataclasses.dataclass(frozen=True)
-    class Options:
-        tasks_per_batch: int = 2
+    namespace: dict = {}
+    exec(BROKEN.replace("@register_agent\n", ""), namespace)  # the refused agent above, unregistered
 
-    class Complete(Agent):
+    class Complete(namespace["Broken"]):  # with the member it lacked
         name = "complete"
-        config_class = Options
-
-        def __init__(self, config, sampler, seed=0):
-            pass
-
-        def train_step(self, tasks):
-            return {}
-
-        def state_dict(self):
-            return {}
-
-        def load_state_dict(self, state):
-            pass
 
         def adaptation(self, tasks, steps, episodes, seed, collect, final=True):
             return None
