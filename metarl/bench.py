@@ -69,6 +69,8 @@ from metarl.config import (
     shipped,
 )
 from metarl.evaluation import grouped_bootstrap_ci, iqm, plot_curves, write_summary
+from metarl.provenance import MISSING as MISSING_PROVENANCE
+from metarl.provenance import Recorder
 from metarl.runfolder import record_changes
 from metarl.system import atomic_write
 from metarl.tasks import TaskError, episode_limit
@@ -420,6 +422,7 @@ def run_cell(suite: Suite, cell: Cell, log: Callable[[str], None] = print, verbo
     folder.mkdir(parents=True, exist_ok=True)
     kind, algo = method_kind(cell.method)
     start = time.perf_counter()
+    recorder = Recorder()
     if kind == "meta":
         from metarl.training import train
 
@@ -450,10 +453,12 @@ def run_cell(suite: Suite, cell: Cell, log: Callable[[str], None] = print, verbo
         spec = _baseline_spec(kind, algo, cell.options)
         result, used = run_baseline(spec, cell.family, cell.env_kwargs, tasks, cell.eval.steps, cell.eval.episodes,
                                     seed=cell.seed, log=log)
-        summary = write_summary(result, folder, title=f"{cell.method} on {cell.family}", seed=cell.seed)
+        summary = write_summary(result, folder, title=f"{cell.method} on {cell.family}", seed=cell.seed,
+                                extra={"provenance": recorder.record()})
         cost = {"pretrain_env_steps": used.pretrain_env_steps, "adapt_env_steps_per_task": used.adapt_env_steps_per_task}
     record = {"spec": cell.spec(), "summary": summary, "wall_time_s": time.perf_counter() - start, **cost,
-              "resumed": kind == "meta" and resume}
+              "resumed": kind == "meta" and resume,
+              "provenance": recorder.record(**({"resumed": True} if kind == "meta" and resume else {}))}
     atomic_write(folder / "cell.json", json.dumps(record, indent=2))
     return record
 
@@ -579,6 +584,23 @@ def _episode_metric_tables(curves: dict[str, dict], steps: int) -> list[str]:
     return lines
 
 
+def _provenance_table(suite: Suite, records: dict[str, dict]) -> list[str]:
+    """Which commit, tree and machine state each finished cell ran on."""
+    rows = []
+    for cell in suite.cells:
+        if cell.key not in records:
+            continue
+        p = records[cell.key].get("provenance") or MISSING_PROVENANCE
+        commit = (p.get("commit") or "unknown")[:10] + (" (dirty)" if p.get("dirty") else "")
+        shared = {True: f"shared ({p.get('others_share', 0):.0%} others)", False: "alone"}.get(p.get("shared"), "unknown")
+        wall = _fmt(p["wall_s"]) if isinstance(p.get("wall_s"), (int, float)) else "unknown"
+        rows.append(f"| {cell.key} | {commit} | {p.get('finished', 'unknown')} | {wall} | {shared} |")
+    if not rows:
+        return []
+    return ["<details><summary>provenance: the commit, time and machine state of each cell</summary>", "",
+            "| cell | commit | finished | wall time | cores |", "|---|---|---|---|---|", *rows, "", "</details>", ""]
+
+
 def write_report(suite: Suite) -> Path:
     """Rewrite report.md, curves_<family>.png, results.json and results.csv from the finished cells."""
     records = {c.key: r for c in suite.cells if (r := finished(suite, c)) is not None}
@@ -614,7 +636,8 @@ def write_report(suite: Suite) -> Path:
             agg = aggregate(mine)
             curves[method] = agg
             json_out.append({"family": family, "method": method, **agg,
-                             "cells": [{"seed": r["spec"]["seed"], "summary": r["summary"]} for r in mine]})
+                             "cells": [{"seed": r["spec"]["seed"], "summary": r["summary"],
+                                        "provenance": r.get("provenance", MISSING_PROVENANCE)} for r in mine]})
             for r in mine:
                 for s in r["summary"]["stages"]:
                     for t, value in enumerate(s["per_task"]):
@@ -667,6 +690,7 @@ def write_report(suite: Suite) -> Path:
             png = suite.out / f"curves_{file_name(family)}.png"
             plot_curves(curves, png, title=f"{family} (held-out tasks)", xscale="symlog")
             lines += [f"![{family} adaptation curves]({png.name})", ""]
+    lines += _provenance_table(suite, records)
     atomic_write(suite.out / "results.json", json.dumps(json_out, indent=1))
     buf = io.StringIO()
     csv.writer(buf).writerows(csv_rows)

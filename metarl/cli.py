@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 import metarl
+from metarl.provenance import invoked_as
 from metarl.tasks import TaskError
 
 
@@ -279,9 +280,11 @@ def _video_options(args: argparse.Namespace) -> dict | None:
 
 
 def _cmd_speed(args: argparse.Namespace) -> int:
+    from metarl.provenance import Recorder
     from metarl.speed import DEFAULT_FAMILIES, format_table, measure, write_json
 
     _user_code(args)
+    recorder = Recorder()
     families = args.family or list(DEFAULT_FAMILIES)
     if args.workers is not None and args.workers < 0:
         raise UsageError(f"--workers must be >= 0, got {args.workers}")
@@ -293,7 +296,7 @@ def _cmd_speed(args: argparse.Namespace) -> int:
         except (TaskError, ValueError) as exc:
             raise UsageError(str(exc)) from exc
         if args.json:  # written after each family, so a long run keeps what it measured
-            write_json(results, args.json)
+            write_json(results, args.json, recorder)
     print(format_table(results))
     if args.json:
         print(f"written to {args.json}")
@@ -479,7 +482,8 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     try:
         _check_mujoco_gl()
-        return int(args.func(args))
+        with invoked_as(["metarl", *(sys.argv[1:] if argv is None else argv)]):
+            return int(args.func(args))
     except UsageError as exc:
         print(f"metarl {args.command}: error: {exc}", file=sys.stderr)
         return 2

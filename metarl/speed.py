@@ -15,13 +15,13 @@ For one family and one meta-batch (default the standard 40 tasks x 20 episodes x
 * ``native``: the ``native`` backend on the same batch, same policy, same workers.
 
 Rates are env steps per second (median over ``repeats``), printed with their ratio to ``raw_mj_step``;
-``--json FILE`` writes ``{"family": ..., "rates": {...}, ...}`` (a list of those for several families).
+``--json FILE`` writes ``{"family": ..., "rates": {...}, ..., "provenance": {...}}`` (for several families
+``{"results": [...], "provenance": {...}}``).
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import os
 import platform
 import statistics
@@ -33,7 +33,7 @@ import gymnasium as gym
 import mujoco
 import numpy as np
 
-from metarl.system import atomic_write
+from metarl.provenance import Recorder, write_result
 
 RATE_KEYS = ("raw_mj_step", "raw_mj_step_native_settings", "gymnasium_env", "gymnasium_vector", "native")
 DEFAULT_FAMILIES = ("HalfCheetahVel", "AntGoal", "HopperRandParams")
@@ -181,8 +181,6 @@ def format_table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_json(results: list[dict[str, Any]], path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload: Any = results[0] if len(results) == 1 else results
-    atomic_write(path, json.dumps(payload, indent=2) + "\n")
+def write_json(results: list[dict[str, Any]], path: str | Path, recorder: Recorder) -> None:
+    """One family's result as it is, several as ``{"results": [...]}``; with the provenance of the work."""
+    write_result(path, results[0] if len(results) == 1 else {"results": results}, recorder)

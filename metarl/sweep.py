@@ -40,6 +40,7 @@ import io
 import itertools
 import json
 import math
+import shlex
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -49,6 +50,8 @@ import numpy as np
 
 from metarl.config import ConfigError, load_config, locate, read_yaml
 from metarl.evaluation import grouped_bootstrap_ci
+from metarl.provenance import MISSING as MISSING_PROVENANCE
+from metarl.provenance import Recorder
 from metarl.system import atomic_write
 
 DISTRIBUTIONS = ("uniform", "loguniform", "randint")
@@ -212,6 +215,7 @@ def run_trial(sweep: Sweep, i: int, seed: int) -> dict[str, Any]:
     from metarl.training import train
 
     start = time.perf_counter()
+    recorder = Recorder(command=shlex.join(["metarl", "train", str(sweep.config), *sweep.overrides_of(i, seed)]))
     config = load_config(sweep.config, sweep.overrides_of(i, seed))
     run_dir = sweep.folder(i, seed) / "run"
     resume = (run_dir / "checkpoints").is_dir() and (run_dir / "config.yaml").is_file()
@@ -229,7 +233,7 @@ def run_trial(sweep: Sweep, i: int, seed: int) -> dict[str, Any]:
     return {"config": i, "point": sweep.points[i], "seed": seed, "score": sweep.score,
             "per_task": {s: scores_of(summary, sweep.score) for s, summary in splits.items()},
             "stages": {s: [st["mean_return"] for st in summary["stages"]] for s, summary in splits.items()},
-            "wall_time_s": time.perf_counter() - start}
+            "wall_time_s": time.perf_counter() - start, "provenance": recorder.record(resumed=resume)}
 
 
 def finished(sweep: Sweep, i: int, seed: int) -> dict | None:
@@ -354,7 +358,8 @@ def write_report(sweep: Sweep) -> Path:
             rows_json.append({"split": split, "config": i, "point": sweep.points[i], "score": mean, "ci95": [low, high],
                               "seeds": sorted(r["seed"] for r in mine),
                               "per_seed": {str(r["seed"]): float(np.mean(r["per_task"][split])) for r in mine},
-                              "stages": {str(r["seed"]): r["stages"][split] for r in mine}})
+                              "stages": {str(r["seed"]): r["stages"][split] for r in mine},
+                              "provenance": {str(r["seed"]): r.get("provenance", MISSING_PROVENANCE) for r in mine}})
         ranked.sort(reverse=True)
         lines += ["### Best configurations", "", "| rank | " + " | ".join(f"`{k}`" for k in sweep.params)
                   + " | score [95% CI] | seeds |", "|---|" + "---|" * len(sweep.params) + "---|---|"]

@@ -44,6 +44,7 @@ from metarl.evaluation import (
     with_episode_metrics,
     write_summary,
 )
+from metarl.provenance import Recorder
 from metarl.runfolder import (
     check_config_unchanged,
     check_new_run_folder,
@@ -259,6 +260,7 @@ def evaluate_run(agent: Any, config: RunConfig, run_dir: Path, split: str, tasks
         raise ConfigError(f"eval: repeats must be >= 1, got {repeats}")
     family = agent.sampler.family
     held_out = eval_tasks(family, config.seed, split, tasks)
+    recorder = Recorder()
     with agent.sampler.recording() as calls:  # success and reward terms of the episodes the evaluation sampled
         result: AdaptationResult = agent.evaluate_adaptation(held_out * repeats, steps, episodes,
                                                              seed=_eval_seed(config))
@@ -270,6 +272,7 @@ def evaluate_run(agent: Any, config: RunConfig, run_dir: Path, split: str, tasks
         "split": split, "agent": config.agent_name, "family": family.family, "iteration": agent.iteration,
         "env_steps": agent.env_steps, "horizon": agent.sampler.horizon,
         **({"repeats": repeats, "distinct_tasks": len(held_out)} if repeats > 1 else {}),
+        "provenance": recorder.record(),
     })
     if logger is not None:
         logger.log_eval(summary, split, agent.env_steps, title)

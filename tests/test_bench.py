@@ -28,6 +28,7 @@ from metarl.bench import BASELINES, _default_config, aggregate, load_suite
 from metarl.cli import main
 from metarl.config import ConfigError
 from metarl.evaluation import bootstrap_ci, grouped_bootstrap_ci, iqm
+from metarl.provenance import check, git_state
 from metarl.tasks import DynamicsTask, GoalTask, HeadingTask
 
 PN = "metarl/PointNav2D-v0"
@@ -222,6 +223,13 @@ def test_trimmed_smoke_suite_reports_every_method_and_resumes(tmp_path, capsys):
     tasks = {r["method"]: [json.dumps(t) for t in r["cells"][0]["summary"]["tasks"]] for r in results
              if "tasks" in r["cells"][0]["summary"]}
     assert len(set(map(tuple, tasks.values()))) == 1 and len(tasks) == len(data["methods"])
+    # every cell records its provenance, in its cell.json and in results.json, and the report lists them
+    for row in results:
+        for cell in row["cells"]:
+            check(cell, row["method"])
+            assert cell["provenance"]["command"].startswith("metarl bench") and cell["provenance"]["cpu_s"] > 0
+    assert "provenance: the commit, time and machine state of each cell" in report
+    assert report.count(git_state()["commit"][:10]) == 8
 
     # again: nothing reruns
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("cells/*/*/*/cell.json")}

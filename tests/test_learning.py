@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from metarl.evaluation import t_ci95
+from metarl.provenance import FIELDS, check, git_state
 from metarl.runfolder import read_eval_history
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,6 +88,13 @@ def test_two_seeds_one_command_resumable(tmp_path):
         assert late["stages"][1]["mean_return"] == s["heldout"]["stages"][1]["mean_return"]
     assert result["aggregate"]["heldout_late_stages"][1]["mean"] == pytest.approx((a + b) / 2)
     assert out.with_suffix(".png").stat().st_size > 1000
+    # provenance: the file's (the whole command) and each seed's (its own training), complete and plausible
+    check(result, str(out))
+    for record in [result["provenance"], *(s["provenance"] for s in result["per_seed"])]:
+        assert set(FIELDS) <= set(record) and record["commit"] == git_state()["commit"]
+        assert record["wall_s"] > 0 and record["cpu_s"] > 0 and isinstance(record["shared"], bool)
+        assert "learning.py" in record["command"] and "--seeds 0 1" in record["command"]
+    assert result["provenance"]["wall_s"] >= sum(s["provenance"]["wall_s"] for s in result["per_seed"])
 
     # The same command again: finished seeds are read back, nothing is retrained
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("latest.pt")}

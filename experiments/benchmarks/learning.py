@@ -46,6 +46,8 @@ import numpy as np
 
 from metarl.config import RunConfig, load_config
 from metarl.evaluation import t_ci95
+from metarl.provenance import MISSING as MISSING_PROVENANCE
+from metarl.provenance import Recorder
 from metarl.runfolder import (
     MAY_CHANGE,
     config_changes,
@@ -235,16 +237,17 @@ def main() -> None:
     if args.final_repeats < 1:
         parser.error(f"--final-repeats must be >= 1, got {args.final_repeats}")
     out = Path(args.out)
+    recorder = Recorder()
     if args.combine:
         if args.config or args.overrides or args.seeds or args.resume or args.final_repeats > 1:
             parser.error("--combine takes result files and --out (and --note) only")
-        return combine(args.combine, out, args.note)
+        return combine(args.combine, out, args.note, recorder)
     if args.seeds:
         if args.resume:
             parser.error("--seeds and --resume do not go together (rerun the --seeds command to resume)")
         if len(set(args.seeds)) != len(args.seeds):
             parser.error(f"--seeds: duplicate seeds in {args.seeds}")
-        return multi_seed(args, out)
+        return multi_seed(args, out, recorder)
     start = time.perf_counter()
     previous: dict = {}
     if args.resume:
@@ -265,6 +268,10 @@ def main() -> None:
               "overrides": args.overrides, "note": args.note, **run_result(config, run_dir, wall)}
     if args.final_repeats > 1:
         result["heldout_repeated"] = repeated_eval(run_dir, args.final_repeats, result["iterations"])
+    result["provenance"] = recorder.record(resumed=bool(args.resume))
+    if previous:  # the earlier parts of a resumed run keep their own records
+        result["provenance_earlier"] = [*previous.get("provenance_earlier", []),
+                                        previous.get("provenance", MISSING_PROVENANCE)]
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out, json.dumps(result, indent=2) + "\n")
     print(f"{config.env}: {result['iterations']} iterations, {result['env_steps']:,} env steps, training "
@@ -289,7 +296,7 @@ def print_late(name: str, late: dict[str, Any] | None) -> None:
               f"{late['to_iteration']}, {late['evaluations']} evaluations) by stage: {values}", flush=True)
 
 
-def multi_seed(args: argparse.Namespace, out: Path) -> None:
+def multi_seed(args: argparse.Namespace, out: Path, recorder: Recorder) -> None:
     previous = json.loads(out.read_text()) if out.is_file() else {}
     done = {s["seed"]: s for s in previous.get("per_seed", [])}
     if previous and previous.get("overrides") != args.overrides:
@@ -302,6 +309,7 @@ def multi_seed(args: argparse.Namespace, out: Path) -> None:
         if done.get(seed, {}).get("iterations") == config.iterations:
             entry = done[seed]  # finished earlier (a file older than heldout_late gets it from its curve)
             entry.setdefault("heldout_late", late_stages(entry["heldout_curve"], entry["iterations"]))
+            entry.setdefault("provenance", MISSING_PROVENANCE)
             if args.final_repeats > 1 and entry.get("heldout_repeated", {}).get("repeats") != args.final_repeats:
                 entry = {**entry, "heldout_repeated": repeated_eval(Path(entry["run_dir"]), args.final_repeats,
                                                                     entry["iterations"])}
@@ -317,23 +325,24 @@ def multi_seed(args: argparse.Namespace, out: Path) -> None:
                 raise SystemExit(f"{run_dir}: holds a run of other settings ({'; '.join(changes)}); set "
                                  "experiment=NAME for these settings, or delete that folder to start afresh")
             config = load_config(None, [f"iterations={config.iterations}"], data=stored.to_dict())
-        start = time.perf_counter()
+        start, seed_recorder = time.perf_counter(), Recorder()
         train(config, run_dir=run_dir, resume=resume)
         per_seed.append({**run_result(config, run_dir, time.perf_counter() - start), "resumed": resume})
         if args.final_repeats > 1:  # after the wall time: an evaluation, not training
             per_seed[-1]["heldout_repeated"] = repeated_eval(run_dir, args.final_repeats, per_seed[-1]["iterations"])
+        per_seed[-1]["provenance"] = seed_recorder.record(resumed=resume)
         print_stages(f"seed {seed}", per_seed[-1]["heldout"]["stages"])
         print_late(f"seed {seed}", per_seed[-1]["heldout_late"])
         print_repeated(f"seed {seed}", per_seed[-1].get("heldout_repeated"))
-        write_multi(out, args, config, per_seed, complete=False)
-    print_aggregate(write_multi(out, args, config, per_seed, complete=True))
+        write_multi(out, args, config, per_seed, recorder, complete=False)
+    print_aggregate(write_multi(out, args, config, per_seed, recorder, complete=True))
 
 
 #: Config fields that may differ between the files `combine` gathers: where a seed ran, not what it ran.
 COMBINE_MAY_DIFFER = MAY_CHANGE | {"seed", "experiment", "run_root"}
 
 
-def combine(files: list[str], out: Path, note: str) -> None:
+def combine(files: list[str], out: Path, note: str, recorder: Recorder) -> None:
     """Gather the seeds of several result files (the same settings, trained apart) into one multi-seed file."""
     per_seed: list[dict[str, Any]] = []
     sources: list[dict[str, Any]] = []
@@ -360,14 +369,15 @@ def combine(files: list[str], out: Path, note: str) -> None:
                                  f"not {per_seed[0]['iterations']} as seed {per_seed[0]['seed']}")
             if entry["seed"] in [s["seed"] for s in per_seed]:
                 raise SystemExit(f"--combine: seed {entry['seed']} is in two files (the second: {name})")
-            per_seed.append(entry)
+            per_seed.append({**entry, "provenance": entry.get("provenance", result.get("provenance", MISSING_PROVENANCE))})
         sources.append({"file": name, "seeds": [s["seed"] for s in seeds], "overrides": result.get("overrides", []),
                         "note": result.get("note", "")})
     assert first is not None
     seeds = [s["seed"] for s in per_seed]
     result = {"benchmark": "learning", "agent": first["agent"], "config": {**first["config"], "seed": None},
               "overrides": first.get("overrides", []), "note": note, "combined_from": sources, "seeds": seeds,
-              "complete": True, "per_seed": per_seed, "aggregate": aggregate(per_seed)}
+              "complete": True, "per_seed": per_seed, "aggregate": aggregate(per_seed),
+              "provenance": recorder.record()}
     save_multi(out, result)
     print(f"seeds {seeds} from {len(files)} files written to {out}")
     print_aggregate(result["aggregate"])
@@ -383,12 +393,12 @@ def print_aggregate(agg: dict[str, Any]) -> None:
                      agg["heldout_repeated_stages"], key="mean")
 
 
-def write_multi(out: Path, args: argparse.Namespace, config: RunConfig, per_seed: list[dict],
+def write_multi(out: Path, args: argparse.Namespace, config: RunConfig, per_seed: list[dict], recorder: Recorder,
                 complete: bool) -> dict[str, Any]:
     """Write a multi-seed result file and its PNG; returns its aggregate."""
     result = {"benchmark": "learning", "agent": config.agent_name, "config": {**config.to_dict(), "seed": None},
               "overrides": args.overrides, "note": args.note, "seeds": args.seeds, "complete": complete,
-              "per_seed": per_seed, "aggregate": aggregate(per_seed)}
+              "per_seed": per_seed, "aggregate": aggregate(per_seed), "provenance": recorder.record()}
     save_multi(out, result)
     return result["aggregate"]
 

@@ -20,7 +20,6 @@ Measures in one run (so the ratios are fair on a shared, noisy machine), medians
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -34,6 +33,7 @@ import torch
 import metarl
 from metarl.agents.maml_trpo import MAMLTRPO, MAMLTRPOConfig
 from metarl.policies import GaussianActor, GaussianMLPPolicy
+from metarl.provenance import Recorder, write_result
 from metarl.sampling import Sampler
 from metarl.speed import gym_env_rate
 
@@ -102,6 +102,7 @@ def main() -> None:
                         help="also time the l2l-setting update with these agent.fisher_subsample values")
     parser.add_argument("--out", default="experiments/results/maml_speed.json")
     args = parser.parse_args()
+    recorder = Recorder()
     torch.set_num_threads(os.cpu_count() or 1)
 
     gym_rates = [gymnasium_single_env_rate() for _ in range(args.repeats)]
@@ -153,7 +154,7 @@ def main() -> None:
         "raw": {"gymnasium": gym_rates},
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, result, recorder)
     for backend, r in per_backend.items():
         print(f"{backend}: sampler / gymnasium single env = {r['sampler_over_gymnasium_single_env']:.2f}x; "
               f"MAML-TRPO iteration {r['maml_iteration_s']:.1f} s (median; update {r['maml_iteration_update_s']:.1f} s)")

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import statistics
 import time
@@ -30,8 +29,8 @@ import torch
 import metarl
 from metarl.agents.pearl import PEARL
 from metarl.config import load_config
+from metarl.provenance import Recorder, write_result
 from metarl.sampling import make_sampler
-from metarl.system import atomic_write
 
 AUTHORS = {"train_steps": 2000, "meta_batch": 16, "batch_size": 256, "hidden": (300, 300, 300)}
 
@@ -66,6 +65,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--out", default="experiments/results/pearl_speed.json")
     args = parser.parse_args()
+    recorder = Recorder()
     config = load_config(args.config)
     shipped = dataclasses.replace(config.agent, num_train_tasks=8, tasks_per_batch=2, initial_episodes=2)
     authors = dataclasses.replace(shipped, **AUTHORS)
@@ -105,7 +105,7 @@ def main() -> None:
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(out, json.dumps(result, indent=2) + "\n")
+    write_result(out, result, recorder)
     print(f"{config.env}: update {med['update_shipped']:.1f} gradient steps/s (shipped sizes), "
           f"{med['update_authors']:.1f} (authors'); collection {med['collect_native']:,.0f} env steps/s native, "
           f"{med['collect_gymnasium']:,.0f} gymnasium; an iteration {result['iteration_s']['shipped']:.0f} s "

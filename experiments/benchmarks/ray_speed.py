@@ -18,7 +18,6 @@ alternating, medians over ``--repeats`` (fair on a shared, noisy machine):
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -28,6 +27,7 @@ from pathlib import Path
 import torch
 
 from metarl.policies import GaussianActor, GaussianMLPPolicy
+from metarl.provenance import Recorder, write_result
 from metarl.sampling import Sampler
 from metarl.sampling.ray import RaySampler
 
@@ -46,6 +46,7 @@ def main() -> None:
     parser.add_argument("--address", help="an existing Ray cluster (default: a one-node instance started here)")
     parser.add_argument("--out", default="experiments/results/ray_speed.json")
     args = parser.parse_args()
+    recorder = Recorder()
     import ray
 
     cores = os.cpu_count() or 1
@@ -122,7 +123,7 @@ def main() -> None:
         "batch_mb": batch_bytes / 1e6, "projection": projection,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1))
+    write_result(args.out, out, recorder)
     print(f"wrote {args.out}")
     ray.shutdown()
 

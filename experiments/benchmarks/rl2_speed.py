@@ -16,7 +16,6 @@ Both numbers are env steps per second of *training* (collection + update), media
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
@@ -28,6 +27,7 @@ import torch
 import metarl
 from metarl.agents.rl2 import RL2
 from metarl.config import RunConfig, load_config
+from metarl.provenance import Recorder, write_result
 from metarl.sampling import make_sampler
 
 
@@ -75,6 +75,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default="experiments/results/rl2_speed.json")
     args = parser.parse_args()
+    recorder = Recorder()
     config = load_config(args.config)
     env_id = metarl.env_id(config.env)
     rl2, collect, update, sb3 = [], [], [], []
@@ -97,7 +98,7 @@ def main() -> None:
         "raw": {"rl2": rl2, "rl2_collection": collect, "rl2_update_s": update, "sb3_ppo": sb3},
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, result, recorder)
     print(f"{config.env}: RL² {result['rl2_steps_per_s']:,.0f} steps/s, SB3 PPO {result['sb3_ppo_steps_per_s']:,.0f} "
           f"steps/s (ratio {result['ratio_rl2_over_sb3']:.2f}); written to {args.out}")
 

@@ -62,6 +62,9 @@ def main() -> None:
         return _child(args.child[0], int(args.child[1]))
     if not args.out:
         parser.error("--out FILE.json is required")
+    from metarl.provenance import Recorder, write_result
+
+    recorder = Recorder()
     results = []
     for agent in args.agents:
         for load in (0, args.load):
@@ -90,8 +93,7 @@ def main() -> None:
                 print(f"{agent:9s} {policy:7s} +{load} competing: update {row['update_s_median']:.2f} s, "
                       f"sampling {row['sampling_s_median']:.2f} s per iteration (machine load {load_before:.1f})",
                       flush=True)
-    Path(args.out).write_text(json.dumps({"benchmark": "thread_policy", "cores": os.cpu_count(),
-                                          "results": results}, indent=2) + "\n")
+    write_result(args.out, {"benchmark": "thread_policy", "cores": os.cpu_count(), "results": results}, recorder)
 
 
 if __name__ == "__main__":
