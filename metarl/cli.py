@@ -9,6 +9,8 @@
     metarl speed [--family F] [--json]  simulator / Gymnasium / sampler step rates, side by side
     metarl bench SUITE.yaml [--out DIR] meta-learners and SB3 baselines under one protocol, one report
     metarl sweep SWEEP.yaml [--out DIR] a search over config keys and seeds on Ray Tune, with its report
+    metarl reproduce NAME [--quick]     regenerate a headline result of experiments/manifest.yaml (--list,
+                                        --table [--write] for the README's results table, --check)
     metarl --version                    the installed version
 
 ``train`` takes ``key=value`` overrides anywhere after its command (before, between or after the options).
@@ -439,6 +441,21 @@ def build_parser() -> argparse.ArgumentParser:
                    "this machine, else a new local instance)")
     p.set_defaults(func=_cmd_sweep)
 
+    p = command("reproduce", help="regenerate a headline result from experiments/manifest.yaml")
+    p.add_argument("name", nargs="?", help="the manifest entry (see --list)")
+    p.add_argument("--quick", action="store_true", help="run the entry's quick variant (minutes), into "
+                   "runs/reproduce/NAME-quick/")
+    p.add_argument("--out", help="folder for the regenerated result (default runs/reproduce/NAME)")
+    p.add_argument("--update", action="store_true", help="once the command has finished, replace the committed "
+                   "result file with the regenerated one")
+    p.add_argument("--list", action="store_true", help="list the entries with their committed figures")
+    p.add_argument("--table", action="store_true", help="print the README's results table from the result files")
+    p.add_argument("--write", action="store_true", help="with --table: write it into README.md and "
+                   "docs/reproducing.md")
+    p.add_argument("--check", action="store_true", help="check every entry's result file (provenance, figures) "
+                   "and the README's table against them")
+    p.set_defaults(func=_cmd_reproduce)
+
     p = command("check", help="check that a Gymnasium id is a well-formed task family")
     p.add_argument("family", help="family name or Gymnasium id (module:Id-v0 imports module first)")
     p.add_argument("--skip", action="append", metavar="CHECK", help="leave out a check that does not apply "
@@ -446,6 +463,42 @@ def build_parser() -> argparse.ArgumentParser:
                    "takes for a GoalEnv), task-effect, vector")
     p.set_defaults(func=_cmd_check)
     return parser
+
+
+def _cmd_reproduce(args: argparse.Namespace) -> int:
+    from metarl import manifest
+    from metarl.config import ConfigError
+
+    try:
+        entries = manifest.load_manifest()
+        if args.check:
+            problems = manifest.check_all(entries, *manifest.pages())
+            for line in problems:
+                print(f"metarl reproduce: {line}", file=sys.stderr)
+            print(f"{len(entries)} entries checked: {'all consistent' if not problems else f'{len(problems)} problems'}")
+            return 1 if problems else 0
+        if args.table:
+            text = manifest.table(entries)
+            if args.write:
+                for page in manifest.pages():
+                    manifest.write_readme_table(page, text)
+                    print(f"written into {page}")
+            else:
+                print(text, end="")
+            return 0
+        if args.list or not args.name:
+            for e in entries.values():
+                try:
+                    shown = "; ".join(f"{k} {v}" for k, v in manifest.figures(e, manifest.read_result(
+                        manifest.root() / e.result, e.name)))
+                except manifest.ManifestError as exc:
+                    shown = f"(unreadable: {exc})"
+                print(f"{e.name:28s} {e.tasks:15s} seeds {e.seeds:9s} {shown}")
+            return 0
+        manifest.reproduce(args.name, quick=args.quick, out=Path(args.out) if args.out else None, update=args.update)
+        return 0
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _check_mujoco_gl() -> None:
