@@ -469,6 +469,9 @@ def _drop_cwd_from_path() -> None:
 def main(argv: list[str] | None = None) -> int:
     if argv is None:  # run as the program (the metarl script, python -m metarl.cli), not called from Python
         _drop_cwd_from_path()
+        from metarl.system import sleeping_openmp_threads
+
+        sleeping_openmp_threads()  # before anything imports torch (a command imports it when it needs it)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # key=value overrides may come anywhere after the command (Hydra's and RL Zoo's users write them after the
@@ -477,9 +480,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.parse_args(argv)
     if extra:
         args.overrides = [*args.overrides, *extra]
+    from metarl.system import work_threads
+
     try:
         _check_mujoco_gl()
-        return int(args.func(args))
+        with work_threads():
+            return int(args.func(args))
     except UsageError as exc:
         print(f"metarl {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -63,7 +63,7 @@ from metarl.runfolder import (
     write_run_config,
 )
 from metarl.sampling import make_sampler
-from metarl.system import fault_point
+from metarl.system import fault_point, work_threads
 from metarl.tasks import TaskError
 
 
@@ -259,7 +259,7 @@ def evaluate_run(agent: Any, config: RunConfig, run_dir: Path, split: str, tasks
         raise ConfigError(f"eval: repeats must be >= 1, got {repeats}")
     family = agent.sampler.family
     held_out = eval_tasks(family, config.seed, split, tasks)
-    with agent.sampler.recording() as calls:  # success and reward terms of the episodes the evaluation sampled
+    with agent.sampler.recording() as calls, work_threads():  # success and reward terms of the episodes sampled
         result: AdaptationResult = agent.evaluate_adaptation(held_out * repeats, steps, episodes,
                                                              seed=_eval_seed(config))
     result = with_episode_metrics(result, calls)
@@ -330,7 +330,7 @@ def train_agent(config: RunConfig, sampler: Any, agent: Any, run_dir: Path | Non
         check_new_run_folder(run_dir)
     elif not (run_dir / "config.yaml").is_file():
         raise no_config_error(run_dir)
-    with run_lock(run_dir):
+    with run_lock(run_dir), work_threads():
         if not resume:
             check_new_run_folder(run_dir)  # again, now that no other process can start one there
         return _train_locked(config, run_dir, resume, verbose, sampler, agent)
