@@ -218,21 +218,21 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             if steps < 1:
                 raise ConfigError("--video needs at least one adaptation stage (--steps >= 1) to show before and after")
         with run_lock(run_dir):
-            _evaluate(run_dir, config, split, tasks, steps, episodes, video, args.repeats)
+            _evaluate(run_dir, config, split, tasks, steps, episodes, video, args.repeats, args.device)
     except (ConfigError, TaskError, VideoError, FloatingPointError) as exc:
         raise UsageError(str(exc)) from exc
     return 0
 
 
 def _evaluate(run_dir: Path, config: Any, split: str, tasks: int, steps: int, episodes: int, video: dict | None,
-              repeats: int = 1) -> None:
+              repeats: int = 1, device: str | None = None) -> None:
     import metarl.api as mrl
     from metarl.runfolder import check_writable, eval_dir
     from metarl.training import render_run
 
     out = eval_dir(run_dir, split, repeats)
     check_writable(run_dir, run_dir / "eval", out)
-    learner = mrl.load(run_dir)  # the run's config (as `config`) and its newest usable checkpoint
+    learner = mrl.load(run_dir, device=device)  # the run's config and its newest usable checkpoint
     agent = learner.agent
     try:
         # the caller holds the run lock
@@ -396,6 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=1, help="adapt this many times on each task, independently, and "
                    "pool them (for families with few tasks, e.g. HalfCheetahDir's two); writes "
                    "RUN_DIR/eval/<split>-repeats<R>/")
+    p.add_argument("--device", default=None, help="where adaptation's gradient steps run: auto, cpu, cuda or cuda:N "
+                   "(default: the run's device setting)")
     p.add_argument("--video", action="store_true", help="also render held-out episodes before and after adaptation "
                    "(off-screen; GIFs in RUN_DIR/eval/<split>/video/ and TensorBoard eval/<split>/video/)")
     p.add_argument("--video-tasks", type=int, default=None, help="with --video: tasks to render, the first of the "

@@ -35,7 +35,7 @@ import torch
 import yaml
 
 import metarl
-from metarl.config import ConfigError, RunConfig, agent_class, read_yaml
+from metarl.config import ConfigError, RunConfig, agent_class, read_yaml, resolve_device
 from metarl.evaluation import (
     AdaptationResult,
     episode_scalars,
@@ -100,10 +100,16 @@ def build_agent(config: RunConfig):
         sampler.close()
         raise
     try:
-        agent = agent_class(config.agent_name)(config.agent, sampler, seed=config.seed)
+        cls = agent_class(config.agent_name)
+        device = resolve_device(config.device, cls)  # CUDA refused in one line where there is none
+        agent = cls(config.agent, sampler, seed=config.seed)
     except TaskError as exc:  # e.g. an agent that cannot run on this env's spaces
         sampler.close()
         raise ConfigError(f"agent: {exc}") from exc
+    except ConfigError:
+        sampler.close()
+        raise
+    agent.to(device)  # the update's modules and optimisers; the sampler's actors stay numpy on the CPU
     agent.set_total_iterations(config.iterations)
     return sampler, agent
 
