@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -56,6 +57,33 @@ class RenderedEpisode:
     frames: list[np.ndarray]
     episode_return: float
     length: int
+
+
+#: the Debian/Ubuntu packages each off-screen OpenGL backend of MuJoCo needs
+GL_PACKAGES = {"egl": "libegl1 libegl-mesa0", "osmesa": "libosmesa6"}
+GL_HINT = ("off-screen rendering needs EGL (Debian/Ubuntu: apt-get install libegl1 libegl-mesa0) or OSMesa "
+           "(apt-get install libosmesa6, then MUJOCO_GL=osmesa); bash scripts/setup.sh checks for them")
+
+
+def probe_gl(backend: str, timeout: float = 60.0) -> str | None:
+    """None where MuJoCo makes an off-screen OpenGL context with ``MUJOCO_GL=backend``, else the error's last
+    line. Checked in a fresh interpreter: ``import mujoco`` binds the backend named then."""
+    code = "import mujoco; c = mujoco.GLContext(64, 64); c.make_current(); c.free()"
+    env = {k: v for k, v in os.environ.items() if k != "PYOPENGL_PLATFORM"}  # mujoco sets it for the backend
+    try:
+        out = subprocess.run([sys.executable, "-c", code], env={**env, "MUJOCO_GL": backend}, capture_output=True,
+                             text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return f"no context after {timeout:.0f} s"
+    if out.returncode == 0:
+        return None
+    lines = out.stderr.strip().splitlines()
+    return lines[-1] if lines else f"exit code {out.returncode}"
+
+
+def working_gl() -> str | None:
+    """The first off-screen backend (egl, then osmesa) MuJoCo renders with here, or None."""
+    return next((b for b in GL_PACKAGES if probe_gl(b) is None), None)
 
 
 def configure_gl() -> str | None:
@@ -107,10 +135,11 @@ class _RenderingSlots(GymSlots):
                 message = f"{type(exc).__name__}: " + (str(exc).strip().splitlines() or [""])[0]
                 if getattr(env.unwrapped, "mujoco_renderer", None) is None:  # not MuJoCo: the env's own error
                     raise VideoError(f"cannot render {self.env_id}: {message}") from exc
+                works = working_gl()
+                fix = (f"MUJOCO_GL={works} works on this machine: set it" if works else GL_HINT)
                 raise VideoError(
                     f"cannot render {self.env_id} off-screen (MUJOCO_GL={os.environ.get('MUJOCO_GL')!r}): "
-                    f"{message}; set MUJOCO_GL to a backend that works on this machine "
-                    "(egl, osmesa, or glfw with a display)") from exc
+                    f"{message}; {fix}") from exc
             self._rendered_once = True
         _follow_robot(env.unwrapped)
         frame = np.asarray(env.render())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import io
 import json
+import os
 
 import numpy as np
 import pytest
@@ -26,11 +27,17 @@ from metarl.video import (
     configure_gl,
     encode_gif,
     frame_plan,
+    probe_gl,
     record,
+    working_gl,
     write_videos,
 )
 
 configure_gl()  # MUJOCO_GL=egl on a machine without a display, unless set (Gymnasium reads it at render time)
+GL_PROBLEM = probe_gl(os.environ.get("MUJOCO_GL") or "egl")
+needs_gl = pytest.mark.skipif(
+    GL_PROBLEM is not None, reason=f"MuJoCo cannot render off-screen here (MUJOCO_GL={os.environ.get('MUJOCO_GL')}: "
+    f"{GL_PROBLEM}); install libegl1 libegl-mesa0 (EGL), or libosmesa6 and set MUJOCO_GL=osmesa")
 
 MAML = "experiments/maml_trpo/point_nav_2d.yaml"
 RL2 = "experiments/rl2/half_cheetah_vel.yaml"
@@ -105,6 +112,7 @@ def test_maml_replay_is_the_evaluated_episode():
         sampler.close()
 
 
+@needs_gl
 def test_rl2_mujoco_trial_renders_headless_and_replays_the_evaluation(tmp_path):
     """RL² on HalfCheetahVel (10-step episodes): one trial of steps + 1 episodes with the hidden state
     carried; the evaluation ran on the native sampler, the replay on Gymnasium with a renderer."""
@@ -191,11 +199,20 @@ def test_no_renderer_is_one_clear_error(monkeypatch, tmp_path):
         plans = agent.adaptation_rollouts(tasks, 1, 1, seed=0)
         with pytest.raises(VideoError, match="MUJOCO_GL='no-such-backend'") as info:
             write_videos(sampler.env_id, {"max_episode_steps": 3}, tasks, plans, 1, tmp_path)
-        assert len(str(info.value).splitlines()) == 1 and "egl" in str(info.value)
+        message = str(info.value)
+        assert len(message.splitlines()) == 1
+        works = working_gl()  # the error names a backend that works here, or the packages to install
+        assert f"MUJOCO_GL={works} works on this machine" in message if works else "apt-get install libegl1" in message
         del info
         gc.collect()  # the half-made viewer goes now, under this test's warning filter
     finally:
         sampler.close()
+
+
+def test_the_gl_probe_says_what_fails():
+    problem = probe_gl("no-such-backend")
+    assert problem is not None and len(problem.splitlines()) == 1 and "no-such-backend" in problem
+    assert probe_gl("egl") is None or working_gl() != "egl"
 
 
 def test_env_without_rgb_array_rendering_is_refused_before_any_work():
