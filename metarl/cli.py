@@ -5,7 +5,7 @@
     metarl check ID                     check a (custom) task family against metarl's contracts
     metarl train CONFIG [k=v ...]       meta-train (see experiments/), --resume RUN_DIR to continue
     metarl eval RUN_DIR [--split S]     adaptation curve on held-out tasks -> RUN_DIR/eval/<split>/
-    metarl eval RUN_DIR --video         ... plus GIFs of held-out episodes before and after adaptation
+    metarl eval RUN_DIR --video         ... plus GIFs and MP4s of held-out episodes before and after adaptation
     metarl speed [--family F] [--json]  simulator / Gymnasium / sampler step rates, side by side
     metarl bench SUITE.yaml [--out DIR] meta-learners and SB3 baselines under one protocol, one report
     metarl sweep SWEEP.yaml [--out DIR] a search over config keys and seeds on Ray Tune, with its report
@@ -250,7 +250,8 @@ def _evaluate(run_dir: Path, config: Any, split: str, tasks: int, steps: int, ep
                   f"(MUJOCO_GL={os.environ.get('MUJOCO_GL')}) ...", flush=True)
             paths = render_run(agent, config, run_dir, split, tasks, steps, episodes, video["tasks"],
                                video["size"], video["fps"], verbose=True)
-            print(f"written to {paths[0].parent}/ ({len(paths)} GIFs) and TensorBoard (eval/{split}/video/)")
+            print(f"written to {paths[0].parent}/ ({sum(p.suffix == '.gif' for p in paths)} GIFs, each with its MP4) "
+                  f"and TensorBoard (eval/{split}/video/)")
     finally:
         learner.close()
 
@@ -399,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="where adaptation's gradient steps run: auto, cpu, cuda or cuda:N "
                    "(default: the run's device setting)")
     p.add_argument("--video", action="store_true", help="also render held-out episodes before and after adaptation "
-                   "(off-screen; GIFs in RUN_DIR/eval/<split>/video/ and TensorBoard eval/<split>/video/)")
+                   "(off-screen; GIFs and MP4s in RUN_DIR/eval/<split>/video/ and TensorBoard eval/<split>/video/)")
     p.add_argument("--video-tasks", type=int, default=None, help="with --video: tasks to render, the first of the "
                    "evaluation's (default 1)")
     p.add_argument("--video-size", default=None, metavar="WxH", help="with --video: frame size (default 320x240)")

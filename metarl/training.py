@@ -12,7 +12,7 @@ Run folder (nothing a run writes goes elsewhere)::
         .lock                 the advisory lock of the one command writing here
         eval/<split>/         summary.json, summary.csv, per_task.csv, adaptation_curve.png (the latest
                               evaluation); history.jsonl (every evaluation made during training)
-        eval/<split>/video/   task<j>_before|after|before_after.gif (metarl eval --video)
+        eval/<split>/video/   task<j>_before|after|before_after.gif and .mp4 (metarl eval --video)
 
 The loop talks to agents through the agent protocol (`metarl.agent.Agent`) and finds them through its
 registry (`metarl.agent.get_agent`), never by importing one.

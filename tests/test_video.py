@@ -51,6 +51,17 @@ def _frames(path) -> list[np.ndarray]:
         return [np.asarray(f.convert("RGB")) for f in ImageSequence.Iterator(gif)]
 
 
+def _mp4(path) -> dict:
+    """What ffmpeg reads back from an MP4: its frame count, size and rate, and the frames."""
+    import imageio_ffmpeg
+
+    reader = imageio_ffmpeg.read_frames(str(path))
+    meta = next(reader)
+    w, h = meta["size"]
+    frames = [np.frombuffer(f, np.uint8).reshape(h, w, 3) for f in reader]
+    return {"frames": len(frames), "size": (w, h), "fps": meta["fps"], "images": frames}
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "run"
@@ -71,6 +82,10 @@ def test_eval_video_writes_gifs_and_tensorboard(run_dir, capsys):
             # one frame after the reset and one after every step (PointNav2D plays at its own 20 fps)
             assert len(frames) == horizon + 1, name
             assert frames[0].shape == (64, width, 3), name
+            mp4 = _mp4(video / f"task{j}_{name}.mp4")  # beside it, the same frames (odd widths padded to even)
+            assert mp4["frames"] == horizon + 1 and mp4["size"] == (width + width % 2, 64) and mp4["fps"] == 20, name
+            # lossy, but the same picture: the mean absolute difference from the GIF's frame is small
+            assert np.abs(mp4["images"][-1][:, :width].astype(float) - frames[-1]).mean() < 8, name
     assert not (video / "task2_before.gif").exists()
     # the printed returns are the evaluation's per-task returns (one episode per stage here)
     summary = json.loads((run_dir / "eval" / "test" / "summary.json").read_text())
@@ -137,10 +152,13 @@ def test_rl2_mujoco_trial_renders_headless_and_replays_the_evaluation(tmp_path):
 
         # write_videos: HalfCheetah runs at 20 Hz; at 10 fps every other frame is kept (11 -> 6)
         paths = write_videos(sampler.env_id, config.env_kwargs, tasks[:1], [plan], 2, tmp_path, size=(64, 48), fps=10)
-        assert sorted(p.name for p in paths) == ["task0_after.gif", "task0_before.gif", "task0_before_after.gif"]
+        assert sorted(p.name for p in paths) == sorted(f"task0_{n}.{x}" for n in ("after", "before", "before_after")
+                                                       for x in ("gif", "mp4"))
         with Image.open(tmp_path / "task0_before.gif") as gif:
             assert gif.info["duration"] == 100
         assert len(_frames(tmp_path / "task0_after.gif")) == 6
+        mp4 = _mp4(tmp_path / "task0_after.mp4")  # the same 6 frames, 64x48, 10 fps
+        assert mp4["frames"] == 6 and mp4["size"] == (64, 48) and mp4["fps"] == 10
     finally:
         sampler.close()
 
