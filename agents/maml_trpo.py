@@ -166,6 +166,7 @@ class MAMLTRPO(Agent):
 
     name = "maml_trpo"
     config_class = MAMLTRPOConfig
+    devices = ("cpu", "cuda")
     #: options added after checkpoints began recording their config (2026-12-01), at the value that keeps the
     #: behaviour runs recorded before them had: their folders and bench cells still resume
     added_options = {"log_prob_reduction": "sum", "action_scale": 1.0, "inner_max_kl": 0.0, "fisher_subsample": 1,
@@ -195,6 +196,12 @@ class MAMLTRPO(Agent):
         self.rng = np.random.default_rng(seed)
         self.env_steps = 0
         self.iteration = 0
+        self.device = torch.device("cpu")
+
+    def to(self, device: torch.device) -> None:
+        """The update (policy, inner steps, TRPO) on ``device``; the workers' actors get CPU copies."""
+        self.device = torch.device(device)
+        self.policy.to(self.device)
 
     # ---- pieces ------------------------------------------------------------------------------------
     def _seed(self) -> int:
@@ -270,7 +277,7 @@ class MAMLTRPO(Agent):
         grads = torch.autograd.grad(self.inner_loss(leaf, batch, advantages), list(leaf.values()))
         full = self._step(params, grads)  # the plain step, exactly as `adapt` takes it
         if c.inner_max_kl <= 0:
-            return full, torch.full((batch.num_tasks,), c.inner_lr, dtype=grads[0].dtype)
+            return full, torch.full((batch.num_tasks,), c.inner_lr, dtype=grads[0].dtype, device=grads[0].device)
         # KL grows as the square of the step near zero: scaling the step by sqrt(bound / KL) meets the bound
         with torch.no_grad():
             lr = self.bounded_lr(params, full, batch)
@@ -446,7 +453,7 @@ class MAMLTRPO(Agent):
         inner_logps: list[torch.Tensor | None] = []
         for _ in range(c.inner_steps):
             ts = time.perf_counter()
-            batch = self.sampler.sample(self._actor(params), tasks, c.episodes_per_task, self._seed())
+            batch = self.sampler.sample(self._actor(params), tasks, c.episodes_per_task, self._seed()).to(self.device)
             sample_time += time.perf_counter() - ts
             adv = self.advantages(batch, inner=True)
             train.append((batch, adv))
@@ -458,7 +465,7 @@ class MAMLTRPO(Agent):
             inner_stats.append({**self.inner_step_stats(before, params, batch), "meta/inner_lr": lr.mean().item(),
                                 "meta/inner_lr_min": lr.min().item()})
         ts = time.perf_counter()
-        valid = self.sampler.sample(self._actor(params), tasks, c.episodes_per_task, self._seed())
+        valid = self.sampler.sample(self._actor(params), tasks, c.episodes_per_task, self._seed()).to(self.device)
         sample_time += time.perf_counter() - ts
         stage_returns.append(valid.returns)
         valid_adv = self.advantages(valid)
@@ -559,7 +566,8 @@ class MAMLTRPO(Agent):
             batch = sample(actor, tasks, episodes, sample_seed)
             yield actor, sample_seed, batch
             if stage < steps:
-                params, _ = self.adapt_bounded(params, batch, self.advantages(batch, inner=True))
+                on_device = batch.to(self.device)
+                params, _ = self.adapt_bounded(params, on_device, self.advantages(on_device, inner=True))
 
     def adaptation(self, tasks: list[Task], steps: int, episodes: int, seed: int, collect: Collect,
                    final: bool = True) -> GaussianActor:

@@ -435,6 +435,7 @@ class PEARL(Agent):
 
     name = "pearl"
     config_class = PEARLConfig
+    devices = ("cpu", "cuda")
 
     def __init__(self, config: PEARLConfig, sampler: Any, seed: int = 0):
         keep_freed_memory()  # see metarl.system
@@ -472,6 +473,16 @@ class PEARL(Agent):
         self.noise = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, 37]).generate_state(1)[0]))
         self.env_steps = 0
         self.iteration = 0
+        self.device = torch.device("cpu")
+
+    def to(self, device: torch.device) -> None:
+        """The update (networks, optimisers, alpha) on ``device``. The replay buffers stay numpy on the CPU and
+        each gradient step's batch is moved; the noise is drawn on the CPU, so it is the same on any device."""
+        self.device = torch.device(device)
+        for k in NETWORKS:
+            getattr(self, k).to(self.device)  # in place: the optimisers keep their parameters
+        self.log_alpha = self.log_alpha.detach().to(self.device).requires_grad_()
+        self.alpha_opt = torch.optim.Adam([self.log_alpha], lr=self.config.lr)  # nothing stepped yet
 
     # -- collection ----------------------------------------------------------------------------------------
     def _seed(self) -> int:
@@ -479,7 +490,8 @@ class PEARL(Agent):
 
     def actor(self, latents: np.ndarray | None = None, infer: bool = False, deterministic: bool = False,
               seed: int | None = None) -> PEARLActor:
-        return PEARLActor(self.policy.state_dict(), self.encoder.state_dict() if infer else None, self.act_dim,
+        cpu = lambda m: {k: v.detach().cpu() for k, v in m.state_dict().items()}  # noqa: E731 (the actors are numpy)
+        return PEARLActor(cpu(self.policy), cpu(self.encoder) if infer else None, self.act_dim,
                           self.config.latent_dim, self.low, self.high, self._seed() if seed is None else seed,
                           latents, infer, deterministic)
 
@@ -491,6 +503,7 @@ class PEARL(Agent):
             context = self._context_batch(pool_idx * episodes).reshape(episodes, len(pool_idx), self.config.context_batch, -1)
             with torch.no_grad():
                 mean, var = self.encoder.posterior(context.transpose(0, 1))  # [tasks, episodes, latent]
+            mean, var = mean.cpu(), var.cpu()
             noise = torch.randn(mean.shape, generator=self.noise)
             latents = (mean + var.sqrt() * noise).numpy()
         tasks = [self.train_tasks[i] for i in pool_idx]
@@ -509,16 +522,16 @@ class PEARL(Agent):
         for i in pool_idx:
             b = self.context_buffers[i].sample(self.rng, self.config.context_batch)
             rows.append(np.concatenate([b["obs"], b["actions"], b["rewards"][:, None]], 1))
-        return torch.from_numpy(np.stack(rows))
+        return torch.from_numpy(np.stack(rows)).to(self.device)
 
     def _rl_batch(self, pool_idx: list[int]) -> dict[str, torch.Tensor]:
         parts = [self.replay[i].sample(self.rng, self.config.batch_size) for i in pool_idx]
-        return {k: torch.from_numpy(np.stack([p[k] for p in parts])) for k in TaskBuffer.FIELDS}
+        return {k: torch.from_numpy(np.stack([p[k] for p in parts])).to(self.device) for k in TaskBuffer.FIELDS}
 
     # -- the update ----------------------------------------------------------------------------------------
     @property
     def alpha(self) -> torch.Tensor:
-        return self.log_alpha.exp() if self.config.entropy == "auto" else torch.ones(1)
+        return self.log_alpha.exp() if self.config.entropy == "auto" else torch.ones(1, device=self.log_alpha.device)
 
     def losses(self, context: torch.Tensor, batch: dict[str, torch.Tensor], z_noise: torch.Tensor,
                next_noise: torch.Tensor, new_noise: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -558,9 +571,9 @@ class PEARL(Agent):
         context = self._context_batch(pool_idx)
         batch = self._rl_batch(pool_idx)
         g = self.noise
-        z_noise = torch.randn((M, c.latent_dim), generator=g)
-        next_noise = torch.randn((M, c.batch_size, self.act_dim), generator=g)
-        new_noise = torch.randn((M, c.batch_size, self.act_dim), generator=g)
+        z_noise = torch.randn((M, c.latent_dim), generator=g).to(self.device)  # drawn on the CPU: any device, same noise
+        next_noise = torch.randn((M, c.batch_size, self.act_dim), generator=g).to(self.device)
+        new_noise = torch.randn((M, c.batch_size, self.act_dim), generator=g).to(self.device)
         losses = self.losses(context, batch, z_noise, next_noise, new_noise)
         # All gradients from the same parameters (SAC's simultaneous form): the policy's loss, differentiated
         # w.r.t. the policy only, then the critic's and the KL w.r.t. the Q functions and the encoder.

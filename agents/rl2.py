@@ -493,6 +493,9 @@ class Trials:
     lengths: torch.Tensor      # [B]
     last_truncated: torch.Tensor  # [B] the trial's last episode was cut by the time limit
 
+    def to(self, device: torch.device) -> Trials:
+        return Trials(*(getattr(self, f.name).to(device) for f in dataclasses.fields(self)))
+
 
 def to_trials(batch: EpisodeBatch, episodes_per_trial: int) -> Trials:
     """Regroup an ``[N, E, T]`` batch (episode ``m*K + k`` = episode k of trial m) into trial sequences."""
@@ -530,6 +533,7 @@ class RL2(Agent):
 
     name = "rl2"
     config_class = RL2Config
+    devices = ("cpu", "cuda")
 
     def __init__(self, config: RL2Config, sampler: Any, seed: int = 0):
         keep_freed_memory()  # see metarl.system
@@ -549,6 +553,15 @@ class RL2(Agent):
         self.env_steps = 0
         self.iteration = 0
         self.total_iterations: int | None = None
+        self.device = torch.device("cpu")
+
+    def to(self, device: torch.device) -> None:
+        """The update (PPO over trials) on ``device``; the sampler's actors get CPU copies of the weights."""
+        self.device = torch.device(device)
+        self.model.to(self.device)
+
+    def _cpu_weights(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
 
     def set_total_iterations(self, n: int) -> None:
         self.total_iterations = int(n)
@@ -566,7 +579,7 @@ class RL2(Agent):
         return int(self.rng.integers(2**31 - 1))
 
     def actor(self, deterministic: bool = False, record_hidden: bool = False) -> RL2Actor:
-        return RL2Actor(self.model.config, self.model.state_dict(), self._frozen_obs_rms(), self.input_reward_scale,
+        return RL2Actor(self.model.config, self._cpu_weights(), self._frozen_obs_rms(), self.input_reward_scale,
                         seed=self._seed(), deterministic=deterministic, record_hidden=record_hidden)
 
     def _frozen_obs_rms(self) -> RunningMeanStd | None:
@@ -582,7 +595,7 @@ class RL2(Agent):
     def trial_advantages(self, trials: Trials, values: torch.Tensor, rewards: torch.Tensor) -> torch.Tensor:
         """GAE over whole trials; ``values [B, L+1]`` (the last valid position + 1 is the bootstrap)."""
         c = self.config
-        idx = torch.arange(values.shape[0])
+        idx = torch.arange(values.shape[0], device=values.device)
         bootstrap = values[idx, trials.lengths] * (trials.last_truncated.float() if c.bootstrap_trial_end else 0.0)
         return gae(rewards.unsqueeze(0), values[:, :-1].unsqueeze(0), trials.mask.unsqueeze(0), c.gamma,
                    c.gae_lambda, bootstrap=bootstrap.unsqueeze(0)).squeeze(0)
@@ -594,13 +607,15 @@ class RL2(Agent):
         batch = self.sampler.sample(self.actor(), tasks, episodes, self._seed(), episodes_per_trial=c.episodes_per_trial)
         sample_time = time.perf_counter() - t0
         self.env_steps += batch.env_steps
-        trials = to_trials(batch, c.episodes_per_trial)
+        trials = to_trials(batch, c.episodes_per_trial)  # regrouped on the CPU, then moved to the update's device
         obs_rms, scale = self._frozen_obs_rms(), self.reward_scale  # what the sampler used
-        inputs = self.inputs(trials, obs_rms, self.input_reward_scale)
+        dev = self.device
+        inputs = self.inputs(trials, obs_rms, self.input_reward_scale).to(dev)
+        trials = trials.to(dev)
         rewards = trials.rewards / scale  # PPO learns from normalised rewards whatever the input sees
         B, L = trials.rewards.shape
         with torch.no_grad():
-            means, values, hiddens = self.model.unroll(inputs, torch.zeros(B, c.hidden_size))
+            means, values, hiddens = self.model.unroll(inputs, torch.zeros(B, c.hidden_size, device=dev))
             old_logp = DiagGaussian(means[:, :-1], self.model.log_std.expand_as(means[:, :-1])).log_prob(trials.actions)
             advantages = self.trial_advantages(trials, values, rewards)
             returns = advantages + values[:, :-1]
@@ -608,7 +623,7 @@ class RL2(Agent):
         adv_norm = (advantages - advantages[valid].mean()) / (advantages[valid].std() + 1e-8)
 
         # Sequences to train on: whole trials, or chunks started from the no-grad pass's hidden states.
-        h_start = torch.cat([torch.zeros(B, 1, c.hidden_size), hiddens[:, :-1]], 1)  # state before each step
+        h_start = torch.cat([torch.zeros(B, 1, c.hidden_size, device=dev), hiddens[:, :-1]], 1)  # state before each step
         chunk = c.bptt_chunk if c.bptt_chunk and c.bptt_chunk < L else L
         starts = list(range(0, L, chunk))
         lengths = trials.lengths.tolist()
@@ -621,13 +636,13 @@ class RL2(Agent):
         for _ in range(c.epochs):
             perm = self.rng.permutation(len(pieces))
             for mb in np.array_split(perm, min(c.minibatches, len(pieces))):
-                b_idx = torch.as_tensor([pieces[i][0] for i in mb])
-                s_idx = [pieces[i][1] for i in mb]
-                cols = torch.stack([torch.arange(s, s + chunk) for s in s_idx]).clamp_max(L - 1)
+                b_idx = torch.as_tensor([pieces[i][0] for i in mb], device=dev)
+                s_idx = torch.as_tensor([pieces[i][1] for i in mb], device=dev)
+                cols = (s_idx.unsqueeze(1) + torch.arange(chunk, device=dev)).clamp_max(L - 1)
                 rows = b_idx.unsqueeze(1)
                 x = inputs[rows, cols]
-                m = trials.mask[rows, cols] * (torch.arange(chunk) + torch.as_tensor(s_idx).unsqueeze(1) < L)
-                h0 = h_start[b_idx, torch.as_tensor(s_idx)]
+                m = trials.mask[rows, cols] * (torch.arange(chunk, device=dev) + s_idx.unsqueeze(1) < L)
+                h0 = h_start[b_idx, s_idx]
                 mean, value, _ = self.model.unroll(x, h0)
                 dist = DiagGaussian(mean, self.model.log_std.expand_as(mean))
                 logp = dist.log_prob(trials.actions[rows, cols])
@@ -656,7 +671,7 @@ class RL2(Agent):
         if self.obs_rms is not None:
             self.obs_rms.update(batch.observations[batch.mask > 0].numpy())
         if c.normalize_rewards:
-            self.ret_rms.update(_discounted_trial_returns(trials, c.gamma)[valid].numpy())
+            self.ret_rms.update(_discounted_trial_returns(trials, c.gamma)[valid].cpu().numpy())
         self.iteration += 1
         total = time.perf_counter() - t0
         y, v = returns[valid], values[:, :-1][valid]
@@ -691,7 +706,7 @@ class RL2(Agent):
         carrying its hidden state on from the trial's end (``episodes`` unused); ``steps=0``: a fresh trial,
         started on one slot."""
         rng = np.random.default_rng(seed)
-        actor = RL2Actor(self.model.config, self.model.state_dict(), self._frozen_obs_rms(), self.input_reward_scale,
+        actor = RL2Actor(self.model.config, self._cpu_weights(), self._frozen_obs_rms(), self.input_reward_scale,
                          seed=int(rng.integers(2**31 - 1)))
         K, trials = (steps + 1, episodes) if final else (steps, 1)
         if K > 0:

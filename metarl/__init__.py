@@ -4,20 +4,6 @@ Task families (`metarl.envs`), the task API (`metarl.tasks`), agents (`metarl.ag
 logging and the ``metarl`` command line.
 """
 
-import os as _os
-
-# PyTorch's OpenMP threads spin while they wait for work; when another process shares the cores the
-# spinning steals its time slices and everything collapses: measured here with three processes on the two
-# cores, a PointNav2D MAML-TRPO update took 40 s with spinning threads and 9-11 s with sleeping ones (as
-# with one thread). It has to be set before torch loads OpenMP, so importing metarl first (as the CLI,
-# the sampler workers and the tests do) applies it; an OMP_WAIT_POLICY you set yourself wins.
-_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-# numpy's OpenBLAS would wake a second thread for matrices as small as RL²'s GRU step ([16, 128] x [128, 384]):
-# the handoff costs more than it saves (RL²'s update measured 1.7x slower with it), and in the sampler's
-# workers, one per core, a second thread per worker only oversubscribes the cores. Like the line above it
-# must precede numpy's import; one you set yourself wins.
-_os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-
 from metarl.envs import FAMILIES, env_id, register_envs, resolve_id
 from metarl.tasks import (
     SPLITS,

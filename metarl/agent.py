@@ -12,6 +12,10 @@ user's own file gets all of them by implementing five members:
   TensorBoard-namespaced (``meta/``, ``loss/``, ``time/``);
 * ``state_dict()`` / ``load_state_dict(state)``: everything a resume needs to continue exactly, tensors,
   numbers, strings, lists and dicts only (checkpoints load with ``torch.load(weights_only=True)``);
+* ``devices`` (optional, default ``("cpu",)``) and ``to(device)``: the torch device kinds its update runs on,
+  and the call (once, right after ``__init__``, before any checkpoint is loaded) that moves its modules and
+  optimisers to the ``torch.device`` a config's ``device`` resolved to (`metarl.config.resolve_device`); its
+  actors stay numpy on the CPU, where the sampler runs them;
 * ``adaptation(tasks, steps, episodes, seed, collect, final=True) -> actor``: **the adaptation primitive**,
   the evaluation protocol's adaptation of the meta-learned policy to each of ``tasks``. It collects every
   episode it needs by calling ``collect(actor, tasks, episodes_per_task, seed, episodes_per_trial=1)``
@@ -102,6 +106,9 @@ class Agent(abc.ABC):
     added_options: ClassVar[dict[str, Any]] = {}
     retired_options: ClassVar[dict[str, tuple[Any, str]]] = {}
 
+    #: the torch device kinds the update runs on (a config's ``device``); see `to`
+    devices: ClassVar[tuple[str, ...]] = ("cpu",)
+
     config: Any
     sampler: Any
     iteration: int
@@ -127,6 +134,12 @@ class Agent(abc.ABC):
     def adaptation(self, tasks: list[Task], steps: int, episodes: int, seed: int, collect: Collect,
                    final: bool = True) -> Any:
         """The adaptation primitive (see the module docstring); returns the actor after ``steps`` stages."""
+
+    def to(self, device: Any) -> None:
+        """Run the update on ``device`` (a ``torch.device`` of a kind in ``devices``), called once after
+        ``__init__``; by default the CPU, the only device an agent that does not override this supports."""
+        if getattr(device, "type", device) != "cpu":
+            raise AgentError(f"agent {self.name!r} runs on the CPU only (it overrides no Agent.to)")
 
     def set_total_iterations(self, iterations: int) -> None:  # noqa: B027 (an optional hook)
         """The run's total number of iterations, before training starts (for schedules); by default unused."""

@@ -106,13 +106,19 @@ def train(config: str | Path | RunConfig, overrides: list[str] | tuple[str, ...]
     return MetaLearner(folder, config, agent)
 
 
-def load(run_dir: str | Path) -> MetaLearner:
-    """A trained run (its config.yaml and newest usable checkpoint) as a `MetaLearner`."""
+def load(run_dir: str | Path, device: str | None = None) -> MetaLearner:
+    """A trained run (its config.yaml and newest usable checkpoint) as a `MetaLearner`. ``device`` (``auto``,
+    ``cpu``, ``cuda``, ``cuda:N``; default: the run's own ``device``) is where adaptation's gradient steps run;
+    a checkpoint written on any device loads on any other. Acting stays numpy on the CPU."""
     from metarl.runfolder import load_checkpoint, load_run_config
     from metarl.training import build_agent
 
     run_dir = Path(run_dir)
     config = load_run_config(run_dir)
+    if device is not None:
+        import dataclasses
+
+        config = dataclasses.replace(config, device=device)  # checked by RunConfig, resolved by build_agent
     if config.sampler.placement != "local":  # a run trained on a Ray cluster evaluates and deploys anywhere
         import dataclasses
 
@@ -347,7 +353,7 @@ class AdaptedPolicy:
         """An adapted policy written by `save` (deterministic actions are the same; the exploration noise
         starts again from its seed)."""
         try:
-            state = torch.load(Path(path), weights_only=True)
+            state = torch.load(Path(path), map_location="cpu", weights_only=True)
             actor = _agent(state["agent"]).load_actor(state["actor"])
             return AdaptedPolicy(actor, state["low"].numpy(), state["high"].numpy(), state["agent"],
                                  state["adapted_steps"])

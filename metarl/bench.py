@@ -72,7 +72,7 @@ from metarl.evaluation import grouped_bootstrap_ci, iqm, plot_curves, write_summ
 from metarl.provenance import MISSING as MISSING_PROVENANCE
 from metarl.provenance import Recorder
 from metarl.runfolder import record_changes
-from metarl.system import atomic_write
+from metarl.system import atomic_write, work_threads
 from metarl.tasks import TaskError, episode_limit
 
 #: baseline method name -> (kind, algorithm); every other method is a meta-learner, an agent of the registry
@@ -505,7 +505,8 @@ def run_suite(suite: Suite, log: Callable[[str], None] = print, verbose: bool = 
         eta = f", ETA {_fmt(elapsed / i * (len(todo) - i))}" if i else ""
         counter = f"{i + 1}/{len(todo)}" if only else f"{len(done) + i + 1}/{len(suite.cells)}"
         log(f"[{counter}] {cell.key} (elapsed {_fmt(elapsed)}{eta})")
-        record = run_cell(suite, cell, log=log, verbose=verbose)
+        with work_threads():
+            record = run_cell(suite, cell, log=log, verbose=verbose)
         curve = " -> ".join(f"{s['mean_return']:.1f}" for s in record["summary"]["stages"])
         log(f"    done in {_fmt(record['wall_time_s'])}: return by stage {curve}")
         write_report(suite)

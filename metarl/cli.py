@@ -5,7 +5,7 @@
     metarl check ID                     check a (custom) task family against metarl's contracts
     metarl train CONFIG [k=v ...]       meta-train (see experiments/), --resume RUN_DIR to continue
     metarl eval RUN_DIR [--split S]     adaptation curve on held-out tasks -> RUN_DIR/eval/<split>/
-    metarl eval RUN_DIR --video         ... plus GIFs of held-out episodes before and after adaptation
+    metarl eval RUN_DIR --video         ... plus GIFs and MP4s of held-out episodes before and after adaptation
     metarl speed [--family F] [--json]  simulator / Gymnasium / sampler step rates, side by side
     metarl bench SUITE.yaml [--out DIR] meta-learners and SB3 baselines under one protocol, one report
     metarl sweep SWEEP.yaml [--out DIR] a search over config keys and seeds on Ray Tune, with its report
@@ -221,21 +221,21 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             if steps < 1:
                 raise ConfigError("--video needs at least one adaptation stage (--steps >= 1) to show before and after")
         with run_lock(run_dir):
-            _evaluate(run_dir, config, split, tasks, steps, episodes, video, args.repeats)
+            _evaluate(run_dir, config, split, tasks, steps, episodes, video, args.repeats, args.device)
     except (ConfigError, TaskError, VideoError, FloatingPointError) as exc:
         raise UsageError(str(exc)) from exc
     return 0
 
 
 def _evaluate(run_dir: Path, config: Any, split: str, tasks: int, steps: int, episodes: int, video: dict | None,
-              repeats: int = 1) -> None:
+              repeats: int = 1, device: str | None = None) -> None:
     import metarl.api as mrl
     from metarl.runfolder import check_writable, eval_dir
     from metarl.training import render_run
 
     out = eval_dir(run_dir, split, repeats)
     check_writable(run_dir, run_dir / "eval", out)
-    learner = mrl.load(run_dir)  # the run's config (as `config`) and its newest usable checkpoint
+    learner = mrl.load(run_dir, device=device)  # the run's config and its newest usable checkpoint
     agent = learner.agent
     try:
         # the caller holds the run lock
@@ -253,7 +253,8 @@ def _evaluate(run_dir: Path, config: Any, split: str, tasks: int, steps: int, ep
                   f"(MUJOCO_GL={os.environ.get('MUJOCO_GL')}) ...", flush=True)
             paths = render_run(agent, config, run_dir, split, tasks, steps, episodes, video["tasks"],
                                video["size"], video["fps"], verbose=True)
-            print(f"written to {paths[0].parent}/ ({len(paths)} GIFs) and TensorBoard (eval/{split}/video/)")
+            print(f"written to {paths[0].parent}/ ({sum(p.suffix == '.gif' for p in paths)} GIFs, each with its MP4) "
+                  f"and TensorBoard (eval/{split}/video/)")
     finally:
         learner.close()
 
@@ -401,8 +402,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=1, help="adapt this many times on each task, independently, and "
                    "pool them (for families with few tasks, e.g. HalfCheetahDir's two); writes "
                    "RUN_DIR/eval/<split>-repeats<R>/")
+    p.add_argument("--device", default=None, help="where adaptation's gradient steps run: auto, cpu, cuda or cuda:N "
+                   "(default: the run's device setting)")
     p.add_argument("--video", action="store_true", help="also render held-out episodes before and after adaptation "
-                   "(off-screen; GIFs in RUN_DIR/eval/<split>/video/ and TensorBoard eval/<split>/video/)")
+                   "(off-screen; GIFs and MP4s in RUN_DIR/eval/<split>/video/ and TensorBoard eval/<split>/video/)")
     p.add_argument("--video-tasks", type=int, default=None, help="with --video: tasks to render, the first of the "
                    "evaluation's (default 1)")
     p.add_argument("--video-size", default=None, metavar="WxH", help="with --video: frame size (default 320x240)")
@@ -525,6 +528,9 @@ def _drop_cwd_from_path() -> None:
 def main(argv: list[str] | None = None) -> int:
     if argv is None:  # run as the program (the metarl script, python -m metarl.cli), not called from Python
         _drop_cwd_from_path()
+        from metarl.system import sleeping_openmp_threads
+
+        sleeping_openmp_threads()  # before anything imports torch (a command imports it when it needs it)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # key=value overrides may come anywhere after the command (Hydra's and RL Zoo's users write them after the
@@ -533,9 +539,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.parse_args(argv)
     if extra:
         args.overrides = [*args.overrides, *extra]
+    from metarl.system import work_threads
+
     try:
         _check_mujoco_gl()
-        with invoked_as(["metarl", *(sys.argv[1:] if argv is None else argv)]):
+        with invoked_as(["metarl", *(sys.argv[1:] if argv is None else argv)]), work_threads():
             return int(args.func(args))
     except UsageError as exc:
         print(f"metarl {args.command}: error: {exc}", file=sys.stderr)

@@ -114,6 +114,13 @@ class RunConfig:
     checkpoint_every: int = 1
     run_root: str = "runs"
     imports: tuple[str, ...] = ()   # the user's modules, as `metarl.plugins.resolve` stores them
+    # the torch device of the agent's update: auto (CUDA where torch sees a GPU and the agent supports it, else
+    # the CPU), cpu, cuda or cuda:N; sampling stays on the CPU workers either way (`resolve_device`)
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ConfigError(f"device: expected auto, cpu, cuda or cuda:N, got {self.device!r}")
 
     def to_dict(self) -> dict[str, Any]:
         agent = {"name": self.agent_name, **_plain(dataclasses.asdict(self.agent))}
@@ -125,7 +132,33 @@ class RunConfig:
         }
         if self.imports:  # only when there are any, so configs and checkpoints of earlier runs still match
             out = {"experiment": out.pop("experiment"), "env": out.pop("env"), "imports": list(self.imports), **out}
+        if self.device != "auto":  # likewise
+            out["device"] = self.device
         return out
+
+
+def resolve_device(device: str, agent_cls: Any = None) -> Any:
+    """The ``torch.device`` a config's ``device`` names for ``agent_cls`` (whose ``devices`` says which kinds its
+    update runs on): ``auto`` is CUDA where torch sees a GPU and the agent supports it, else the CPU. ConfigError
+    in one line for CUDA where torch has none, or an agent that runs on the CPU only."""
+    import torch
+
+    supported = tuple(getattr(agent_cls, "devices", ("cpu",)))
+    if device == "auto":
+        return torch.device("cuda" if "cuda" in supported and torch.cuda.is_available() else "cpu")
+    chosen = torch.device(device)
+    if chosen.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is a CPU build" if torch.version.cuda is None else "torch sees no GPU here"
+            raise ConfigError(f"device: {device} asked for, but CUDA is not available ({why}, torch "
+                              f"{torch.__version__}); use device=cpu or device=auto")
+        if chosen.index is not None and chosen.index >= torch.cuda.device_count():
+            raise ConfigError(f"device: {device} asked for, but torch sees {torch.cuda.device_count()} GPU(s)")
+    if chosen.type not in supported:
+        name = getattr(agent_cls, "name", "?")
+        raise ConfigError(f"device: agent {name!r} runs its update on {' or '.join(supported)} only, not {device}; "
+                          "use device=cpu or device=auto")
+    return chosen
 
 
 def _plain(value: Any) -> Any:

@@ -105,6 +105,19 @@ class EpisodeBatch:
             success=None if self.success is None else self.success[:, index],
         )
 
+    def to(self, device: Any) -> EpisodeBatch:
+        """The batch on a torch ``device`` (itself where it is there already): an update on a GPU moves the
+        episodes the CPU workers collected."""
+        if self.observations.device == torch.device(device):
+            return self
+        move = lambda t: t.to(device)  # noqa: E731
+        return dataclasses.replace(
+            self, observations=move(self.observations), actions=move(self.actions), rewards=move(self.rewards),
+            mask=move(self.mask), terminated=move(self.terminated), truncated=move(self.truncated),
+            last_observations=move(self.last_observations),
+            reward_terms={k: move(v) for k, v in self.reward_terms.items()},
+            success=None if self.success is None else move(self.success))
+
     @staticmethod
     def from_numpy(tasks: list[Task], arrays: dict[str, Any]) -> EpisodeBatch:
         f32 = lambda a: torch.as_tensor(np.asarray(a, dtype=np.float32))  # noqa: E731

@@ -385,13 +385,14 @@ def write_report(sweep: Sweep) -> Path:
 
 
 def _plot(sweep: Sweep, plots: list, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A bare Figure with its own Agg canvas, as metarl.evaluation's plots: the user's backend is left alone
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     keys = list(sweep.params)
-    fig, axes = plt.subplots(2, len(keys), figsize=(max(6.0, 4.2 * len(keys)), 6.4), squeeze=False, sharex="col")
+    fig = Figure(figsize=(max(6.0, 4.2 * len(keys)), 6.4))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2, len(keys), squeeze=False, sharex="col")
     for col, key in enumerate(keys):
         top, bottom = axes[0][col], axes[1][col]
         for n, split in enumerate(sweep.splits):
@@ -417,5 +418,4 @@ def _plot(sweep: Sweep, plots: list, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=110)
-    plt.close(fig)
     tmp.replace(path)

@@ -11,6 +11,9 @@ mmap threshold (and the heap trim threshold) lets freed blocks be reused: the sa
 up to its peak size instead of shrinking back); it is a no-op outside glibc. The agents and the sampler
 workers call it; set ``METARL_MALLOC_TUNING=0`` to leave ``malloc`` alone.
 
+`sleeping_openmp_threads` and `work_threads` are metarl's thread settings, applied where metarl runs work (the
+``metarl`` command, training, evaluation, the sampler's workers), never by importing metarl.
+
 `skip_mujoco_timers` stops MuJoCo 4 from reading a clock around every stage of every step (12-15% of a
 HalfCheetah ``mj_step`` here). The sampler workers call it; the simulation never reads those timers.
 """
@@ -114,6 +117,53 @@ def mujoco_timers_skipped() -> Iterator[None]:
         yield
     finally:
         mujoco.set_mjcb_time(previous)
+
+
+def sleeping_openmp_threads() -> bool:
+    """Make PyTorch's OpenMP threads sleep while they wait (``OMP_WAIT_POLICY=PASSIVE``) in a process that metarl
+    runs (the ``metarl`` command calls it first); returns whether the process gets sleeping threads.
+
+    They spin by default, and when another process shares the cores the spinning steals its time slices: measured
+    with three processes on two cores, a PointNav2D MAML-TRPO update took 40 s with spinning threads and 9-11 s
+    with sleeping ones (docs/reliability.md). libgomp reads the variable once, when torch loads it, so this only
+    acts before ``import torch``; a value the user set wins. From Python, set it yourself before importing torch.
+    """
+    if "OMP_WAIT_POLICY" in os.environ:
+        return os.environ["OMP_WAIT_POLICY"].upper() == "PASSIVE"
+    if "torch" in sys.modules:  # too late: libgomp has read its settings
+        return False
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    return True
+
+
+def _openblas() -> Any:
+    """threadpoolctl's handle on the OpenBLAS libraries loaded in this process (numpy's)."""
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController().select(internal_api="openblas")
+
+
+def single_threaded_blas_for_process() -> None:
+    """One OpenBLAS thread for the rest of this process (a sampler worker or Ray actor: the workers, one per core,
+    are the parallelism; a second BLAS thread each would only oversubscribe the cores). An
+    ``OPENBLAS_NUM_THREADS`` the user set wins."""
+    if "OPENBLAS_NUM_THREADS" not in os.environ:
+        _openblas().limit(limits=1)
+
+
+@contextlib.contextmanager
+def work_threads() -> Iterator[None]:
+    """Within the block, numpy's OpenBLAS runs on one thread; the previous setting is restored after.
+
+    OpenBLAS wakes a second thread for matrices as small as RL²'s GRU step ([16, 128] x [128, 384]), and the
+    handoff costs more than it saves (RL²'s update measured 1.7x slower with it); beside the sampler's workers
+    it only oversubscribes the cores. Training, evaluation and every ``metarl`` command run inside it. An
+    ``OPENBLAS_NUM_THREADS`` the user set wins (nothing is changed)."""
+    if "OPENBLAS_NUM_THREADS" in os.environ:
+        yield
+        return
+    with _openblas().limit(limits=1):
+        yield
 
 
 _fault_hits: dict[str, int] = {}

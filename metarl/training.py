@@ -12,7 +12,7 @@ Run folder (nothing a run writes goes elsewhere)::
         .lock                 the advisory lock of the one command writing here
         eval/<split>/         summary.json, summary.csv, per_task.csv, adaptation_curve.png (the latest
                               evaluation); history.jsonl (every evaluation made during training)
-        eval/<split>/video/   task<j>_before|after|before_after.gif (metarl eval --video)
+        eval/<split>/video/   task<j>_before|after|before_after.gif and .mp4 (metarl eval --video)
 
 The loop talks to agents through the agent protocol (`metarl.agent.Agent`) and finds them through its
 registry (`metarl.agent.get_agent`), never by importing one.
@@ -35,7 +35,7 @@ import torch
 import yaml
 
 import metarl
-from metarl.config import ConfigError, RunConfig, agent_class, read_yaml
+from metarl.config import ConfigError, RunConfig, agent_class, read_yaml, resolve_device
 from metarl.evaluation import (
     AdaptationResult,
     episode_scalars,
@@ -64,7 +64,7 @@ from metarl.runfolder import (
     write_run_config,
 )
 from metarl.sampling import make_sampler
-from metarl.system import fault_point
+from metarl.system import fault_point, work_threads
 from metarl.tasks import TaskError
 
 
@@ -101,10 +101,16 @@ def build_agent(config: RunConfig):
         sampler.close()
         raise
     try:
-        agent = agent_class(config.agent_name)(config.agent, sampler, seed=config.seed)
+        cls = agent_class(config.agent_name)
+        device = resolve_device(config.device, cls)  # CUDA refused in one line where there is none
+        agent = cls(config.agent, sampler, seed=config.seed)
     except TaskError as exc:  # e.g. an agent that cannot run on this env's spaces
         sampler.close()
         raise ConfigError(f"agent: {exc}") from exc
+    except ConfigError:
+        sampler.close()
+        raise
+    agent.to(device)  # the update's modules and optimisers; the sampler's actors stay numpy on the CPU
     agent.set_total_iterations(config.iterations)
     return sampler, agent
 
@@ -261,7 +267,7 @@ def evaluate_run(agent: Any, config: RunConfig, run_dir: Path, split: str, tasks
     family = agent.sampler.family
     held_out = eval_tasks(family, config.seed, split, tasks)
     recorder = Recorder()
-    with agent.sampler.recording() as calls:  # success and reward terms of the episodes the evaluation sampled
+    with agent.sampler.recording() as calls, work_threads():  # success and reward terms of the episodes sampled
         result: AdaptationResult = agent.evaluate_adaptation(held_out * repeats, steps, episodes,
                                                              seed=_eval_seed(config))
     result = with_episode_metrics(result, calls)
@@ -333,7 +339,7 @@ def train_agent(config: RunConfig, sampler: Any, agent: Any, run_dir: Path | Non
         check_new_run_folder(run_dir)
     elif not (run_dir / "config.yaml").is_file():
         raise no_config_error(run_dir)
-    with run_lock(run_dir):
+    with run_lock(run_dir), work_threads():
         if not resume:
             check_new_run_folder(run_dir)  # again, now that no other process can start one there
         return _train_locked(config, run_dir, resume, verbose, sampler, agent)

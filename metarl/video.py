@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -56,6 +57,33 @@ class RenderedEpisode:
     frames: list[np.ndarray]
     episode_return: float
     length: int
+
+
+#: the Debian/Ubuntu packages each off-screen OpenGL backend of MuJoCo needs
+GL_PACKAGES = {"egl": "libegl1 libegl-mesa0", "osmesa": "libosmesa6"}
+GL_HINT = ("off-screen rendering needs EGL (Debian/Ubuntu: apt-get install libegl1 libegl-mesa0) or OSMesa "
+           "(apt-get install libosmesa6, then MUJOCO_GL=osmesa); bash scripts/setup.sh checks for them")
+
+
+def probe_gl(backend: str, timeout: float = 60.0) -> str | None:
+    """None where MuJoCo makes an off-screen OpenGL context with ``MUJOCO_GL=backend``, else the error's last
+    line. Checked in a fresh interpreter: ``import mujoco`` binds the backend named then."""
+    code = "import mujoco; c = mujoco.GLContext(64, 64); c.make_current(); c.free()"
+    env = {k: v for k, v in os.environ.items() if k != "PYOPENGL_PLATFORM"}  # mujoco sets it for the backend
+    try:
+        out = subprocess.run([sys.executable, "-c", code], env={**env, "MUJOCO_GL": backend}, capture_output=True,
+                             text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return f"no context after {timeout:.0f} s"
+    if out.returncode == 0:
+        return None
+    lines = out.stderr.strip().splitlines()
+    return lines[-1] if lines else f"exit code {out.returncode}"
+
+
+def working_gl() -> str | None:
+    """The first off-screen backend (egl, then osmesa) MuJoCo renders with here, or None."""
+    return next((b for b in GL_PACKAGES if probe_gl(b) is None), None)
 
 
 def configure_gl() -> str | None:
@@ -107,10 +135,11 @@ class _RenderingSlots(GymSlots):
                 message = f"{type(exc).__name__}: " + (str(exc).strip().splitlines() or [""])[0]
                 if getattr(env.unwrapped, "mujoco_renderer", None) is None:  # not MuJoCo: the env's own error
                     raise VideoError(f"cannot render {self.env_id}: {message}") from exc
+                works = working_gl()
+                fix = (f"MUJOCO_GL={works} works on this machine: set it" if works else GL_HINT)
                 raise VideoError(
                     f"cannot render {self.env_id} off-screen (MUJOCO_GL={os.environ.get('MUJOCO_GL')!r}): "
-                    f"{message}; set MUJOCO_GL to a backend that works on this machine "
-                    "(egl, osmesa, or glfw with a display)") from exc
+                    f"{message}; {fix}") from exc
             self._rendered_once = True
         _follow_robot(env.unwrapped)
         frame = np.asarray(env.render())
@@ -208,6 +237,33 @@ def side_by_side(left: Sequence[np.ndarray], right: Sequence[np.ndarray], gap: i
     return out
 
 
+def write_mp4(frames: Sequence[np.ndarray], fps: float, path: str | Path) -> Path:
+    """An H.264 MP4 of ``frames`` (``[H, W, 3]`` uint8) at ``fps`` frames per second, through the ffmpeg that
+    imageio-ffmpeg ships; odd sizes are padded by a black row or column (H.264's 4:2:0 needs even ones).
+    Written beside ``path`` and renamed into place."""
+    import imageio_ffmpeg
+
+    if not frames:
+        raise ValueError("write_mp4: no frames")
+    h, w = frames[0].shape[:2]
+    H, W = h + h % 2, w + w % 2
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.mp4")
+    writer = imageio_ffmpeg.write_frames(str(tmp), (W, H), fps=fps, codec="libx264", pix_fmt_out="yuv420p",
+                                         macro_block_size=1, quality=None, output_params=["-crf", "20"],
+                                         ffmpeg_log_level="error")
+    writer.send(None)
+    try:
+        for frame in frames:
+            padded = np.zeros((H, W, 3), np.uint8)
+            padded[:h, :w] = np.asarray(frame, dtype=np.uint8)[..., :3]
+            writer.send(padded)
+    finally:
+        writer.close()
+    os.replace(tmp, path)
+    return path
+
+
 def encode_gif(frames: Sequence[np.ndarray], fps: float) -> bytes:
     """An endlessly looping animated GIF of ``frames`` (``[H, W, 3]`` uint8) at ``fps`` frames per second.
 
@@ -265,7 +321,7 @@ def write_videos(env_id: str, env_kwargs: dict[str, Any], tasks: Sequence[Task],
                  verbose: bool = False) -> list[Path]:
     """Render stage 0 and stage ``steps`` of ``plans`` on each of ``tasks`` (task ``j`` is index ``j`` of
     the evaluation) and write ``task<j>_before.gif``, ``task<j>_after.gif`` and ``task<j>_before_after.gif``
-    (the two side by side) into ``out_dir``; with a TensorBoard ``writer``, log the side-by-side clip as
+    (the two side by side) into ``out_dir``, each with an MP4 of the same frames beside it (``.mp4``); with a TensorBoard ``writer``, log the side-by-side clip as
     ``<tag>/task<j>`` at ``global_step``. Returns the paths written."""
     if steps < 1:
         raise VideoError("a video needs at least one adaptation stage (--steps >= 1) to show before and after")
@@ -294,7 +350,7 @@ def write_videos(env_id: str, env_kwargs: dict[str, Any], tasks: Sequence[Task],
             gif = encode_gif(frames, fps)
             path = out / f"task{j}_{name}.gif"
             atomic_write(path, gif)
-            written.append(path)
+            written += [path, write_mp4(frames, fps, path.with_suffix(".mp4"))]
             if writer is not None and name == "before_after":
                 h, w = frames[0].shape[:2]
                 writer.file_writer.add_summary(gif_summary(f"{tag}/task{j}", gif, h, w), global_step)

@@ -7,6 +7,10 @@
 #   METARL_VENV    the venv's folder (default: .venv); the optional integrations' tests use their own
 #                  (.venv-ray, .venv-metaworld), so the base install stays light.
 #   METARL_EXTRAS  the extras installed with metarl (default: dev,docs).
+#
+# Last, it checks that MuJoCo can render off-screen (videos: metarl eval --video) through EGL or OSMesa; where
+# neither works and it runs as root with apt-get, it installs their Debian/Ubuntu packages, else it says which
+# to install (the video test that needs them is skipped until then). It never fails for want of them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -38,3 +42,25 @@ fi
 echo "[setup] installing metarl (distribution metarl-robotics) and its dependencies"
 python -m pip install --quiet -e ".[$EXTRAS]"  # docs: tests/test_docs.py builds the site
 python -c "import metarl, torch, mujoco, gymnasium; print(f'[setup] metarl {metarl.__version__}, torch {torch.__version__}, mujoco {mujoco.__version__}, gymnasium {gymnasium.__version__}')"
+
+# Off-screen OpenGL for MuJoCo's renderer (metarl.video.probe_gl: a context made in a fresh interpreter).
+gl_works() { python -c "import sys; from metarl.video import probe_gl; sys.exit(probe_gl(sys.argv[1]) is not None)" "$1"; }
+gl_report() {
+    if gl_works egl; then echo "[setup] off-screen rendering: EGL works (MUJOCO_GL=egl, the default without a display)"
+    elif gl_works osmesa; then echo "[setup] off-screen rendering: OSMesa works, EGL does not: set MUJOCO_GL=osmesa for videos"
+    else return 1; fi
+}
+if ! gl_report; then
+    packages="libegl1 libegl-mesa0 libosmesa6"
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "[setup] no off-screen OpenGL for MuJoCo: installing $packages with apt-get"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get install -y -qq $packages >/dev/null 2>&1 \
+            || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq $packages >/dev/null 2>&1; } \
+            || echo "[setup] apt-get could not install $packages"
+        gl_report || echo "[setup] off-screen rendering still fails: videos of MuJoCo envs cannot be made here and their test is skipped"
+    else
+        echo "[setup] no off-screen OpenGL for MuJoCo: videos of MuJoCo envs (metarl eval --video) cannot be made and their" \
+             "test is skipped; install EGL (Debian/Ubuntu: sudo apt-get install libegl1 libegl-mesa0) or OSMesa (libosmesa6, then MUJOCO_GL=osmesa)"
+    fi
+fi

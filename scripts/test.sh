@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Install (scripts/setup.sh) and run the three test suites, each whatever the others gave: the base suite in
-# .venv (extra arguments go to its pytest), Ray's (scripts/test_ray.sh, .venv-ray) and Meta-World's
-# (scripts/test_metaworld.sh, .venv-metaworld). Ends with one line per suite and exits non-zero if any failed.
+# Install (scripts/setup.sh) and run the four test suites, each whatever the others gave: the base suite in
+# .venv (extra arguments go to its pytest), Ray's (scripts/test_ray.sh, .venv-ray), Meta-World's
+# (scripts/test_metaworld.sh, .venv-metaworld) and the wheel's (scripts/test_wheel.sh: the built wheel installed
+# into a fresh venv outside the repository and run from another folder). Ends with one line per suite and exits
+# non-zero if any failed.
 #
 #   METARL_TEST_THREADS  also run the base suite again with that many threads for torch, OpenMP, MKL and
 #                        OpenBLAS (e.g. 1; CI sets it), so that no result hangs on one thread setting; the docs'
@@ -44,6 +46,7 @@ else
 fi
 suite "Ray suite" bash scripts/test_ray.sh
 suite "Meta-World suite" bash scripts/test_metaworld.sh
+suite "wheel suite" bash scripts/test_wheel.sh
 
 echo "[test] summary"
 for line in "${summary[@]}"; do

@@ -90,22 +90,6 @@ def test_malloc_tuning_applies_and_can_be_switched_off():
         assert on.stdout.strip() == "True"
 
 
-def test_importing_metarl_makes_openmp_threads_sleep_unless_the_user_chose():
-    """OMP_WAIT_POLICY=PASSIVE is set before torch loads OpenMP (a shared machine otherwise collapses the
-    update 4x); a value the user set is kept. Checked in fresh interpreters, where the order matters."""
-    import os
-    import subprocess
-    import sys
-
-    code = "import metarl, os, torch; print(os.environ['OMP_WAIT_POLICY'])"
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "PASSIVE"
-    out = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
-                         capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "ACTIVE"
-
-
 def _placement_actors(sampler):
     """Each agent's sampling-side actor, as its training collects with it, on ``sampler``'s spaces."""
     from metarl.agents.pearl import PEARL, PEARLActor, PEARLConfig

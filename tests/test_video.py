@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import io
 import json
+import os
 
 import numpy as np
 import pytest
@@ -26,11 +27,17 @@ from metarl.video import (
     configure_gl,
     encode_gif,
     frame_plan,
+    probe_gl,
     record,
+    working_gl,
     write_videos,
 )
 
 configure_gl()  # MUJOCO_GL=egl on a machine without a display, unless set (Gymnasium reads it at render time)
+GL_PROBLEM = probe_gl(os.environ.get("MUJOCO_GL") or "egl")
+needs_gl = pytest.mark.skipif(
+    GL_PROBLEM is not None, reason=f"MuJoCo cannot render off-screen here (MUJOCO_GL={os.environ.get('MUJOCO_GL')}: "
+    f"{GL_PROBLEM}); install libegl1 libegl-mesa0 (EGL), or libosmesa6 and set MUJOCO_GL=osmesa")
 
 MAML = "experiments/maml_trpo/point_nav_2d.yaml"
 RL2 = "experiments/rl2/half_cheetah_vel.yaml"
@@ -42,6 +49,17 @@ def _frames(path) -> list[np.ndarray]:
     with Image.open(path) as gif:
         assert gif.info.get("loop") == 0
         return [np.asarray(f.convert("RGB")) for f in ImageSequence.Iterator(gif)]
+
+
+def _mp4(path) -> dict:
+    """What ffmpeg reads back from an MP4: its frame count, size and rate, and the frames."""
+    import imageio_ffmpeg
+
+    reader = imageio_ffmpeg.read_frames(str(path))
+    meta = next(reader)
+    w, h = meta["size"]
+    frames = [np.frombuffer(f, np.uint8).reshape(h, w, 3) for f in reader]
+    return {"frames": len(frames), "size": (w, h), "fps": meta["fps"], "images": frames}
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +82,10 @@ def test_eval_video_writes_gifs_and_tensorboard(run_dir, capsys):
             # one frame after the reset and one after every step (PointNav2D plays at its own 20 fps)
             assert len(frames) == horizon + 1, name
             assert frames[0].shape == (64, width, 3), name
+            mp4 = _mp4(video / f"task{j}_{name}.mp4")  # beside it, the same frames (odd widths padded to even)
+            assert mp4["frames"] == horizon + 1 and mp4["size"] == (width + width % 2, 64) and mp4["fps"] == 20, name
+            # lossy, but the same picture: the mean absolute difference from the GIF's frame is small
+            assert np.abs(mp4["images"][-1][:, :width].astype(float) - frames[-1]).mean() < 8, name
     assert not (video / "task2_before.gif").exists()
     # the printed returns are the evaluation's per-task returns (one episode per stage here)
     summary = json.loads((run_dir / "eval" / "test" / "summary.json").read_text())
@@ -105,6 +127,7 @@ def test_maml_replay_is_the_evaluated_episode():
         sampler.close()
 
 
+@needs_gl
 def test_rl2_mujoco_trial_renders_headless_and_replays_the_evaluation(tmp_path):
     """RL² on HalfCheetahVel (10-step episodes): one trial of steps + 1 episodes with the hidden state
     carried; the evaluation ran on the native sampler, the replay on Gymnasium with a renderer."""
@@ -129,10 +152,13 @@ def test_rl2_mujoco_trial_renders_headless_and_replays_the_evaluation(tmp_path):
 
         # write_videos: HalfCheetah runs at 20 Hz; at 10 fps every other frame is kept (11 -> 6)
         paths = write_videos(sampler.env_id, config.env_kwargs, tasks[:1], [plan], 2, tmp_path, size=(64, 48), fps=10)
-        assert sorted(p.name for p in paths) == ["task0_after.gif", "task0_before.gif", "task0_before_after.gif"]
+        assert sorted(p.name for p in paths) == sorted(f"task0_{n}.{x}" for n in ("after", "before", "before_after")
+                                                       for x in ("gif", "mp4"))
         with Image.open(tmp_path / "task0_before.gif") as gif:
             assert gif.info["duration"] == 100
         assert len(_frames(tmp_path / "task0_after.gif")) == 6
+        mp4 = _mp4(tmp_path / "task0_after.mp4")  # the same 6 frames, 64x48, 10 fps
+        assert mp4["frames"] == 6 and mp4["size"] == (64, 48) and mp4["fps"] == 10
     finally:
         sampler.close()
 
@@ -191,11 +217,20 @@ def test_no_renderer_is_one_clear_error(monkeypatch, tmp_path):
         plans = agent.adaptation_rollouts(tasks, 1, 1, seed=0)
         with pytest.raises(VideoError, match="MUJOCO_GL='no-such-backend'") as info:
             write_videos(sampler.env_id, {"max_episode_steps": 3}, tasks, plans, 1, tmp_path)
-        assert len(str(info.value).splitlines()) == 1 and "egl" in str(info.value)
+        message = str(info.value)
+        assert len(message.splitlines()) == 1
+        works = working_gl()  # the error names a backend that works here, or the packages to install
+        assert f"MUJOCO_GL={works} works on this machine" in message if works else "apt-get install libegl1" in message
         del info
         gc.collect()  # the half-made viewer goes now, under this test's warning filter
     finally:
         sampler.close()
+
+
+def test_the_gl_probe_says_what_fails():
+    problem = probe_gl("no-such-backend")
+    assert problem is not None and len(problem.splitlines()) == 1 and "no-such-backend" in problem
+    assert probe_gl("egl") is None or working_gl() != "egl"
 
 
 def test_env_without_rgb_array_rendering_is_refused_before_any_work():

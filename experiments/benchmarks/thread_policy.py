@@ -4,8 +4,7 @@
 
 For MAML-TRPO (HalfCheetahVel, the standard 40 x 20 x 200 batch) and RL² (HalfCheetahVel, its shipped
 config), trains K iterations in a fresh process under ``OMP_WAIT_POLICY=ACTIVE`` (threads spin while they
-wait: the libgomp behaviour torch had before metarl set it) and ``PASSIVE`` (threads sleep: what importing
-metarl sets), each with and without N competing CPU-bound processes (``--load``; a stand-in for another
+wait: libgomp's default) and ``PASSIVE`` (threads sleep: what the ``metarl`` command sets), each with and without N competing CPU-bound processes (``--load``; a stand-in for another
 job on the same cores), and writes the median update and sampling time per iteration (the first iteration,
 which starts the workers, is left out). The machine's own load is recorded too: run it on an otherwise
 idle machine for the idle figures.
@@ -28,17 +27,19 @@ CONFIGS = {"maml_trpo": "experiments/maml_trpo/half_cheetah_vel.yaml", "rl2": "e
 
 
 def _child(agent: str, iterations: int) -> None:
-    import metarl  # noqa: F401  (sets OMP_WAIT_POLICY only where the parent left it unset)
+    import metarl  # noqa: F401  (OMP_WAIT_POLICY comes from the parent, which sets it for each child)
     from metarl.config import load_config
+    from metarl.system import work_threads
     from metarl.training import build_agent
 
     config = load_config(ROOT / CONFIGS[agent])
     sampler, trainer = build_agent(config)
     rows = []
     try:
-        for it in range(iterations):
-            m = trainer.train_step(sampler.family.sample_tasks(config.agent.tasks_per_batch, "train", seed=it))
-            rows.append({"update_s": m["time/update_s"], "sampling_s": m["time/sampling_s"]})
+        with work_threads():  # one OpenBLAS thread, as metarl's training runs
+            for it in range(iterations):
+                m = trainer.train_step(sampler.family.sample_tasks(config.agent.tasks_per_batch, "train", seed=it))
+                rows.append({"update_s": m["time/update_s"], "sampling_s": m["time/sampling_s"]})
     finally:
         sampler.close()
     print(json.dumps(rows))

@@ -163,12 +163,13 @@ def _registering_module(env_id: str) -> str | None:
 def prepare_worker(backend: str, env_id: str, env_kwargs: dict[str, Any], imports: Sequence[str] = (),
                    registering_module: str | None = None) -> Any:
     """Set up a process that rolls out for a sampler (a local worker or a Ray actor) and make its env slots:
-    one torch thread (the workers are the parallelism), the families registered, the user's modules imported."""
+    one torch thread and one OpenBLAS thread (the workers are the parallelism), the families registered, the user's modules imported."""
     import torch
 
     torch.set_num_threads(1)
-    from metarl.system import keep_freed_memory, skip_mujoco_timers
+    from metarl.system import keep_freed_memory, single_threaded_blas_for_process, skip_mujoco_timers
 
+    single_threaded_blas_for_process()
     keep_freed_memory()
     skip_mujoco_timers()  # this process never reads mjData.timer
     import metarl  # noqa: F401  (registers the families)
