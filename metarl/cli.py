@@ -295,7 +295,9 @@ def _cmd_speed(args: argparse.Namespace) -> int:
     for family in families:
         print(f"measuring {family}: {args.tasks} tasks x {args.episodes} episodes, {args.repeats} repeats ...")
         try:
-            results.append(measure(family, args.tasks, args.episodes, args.repeats, args.workers, args.steps))
+            results.append(measure(family, args.tasks, args.episodes, args.repeats, args.workers, args.steps,
+                                   envpool_python=args.envpool_python,
+                                   **({"async_envs": args.async_envs} if args.async_envs else {})))
         except (TaskError, ValueError) as exc:
             raise UsageError(str(exc)) from exc
         if args.json:  # written after each family, so a long run keeps what it measured
@@ -421,6 +423,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3, help="repeats; the median is reported (default 3)")
     p.add_argument("--steps", type=int, default=4000, help="steps for the single-env rates (default 4000)")
     p.add_argument("--workers", type=int, default=None, help="sampler processes (default: one per core)")
+    p.add_argument("--async-envs", type=int, default=None, help="env processes of Gymnasium's AsyncVectorEnv "
+                   "(default 16)")
+    p.add_argument("--envpool-python", metavar="PYTHON", help="also time EnvPool's HalfCheetah-v5 under this "
+                   "Python (an environment with envpool installed)")
     p.add_argument("--json", metavar="FILE", help="also write the rates to FILE")
     p.set_defaults(func=_cmd_speed)
 

@@ -12,7 +12,12 @@ For one family and one meta-batch (default the standard 40 tasks x 20 episodes x
 * ``gymnasium_vector``: the ``gymnasium`` sampler backend collecting the meta-batch with policy inference
   (a 64x64 Gaussian MLP, per-task parameters) on all workers, whose processes skip MuJoCo 4's stage
   timers as the native ones do (with ``--workers 0`` both samplers run here, with MuJoCo's defaults);
-* ``native``: the ``native`` backend on the same batch, same policy, same workers.
+* ``native``: the ``native`` backend on the same batch, same policy, same workers;
+* ``gymnasium_async_vector``: Gymnasium's own ``gymnasium.vector.AsyncVectorEnv`` (``async_envs`` env
+  processes, MuJoCo's defaults, same-step autoreset) stepping the same number of env steps with the same
+  policy inference on its batched observations in this process; each env keeps one task of the meta-batch
+  (switching tasks between episodes costs nothing in the simulator), the way a user who vectorises the
+  family with Gymnasium alone collects it.
 
 Rates are env steps per second (median over ``repeats``), printed with their ratio to ``raw_mj_step``;
 ``--json FILE`` writes ``{"family": ..., "rates": {...}, ..., "provenance": {...}}`` (for several families
@@ -22,10 +27,12 @@ Rates are env steps per second (median over ``repeats``), printed with their rat
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +42,10 @@ import numpy as np
 
 from metarl.provenance import Recorder, write_result
 
-RATE_KEYS = ("raw_mj_step", "raw_mj_step_native_settings", "gymnasium_env", "gymnasium_vector", "native")
+RATE_KEYS = ("raw_mj_step", "raw_mj_step_native_settings", "gymnasium_env", "gymnasium_vector", "native",
+             "gymnasium_async_vector")
+#: AsyncVectorEnv's env processes: the fastest of 2, 8 and 16 on 2 cores (2026-12-07: 1.7k, 2.0k, 2.2k steps/s).
+ASYNC_ENVS = 16
 DEFAULT_FAMILIES = ("HalfCheetahVel", "AntGoal", "HopperRandParams")
 
 
@@ -112,8 +122,52 @@ def _sampler_rate(sampler: Any, tasks: list, episodes: int, seed: int) -> float:
     return batch.env_steps / (time.perf_counter() - start)
 
 
+def _task_env(env_id: str, task: Any) -> Callable[[], gym.Env]:
+    return functools.partial(_make_task_env, env_id, task)
+
+
+def _make_task_env(env_id: str, task: Any) -> gym.Env:
+    import metarl
+
+    env = gym.make(env_id)
+    metarl.family_of(env).set_task(task)
+    return env
+
+
+def _async_rate(vec: gym.vector.VectorEnv, steps: int, seed: int) -> float:
+    """Env steps per second of ``vec`` stepping ``steps`` env steps with a 64x64 tanh Gaussian MLP's actions
+    (numpy, batched over its envs, as the samplers' actors compute them)."""
+    rng = np.random.default_rng(seed)
+    obs, _ = vec.reset(seed=seed)
+    obs_dim, act_dim = obs.shape[1], vec.single_action_space.shape[0]
+    w1, w2, w3 = (rng.normal(size=shape) / np.sqrt(shape[0]) for shape in ((obs_dim, 64), (64, 64), (64, act_dim)))
+    low, high = vec.single_action_space.low, vec.single_action_space.high
+    done, n = 0, vec.num_envs
+    start = time.perf_counter()
+    while done < steps:
+        mean = np.tanh(np.tanh(obs @ w1) @ w2) @ w3
+        obs, *_ = vec.step(np.clip(mean + rng.normal(size=mean.shape), low, high))
+        done += n
+    return done / (time.perf_counter() - start)
+
+
+def _envpool_rate(python: str, steps: int, envs: int, horizon: int, seed: int) -> float:
+    import json
+    import subprocess
+
+    script = Path(__file__).resolve().parent.parent / "experiments" / "benchmarks" / "envpool_rate.py"
+    done = subprocess.run([python, str(script), "--steps", str(steps), "--envs", str(envs), "--threads",
+                           str(os.cpu_count() or 1), "--horizon", str(horizon), "--seed", str(seed)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise ValueError(f"metarl speed: the EnvPool measurement failed under {python}: "
+                         f"{(done.stderr.strip().splitlines() or ['no output'])[-1]}")
+    return float(json.loads(done.stdout.strip().splitlines()[-1])["rate"])
+
+
 def measure(family: str, tasks: int = 40, episodes: int = 20, repeats: int = 3, workers: int | None = None,
-            single_steps: int = 4000, seed: int = 0, log: Any = print) -> dict[str, Any]:
+            single_steps: int = 4000, seed: int = 0, log: Any = print, async_envs: int = ASYNC_ENVS,
+            envpool_python: str | None = None) -> dict[str, Any]:
     """Measure the four rates for ``family`` (a built-in MuJoCo family name); returns the result record."""
     import metarl
     from metarl.envs.native import supported_families
@@ -133,11 +187,16 @@ def measure(family: str, tasks: int = 40, episodes: int = 20, repeats: int = 3, 
     family_env.set_task(task_list[0])
     samples: dict[str, list[float]] = {k: [] for k in RATE_KEYS}
     samplers: dict[str, Sampler] = {}
+    async_vec = None
     try:
         samplers["gymnasium_vector"] = Sampler(env_id, workers=workers, backend="gymnasium")
         samplers["native"] = Sampler(env_id, workers=workers, backend="native")
         for sampler in samplers.values():  # start the workers and build the env slots before timing
             _sampler_rate(sampler, task_list, episodes, seed)
+        async_vec = gym.vector.AsyncVectorEnv([_task_env(env_id, task_list[i % len(task_list)])
+                                               for i in range(async_envs)],
+                                              autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+        batch_steps = tasks * episodes * family_env.horizon
         for r in range(repeats):
             # Interleaved, so a slow spell on a shared machine hits every method alike.
             samples["raw_mj_step"].append(_raw_rate(env, single_steps, seed + r))
@@ -145,12 +204,18 @@ def measure(family: str, tasks: int = 40, episodes: int = 20, repeats: int = 3, 
             samples["gymnasium_env"].append(gym_env_rate(env, single_steps, seed + r))
             for key, sampler in samplers.items():
                 samples[key].append(_sampler_rate(sampler, task_list, episodes, seed + r))
+            samples["gymnasium_async_vector"].append(_async_rate(async_vec, batch_steps, seed + r))
+            if envpool_python:
+                samples.setdefault("envpool", []).append(
+                    _envpool_rate(envpool_python, batch_steps, async_envs, family_env.horizon, seed + r))
             log(f"  {family} repeat {r + 1}/{repeats}: "
                 + ", ".join(f"{k} {v[-1]:,.0f}" for k, v in samples.items()))
         # Peak memory of the native workers, which hold the MjData of every slot and the batch arrays.
         worker_rss = [_peak_rss_mib(p.pid) for p in samplers["native"]._procs]
     finally:
         env.close()
+        if async_vec is not None:
+            async_vec.close()
         for sampler in samplers.values():
             sampler.close()
     rates = {k: statistics.median(v) for k, v in samples.items()}
@@ -159,6 +224,9 @@ def measure(family: str, tasks: int = 40, episodes: int = 20, repeats: int = 3, 
         "rates": rates,
         "ratios_to_raw": {k: v / rates["raw_mj_step"] for k, v in rates.items()},
         "native_over_gymnasium_vector": rates["native"] / rates["gymnasium_vector"],
+        "native_over_async_vector_env": rates["native"] / rates["gymnasium_async_vector"],
+        **({"native_over_envpool": rates["native"] / rates["envpool"]} if "envpool" in rates else {}),
+        "async_vector_envs": async_envs,
         "samples": samples,
         "batch": {"tasks": tasks, "episodes_per_task": episodes, "horizon": family_env.horizon},
         "workers": samplers["native"].workers,
@@ -172,9 +240,13 @@ def measure(family: str, tasks: int = 40, episodes: int = 20, repeats: int = 3, 
 def format_table(results: list[dict[str, Any]]) -> str:
     lines = [f"{'family':<20}{'method':<30}{'env steps/s':>14}{'x raw':>8}"]
     for res in results:
-        for key in RATE_KEYS:
+        for key in res["rates"]:
             lines.append(f"{res['family']:<20}{key:<30}{res['rates'][key]:>14,.0f}{res['ratios_to_raw'][key]:>8.2f}")
         lines.append(f"{'':<20}{'native / gym vector':<44}{res['native_over_gymnasium_vector']:>8.2f}")
+        if "native_over_async_vector_env" in res:
+            lines.append(f"{'':<20}{'native / AsyncVectorEnv':<44}{res['native_over_async_vector_env']:>8.2f}")
+        if "native_over_envpool" in res:
+            lines.append(f"{'':<20}{'native / EnvPool':<44}{res['native_over_envpool']:>8.2f}")
         rss = [r for r in res["memory_mib"]["native_workers_peak_rss"] if r is not None]
         if rss:
             lines.append(f"{'':<20}native workers' peak memory: {' + '.join(f'{r:.0f}' for r in rss)} MiB")

@@ -15,6 +15,12 @@ no package of their own:
 
 from __future__ import annotations
 
+import os
+
+# The suite trains in this process with sampler workers beside it on few cores: PyTorch's OpenMP threads sleep
+# while they wait, as the metarl command makes them (metarl.system.sleeping_openmp_threads; before torch loads).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any

@@ -243,11 +243,14 @@ def test_speed_command_writes_the_rates(tmp_path, capsys):
 
     out = tmp_path / "speed.json"
     assert main(["speed", "--family", "HalfCheetahVel", "--tasks", "2", "--episodes", "1", "--repeats", "1",
-                 "--steps", "200", "--workers", "0", "--json", str(out)]) == 0
+                 "--steps", "200", "--workers", "0", "--async-envs", "2", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["family"] == "HalfCheetahVel"
     assert set(result["rates"]) == {"raw_mj_step", "raw_mj_step_native_settings", "gymnasium_env", "gymnasium_vector",
-                                    "native"}
+                                    "native", "gymnasium_async_vector"}
+    assert result["async_vector_envs"] == 2
+    assert result["native_over_async_vector_env"] == pytest.approx(
+        result["rates"]["native"] / result["rates"]["gymnasium_async_vector"])
     assert all(rate > 0 for rate in result["rates"].values())
     assert "native / gym vector" in capsys.readouterr().out
     assert main(["speed", "--family", "PointNav2D"]) == 2

@@ -91,7 +91,7 @@ def test_write_result_adds_the_record_and_the_cli_records_its_own_command_line(t
     # called from Python (not as the program), the CLI records its argv, not the host program's
     out = tmp_path / "speed.json"
     assert main(["speed", "--family", "HalfCheetahVel", "--tasks", "2", "--episodes", "1", "--repeats", "1",
-                 "--steps", "50", "--workers", "0", "--json", str(out)]) == 0
+                 "--steps", "50", "--workers", "0", "--async-envs", "2", "--json", str(out)]) == 0
     record = json.loads(out.read_text())["provenance"]
     assert record["command"].startswith("metarl speed --family HalfCheetahVel") and record["commit"] == git_state()["commit"]
 

@@ -36,6 +36,10 @@ file with its seeds, overrides and note.
 
 from __future__ import annotations
 
+from metarl.system import sleeping_openmp_threads
+
+sleeping_openmp_threads()  # a program: PyTorch's threads sleep while they wait (set before torch loads)
+
 import argparse
 import json
 import time

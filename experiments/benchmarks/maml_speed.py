@@ -19,6 +19,10 @@ Measures in one run (so the ratios are fair on a shared, noisy machine), medians
 
 from __future__ import annotations
 
+from metarl.system import sleeping_openmp_threads
+
+sleeping_openmp_threads()  # a program: PyTorch's threads sleep while they wait (set before torch loads)
+
 import argparse
 import os
 import platform

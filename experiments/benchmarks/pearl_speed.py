@@ -17,6 +17,10 @@ Measured in one run, interleaved over ``--repeats`` (medians reported, the cores
 
 from __future__ import annotations
 
+from metarl.system import sleeping_openmp_threads
+
+sleeping_openmp_threads()  # a program: PyTorch's threads sleep while they wait (set before torch loads)
+
 import argparse
 import dataclasses
 import os

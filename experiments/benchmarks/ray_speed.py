@@ -17,6 +17,10 @@ alternating, medians over ``--repeats`` (fair on a shared, noisy machine):
 
 from __future__ import annotations
 
+from metarl.system import sleeping_openmp_threads
+
+sleeping_openmp_threads()  # a program: PyTorch's threads sleep while they wait (set before torch loads)
+
 import argparse
 import os
 import platform

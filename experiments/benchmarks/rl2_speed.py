@@ -1,28 +1,40 @@
-"""RL² training throughput beside Stable-Baselines3 PPO on the same family, measured in one run.
+"""RL² training throughput beside sb3-contrib's RecurrentPPO with the same recurrent size, epochs, minibatches and
+frames per update, measured side by side in one run.
 
     python experiments/benchmarks/rl2_speed.py [--config experiments/rl2/half_cheetah_vel_varibad.yaml]
-        [--repeats 3] [--out experiments/results/rl2_speed.json]
+        [--repeats 3] [--out experiments/results/rl2_vs_recurrent_ppo_speed.json] [key=value ...]
 
-Both numbers are env steps per second of *training* (collection + update), medians over ``--repeats``:
+Equal work on both sides, from the RL² config (default VariBAD's RL² on HalfCheetahVel):
 
-* RL²: ``RL2.train_step`` with the config's agent settings (default: VariBAD's RL² on HalfCheetahVel, 16 tasks
-  x 2 trials x 2 episodes = 12,800 frames per update, GRU 128, 2 epochs x 4 minibatches of whole trials) on
-  the config's sampler (default: the native backend, one worker per core); its collection-only rate and
-  update time are reported too;
-* SB3 PPO: ``PPO("MlpPolicy")`` with 8 envs in a ``DummyVecEnv`` (SB3's defaults: 2048 steps per env per
-  rollout, 10 epochs, minibatch 64), ``learn`` for two rollouts, each env set to a training task.
+* frames per update: RL²'s ``tasks_per_batch x trials_per_task`` parallel trials of ``episodes_per_trial``
+  episodes (16 x 2 trials of 2 x 200 steps = 12,800); RecurrentPPO the same number of envs (32) for the same
+  number of steps per rollout (400), each env on one training task;
+* the recurrent core: one recurrent layer of ``hidden_size`` units shared by actor and critic (RL²: a GRU;
+  RecurrentPPO: an LSTM, ``shared_lstm=True, enable_critic_lstm=False``) with ``head_hidden`` tanh layers to
+  each head;
+* the update: ``epochs`` passes of ``minibatches`` minibatches (RL²: whole trials re-run from a zero state;
+  RecurrentPPO: SB3's sequence minibatches of ``frames / minibatches`` steps), the same lr, clip and discounts.
+
+What differs and cannot be matched is stated beside the figures: RL²'s input embeddings (small ReLU layers for
+state, action and reward) and its reward input; and the sampler, which belongs to each library (RL²: metarl's
+sampler, one worker process per core; RecurrentPPO: SB3's ``DummyVecEnv``, the envs stepped in its own process
+one after another, as SB3 collects for recurrent policies). So three figures per side: training throughput
+(collection + update, env steps per second), collection alone, and seconds per update of 12,800 frames: the
+last is the learner's cost at equal work.
 """
 
 from __future__ import annotations
 
+from metarl.system import sleeping_openmp_threads
+
+sleeping_openmp_threads()  # a program: PyTorch's threads sleep while they wait (set before torch loads)
+
 import argparse
-import os
 import statistics
 import time
 from pathlib import Path
 
 import gymnasium as gym
-import torch
 
 import metarl
 from metarl.agents.rl2 import RL2
@@ -31,10 +43,20 @@ from metarl.provenance import Recorder, write_result
 from metarl.sampling import make_sampler
 
 
-def sb3_ppo_rate(env_id: str, n_envs: int = 8, rollouts: int = 2) -> float:
-    from stable_baselines3 import PPO
+def recurrent_ppo_rates(config: RunConfig, env_id: str, rollouts: int = 2) -> tuple[float, float, float]:
+    """(training env steps/s, collection-only env steps/s, update seconds per rollout) of sb3-contrib's
+    RecurrentPPO matched to the RL² config."""
+    try:
+        from sb3_contrib import RecurrentPPO
+    except ImportError:
+        raise SystemExit("rl2_speed.py: sb3-contrib is not installed; pip install sb3-contrib") from None
+    import torch
+    from stable_baselines3.common.callbacks import BaseCallback
     from stable_baselines3.common.vec_env import DummyVecEnv
 
+    a = config.agent
+    horizon = gym.make(env_id).spec.max_episode_steps
+    n_envs, n_steps = a.tasks_per_batch * a.trials_per_task, a.episodes_per_trial * horizon
     tasks = metarl.family_of(gym.make(env_id)).sample_tasks(n_envs, "train", seed=0)
 
     def make(task):
@@ -44,17 +66,40 @@ def sb3_ppo_rate(env_id: str, n_envs: int = 8, rollouts: int = 2) -> float:
             return env
         return thunk
 
+    class Clock(BaseCallback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.collect = 0.0
+            self._start = 0.0
+
+        def _on_rollout_start(self) -> None:
+            self._start = time.perf_counter()
+
+        def _on_rollout_end(self) -> None:
+            self.collect += time.perf_counter() - self._start
+
+        def _on_step(self) -> bool:
+            return True
+
     vec = DummyVecEnv([make(t) for t in tasks])
-    model = PPO("MlpPolicy", vec, seed=0, device="cpu", verbose=0)
-    steps = model.n_steps * n_envs * rollouts
+    model = RecurrentPPO(
+        "MlpLstmPolicy", vec, n_steps=n_steps, batch_size=n_envs * n_steps // a.minibatches, n_epochs=a.epochs,
+        learning_rate=a.lr, gamma=a.gamma, gae_lambda=a.gae_lambda, clip_range=a.clip, ent_coef=a.entropy_coef,
+        vf_coef=a.value_coef, max_grad_norm=a.max_grad_norm, seed=0, device="cpu", verbose=0,
+        policy_kwargs={"lstm_hidden_size": a.hidden_size, "n_lstm_layers": 1, "shared_lstm": True,
+                       "enable_critic_lstm": False, "net_arch": {"pi": list(a.head_hidden), "vf": list(a.head_hidden)},
+                       "activation_fn": torch.nn.Tanh})
+    model.learn(total_timesteps=n_envs * n_steps)  # warm-up rollout and update
+    clock = Clock()
+    steps = n_envs * n_steps * rollouts
     start = time.perf_counter()
-    model.learn(total_timesteps=steps)
-    rate = steps / (time.perf_counter() - start)
+    model.learn(total_timesteps=steps, callback=clock, reset_num_timesteps=False)
+    total = time.perf_counter() - start
     vec.close()
-    return rate
+    return steps / total, steps / clock.collect, (total - clock.collect) / rollouts
 
 
-def rl2_rate(config: RunConfig, iterations: int = 4) -> tuple[float, float, float, str]:
+def rl2_rates(config: RunConfig, iterations: int = 4) -> tuple[float, float, float, str]:
     """(training env steps/s, collection-only env steps/s, update seconds per iteration, the sampler backend
     it ran on: "auto" resolved), over ``iterations``."""
     n = config.agent.tasks_per_batch
@@ -73,34 +118,50 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(Path(__file__).parents[1] / "rl2" / "half_cheetah_vel_varibad.yaml"))
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", default="experiments/results/rl2_speed.json")
+    parser.add_argument("--out", default="experiments/results/rl2_vs_recurrent_ppo_speed.json")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of the config (a quick check)")
     args = parser.parse_args()
     recorder = Recorder()
-    config = load_config(args.config)
+    config = load_config(args.config, args.overrides)
     env_id = metarl.env_id(config.env)
-    rl2, collect, update, sb3 = [], [], [], []
+    raw: dict[str, list[float]] = {k: [] for k in ("rl2", "rl2_collection", "rl2_update_s", "recurrent_ppo",
+                                                   "recurrent_ppo_collection", "recurrent_ppo_update_s")}
+    backend = None
     for r in range(args.repeats):  # interleaved, so both see the same machine load
-        rate, collect_rate, update_s, backend = rl2_rate(config)
-        rl2.append(rate)
-        collect.append(collect_rate)
-        update.append(update_s)
-        sb3.append(sb3_ppo_rate(env_id))
-        print(f"repeat {r + 1}: RL² {rl2[-1]:,.0f} steps/s (collection {collect_rate:,.0f}/s, update {update_s:.2f} s), "
-              f"SB3 PPO {sb3[-1]:,.0f} steps/s", flush=True)
+        rate, collect, update, backend = rl2_rates(config)
+        raw["rl2"].append(rate)
+        raw["rl2_collection"].append(collect)
+        raw["rl2_update_s"].append(update)
+        rate, collect, update = recurrent_ppo_rates(config, env_id)
+        raw["recurrent_ppo"].append(rate)
+        raw["recurrent_ppo_collection"].append(collect)
+        raw["recurrent_ppo_update_s"].append(update)
+        print(f"repeat {r + 1}: " + ", ".join(f"{k} {v[-1]:,.2f}" for k, v in raw.items()), flush=True)
+    med = {k: statistics.median(v) for k, v in raw.items()}
     a = config.agent
+    horizon = gym.make(env_id).spec.max_episode_steps
     result = {
-        "benchmark": "rl2_speed", "family": config.env, "config": Path(args.config).name, "cpus": os.cpu_count(),
-        "torch": str(torch.__version__), "sampler_backend": backend,
-        "frames_per_update": a.tasks_per_batch * a.trials_per_task * a.episodes_per_trial * gym.make(env_id).spec.max_episode_steps,
-        "rl2_steps_per_s": statistics.median(rl2), "sb3_ppo_steps_per_s": statistics.median(sb3),
-        "ratio_rl2_over_sb3": statistics.median(rl2) / statistics.median(sb3),
-        "rl2_collection_steps_per_s": statistics.median(collect), "rl2_update_s": statistics.median(update),
-        "raw": {"rl2": rl2, "rl2_collection": collect, "rl2_update_s": update, "sb3_ppo": sb3},
+        "benchmark": "rl2_vs_recurrent_ppo_speed", "family": config.env, "config": Path(args.config).name,
+        "frames_per_update": a.tasks_per_batch * a.trials_per_task * a.episodes_per_trial * horizon,
+        "matched": {"recurrent_size": a.hidden_size, "head_hidden": list(a.head_hidden), "epochs": a.epochs,
+                    "minibatches": a.minibatches, "lr": a.lr, "clip": a.clip},
+        "differs": ["RL²: GRU, RecurrentPPO: LSTM (about 4/3 of the GRU's recurrent weights)",
+                    "RL² embeds state, action and reward by small ReLU layers; RecurrentPPO takes the observation",
+                    f"sampler: RL² metarl's {backend} sampler, one worker process per core; RecurrentPPO SB3's "
+                    "DummyVecEnv in its own process"],
+        "rl2_sampler_backend": backend,
+        "steps_per_s": {"rl2": med["rl2"], "recurrent_ppo": med["recurrent_ppo"]},
+        "collection_steps_per_s": {"rl2": med["rl2_collection"], "recurrent_ppo": med["recurrent_ppo_collection"]},
+        "update_s": {"rl2": med["rl2_update_s"], "recurrent_ppo": med["recurrent_ppo_update_s"]},
+        "ratio_training": med["rl2"] / med["recurrent_ppo"],
+        "ratio_update": med["recurrent_ppo_update_s"] / med["rl2_update_s"],
+        "raw": raw,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     write_result(args.out, result, recorder)
-    print(f"{config.env}: RL² {result['rl2_steps_per_s']:,.0f} steps/s, SB3 PPO {result['sb3_ppo_steps_per_s']:,.0f} "
-          f"steps/s (ratio {result['ratio_rl2_over_sb3']:.2f}); written to {args.out}")
+    print(f"{config.env}, {result['frames_per_update']:,} frames per update: training RL² {med['rl2']:,.0f} "
+          f"steps/s, RecurrentPPO {med['recurrent_ppo']:,.0f} ({result['ratio_training']:.2f}x); update "
+          f"{med['rl2_update_s']:.2f} s against {med['recurrent_ppo_update_s']:.2f} s ({result['ratio_update']:.2f}x); "
+          f"written to {args.out}")
 
 
 if __name__ == "__main__":
