@@ -604,6 +604,10 @@ def test_non_finite_agent_state_is_named():
     (["agent.episodes_per_task=100000000"], "agent: an iteration would take"),
     (["eval.tasks=1000"], "fixed list of 40 tasks"),
     (["agent.activation=swish"], "agent.activation must be 'tanh' or 'relu', got 'swish'"),
+    # numbers a tensor cannot hold, or far beyond any setting that trains (a 25-line RuntimeError, or a run
+    # folder written and then "the policy produced non-finite actions")
+    (["agent.inner_lr=1e300"], "agent.inner_lr: expected a number of magnitude at most 3.4e+38, got 1e+300"),
+    (["agent.inner_lr=1000"], "agent.inner_lr must be in (0, 100], got 1000.0"),
 ])
 def test_hardened_config_fields_are_one_line_before_any_work(tmp_path, capsys, overrides, message):
     out = tmp_path / "run"
