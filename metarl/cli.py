@@ -477,12 +477,20 @@ def main(argv: list[str] | None = None) -> int:
         parser.parse_args(argv)
     if extra:
         args.overrides = [*args.overrides, *extra]
+    from metarl.sampling import WorkerDied
+
     try:
         _check_mujoco_gl()
         return int(args.func(args))
     except UsageError as exc:
         print(f"metarl {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except WorkerDied as exc:  # not a usage error (exit code 1), but one line: which worker, and what to run
+        again = "" if "metarl train --resume" in str(exc) else (
+            "; what was written is kept, run the command again to continue: metarl "
+            + " ".join(sys.argv[1:] if argv is None else argv))
+        print(f"metarl {args.command}: error: {exc}{again}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

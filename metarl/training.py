@@ -62,7 +62,7 @@ from metarl.runfolder import (
     truncate_jsonl,
     write_run_config,
 )
-from metarl.sampling import make_sampler
+from metarl.sampling import WorkerDied, make_sampler
 from metarl.system import fault_point
 from metarl.tasks import TaskError
 
@@ -446,6 +446,9 @@ def _train_locked(config: RunConfig, run_dir: Path, resume: bool, verbose: bool,
             if _eval_due(config, it + 1):
                 _eval_and_report(agent, config, run_dir, logger, verbose, done)
         return run_dir
+    except WorkerDied as exc:  # nothing of the interrupted iteration or evaluation counts: its resume redoes it
+        raise WorkerDied(f"{exc}; the run keeps its last checkpoint: resume it with metarl train --resume "
+                         f"{run_dir}") from None
     finally:
         if logger is not None:
             logger.close()

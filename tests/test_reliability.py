@@ -122,7 +122,10 @@ def test_a_run_whose_sampler_worker_was_killed_resumes_to_the_uninterrupted_run(
     run = tmp_path / "run"
     workers = [a if a != "sampler.workers=0" else "sampler.workers=1" for a in TINY]
     failed = _cli("train", CONFIG, *workers, "--run-dir", str(run), "--quiet", fault="worker:3")
-    assert failed.returncode == 1 and "a sampler worker died" in failed.stderr, failed.stderr
+    err = failed.stderr.strip()  # one line (it was a 41-48-line traceback): which worker died, what to run
+    assert failed.returncode == 1 and len(err.splitlines()) == 1, err
+    assert "sampler worker 0 (of 1, pid" in err and "died (killed by SIGKILL)" in err, err
+    assert err.endswith(f"resume it with metarl train --resume {run}"), err
     assert main(["train", "--resume", str(run), "--quiet"]) == 0
     _assert_same_run(straight, run)  # results do not depend on the number of workers
 
