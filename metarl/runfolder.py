@@ -344,12 +344,54 @@ def load_checkpoint(run_dir: Path, agent: Any, config: RunConfig | None = None) 
     state = latest_checkpoint(folder)
     if state is None:
         raise ConfigError(f"{run_dir}: no checkpoint at {folder / 'latest.pt'}")
+    load_agent_state(run_dir, state, agent, config)
+    return state
+
+
+def load_agent_state(run_dir: Path, state: dict[str, Any], agent: Any, config: RunConfig | None = None) -> None:
+    """Load a verified checkpoint's agent state into ``agent``, built from the run's config.yaml. ConfigError in one
+    line if the checkpoint is not of this run: of another agent, of another network shape (a checkpoint swapped
+    in from another run), or written with other settings than config.yaml holds now (config.yaml edited)."""
+    where = f"{run_dir / 'checkpoints'}: the checkpoint at iteration {state['iteration']}"
+    record = _record(state)
+    name = getattr(config, "agent_name", None)
+    theirs = record.get("agent", {}).get("name") if isinstance(record.get("agent"), dict) else None
+    if name is not None and theirs is not None and theirs != name:
+        raise ConfigError(f"{where} is a checkpoint of another agent ({theirs}), not of this run's {name} "
+                          f"({run_dir / 'config.yaml'}); put this run's own checkpoint back")
+    mine, stored = _shapes(agent.state_dict()), _shapes(state["agent"])
+    differ = [f"{key}: {list(stored.get(key, ()))} in the checkpoint, {list(mine.get(key, ()))} here"
+              for key in sorted(set(mine) | set(stored)) if mine.get(key) != stored.get(key)]
+    if differ:
+        raise ConfigError(f"{where} holds networks of another shape than {run_dir / 'config.yaml'} makes "
+                          f"({differ[0]}): a checkpoint of another run; put this run's own checkpoint back")
     check_config_unchanged(run_dir, state, config)
     try:
         agent.load_state_dict(state["agent"])
     except (RuntimeError, KeyError, ValueError, TypeError) as exc:
-        raise ConfigError(f"{folder}: checkpoint does not match the run's config: {exc}") from exc
-    return state
+        raise ConfigError(f"{where} does not match the run's config: {' '.join(str(exc).split())[:200]}") from exc
+
+
+def _record(state: dict[str, Any]) -> dict[str, Any]:
+    try:
+        record = json.loads(state.get("config") or "{}")
+    except (TypeError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _shapes(obj: Any, where: str = "") -> dict[str, tuple[int, ...] | str]:
+    """The shape of every tensor in a (nested) state, by dotted path (other values are left out)."""
+    if isinstance(obj, torch.Tensor):
+        return {where: tuple(obj.shape)}
+    out: dict[str, Any] = {}
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            out.update(_shapes(value, f"{where}.{key}" if where else str(key)))
+    elif isinstance(obj, (list, tuple)):
+        for i, value in enumerate(obj):
+            out.update(_shapes(value, f"{where}[{i}]"))
+    return out
 
 
 def check_config_unchanged(run_dir: Path, state: dict[str, Any], config: RunConfig | None) -> None:

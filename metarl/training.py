@@ -45,7 +45,6 @@ from metarl.evaluation import (
     write_summary,
 )
 from metarl.runfolder import (
-    check_config_unchanged,
     check_new_run_folder,
     check_writable,
     config_record,
@@ -53,6 +52,7 @@ from metarl.runfolder import (
     evals_done,
     latest_checkpoint,
     legacy_eval_done,
+    load_agent_state,
     no_config_error,
     record_eval_done,
     record_eval_history,
@@ -346,11 +346,7 @@ def _train_locked(config: RunConfig, run_dir: Path, resume: bool, verbose: bool,
         if resume:
             state = latest_checkpoint(ckpt_dir)
             if state is not None:
-                check_config_unchanged(run_dir, state, config)
-                try:
-                    agent.load_state_dict(state["agent"])
-                except (RuntimeError, KeyError, ValueError, TypeError) as exc:
-                    raise ConfigError(f"{ckpt_dir}: checkpoint does not match the run's config: {exc}") from exc
+                load_agent_state(run_dir, state, agent, config)
                 start = int(state["iteration"])
             else:  # killed before its first checkpoint: start again in place, unless checkpoints were removed
                 start = 0

@@ -333,6 +333,32 @@ def test_an_edited_config_is_refused(straight, tmp_path, capsys):
         assert len(err.splitlines()) == 1 and "config.yaml was edited" in err and "agent.inner_lr 0.1 -> 0.5" in err
 
 
+@pytest.mark.parametrize(("other", "message"), [
+    (["experiments/rl2/point_nav_2d.yaml", "agent.hidden_size=8"], "is a checkpoint of another agent (rl2), not of "
+     "this run's maml_trpo"),
+    ([CONFIG, "agent.hidden=[16]"], "holds networks of another shape than"),
+])
+def test_a_checkpoint_swapped_in_from_another_run_is_named_as_such(straight, tmp_path, capsys, other, message):
+    """It was reported as 'config.yaml was edited', naming fields the user never touched."""
+    from metarl.config import load_config
+    from metarl.runfolder import config_record, save_checkpoint
+    from metarl.training import build_agent
+
+    run = _copy(straight, tmp_path / "run")
+    config = load_config(other[0], [*other[1:], "sampler.workers=0"])
+    sampler, agent = build_agent(config)
+    sampler.close()
+    for name in ("latest.pt", "previous.pt"):
+        (run / "checkpoints" / name).unlink()
+    save_checkpoint(run / "checkpoints", {"agent": agent.state_dict(), "iteration": 2, "env_steps": 1800,
+                                          "config": config_record(config.to_dict())})
+    for argv in (["eval", str(run)], ["train", "--resume", str(run), "--quiet"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err and "was edited" not in err, err
+        assert "put this run's own checkpoint back" in err, err
+
+
 def test_a_run_recorded_before_an_option_existed_still_resumes(straight, tmp_path, capsys):
     """A checkpoint whose config record predates an option (the agent's added_options) matches a config holding the
     value that keeps the old behaviour, so the run resumes; any other value is still an edit."""
