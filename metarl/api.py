@@ -106,13 +106,15 @@ def train(config: str | Path | RunConfig, overrides: list[str] | tuple[str, ...]
     return MetaLearner(folder, config, agent)
 
 
-def load(run_dir: str | Path) -> MetaLearner:
-    """A trained run (its config.yaml and newest usable checkpoint) as a `MetaLearner`."""
+def load(run_dir: str | Path, trust_code: bool = False) -> MetaLearner:
+    """A trained run (its config.yaml and newest usable checkpoint) as a `MetaLearner`. Code its config names
+    from inside the run folder (an env module beside config.yaml) is imported only with ``trust_code``: a run
+    folder someone shared could run anything that way."""
     from metarl.runfolder import load_checkpoint, load_run_config
     from metarl.training import build_agent
 
     run_dir = Path(run_dir)
-    config = load_run_config(run_dir)
+    config = load_run_config(run_dir, trust_code=trust_code)
     if config.sampler.placement != "local":  # a run trained on a Ray cluster evaluates and deploys anywhere
         import dataclasses
 

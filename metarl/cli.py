@@ -152,7 +152,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 if o.split("=", 1)[1].strip().startswith(("+", "-")):
                     raise ConfigError(f"{o}: iterations=N is the run's new total number of iterations, not an "
                                       "increment; give the total (e.g. iterations=12)")
-            config = load_run_config(run_dir)
+            config = load_run_config(run_dir, trust_code=args.trust_run_code)
             if overrides:
                 config = load_config(None, overrides, data=config.to_dict())
             mrl.train(_on_ray(config, args), run_dir=run_dir, resume=True, verbose=not args.quiet).close()
@@ -179,6 +179,12 @@ def _on_ray(config, args: argparse.Namespace):
     return dataclasses.replace(config, sampler=sampler)
 
 
+def _trust_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-run-code", action="store_true", help="import code that the run folder's own config.yaml "
+                   "names from inside the folder (a module beside config.yaml); without it such a folder is refused, "
+                   "since a folder someone shared could run anything that way")
+
+
 def _ray_flags(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--ray", action="store_true", help=f"{what} on a Ray cluster (the ray extra: pip install -e \".[ray]\"): "
                    "the one at --address, else RAY_ADDRESS, else the one started on this machine with `ray start`, "
@@ -202,7 +208,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     _user_code(args)
     try:
-        config = load_run_config(run_dir)
+        config = load_run_config(run_dir, trust_code=args.trust_run_code)
         for name in ("steps", "episodes", "tasks", "repeats"):
             value = getattr(args, name)
             if value is not None and value < (0 if name == "steps" else 1):
@@ -218,21 +224,21 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             if steps < 1:
                 raise ConfigError("--video needs at least one adaptation stage (--steps >= 1) to show before and after")
         with run_lock(run_dir):
-            _evaluate(run_dir, config, split, tasks, steps, episodes, video, args.repeats)
+            _evaluate(run_dir, config, split, tasks, steps, episodes, video, args.repeats, args.trust_run_code)
     except (ConfigError, TaskError, VideoError, FloatingPointError) as exc:
         raise UsageError(str(exc)) from exc
     return 0
 
 
 def _evaluate(run_dir: Path, config: Any, split: str, tasks: int, steps: int, episodes: int, video: dict | None,
-              repeats: int = 1) -> None:
+              repeats: int = 1, trust_code: bool = False) -> None:
     import metarl.api as mrl
     from metarl.runfolder import check_writable, eval_dir
     from metarl.training import render_run
 
     out = eval_dir(run_dir, split, repeats)
     check_writable(run_dir, run_dir / "eval", out)
-    learner = mrl.load(run_dir)  # the run's config (as `config`) and its newest usable checkpoint
+    learner = mrl.load(run_dir, trust_code=trust_code)  # the run's config (as `config`) and its newest usable checkpoint
     agent = learner.agent
     try:
         # the caller holds the run lock
@@ -384,6 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
     p.add_argument("--run-dir", help="write the run here instead of runs/<experiment>/<timestamp>-<seed>")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    _trust_flag(p)
     _ray_flags(p, "sample")
     p.set_defaults(func=_cmd_train)
 
@@ -403,6 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--video-size", default=None, metavar="WxH", help="with --video: frame size (default 320x240)")
     p.add_argument("--fps", type=int, default=None, help="with --video: frames per second (default: the env's rate, "
                    "at most 25); frames are dropped to play at about real time")
+    _trust_flag(p)
     p.set_defaults(func=_cmd_eval)
 
     p = command("speed", help="measure raw MuJoCo, Gymnasium and sampler step rates side by side")

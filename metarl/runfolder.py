@@ -322,7 +322,9 @@ def no_config_error(run_dir: Path) -> ConfigError:
     return ConfigError(f"{run_dir}: not a run folder (no config.yaml)")
 
 
-def load_run_config(run_dir: Path) -> RunConfig:
+def load_run_config(run_dir: Path, trust_code: bool = False) -> RunConfig:
+    """The run's config.yaml, validated. The code it names (``imports:``, ``env: module:Id``) is imported only
+    where the user trusts it: found outside the run folder, or with ``trust_code`` (`check_run_code`)."""
     path = run_dir / "config.yaml"
     if not path.is_file():
         raise no_config_error(run_dir)
@@ -330,10 +332,49 @@ def load_run_config(run_dir: Path) -> RunConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: damaged run config (expected a mapping, got {type(data).__name__})")
     data.pop("meta", None)
+    if not trust_code:
+        check_run_code(run_dir, data)  # before anything of it is imported (a config's agent may be in its imports)
     try:
         return load_config(None, data=data)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+
+
+def check_run_code(run_dir: Path, data: dict[str, Any]) -> None:
+    """ConfigError if the run config ``data`` names code that would be imported from inside ``run_dir`` (a
+    ``payload.py`` beside config.yaml, found from the current directory when it is the run folder): a run folder
+    someone shared would run their code. Nothing is imported here."""
+    from metarl.config import resolve_imports
+
+    env = data.get("env") if isinstance(data.get("env"), str) else None
+    try:
+        entries = resolve_imports(data.get("imports") or [], None, env)
+    except ConfigError:
+        return  # not found: load_config says so, and there is nothing inside the folder to import
+    folder = run_dir.resolve()
+    for entry in entries:
+        where = _code_location(entry)
+        if where is not None and (where == folder or folder in where.parents):
+            raise ConfigError(f"{run_dir / 'config.yaml'} names code inside the run folder ({entry}), which metarl "
+                              "imports only if you trust whoever wrote the folder: add --trust-run-code (in Python, "
+                              "trust_code=True)")
+
+
+def _code_location(entry: str) -> Path | None:
+    """The file or package folder an import entry would be imported from (None: not found), without importing."""
+    import importlib.util
+
+    if Path(entry).is_absolute():  # `metarl.plugins.resolve` stores every path entry as an absolute path
+        return Path(entry).resolve()
+    try:
+        spec = importlib.util.find_spec(entry.split(".")[0])  # a top-level name: found without running code
+    except (ImportError, ValueError):
+        return None
+    if spec is None:
+        return None
+    origin = spec.origin if spec.origin not in (None, "built-in", "frozen") else None
+    places = [origin, *(spec.submodule_search_locations or [])]
+    return next((Path(p).resolve() for p in places if p), None)
 
 
 def load_checkpoint(run_dir: Path, agent: Any, config: RunConfig | None = None) -> dict[str, Any]:

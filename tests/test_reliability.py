@@ -519,6 +519,41 @@ def test_the_cli_never_imports_code_from_the_current_directory(tmp_path):
         assert not (tmp_path / "MARKER").exists(), argv
 
 
+PAYLOAD = """
+import gymnasium
+from metarl.envs.point_nav import PointNav2D
+open({marker!r}, "w").write("ran")
+gymnasium.register("payload/Point-v0", entry_point=PointNav2D, max_episode_steps=100)
+"""
+
+
+@pytest.mark.parametrize("named_by", ["env", "imports"])
+def test_code_a_run_folder_names_from_inside_itself_runs_only_when_trusted(straight, tmp_path, named_by):
+    """`cd RUN && metarl eval .` imported the payload.py that RUN's own config.yaml names (env: payload:Id, or
+    imports:): a run folder someone hands you ran their code. Now it is refused in one line saying how to allow
+    it, before anything is imported; --trust-run-code imports it."""
+    run = _copy(straight, tmp_path / "run")
+    marker = tmp_path / "MARKER"
+    (run / "payload.py").write_text(PAYLOAD.format(marker=str(marker)))
+    data = yaml.safe_load((run / "config.yaml").read_text())
+    if named_by == "env":
+        data["env"] = "payload:payload/Point-v0"
+    else:
+        data["imports"] = ["payload"]
+    (run / "config.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    script = Path(sys.executable).parent / "metarl"
+    for argv in (["eval", "."], ["train", "--resume", ".", "--quiet"]):
+        done = subprocess.run([str(script), *argv], cwd=run, capture_output=True, text=True, timeout=300)
+        err = done.stderr.strip()
+        assert done.returncode == 2 and len(err.splitlines()) == 1, err
+        assert f"names code inside the run folder ({(run / 'payload.py').resolve()})" in err, err
+        assert "add --trust-run-code" in err, err
+        assert not marker.exists(), argv
+    done = subprocess.run([str(script), "eval", ".", "--trust-run-code"], cwd=run, capture_output=True, text=True,
+                          timeout=300)
+    assert marker.read_text() == "ran", done.stderr  # trusted: imported (the run then differs from its checkpoint)
+
+
 def test_a_module_the_user_names_still_loads_from_the_current_directory(tmp_path):
     (tmp_path / "my_family.py").write_text(
         "import gymnasium\nfrom metarl.envs.point_nav import PointNav2D\n"
