@@ -210,7 +210,7 @@ class MetaLearner:
         is this call. ``repeats`` R > 1: R independent adaptations per task, pooled, written to
         ``RUN_DIR/eval/<split>-repeats<R>/`` (for families with few tasks). ``lock=False``: the caller
         already holds the run folder's lock (`run_lock`)."""
-        from metarl.runfolder import check_writable, eval_dir, run_lock
+        from metarl.runfolder import check_writable, eval_dir, eval_target, run_lock
         from metarl.training import evaluate_run
 
         e = self.config.eval
@@ -219,10 +219,17 @@ class MetaLearner:
         if repeats < 1:
             raise ValueError(f"evaluate: repeats must be >= 1, got {repeats}")
         check_writable(self.run_dir, self.run_dir / "eval", eval_dir(self.run_dir, split, repeats))
+
+        def evaluate() -> dict[str, Any]:
+            out = eval_target(self.run_dir, split, repeats, self.agent.iteration)  # never over a later iteration's
+            check_writable(out)
+            return evaluate_run(self.agent, self.config, self.run_dir, split, tasks, steps, episodes, repeats=repeats,
+                                out=out)
+
         if not lock:
-            return evaluate_run(self.agent, self.config, self.run_dir, split, tasks, steps, episodes, repeats=repeats)
+            return evaluate()
         with run_lock(self.run_dir):
-            return evaluate_run(self.agent, self.config, self.run_dir, split, tasks, steps, episodes, repeats=repeats)
+            return evaluate()
 
     def _spaces(self, env: gym.Env) -> tuple[tuple[int, ...], tuple[int, ...]]:
         sampler = self.agent.sampler

@@ -233,16 +233,17 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _evaluate(run_dir: Path, config: Any, split: str, tasks: int, steps: int, episodes: int, video: dict | None,
               repeats: int = 1, trust_code: bool = False) -> None:
     import metarl.api as mrl
-    from metarl.runfolder import check_writable, eval_dir
-    from metarl.training import render_run
+    from metarl.runfolder import check_writable, eval_dir, eval_target
+    from metarl.training import evaluate_run, render_run
 
-    out = eval_dir(run_dir, split, repeats)
-    check_writable(run_dir, run_dir / "eval", out)
+    check_writable(run_dir, run_dir / "eval", eval_dir(run_dir, split, repeats))
     learner = mrl.load(run_dir, trust_code=trust_code)  # the run's config (as `config`) and its newest usable checkpoint
     agent = learner.agent
     try:
-        # the caller holds the run lock
-        summary = learner.evaluate(split, tasks, steps, episodes, lock=False, repeats=repeats)
+        # the caller holds the run lock; a checkpoint older than the folder's evaluation (a fallback) writes beside it
+        out = eval_target(run_dir, split, repeats, agent.iteration)
+        check_writable(out)
+        summary = evaluate_run(agent, learner.config, run_dir, split, tasks, steps, episodes, repeats=repeats, out=out)
         print(f"{'stage':>5} {'adapt episodes':>14} {'adapt steps':>11} {'mean return':>11}  95% CI")
         for s in summary["stages"]:
             print(f"{s['stage']:>5} {s['adapt_episodes']:>14} {s['adapt_env_steps']:>11.0f} "
@@ -255,7 +256,7 @@ def _evaluate(run_dir: Path, config: Any, split: str, tasks: int, steps: int, ep
             print(f"rendering {video['tasks']} held-out task(s) before and after adaptation "
                   f"(MUJOCO_GL={os.environ.get('MUJOCO_GL')}) ...", flush=True)
             paths = render_run(agent, config, run_dir, split, tasks, steps, episodes, video["tasks"],
-                               video["size"], video["fps"], verbose=True)
+                               video["size"], video["fps"], verbose=True, out=out)
             print(f"written to {paths[0].parent}/ ({len(paths)} GIFs) and TensorBoard (eval/{split}/video/)")
     finally:
         learner.close()

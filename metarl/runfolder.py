@@ -30,17 +30,13 @@ from typing import Any
 import torch
 
 from metarl.config import ConfigError, RunConfig, load_config, read_yaml, yaml_dump
-from metarl.system import atomic_write, fault_point, fsync_dir
+from metarl.system import atomic_write, fault_point, fsync_dir, warn
 
 LATEST, PREVIOUS = "latest.pt", "previous.pt"
 
 
 class CheckpointError(ConfigError):
     """A checkpoint that cannot be trusted (missing, unreadable, or failing its checksum)."""
-
-
-def warn(message: str) -> None:
-    print(f"metarl: warning: {message}", file=sys.stderr, flush=True)
 
 
 # ---- checksums ------------------------------------------------------------------------------------------
@@ -504,6 +500,34 @@ def eval_dir(run_dir: Path, split: str, repeats: int = 1) -> Path:
     """Where an evaluation of ``split`` writes: ``eval/<split>/``, or ``eval/<split>-repeats<R>/`` for a
     repeated one (so it never replaces the training-time evaluation the held-out curve continues)."""
     return run_dir / "eval" / (split if repeats == 1 else f"{split}-repeats{repeats}")
+
+
+def eval_target(run_dir: Path, split: str, repeats: int, iteration: int) -> Path:
+    """Where ``metarl eval`` writes its evaluation of the checkpoint at ``iteration``: `eval_dir`, unless that
+    folder holds an evaluation of a later iteration (its summary.json or its history.jsonl says so: the command
+    fell back to previous.pt because latest.pt is damaged); then ``eval/<split>-iteration<N>/`` beside it, with a
+    warning, so that a newer result is never replaced by an older one."""
+    out = eval_dir(run_dir, split, repeats)
+    held = [_summary_iteration(out / "summary.json")]
+    if (out / "history.jsonl").is_file():
+        try:
+            held += [row.get("iteration") for row in read_eval_history(out / "history.jsonl")]
+        except (ValueError, AttributeError):
+            pass
+    later = max((k for k in held if isinstance(k, int) and k > iteration), default=None)
+    if later is None:
+        return out
+    aside = out.with_name(f"{out.name}-iteration{iteration}")
+    warn(f"{out} holds the evaluation of iteration {later}, later than the checkpoint evaluated (iteration "
+         f"{iteration}); writing this one to {aside} instead")
+    return aside
+
+
+def _summary_iteration(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text()).get("iteration")
+    except (OSError, ValueError, AttributeError, UnicodeDecodeError):
+        return None
 
 
 def write_run_config(run_dir: Path, config: RunConfig, meta: dict[str, Any]) -> None:

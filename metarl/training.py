@@ -249,12 +249,12 @@ def _eval_seed(config: RunConfig) -> int:
 
 
 def evaluate_run(agent: Any, config: RunConfig, run_dir: Path, split: str, tasks: int, steps: int,
-                 episodes: int, logger: _Logger | None = None, repeats: int = 1) -> dict[str, Any]:
+                 episodes: int, logger: _Logger | None = None, repeats: int = 1, out: Path | None = None) -> dict[str, Any]:
     """The evaluation protocol on ``tasks`` held-out tasks. ``repeats`` R > 1 adapts R times on each task,
     independently (the bundled agents seed episodes and action noise by a task's position in the call, so
     each copy has its own and the first copy is the R = 1 evaluation), and pools the R x tasks adaptations,
     the intervals resampling within each task: for a family with few tasks (HalfCheetahDir has two) one
-    adaptation per task is one draw of a noisy quantity."""
+    adaptation per task is one draw of a noisy quantity. Written to ``out`` (default: `eval_dir`)."""
     if repeats < 1:
         raise ConfigError(f"eval: repeats must be >= 1, got {repeats}")
     family = agent.sampler.family
@@ -266,7 +266,7 @@ def evaluate_run(agent: Any, config: RunConfig, run_dir: Path, split: str, tasks
     fault_point("eval")
     title = f"{config.agent_name} on {family.family}" + (f", {repeats} adaptations per task" if repeats > 1 else "")
     strata = np.tile(np.arange(len(held_out)), repeats) if repeats > 1 else None
-    summary = write_summary(result, eval_dir(run_dir, split, repeats), title=title, strata=strata, extra={
+    summary = write_summary(result, out or eval_dir(run_dir, split, repeats), title=title, strata=strata, extra={
         "split": split, "agent": config.agent_name, "family": family.family, "iteration": agent.iteration,
         "env_steps": agent.env_steps, "horizon": agent.sampler.horizon,
         **({"repeats": repeats, "distinct_tasks": len(held_out)} if repeats > 1 else {}),
@@ -278,10 +278,11 @@ def evaluate_run(agent: Any, config: RunConfig, run_dir: Path, split: str, tasks
 
 def render_run(agent: Any, config: RunConfig, run_dir: Path, split: str, tasks: int, steps: int, episodes: int,
                video_tasks: int = 1, size: tuple[int, int] = (320, 240), fps: float | None = None,
-               verbose: bool = False) -> list[Path]:
+               verbose: bool = False, out: Path | None = None) -> list[Path]:
     """Videos of the evaluation `evaluate_run` with the same arguments makes: its first ``video_tasks``
     held-out tasks before and after adaptation, replayed from the agent's `adaptation_rollouts`, into
-    ``RUN_DIR/eval/<split>/video/`` and TensorBoard (``eval/<split>/video/task<j>``, x = env steps)."""
+    ``video/`` of its folder ``out`` (default ``RUN_DIR/eval/<split>/``) and TensorBoard
+    (``eval/<split>/video/task<j>``, x = env steps)."""
     from metarl.video import VideoError, check_renderable, write_videos
 
     if steps < 1:
@@ -294,7 +295,7 @@ def render_run(agent: Any, config: RunConfig, run_dir: Path, split: str, tasks: 
     logger = _Logger(run_dir)
     try:
         return write_videos(agent.sampler.env_id, agent.sampler.env_kwargs, shown, plans, steps,
-                            run_dir / "eval" / split / "video", size=size, fps=fps, writer=logger.writer,
+                            (out or run_dir / "eval" / split) / "video", size=size, fps=fps, writer=logger.writer,
                             global_step=agent.env_steps, tag=f"eval/{split}/video", verbose=verbose)
     finally:
         logger.close()

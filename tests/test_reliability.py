@@ -270,12 +270,20 @@ def test_a_power_cut_during_a_save_never_loses_the_last_good_checkpoint(tmp_path
 
 
 def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(straight, tmp_path, capsys):
+    """eval evaluates the fallback beside the final evaluation, never over it (it replaced the valid summary of
+    iteration 2 with one of iteration 1); a resume then trains iteration 2 again."""
     run = _copy(straight, tmp_path / "run")
     _flip(run / "checkpoints" / "latest.pt")
-    assert main(["eval", str(run)]) == 0  # reads only: warns and evaluates the previous checkpoint
+    final = {name: (run / "eval" / "test" / name).read_bytes() for name in ("summary.json", "summary.csv", "per_task.csv")}
+    assert main(["eval", str(run)]) == 0  # warns and evaluates the previous checkpoint
     err = capsys.readouterr().err
     assert "latest.pt: damaged checkpoint" in err and "previous.pt (iteration 1)" in err
-    assert json.loads((run / "eval" / "test" / "summary.json").read_text())["iteration"] == 1
+    aside = run / "eval" / "test-iteration1"
+    assert (f"{run / 'eval' / 'test'} holds the evaluation of iteration 2, later than the checkpoint evaluated "
+            f"(iteration 1); writing this one to {aside} instead") in err
+    assert {name: (run / "eval" / "test" / name).read_bytes() for name in final} == final
+    assert json.loads((aside / "summary.json").read_text())["iteration"] == 1
+    assert (aside / "per_task.csv").is_file() and (aside / "adaptation_curve.png").is_file()
     # a resume moves the damaged file aside and trains iteration 2 again: the same run as before
     assert main(["train", "--resume", str(run), "--quiet"]) == 0
     assert "damaged checkpoint" in capsys.readouterr().err
@@ -305,6 +313,24 @@ def test_a_damaged_checkpoint_without_fallback_is_one_line_exit_2(straight, tmp_
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and str(path) in err and "damaged checkpoint" in err, err
     assert path.is_file()  # kept for inspection
+
+
+def test_an_eval_killed_between_its_files_never_leaves_a_folder_mixing_two_evaluations(straight, tmp_path, capsys):
+    """Killed after its first file, an eval of 2 tasks left the new summary.json beside the csv files and plot of
+    the 3-task evaluation before it. Now the folder holds the unfinished evaluation's files only, without the
+    summary.json that names a complete one, and the rerun says what it replaces."""
+    run = _copy(straight, tmp_path / "run")
+    out = run / "eval" / "test"
+    killed = _cli("eval", str(run), "--tasks", "2", fault="eval_files:1")
+    assert killed.returncode == -9, killed.stderr
+    left = sorted(p.name for p in out.iterdir())
+    assert "summary.json" not in left and "per_task.csv" not in left and "adaptation_curve.png" not in left, left
+    assert "history.jsonl" in left  # the training's held-out curve is not the evaluation's to remove
+    assert main(["eval", str(run), "--tasks", "2"]) == 0
+    err = capsys.readouterr().err.strip()
+    assert err == f"metarl: warning: {out} held files of an evaluation that did not finish (summary.csv); replacing them"
+    assert json.loads((out / "summary.json").read_text())["num_tasks"] == 2
+    assert len((out / "per_task.csv").read_text().splitlines()) == 1 + 2
 
 
 def test_damaged_metrics_lines_are_reported(straight, tmp_path, capsys):
