@@ -447,6 +447,9 @@ def truncate_jsonl(path: Path, iteration: int) -> dict[str, Any] | None:
     beside as ``metrics.jsonl.damaged``; missing or repeated iterations are reported. Returns the row of
     ``iteration`` (None if absent)."""
     if not path.is_file():
+        if iteration > 0:
+            warn(f"{path} is missing: the training metrics of iterations 1-{iteration} are lost (a checkpoint keeps "
+                 "only the agent; TensorBoard keeps their scalars); later iterations are written to a new one")
         return None
     lines = path.read_bytes().decode("utf-8", errors="replace").splitlines()
     keep, rows, damaged = [], [], []
@@ -467,7 +470,8 @@ def truncate_jsonl(path: Path, iteration: int) -> dict[str, Any] | None:
         missing = sorted(set(range(1, iteration + 1)) - set(seen))
         repeated = sorted({i for i in seen if seen.count(i) > 1})
         warn(f"{path} does not hold exactly one line per iteration up to the checkpoint's {iteration} "
-             f"(missing: {missing[:10] or 'none'}, repeated: {repeated[:10] or 'none'})")
+             f"(missing: {missing[:10] or 'none'}, repeated: {repeated[:10] or 'none'}); the metrics of the missing "
+             "iterations are lost (a checkpoint keeps only the agent; TensorBoard keeps their scalars)")
     if damaged:
         atomic_write(path.with_name(path.name + ".damaged"), "".join(line + "\n" for line in lines))
     if len(keep) != len(lines):
@@ -562,3 +566,105 @@ def check_new_run_folder(run_dir: Path) -> None:
         raise ConfigError(f"run folder {run_dir} is a file")
     if not unstarted(run_dir):
         raise ConfigError(f"run folder {run_dir} already exists and is not empty (use --resume to continue it)")
+# ---- TensorBoard event files -------------------------------------------------------------------------------
+def read_event_files(run_dir: Path) -> tuple[set[tuple[str, int]], list[str]]:
+    """The (tag, step) of every scalar point TensorBoard can read from the run's event files, and one line for
+    each damaged file (a record cut short or failing its checksum): where, and the last env step read before it.
+    TensorBoard stops reading a file at its first bad record, so nothing after it is read: here neither."""
+    import struct
+
+    from tensorboard.compat.proto import event_pb2
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
+
+    points: set[tuple[str, int]] = set()
+    damaged: list[str] = []
+    for path in sorted(run_dir.glob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        at, last, problem = 0, None, None
+        while at < len(data) and problem is None:
+            if len(data) - at < 12:
+                problem = "a record cut short"
+                break
+            header = data[at:at + 8]
+            (length,) = struct.unpack("<Q", header)
+            if struct.unpack("<I", data[at + 8:at + 12])[0] != masked_crc32c(header):
+                problem = "a record failing its checksum"
+            elif at + 16 + length > len(data):
+                problem = "a record cut short"
+            else:
+                body = data[at + 12:at + 12 + length]
+                if struct.unpack("<I", data[at + 12 + length:at + 16 + length])[0] != masked_crc32c(body):
+                    problem = "a record failing its checksum"
+                else:
+                    event = event_pb2.Event()
+                    try:
+                        event.ParseFromString(body)
+                    except Exception:  # a record whose checksum holds but whose content is no event
+                        problem = "a record that is no event"
+                        break
+                    for value in event.summary.value:
+                        if value.HasField("simple_value") or value.metadata.plugin_data.plugin_name == "scalars":
+                            points.add((value.tag, int(event.step)))
+                    last = int(event.step) if event.HasField("summary") else last
+                    at += 16 + length
+                    continue
+        if problem is not None:
+            damaged.append(f"{path} is damaged ({problem} at byte {at} of {len(data)}; nothing after it can be read"
+                           + (f", the last point read is at env step {last:,})" if last is not None else ")"))
+    return points, damaged
+
+
+def rebuild_event_points(run_dir: Path, split: str, readable: set[tuple[str, int]], before_step: int,
+                         writer: Any) -> int:
+    """Write again, with ``writer``, the scalar points below env step ``before_step`` that no event file holds
+    readably and that the run's records keep: every metric of ``metrics.jsonl`` (logged with these values) and
+    the return, adaptation gain and its interval of each evaluation in ``eval/<split>/history.jsonl``. Returns
+    how many were written."""
+    wanted: list[tuple[str, int, float]] = []
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file():
+        for line in metrics.read_text(errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("env_steps"), (int, float)):  # (a float: as logged)
+                wanted += [(k, int(row["env_steps"]), v) for k, v in row.items()
+                           if "/" in k and isinstance(v, (int, float))]
+    try:
+        history = read_eval_history(run_dir / "eval" / split / "history.jsonl")
+    except (ValueError, OSError):
+        history = []
+    for row in history:
+        stages, step = row.get("stages") or [], row.get("env_steps")
+        if not stages or not isinstance(step, (int, float)):
+            continue
+        step = int(step)
+        wanted += [(f"eval/{split}/return_stage{s['stage']}", step, s["mean_return"]) for s in stages]
+        wanted.append((f"eval/{split}/adaptation_gain", step, stages[-1]["mean_return"] - stages[0]["mean_return"]))
+        if "gain_ci95" in stages[-1]:
+            wanted += [(f"eval/{split}/adaptation_gain_ci95_low", step, stages[-1]["gain_ci95"][0]),
+                       (f"eval/{split}/adaptation_gain_ci95_high", step, stages[-1]["gain_ci95"][1])]
+    written = 0
+    for tag, step, value in wanted:
+        if step < before_step and (tag, step) not in readable:
+            writer.add_scalar(tag, value, step)
+            readable.add((tag, step))
+            written += 1
+    return written
+
+
+def eval_files_problem(run_dir: Path, split: str, iteration: int) -> str | None:
+    """What is wrong with ``eval/<split>/`` as the record of the evaluation at ``iteration`` (None: complete)."""
+    out = run_dir / "eval" / split
+    path = out / "summary.json"
+    if not path.is_file():
+        return f"{path} is missing"
+    try:
+        held = json.loads(path.read_text()).get("iteration")
+    except (OSError, ValueError, AttributeError, UnicodeDecodeError) as exc:
+        return f"{path} is damaged ({type(exc).__name__})"
+    if held != iteration:
+        return f"{path} is of iteration {held!r}, not {iteration}"
+    missing = [name for name in ("summary.csv", "per_task.csv", "adaptation_curve.png") if not (out / name).is_file()]
+    return f"{out / missing[0]} is missing" if missing else None

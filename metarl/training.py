@@ -49,11 +49,14 @@ from metarl.runfolder import (
     check_writable,
     config_record,
     eval_dir,
+    eval_files_problem,
     evals_done,
     latest_checkpoint,
     legacy_eval_done,
     load_agent_state,
     no_config_error,
+    read_event_files,
+    rebuild_event_points,
     record_eval_done,
     record_eval_history,
     run_lock,
@@ -63,7 +66,7 @@ from metarl.runfolder import (
     write_run_config,
 )
 from metarl.sampling import WorkerDied, make_sampler
-from metarl.system import fault_point
+from metarl.system import fault_point, warn
 from metarl.tasks import TaskError
 
 
@@ -365,7 +368,22 @@ def _train_locked(config: RunConfig, run_dir: Path, resume: bool, verbose: bool,
                 recorded = [start] if legacy_eval_done(run_dir, config, start) else []
             done = [k for k in recorded if k <= start]
             redo_eval = _eval_due(config, start) and start not in done
+            if done and not redo_eval:  # the files of the last evaluation done: damaged or removed since?
+                problem = eval_files_problem(run_dir, config.eval.split, max(done))
+                if problem and max(done) == start:
+                    warn(f"{problem}; redoing the evaluation of iteration {start} from its checkpoint")
+                    redo_eval = True
+                elif problem:
+                    warn(f"{problem}: the evaluation of iteration {max(done)} is lost (no checkpoint of that "
+                         "iteration is kept; history.jsonl keeps its returns), the next evaluation replaces it")
+            readable, damaged = read_event_files(run_dir)
+            for line in damaged:
+                warn(f"{line}; the scalars metrics.jsonl and eval/{config.eval.split}/history.jsonl keep are written "
+                     "again, the figures, text and other evaluation scalars (success, reward terms) after it are lost")
             if start == config.iterations and not redo_eval:
+                if damaged:
+                    logger = _Logger(run_dir)
+                    rebuild_event_points(run_dir, config.eval.split, readable, agent.env_steps + 1, logger.writer)
                 if verbose:
                     print(f"{run_dir} is finished (iteration {start} of {config.iterations}, evaluated); nothing to do")
                 return run_dir
@@ -383,6 +401,9 @@ def _train_locked(config: RunConfig, run_dir: Path, resume: bool, verbose: bool,
             # Events after the checkpoint are dropped (purge_step); when the evaluation at the checkpoint's
             # iteration is redone, its partial points too, and the iteration's own scalars are logged again.
             logger = _Logger(run_dir, purge_step=agent.env_steps + (0 if (redo_eval or not start) else 1))
+            if damaged:  # points below the purge step that the damage made unreadable
+                rebuild_event_points(run_dir, config.eval.split, readable,
+                                     agent.env_steps + (0 if (redo_eval or not start) else 1), logger.writer)
             if start == 0:  # all of it purged, the config text included
                 logger.writer.add_text("config", "```\n" + yaml.safe_dump(config.to_dict(), sort_keys=False) + "\n```")
             elif redo_eval and row is not None:

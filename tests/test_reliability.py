@@ -345,6 +345,63 @@ def test_damaged_metrics_lines_are_reported(straight, tmp_path, capsys):
     assert (run / "metrics.jsonl.damaged").read_text().startswith(lines[0][:-7])
 
 
+def test_a_missing_metrics_file_is_reported_on_resume(straight, tmp_path, capsys):
+    run = _copy(straight, tmp_path / "run")
+    (run / "metrics.jsonl").unlink()  # a resume said nothing, and only the later iterations remained
+    assert main(["train", "--resume", str(run), "iterations=3", "--quiet"]) == 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert f"{run / 'metrics.jsonl'} is missing: the training metrics of iterations 1-2 are lost" in err, err
+    assert [r["iteration"] for r in _metrics(run)] == [3]
+
+
+def _rebuildable(scalars: dict) -> dict:
+    """The TensorBoard scalars a run's records keep: training metrics, and each evaluation's return and gain."""
+    return {tag: sorted(points) for tag, points in scalars.items()
+            if not tag.startswith("eval/") or "return_stage" in tag or "adaptation_gain" in tag}
+
+
+@pytest.mark.parametrize("damage", ["garbled", "truncated"])
+def test_a_damaged_event_file_is_reported_and_its_scalars_rebuilt(straight, tmp_path, capsys, damage):
+    """A finished run whose TensorBoard event file was garbled or cut: the resume said "nothing to do" and the
+    points after the damage (the final evaluation's among them) were silently gone."""
+    run = _copy(straight, tmp_path / "run")
+    (events,) = run.glob("events.out.tfevents.*")
+    data = bytearray(events.read_bytes())
+    first = data.index(b"meta/return_step0")
+    cut = data.index(b"meta/return_step0", first + 1)  # in a record of iteration 2: it and all after are lost
+    if damage == "garbled":
+        data[cut:cut + 64] = bytes(64)
+    else:
+        del data[cut:]
+    events.write_bytes(bytes(data))
+    before = _rebuildable(_scalars(run))
+    assert before != _rebuildable(_scalars(straight))  # points are lost indeed
+    assert main(["train", "--resume", str(run), "--quiet"]) == 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{events} is damaged (a record" in err, err
+    assert "written again" in err and "figures, text and other evaluation scalars" in err and "are lost" in err, err
+    assert _rebuildable(_scalars(run)) == _rebuildable(_scalars(straight))
+    assert main(["train", "--resume", str(run), "--quiet"]) == 0  # rebuilt once: the next resume adds nothing
+    assert _rebuildable(_scalars(run)) == _rebuildable(_scalars(straight))
+
+
+@pytest.mark.parametrize("damage", ["garbled", "removed"])
+def test_a_damaged_final_summary_is_redone_on_resume(straight, tmp_path, capsys, damage):
+    """--resume said "finished, nothing to do" and left the final summary.json unreadable."""
+    run = _copy(straight, tmp_path / "run")
+    path = run / "eval" / "test" / "summary.json"
+    if damage == "garbled":
+        path.write_bytes(path.read_bytes()[:100] + b"\x00garbled")
+    else:
+        path.unlink()
+    assert main(["train", "--resume", str(run), "--quiet"]) == 0
+    lines = capsys.readouterr().err.strip().splitlines()  # (removed: the redo also names the files it replaces)
+    assert str(path) in lines[0] and "redoing the evaluation of iteration 2 from its checkpoint" in lines[0], lines
+    assert all(line.startswith("metarl: warning: ") for line in lines) and len(lines) <= 2, lines
+    _assert_same_run(straight, run)
+
+
 def test_an_edited_config_is_refused(straight, tmp_path, capsys):
     run = _copy(straight, tmp_path / "run")
     data = yaml.safe_load((run / "config.yaml").read_text())
