@@ -396,17 +396,16 @@ def load_agent_state(run_dir: Path, state: dict[str, Any], agent: Any, config: R
     if name is not None and theirs is not None and theirs != name:
         raise ConfigError(f"{where} is a checkpoint of another agent ({theirs}), not of this run's {name} "
                           f"({run_dir / 'config.yaml'}); put this run's own checkpoint back")
-    mine, stored = _shapes(agent.state_dict()), _shapes(state["agent"])
-    differ = [f"{key}: {list(stored.get(key, ()))} in the checkpoint, {list(mine.get(key, ()))} here"
-              for key in sorted(set(mine) | set(stored)) if mine.get(key) != stored.get(key)]
-    if differ:
-        raise ConfigError(f"{where} holds networks of another shape than {run_dir / 'config.yaml'} makes "
-                          f"({differ[0]}): a checkpoint of another run; put this run's own checkpoint back")
-    check_config_unchanged(run_dir, state, config)
     try:
         agent.load_state_dict(state["agent"])
-    except (RuntimeError, KeyError, ValueError, TypeError) as exc:
-        raise ConfigError(f"{where} does not match the run's config: {' '.join(str(exc).split())[:200]}") from exc
+    except (RuntimeError, KeyError, ValueError, TypeError) as exc:  # networks of another shape than config.yaml makes
+        mine, stored = _shapes(agent.state_dict()), _shapes(state["agent"])
+        differ = [f"{key}: {list(stored[key])} in the checkpoint, {list(mine[key])} here" for key in sorted(set(mine) & set(stored))
+                  if mine[key] != stored[key] and 0 not in mine[key] and 0 not in stored[key]]  # (not empty buffers)
+        what = differ[0] if differ else " ".join(str(exc).split())[:160]
+        raise ConfigError(f"{where} holds networks of another shape than {run_dir / 'config.yaml'} makes ({what}): a "
+                          "checkpoint of another run, or config.yaml edited; put back this run's own") from exc
+    check_config_unchanged(run_dir, state, config)
 
 
 def _record(state: dict[str, Any]) -> dict[str, Any]:
@@ -417,7 +416,7 @@ def _record(state: dict[str, Any]) -> dict[str, Any]:
     return record if isinstance(record, dict) else {}
 
 
-def _shapes(obj: Any, where: str = "") -> dict[str, tuple[int, ...] | str]:
+def _shapes(obj: Any, where: str = "") -> dict[str, tuple[int, ...]]:
     """The shape of every tensor in a (nested) state, by dotted path (other values are left out)."""
     if isinstance(obj, torch.Tensor):
         return {where: tuple(obj.shape)}

@@ -439,7 +439,7 @@ def test_a_checkpoint_swapped_in_from_another_run_is_named_as_such(straight, tmp
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and message in err and "was edited" not in err, err
-        assert "put this run's own checkpoint back" in err, err
+        assert "put this run's own checkpoint back" in err or "put back this run's own" in err, err
 
 
 def test_a_run_recorded_before_an_option_existed_still_resumes(straight, tmp_path, capsys):
