@@ -10,8 +10,10 @@ first of the run, and the final one after 3; sampler.workers=0 unless a case say
   fault of a double kill, then without) until it exits 0 (one case kills a sampler worker process instead, which
   stops training with exit code 1).
 * **Random moments** (the shape of an outside probe): ``--random-kills`` K per agent, SIGKILL sent from outside at a
-  moment drawn uniformly over the uninterrupted run's wall time (seeded), then resumed. Each records what the kill
-  interrupted, read from the run folder (an iteration, or an evaluation: the first one included).
+  moment drawn uniformly over the uninterrupted run's wall time (seeded; a run that finishes before its moment, the
+  machine being quieter than when the wall time was measured, gives the wall time for a new draw, at most 3),
+  then resumed. Each records what the kill interrupted, read from the run folder (an iteration, or an evaluation:
+  the first one included).
 
 Every resumed run is compared with the uninterrupted one: every value of the final checkpoint (agent state,
 iteration, env steps), ``metrics.jsonl`` (all but the ``time/`` keys), ``eval/test/summary.json``, ``summary.csv``,
@@ -225,12 +227,18 @@ def random_cases(agent: str, kills: int, duration: float, work: Path, reference:
     rng = random.Random(seed)
     out = []
     for k in range(kills):
-        at = rng.uniform(0, duration)
         run = work / f"{agent}-random{k}"
-        code = _kill_after(["train", *AGENTS[agent], *COMMON, "--run-dir", str(run), "--quiet"], at)
+        for _attempt in range(3):  # a run that finished before its moment (a quieter machine) measures the next draw
+            at = rng.uniform(0, duration)
+            shutil.rmtree(run, ignore_errors=True)
+            began = time.perf_counter()
+            code = _kill_after(["train", *AGENTS[agent], *COMMON, "--run-dir", str(run), "--quiet"], at)
+            if code != 0:
+                break
+            duration = time.perf_counter() - began
         record: dict[str, Any] = {"case": f"random{k}", "agent": agent, "kill_at_s": round(at, 2),
-                                  "kill_at_fraction": round(at / duration, 3), "exit_codes": [code],
-                                  "killed": code == -9}
+                                  "kill_at_fraction": round(at / duration, 3), "draws": _attempt + 1,
+                                  "exit_codes": [code], "killed": code == -9}
         record["interrupts"] = interrupted(run) if record["killed"] else "nothing: the run finished first"
         done = None
         if code != 0:  # killed before config.yaml was in place: started again in place, as --resume says to
