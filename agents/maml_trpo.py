@@ -27,7 +27,6 @@ baseline sees time as a feature, as in the anchors); terminations are true ends.
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -38,6 +37,7 @@ import torch
 
 from metarl.agent import Agent, Collect
 from metarl.agents.baselines import LinearFeatureBaseline
+from metarl.config import check_ranges
 from metarl.episodes import EpisodeBatch
 from metarl.optim import (
     backtracking_line_search,
@@ -109,21 +109,15 @@ class MAMLTRPOConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"agent.{name} must be a positive integer, got {value!r}")
-        for name in ("inner_lr", "max_kl", "init_std", "action_scale"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ValueError(f"agent.{name} must be a positive number, got {value!r}")
+        check_ranges(self, {"inner_lr": (0, 100, "(]"), "max_kl": (0, 100, "(]"), "init_std": (0, 100, "(]"),
+                            "action_scale": (0, 1000, "(]"), "cg_damping": (0, 1000, "[]"),
+                            "inner_max_kl": (0, 100, "[]")})
         if not (isinstance(self.gamma, (int, float)) and 0 < self.gamma <= 1):
             raise ValueError(f"agent.gamma must be in (0, 1], got {self.gamma!r}")
         if not (isinstance(self.gae_lambda, (int, float)) and 0 <= self.gae_lambda <= 1):
             raise ValueError(f"agent.gae_lambda must be in [0, 1], got {self.gae_lambda!r}")
         if not (isinstance(self.ls_backtrack, (int, float)) and 0 < self.ls_backtrack < 1):
             raise ValueError(f"agent.ls_backtrack must be in (0, 1), got {self.ls_backtrack!r}")
-        if not (isinstance(self.inner_max_kl, (int, float)) and math.isfinite(self.inner_max_kl)
-                and self.inner_max_kl >= 0):
-            raise ValueError(f"agent.inner_max_kl must be a number >= 0 (0: off), got {self.inner_max_kl!r}")
-        if not (isinstance(self.cg_damping, (int, float)) and self.cg_damping >= 0):
-            raise ValueError(f"agent.cg_damping must be >= 0, got {self.cg_damping!r}")
         if self.inner_objective not in INNER_OBJECTIVES:
             raise ValueError(f"agent.inner_objective must be one of {', '.join(INNER_OBJECTIVES)}, "
                              f"got {self.inner_objective!r}")

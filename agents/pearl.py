@@ -52,6 +52,7 @@ import torch
 from torch import nn
 
 from metarl.agent import Agent, Collect
+from metarl.config import check_ranges
 from metarl.episodes import EpisodeBatch
 from metarl.policies import numpy_task_generators
 from metarl.system import keep_freed_memory
@@ -113,13 +114,8 @@ class PEARLConfig:
         if self.tasks_per_batch > self.num_train_tasks:
             raise ValueError(f"agent.tasks_per_batch ({self.tasks_per_batch}) must be <= agent.num_train_tasks "
                              f"({self.num_train_tasks})")
-        for name in ("lr", "reward_scale"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ValueError(f"agent.{name} must be a positive number, got {value!r}")
-        for name in ("kl_lambda", "policy_mean_reg", "policy_std_reg"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"agent.{name} must be >= 0, got {getattr(self, name)!r}")
+        check_ranges(self, {"lr": (0, 10, "(]"), "reward_scale": (0, 1e6, "(]"), "kl_lambda": (0, 1e6, "[]"),
+                            "policy_mean_reg": (0, 1e6, "[]"), "policy_std_reg": (0, 1e6, "[]")})
         if not 0 < self.gamma <= 1:
             raise ValueError(f"agent.gamma must be in (0, 1], got {self.gamma!r}")
         if not 0 < self.tau <= 1:

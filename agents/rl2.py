@@ -21,7 +21,6 @@ Defaults follow VariBAD's RL² (docs/anchors.md): GRU 128, 2 episodes per trial,
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from typing import Any
 
@@ -30,6 +29,7 @@ import torch
 from torch import nn
 
 from metarl.agent import Agent, Collect
+from metarl.config import check_ranges
 from metarl.episodes import EpisodeBatch
 from metarl.policies import DiagGaussian, numpy_task_generators
 from metarl.returns import discounted_returns, gae
@@ -76,17 +76,13 @@ class RL2Config:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"agent.{name} must be a positive integer, got {value!r}")
-        for name in ("lr", "clip", "init_std", "max_grad_norm"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ValueError(f"agent.{name} must be a positive number, got {value!r}")
+        check_ranges(self, {"lr": (0, 10, "(]"), "clip": (0, 10, "(]"), "init_std": (0, 100, "(]"),
+                            "max_grad_norm": (0, 1e6, "(]"), "entropy_coef": (0, 1000, "[]"),
+                            "value_coef": (0, 1000, "[]")})
         if not 0 < self.gamma <= 1:
             raise ValueError(f"agent.gamma must be in (0, 1], got {self.gamma!r}")
         if not 0 <= self.gae_lambda <= 1:
             raise ValueError(f"agent.gae_lambda must be in [0, 1], got {self.gae_lambda!r}")
-        for name in ("entropy_coef", "value_coef"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"agent.{name} must be >= 0, got {getattr(self, name)!r}")
         if self.lr_schedule not in ("constant", "linear"):
             raise ValueError(f"agent.lr_schedule must be 'constant' or 'linear', got {self.lr_schedule!r}")
         if self.bptt_chunk < 0:

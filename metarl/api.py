@@ -106,15 +106,17 @@ def train(config: str | Path | RunConfig, overrides: list[str] | tuple[str, ...]
     return MetaLearner(folder, config, agent)
 
 
-def load(run_dir: str | Path, device: str | None = None) -> MetaLearner:
+def load(run_dir: str | Path, device: str | None = None, trust_code: bool = False) -> MetaLearner:
     """A trained run (its config.yaml and newest usable checkpoint) as a `MetaLearner`. ``device`` (``auto``,
     ``cpu``, ``cuda``, ``cuda:N``; default: the run's own ``device``) is where adaptation's gradient steps run;
-    a checkpoint written on any device loads on any other. Acting stays numpy on the CPU."""
+    a checkpoint written on any device loads on any other. Acting stays numpy on the CPU. Code its config names
+    from inside the run folder (an env module beside config.yaml) is imported only with ``trust_code``: a run
+    folder someone shared could run anything that way."""
     from metarl.runfolder import load_checkpoint, load_run_config
     from metarl.training import build_agent
 
     run_dir = Path(run_dir)
-    config = load_run_config(run_dir)
+    config = load_run_config(run_dir, trust_code=trust_code)
     if device is not None:
         import dataclasses
 
@@ -214,7 +216,7 @@ class MetaLearner:
         is this call. ``repeats`` R > 1: R independent adaptations per task, pooled, written to
         ``RUN_DIR/eval/<split>-repeats<R>/`` (for families with few tasks). ``lock=False``: the caller
         already holds the run folder's lock (`run_lock`)."""
-        from metarl.runfolder import check_writable, eval_dir, run_lock
+        from metarl.runfolder import check_writable, eval_dir, eval_target, run_lock
         from metarl.training import evaluate_run
 
         e = self.config.eval
@@ -223,10 +225,17 @@ class MetaLearner:
         if repeats < 1:
             raise ValueError(f"evaluate: repeats must be >= 1, got {repeats}")
         check_writable(self.run_dir, self.run_dir / "eval", eval_dir(self.run_dir, split, repeats))
+
+        def evaluate() -> dict[str, Any]:
+            out = eval_target(self.run_dir, split, repeats, self.agent.iteration)  # never over a later iteration's
+            check_writable(out)
+            return evaluate_run(self.agent, self.config, self.run_dir, split, tasks, steps, episodes, repeats=repeats,
+                                out=out)
+
         if not lock:
-            return evaluate_run(self.agent, self.config, self.run_dir, split, tasks, steps, episodes, repeats=repeats)
+            return evaluate()
         with run_lock(self.run_dir):
-            return evaluate_run(self.agent, self.config, self.run_dir, split, tasks, steps, episodes, repeats=repeats)
+            return evaluate()
 
     def _spaces(self, env: gym.Env) -> tuple[tuple[int, ...], tuple[int, ...]]:
         sampler = self.agent.sampler

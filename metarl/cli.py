@@ -155,7 +155,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 if o.split("=", 1)[1].strip().startswith(("+", "-")):
                     raise ConfigError(f"{o}: iterations=N is the run's new total number of iterations, not an "
                                       "increment; give the total (e.g. iterations=12)")
-            config = load_run_config(run_dir)
+            config = load_run_config(run_dir, trust_code=args.trust_run_code)
             if overrides:
                 config = load_config(None, overrides, data=config.to_dict())
             mrl.train(_on_ray(config, args), run_dir=run_dir, resume=True, verbose=not args.quiet).close()
@@ -182,6 +182,12 @@ def _on_ray(config, args: argparse.Namespace):
     return dataclasses.replace(config, sampler=sampler)
 
 
+def _trust_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-run-code", action="store_true", help="import code that the run folder's own config.yaml "
+                   "names from inside the folder (a module beside config.yaml); without it such a folder is refused, "
+                   "since a folder someone shared could run anything that way")
+
+
 def _ray_flags(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--ray", action="store_true", help=f"{what} on a Ray cluster (the ray extra: pip install -e \".[ray]\"): "
                    "the one at --address, else RAY_ADDRESS, else the one started on this machine with `ray start`, "
@@ -205,7 +211,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     _user_code(args)
     try:
-        config = load_run_config(run_dir)
+        config = load_run_config(run_dir, trust_code=args.trust_run_code)
         for name in ("steps", "episodes", "tasks", "repeats"):
             value = getattr(args, name)
             if value is not None and value < (0 if name == "steps" else 1):
@@ -221,25 +227,27 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             if steps < 1:
                 raise ConfigError("--video needs at least one adaptation stage (--steps >= 1) to show before and after")
         with run_lock(run_dir):
-            _evaluate(run_dir, config, split, tasks, steps, episodes, video, args.repeats, args.device)
+            _evaluate(run_dir, config, split, tasks, steps, episodes, video, args.repeats, args.device,
+                      args.trust_run_code)
     except (ConfigError, TaskError, VideoError, FloatingPointError) as exc:
         raise UsageError(str(exc)) from exc
     return 0
 
 
 def _evaluate(run_dir: Path, config: Any, split: str, tasks: int, steps: int, episodes: int, video: dict | None,
-              repeats: int = 1, device: str | None = None) -> None:
+              repeats: int = 1, device: str | None = None, trust_code: bool = False) -> None:
     import metarl.api as mrl
-    from metarl.runfolder import check_writable, eval_dir
-    from metarl.training import render_run
+    from metarl.runfolder import check_writable, eval_dir, eval_target
+    from metarl.training import evaluate_run, render_run
 
-    out = eval_dir(run_dir, split, repeats)
-    check_writable(run_dir, run_dir / "eval", out)
-    learner = mrl.load(run_dir, device=device)  # the run's config and its newest usable checkpoint
+    check_writable(run_dir, run_dir / "eval", eval_dir(run_dir, split, repeats))
+    learner = mrl.load(run_dir, device=device, trust_code=trust_code)  # the run's config and newest usable checkpoint
     agent = learner.agent
     try:
-        # the caller holds the run lock
-        summary = learner.evaluate(split, tasks, steps, episodes, lock=False, repeats=repeats)
+        # the caller holds the run lock; a checkpoint older than the folder's evaluation (a fallback) writes beside it
+        out = eval_target(run_dir, split, repeats, agent.iteration)
+        check_writable(out)
+        summary = evaluate_run(agent, learner.config, run_dir, split, tasks, steps, episodes, repeats=repeats, out=out)
         print(f"{'stage':>5} {'adapt episodes':>14} {'adapt steps':>11} {'mean return':>11}  95% CI")
         for s in summary["stages"]:
             print(f"{s['stage']:>5} {s['adapt_episodes']:>14} {s['adapt_env_steps']:>11.0f} "
@@ -252,7 +260,7 @@ def _evaluate(run_dir: Path, config: Any, split: str, tasks: int, steps: int, ep
             print(f"rendering {video['tasks']} held-out task(s) before and after adaptation "
                   f"(MUJOCO_GL={os.environ.get('MUJOCO_GL')}) ...", flush=True)
             paths = render_run(agent, config, run_dir, split, tasks, steps, episodes, video["tasks"],
-                               video["size"], video["fps"], verbose=True)
+                               video["size"], video["fps"], verbose=True, out=out)
             print(f"written to {paths[0].parent}/ ({sum(p.suffix == '.gif' for p in paths)} GIFs, each with its MP4) "
                   f"and TensorBoard (eval/{split}/video/)")
     finally:
@@ -392,6 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
     p.add_argument("--run-dir", help="write the run here instead of runs/<experiment>/<timestamp>-<seed>")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    _trust_flag(p)
     _ray_flags(p, "sample")
     p.set_defaults(func=_cmd_train)
 
@@ -413,6 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--video-size", default=None, metavar="WxH", help="with --video: frame size (default 320x240)")
     p.add_argument("--fps", type=int, default=None, help="with --video: frames per second (default: the env's rate, "
                    "at most 25); frames are dropped to play at about real time")
+    _trust_flag(p)
     p.set_defaults(func=_cmd_eval)
 
     p = command("speed", help="measure raw MuJoCo, Gymnasium and sampler step rates side by side")
@@ -545,6 +555,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.parse_args(argv)
     if extra:
         args.overrides = [*args.overrides, *extra]
+    from metarl.sampling import WorkerDied
     from metarl.system import work_threads
 
     try:
@@ -554,6 +565,12 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"metarl {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except WorkerDied as exc:  # not a usage error (exit code 1), but one line: which worker, and what to run
+        again = "" if "metarl train --resume" in str(exc) else (
+            "; what was written is kept, run the command again to continue: metarl "
+            + " ".join(sys.argv[1:] if argv is None else argv))
+        print(f"metarl {args.command}: error: {exc}{again}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

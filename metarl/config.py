@@ -34,6 +34,24 @@ class ConfigError(ValueError):
     """A malformed config: the message names the field and what was expected."""
 
 
+#: The largest float32: a config number beyond it becomes inf in the first tensor it enters.
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def check_ranges(config: Any, ranges: dict[str, tuple[float, float, str]], where: str = "agent") -> None:
+    """ValueError naming the first field of ``config`` outside its accepted range. ``ranges`` maps a field to
+    ``(low, high, bounds)``, ``bounds`` one of ``"()"``, ``"(]"``, ``"[)"``, ``"[]"`` (open or closed ends). The
+    upper ends are far beyond any setting that trains: they catch typos (``1e300``) before they overflow inside
+    an update."""
+    for name, (low, high, bounds) in ranges.items():
+        value = getattr(config, name)
+        ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+              and (value >= low if bounds[0] == "[" else value > low)
+              and (value <= high if bounds[1] == "]" else value < high))
+        if not ok:
+            raise ValueError(f"{where}.{name} must be in {bounds[0]}{low:g}, {high:g}{bounds[1]}, got {value!r}")
+
+
 def agent_class(name: str) -> Any:
     """The agent class registered as ``name`` (`metarl.agent.get_agent`); ConfigError naming ``agent.name``."""
     from metarl.agent import AgentError, get_agent
@@ -204,6 +222,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a number, got {type(value).__name__} {value!r}")
         if not math.isfinite(value):
             raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        if abs(value) > FLOAT32_MAX:  # no tensor can hold it: it would overflow inside the first update
+            raise ConfigError(f"{where}: expected a number of magnitude at most {FLOAT32_MAX:.3g}, got {value!r}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):

@@ -10,6 +10,9 @@ training; every agent returns an `AdaptationResult` and the files below are the 
 Written to ``RUN_DIR/eval/<split>/``: ``summary.json``, ``summary.csv``, ``per_task.csv``,
 ``adaptation_curve.png`` and, where the agent reports it, ``within_episode.png`` (the return in each tenth
 of the horizon inside the measured episodes, per stage; ``within_episode`` in each stage of the summary).
+The previous evaluation's files are removed first and ``summary.json``, which names the iteration evaluated, is
+written last: a folder with a summary.json holds one complete evaluation, and one without it (a killed
+evaluation) holds files of the unfinished one only.
 
 Beyond the return, each stage carries the episode metrics of the measured episodes: ``success_rate`` (an
 episode succeeds if any of its steps has ``info["success"]`` true) with its 95% interval over tasks, where the
@@ -27,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from metarl.system import atomic_write, fault_point
+from metarl.system import atomic_write, fault_point, fsync_dir, warn
 from metarl.tasks import Task
 
 
@@ -257,15 +260,19 @@ def plot_within_episode(summary: dict[str, Any], title: str = "", path: str | Pa
 
 def write_summary(result: AdaptationResult, out_dir: str | Path, title: str = "", extra: dict[str, Any] | None = None,
                   seed: int = 0, strata: np.ndarray | None = None) -> dict[str, Any]:
-    """Write summary.json / summary.csv / per_task.csv / adaptation_curve.png into ``out_dir`` (``strata``:
-    as `summarize`)."""
+    """Write summary.csv / per_task.csv / adaptation_curve.png (/ within_episode.png) and, last, summary.json into
+    ``out_dir``, after removing the files of the evaluation written there before (``strata``: as `summarize`)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     summary = summarize(result, seed=seed, strata=strata)
     if extra:
         summary.update(extra)
-    atomic_write(out / "summary.json", json.dumps(summary, indent=2))
-    fault_point("eval_files")
+    left = [name for name in EVAL_FILES if (out / name).exists()]
+    if left and "summary.json" not in left:
+        warn(f"{out} held files of an evaluation that did not finish ({', '.join(left)}); replacing them")
+    for name in EVAL_FILES:  # summary.json first: from here on the folder claims no complete evaluation
+        (out / name).unlink(missing_ok=True)
+    fsync_dir(out)
 
     success = result.success is not None
     terms = sorted(result.reward_terms)
@@ -276,6 +283,7 @@ def write_summary(result: AdaptationResult, out_dir: str | Path, title: str = ""
                     + ([s["success_rate"], *s["success_ci95"]] if success else [])
                     + [s["reward_terms"][name] for name in terms])
     atomic_write(out / "summary.csv", _csv(rows))
+    fault_point("eval_files")
     task_rows = [["task", *[f"stage{s['stage']}" for s in summary["stages"]]]
                  + ([f"success_stage{s['stage']}" for s in summary["stages"]] if success else [])]
     for i, task in enumerate(result.tasks):
@@ -284,7 +292,12 @@ def write_summary(result: AdaptationResult, out_dir: str | Path, title: str = ""
     atomic_write(out / "per_task.csv", _csv(task_rows))
     plot_curves({title or "metarl": summary}, out / "adaptation_curve.png", title=title)
     plot_within_episode(summary, title=f"{title}: within the measured episodes", path=out / "within_episode.png")
+    atomic_write(out / "summary.json", json.dumps(summary, indent=2))  # the record that the evaluation is complete
     return summary
+
+
+#: The files of one evaluation in its folder (history.jsonl and video/ are kept across evaluations).
+EVAL_FILES = ("summary.json", "summary.csv", "per_task.csv", "adaptation_curve.png", "within_episode.png")
 
 
 def _csv(rows: list[list[Any]]) -> str:

@@ -30,17 +30,13 @@ from typing import Any
 import torch
 
 from metarl.config import ConfigError, RunConfig, load_config, read_yaml, yaml_dump
-from metarl.system import atomic_write, fault_point, fsync_dir
+from metarl.system import atomic_write, fault_point, fsync_dir, warn
 
 LATEST, PREVIOUS = "latest.pt", "previous.pt"
 
 
 class CheckpointError(ConfigError):
     """A checkpoint that cannot be trusted (missing, unreadable, or failing its checksum)."""
-
-
-def warn(message: str) -> None:
-    print(f"metarl: warning: {message}", file=sys.stderr, flush=True)
 
 
 # ---- checksums ------------------------------------------------------------------------------------------
@@ -322,7 +318,9 @@ def no_config_error(run_dir: Path) -> ConfigError:
     return ConfigError(f"{run_dir}: not a run folder (no config.yaml)")
 
 
-def load_run_config(run_dir: Path) -> RunConfig:
+def load_run_config(run_dir: Path, trust_code: bool = False) -> RunConfig:
+    """The run's config.yaml, validated. The code it names (``imports:``, ``env: module:Id``) is imported only
+    where the user trusts it: found outside the run folder, or with ``trust_code`` (`check_run_code`)."""
     path = run_dir / "config.yaml"
     if not path.is_file():
         raise no_config_error(run_dir)
@@ -330,10 +328,49 @@ def load_run_config(run_dir: Path) -> RunConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: damaged run config (expected a mapping, got {type(data).__name__})")
     data.pop("meta", None)
+    if not trust_code:
+        check_run_code(run_dir, data)  # before anything of it is imported (a config's agent may be in its imports)
     try:
         return load_config(None, data=data)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+
+
+def check_run_code(run_dir: Path, data: dict[str, Any]) -> None:
+    """ConfigError if the run config ``data`` names code that would be imported from inside ``run_dir`` (a
+    ``payload.py`` beside config.yaml, found from the current directory when it is the run folder): a run folder
+    someone shared would run their code. Nothing is imported here."""
+    from metarl.config import resolve_imports
+
+    env = data.get("env") if isinstance(data.get("env"), str) else None
+    try:
+        entries = resolve_imports(data.get("imports") or [], None, env)
+    except ConfigError:
+        return  # not found: load_config says so, and there is nothing inside the folder to import
+    folder = run_dir.resolve()
+    for entry in entries:
+        where = _code_location(entry)
+        if where is not None and (where == folder or folder in where.parents):
+            raise ConfigError(f"{run_dir / 'config.yaml'} names code inside the run folder ({entry}), which metarl "
+                              "imports only if you trust whoever wrote the folder: add --trust-run-code (in Python, "
+                              "trust_code=True)")
+
+
+def _code_location(entry: str) -> Path | None:
+    """The file or package folder an import entry would be imported from (None: not found), without importing."""
+    import importlib.util
+
+    if Path(entry).is_absolute():  # `metarl.plugins.resolve` stores every path entry as an absolute path
+        return Path(entry).resolve()
+    try:
+        spec = importlib.util.find_spec(entry.split(".")[0])  # a top-level name: found without running code
+    except (ImportError, ValueError):
+        return None
+    if spec is None:
+        return None
+    origin = spec.origin if spec.origin not in (None, "built-in", "frozen") else None
+    places = [origin, *(spec.submodule_search_locations or [])]
+    return next((Path(p).resolve() for p in places if p), None)
 
 
 def load_checkpoint(run_dir: Path, agent: Any, config: RunConfig | None = None) -> dict[str, Any]:
@@ -344,12 +381,53 @@ def load_checkpoint(run_dir: Path, agent: Any, config: RunConfig | None = None) 
     state = latest_checkpoint(folder)
     if state is None:
         raise ConfigError(f"{run_dir}: no checkpoint at {folder / 'latest.pt'}")
-    check_config_unchanged(run_dir, state, config)
+    load_agent_state(run_dir, state, agent, config)
+    return state
+
+
+def load_agent_state(run_dir: Path, state: dict[str, Any], agent: Any, config: RunConfig | None = None) -> None:
+    """Load a verified checkpoint's agent state into ``agent``, built from the run's config.yaml. ConfigError in one
+    line if the checkpoint is not of this run: of another agent, of another network shape (a checkpoint swapped
+    in from another run), or written with other settings than config.yaml holds now (config.yaml edited)."""
+    where = f"{run_dir / 'checkpoints'}: the checkpoint at iteration {state['iteration']}"
+    record = _record(state)
+    name = getattr(config, "agent_name", None)
+    theirs = record.get("agent", {}).get("name") if isinstance(record.get("agent"), dict) else None
+    if name is not None and theirs is not None and theirs != name:
+        raise ConfigError(f"{where} is a checkpoint of another agent ({theirs}), not of this run's {name} "
+                          f"({run_dir / 'config.yaml'}); put this run's own checkpoint back")
     try:
         agent.load_state_dict(state["agent"])
-    except (RuntimeError, KeyError, ValueError, TypeError) as exc:
-        raise ConfigError(f"{folder}: checkpoint does not match the run's config: {exc}") from exc
-    return state
+    except (RuntimeError, KeyError, ValueError, TypeError) as exc:  # networks of another shape than config.yaml makes
+        mine, stored = _shapes(agent.state_dict()), _shapes(state["agent"])
+        differ = [f"{key}: {list(stored[key])} in the checkpoint, {list(mine[key])} here" for key in sorted(set(mine) & set(stored))
+                  if mine[key] != stored[key] and 0 not in mine[key] and 0 not in stored[key]]  # (not empty buffers)
+        what = differ[0] if differ else " ".join(str(exc).split())[:160]
+        raise ConfigError(f"{where} holds networks of another shape than {run_dir / 'config.yaml'} makes ({what}): a "
+                          "checkpoint of another run, or config.yaml edited; put back this run's own") from exc
+    check_config_unchanged(run_dir, state, config)
+
+
+def _record(state: dict[str, Any]) -> dict[str, Any]:
+    try:
+        record = json.loads(state.get("config") or "{}")
+    except (TypeError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _shapes(obj: Any, where: str = "") -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor in a (nested) state, by dotted path (other values are left out)."""
+    if isinstance(obj, torch.Tensor):
+        return {where: tuple(obj.shape)}
+    out: dict[str, Any] = {}
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            out.update(_shapes(value, f"{where}.{key}" if where else str(key)))
+    elif isinstance(obj, (list, tuple)):
+        for i, value in enumerate(obj):
+            out.update(_shapes(value, f"{where}[{i}]"))
+    return out
 
 
 def check_config_unchanged(run_dir: Path, state: dict[str, Any], config: RunConfig | None) -> None:
@@ -368,6 +446,9 @@ def truncate_jsonl(path: Path, iteration: int) -> dict[str, Any] | None:
     beside as ``metrics.jsonl.damaged``; missing or repeated iterations are reported. Returns the row of
     ``iteration`` (None if absent)."""
     if not path.is_file():
+        if iteration > 0:
+            warn(f"{path} is missing: the training metrics of iterations 1-{iteration} are lost (a checkpoint keeps "
+                 "only the agent; TensorBoard keeps their scalars); later iterations are written to a new one")
         return None
     lines = path.read_bytes().decode("utf-8", errors="replace").splitlines()
     keep, rows, damaged = [], [], []
@@ -388,7 +469,8 @@ def truncate_jsonl(path: Path, iteration: int) -> dict[str, Any] | None:
         missing = sorted(set(range(1, iteration + 1)) - set(seen))
         repeated = sorted({i for i in seen if seen.count(i) > 1})
         warn(f"{path} does not hold exactly one line per iteration up to the checkpoint's {iteration} "
-             f"(missing: {missing[:10] or 'none'}, repeated: {repeated[:10] or 'none'})")
+             f"(missing: {missing[:10] or 'none'}, repeated: {repeated[:10] or 'none'}); the metrics of the missing "
+             "iterations are lost (a checkpoint keeps only the agent; TensorBoard keeps their scalars)")
     if damaged:
         atomic_write(path.with_name(path.name + ".damaged"), "".join(line + "\n" for line in lines))
     if len(keep) != len(lines):
@@ -423,6 +505,34 @@ def eval_dir(run_dir: Path, split: str, repeats: int = 1) -> Path:
     return run_dir / "eval" / (split if repeats == 1 else f"{split}-repeats{repeats}")
 
 
+def eval_target(run_dir: Path, split: str, repeats: int, iteration: int) -> Path:
+    """Where ``metarl eval`` writes its evaluation of the checkpoint at ``iteration``: `eval_dir`, unless that
+    folder holds an evaluation of a later iteration (its summary.json or its history.jsonl says so: the command
+    fell back to previous.pt because latest.pt is damaged); then ``eval/<split>-iteration<N>/`` beside it, with a
+    warning, so that a newer result is never replaced by an older one."""
+    out = eval_dir(run_dir, split, repeats)
+    held = [_summary_iteration(out / "summary.json")]
+    if (out / "history.jsonl").is_file():
+        try:
+            held += [row.get("iteration") for row in read_eval_history(out / "history.jsonl")]
+        except (ValueError, AttributeError):
+            pass
+    later = max((k for k in held if isinstance(k, int) and k > iteration), default=None)
+    if later is None:
+        return out
+    aside = out.with_name(f"{out.name}-iteration{iteration}")
+    warn(f"{out} holds the evaluation of iteration {later}, later than the checkpoint evaluated (iteration "
+         f"{iteration}); writing this one to {aside} instead")
+    return aside
+
+
+def _summary_iteration(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text()).get("iteration")
+    except (OSError, ValueError, AttributeError, UnicodeDecodeError):
+        return None
+
+
 def write_run_config(run_dir: Path, config: RunConfig, meta: dict[str, Any]) -> None:
     atomic_write(run_dir / "config.yaml", yaml_dump({**config.to_dict(), "meta": meta}))
 
@@ -455,3 +565,105 @@ def check_new_run_folder(run_dir: Path) -> None:
         raise ConfigError(f"run folder {run_dir} is a file")
     if not unstarted(run_dir):
         raise ConfigError(f"run folder {run_dir} already exists and is not empty (use --resume to continue it)")
+# ---- TensorBoard event files -------------------------------------------------------------------------------
+def read_event_files(run_dir: Path) -> tuple[set[tuple[str, int]], list[str]]:
+    """The (tag, step) of every scalar point TensorBoard can read from the run's event files, and one line for
+    each damaged file (a record cut short or failing its checksum): where, and the last env step read before it.
+    TensorBoard stops reading a file at its first bad record, so nothing after it is read: here neither."""
+    import struct
+
+    from tensorboard.compat.proto import event_pb2
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
+
+    points: set[tuple[str, int]] = set()
+    damaged: list[str] = []
+    for path in sorted(run_dir.glob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        at, last, problem = 0, None, None
+        while at < len(data) and problem is None:
+            if len(data) - at < 12:
+                problem = "a record cut short"
+                break
+            header = data[at:at + 8]
+            (length,) = struct.unpack("<Q", header)
+            if struct.unpack("<I", data[at + 8:at + 12])[0] != masked_crc32c(header):
+                problem = "a record failing its checksum"
+            elif at + 16 + length > len(data):
+                problem = "a record cut short"
+            else:
+                body = data[at + 12:at + 12 + length]
+                if struct.unpack("<I", data[at + 12 + length:at + 16 + length])[0] != masked_crc32c(body):
+                    problem = "a record failing its checksum"
+                else:
+                    event = event_pb2.Event()
+                    try:
+                        event.ParseFromString(body)
+                    except Exception:  # a record whose checksum holds but whose content is no event
+                        problem = "a record that is no event"
+                        break
+                    for value in event.summary.value:
+                        if value.HasField("simple_value") or value.metadata.plugin_data.plugin_name == "scalars":
+                            points.add((value.tag, int(event.step)))
+                    last = int(event.step) if event.HasField("summary") else last
+                    at += 16 + length
+                    continue
+        if problem is not None:
+            damaged.append(f"{path} is damaged ({problem} at byte {at} of {len(data)}; nothing after it can be read"
+                           + (f", the last point read is at env step {last:,})" if last is not None else ")"))
+    return points, damaged
+
+
+def rebuild_event_points(run_dir: Path, split: str, readable: set[tuple[str, int]], before_step: int,
+                         writer: Any) -> int:
+    """Write again, with ``writer``, the scalar points below env step ``before_step`` that no event file holds
+    readably and that the run's records keep: every metric of ``metrics.jsonl`` (logged with these values) and
+    the return, adaptation gain and its interval of each evaluation in ``eval/<split>/history.jsonl``. Returns
+    how many were written."""
+    wanted: list[tuple[str, int, float]] = []
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file():
+        for line in metrics.read_text(errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("env_steps"), (int, float)):  # (a float: as logged)
+                wanted += [(k, int(row["env_steps"]), v) for k, v in row.items()
+                           if "/" in k and isinstance(v, (int, float))]
+    try:
+        history = read_eval_history(run_dir / "eval" / split / "history.jsonl")
+    except (ValueError, OSError):
+        history = []
+    for row in history:
+        stages, step = row.get("stages") or [], row.get("env_steps")
+        if not stages or not isinstance(step, (int, float)):
+            continue
+        step = int(step)
+        wanted += [(f"eval/{split}/return_stage{s['stage']}", step, s["mean_return"]) for s in stages]
+        wanted.append((f"eval/{split}/adaptation_gain", step, stages[-1]["mean_return"] - stages[0]["mean_return"]))
+        if "gain_ci95" in stages[-1]:
+            wanted += [(f"eval/{split}/adaptation_gain_ci95_low", step, stages[-1]["gain_ci95"][0]),
+                       (f"eval/{split}/adaptation_gain_ci95_high", step, stages[-1]["gain_ci95"][1])]
+    written = 0
+    for tag, step, value in wanted:
+        if step < before_step and (tag, step) not in readable:
+            writer.add_scalar(tag, value, step)
+            readable.add((tag, step))
+            written += 1
+    return written
+
+
+def eval_files_problem(run_dir: Path, split: str, iteration: int) -> str | None:
+    """What is wrong with ``eval/<split>/`` as the record of the evaluation at ``iteration`` (None: complete)."""
+    out = run_dir / "eval" / split
+    path = out / "summary.json"
+    if not path.is_file():
+        return f"{path} is missing"
+    try:
+        held = json.loads(path.read_text()).get("iteration")
+    except (OSError, ValueError, AttributeError, UnicodeDecodeError) as exc:
+        return f"{path} is damaged ({type(exc).__name__})"
+    if held != iteration:
+        return f"{path} is of iteration {held!r}, not {iteration}"
+    missing = [name for name in ("summary.csv", "per_task.csv", "adaptation_curve.png") if not (out / name).is_file()]
+    return f"{out / missing[0]} is missing" if missing else None

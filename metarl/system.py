@@ -166,6 +166,11 @@ def work_threads() -> Iterator[None]:
         yield
 
 
+def warn(message: str) -> None:
+    """One line on stderr: something was lost, damaged or done otherwise than asked, and the command goes on."""
+    print(f"metarl: warning: {message}", file=sys.stderr, flush=True)
+
+
 _fault_hits: dict[str, int] = {}
 
 
@@ -174,8 +179,8 @@ def fault_point(name: str) -> None:
     ``name:N``, the N-th time it is reached) this process sends itself SIGKILL there. Without the variable
     it costs one dictionary lookup. Points: ``iteration`` (start of an iteration), ``metrics`` (metrics
     appended, checkpoint not yet written), ``checkpoint`` (new checkpoint written beside the old one, not
-    yet renamed), ``eval`` (held-out evaluation computed, nothing written), ``eval_files`` (summary.json
-    written, the csv and plot not yet), ``eval_history`` (files and TensorBoard written, not yet its line in
+    yet renamed), ``eval`` (held-out evaluation computed, nothing written), ``eval_files`` (the previous
+    evaluation's files removed, summary.csv written, the rest and summary.json not yet), ``eval_history`` (files and TensorBoard written, not yet its line in
     history.jsonl), ``eval_logged`` (files, TensorBoard and history written, not yet recorded as done), ``worker`` (a sampler worker process, before a rollout; the count is per worker), ``ray_actor``
     (a Ray sampler actor, before a rollout; the count is per actor). With ``METARL_FAULT_ONCE=PATH`` as well,
     only the first process to create PATH is killed (one fault across all the processes that see PATH)."""

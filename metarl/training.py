@@ -46,15 +46,18 @@ from metarl.evaluation import (
 )
 from metarl.provenance import Recorder
 from metarl.runfolder import (
-    check_config_unchanged,
     check_new_run_folder,
     check_writable,
     config_record,
     eval_dir,
+    eval_files_problem,
     evals_done,
     latest_checkpoint,
     legacy_eval_done,
+    load_agent_state,
     no_config_error,
+    read_event_files,
+    rebuild_event_points,
     record_eval_done,
     record_eval_history,
     run_lock,
@@ -63,8 +66,8 @@ from metarl.runfolder import (
     truncate_jsonl,
     write_run_config,
 )
-from metarl.sampling import make_sampler
-from metarl.system import fault_point, work_threads
+from metarl.sampling import WorkerDied, make_sampler
+from metarl.system import fault_point, warn, work_threads
 from metarl.tasks import TaskError
 
 
@@ -256,12 +259,12 @@ def _eval_seed(config: RunConfig) -> int:
 
 
 def evaluate_run(agent: Any, config: RunConfig, run_dir: Path, split: str, tasks: int, steps: int,
-                 episodes: int, logger: _Logger | None = None, repeats: int = 1) -> dict[str, Any]:
+                 episodes: int, logger: _Logger | None = None, repeats: int = 1, out: Path | None = None) -> dict[str, Any]:
     """The evaluation protocol on ``tasks`` held-out tasks. ``repeats`` R > 1 adapts R times on each task,
     independently (the bundled agents seed episodes and action noise by a task's position in the call, so
     each copy has its own and the first copy is the R = 1 evaluation), and pools the R x tasks adaptations,
     the intervals resampling within each task: for a family with few tasks (HalfCheetahDir has two) one
-    adaptation per task is one draw of a noisy quantity."""
+    adaptation per task is one draw of a noisy quantity. Written to ``out`` (default: `eval_dir`)."""
     if repeats < 1:
         raise ConfigError(f"eval: repeats must be >= 1, got {repeats}")
     family = agent.sampler.family
@@ -274,7 +277,7 @@ def evaluate_run(agent: Any, config: RunConfig, run_dir: Path, split: str, tasks
     fault_point("eval")
     title = f"{config.agent_name} on {family.family}" + (f", {repeats} adaptations per task" if repeats > 1 else "")
     strata = np.tile(np.arange(len(held_out)), repeats) if repeats > 1 else None
-    summary = write_summary(result, eval_dir(run_dir, split, repeats), title=title, strata=strata, extra={
+    summary = write_summary(result, out or eval_dir(run_dir, split, repeats), title=title, strata=strata, extra={
         "split": split, "agent": config.agent_name, "family": family.family, "iteration": agent.iteration,
         "env_steps": agent.env_steps, "horizon": agent.sampler.horizon,
         **({"repeats": repeats, "distinct_tasks": len(held_out)} if repeats > 1 else {}),
@@ -287,10 +290,11 @@ def evaluate_run(agent: Any, config: RunConfig, run_dir: Path, split: str, tasks
 
 def render_run(agent: Any, config: RunConfig, run_dir: Path, split: str, tasks: int, steps: int, episodes: int,
                video_tasks: int = 1, size: tuple[int, int] = (320, 240), fps: float | None = None,
-               verbose: bool = False) -> list[Path]:
+               verbose: bool = False, out: Path | None = None) -> list[Path]:
     """Videos of the evaluation `evaluate_run` with the same arguments makes: its first ``video_tasks``
     held-out tasks before and after adaptation, replayed from the agent's `adaptation_rollouts`, into
-    ``RUN_DIR/eval/<split>/video/`` and TensorBoard (``eval/<split>/video/task<j>``, x = env steps)."""
+    ``video/`` of its folder ``out`` (default ``RUN_DIR/eval/<split>/``) and TensorBoard
+    (``eval/<split>/video/task<j>``, x = env steps)."""
     from metarl.video import VideoError, check_renderable, write_videos
 
     if steps < 1:
@@ -303,7 +307,7 @@ def render_run(agent: Any, config: RunConfig, run_dir: Path, split: str, tasks: 
     logger = _Logger(run_dir)
     try:
         return write_videos(agent.sampler.env_id, agent.sampler.env_kwargs, shown, plans, steps,
-                            run_dir / "eval" / split / "video", size=size, fps=fps, writer=logger.writer,
+                            (out or run_dir / "eval" / split) / "video", size=size, fps=fps, writer=logger.writer,
                             global_step=agent.env_steps, tag=f"eval/{split}/video", verbose=verbose)
     finally:
         logger.close()
@@ -355,11 +359,7 @@ def _train_locked(config: RunConfig, run_dir: Path, resume: bool, verbose: bool,
         if resume:
             state = latest_checkpoint(ckpt_dir)
             if state is not None:
-                check_config_unchanged(run_dir, state, config)
-                try:
-                    agent.load_state_dict(state["agent"])
-                except (RuntimeError, KeyError, ValueError, TypeError) as exc:
-                    raise ConfigError(f"{ckpt_dir}: checkpoint does not match the run's config: {exc}") from exc
+                load_agent_state(run_dir, state, agent, config)
                 start = int(state["iteration"])
             else:  # killed before its first checkpoint: start again in place, unless checkpoints were removed
                 start = 0
@@ -377,7 +377,22 @@ def _train_locked(config: RunConfig, run_dir: Path, resume: bool, verbose: bool,
                 recorded = [start] if legacy_eval_done(run_dir, config, start) else []
             done = [k for k in recorded if k <= start]
             redo_eval = _eval_due(config, start) and start not in done
+            if done and not redo_eval:  # the files of the last evaluation done: damaged or removed since?
+                problem = eval_files_problem(run_dir, config.eval.split, max(done))
+                if problem and max(done) == start:
+                    warn(f"{problem}; redoing the evaluation of iteration {start} from its checkpoint")
+                    redo_eval = True
+                elif problem:
+                    warn(f"{problem}: the evaluation of iteration {max(done)} is lost (no checkpoint of that "
+                         "iteration is kept; history.jsonl keeps its returns), the next evaluation replaces it")
+            readable, damaged = read_event_files(run_dir)
+            for line in damaged:
+                warn(f"{line}; the scalars metrics.jsonl and eval/{config.eval.split}/history.jsonl keep are written "
+                     "again, the figures, text and other evaluation scalars (success, reward terms) after it are lost")
             if start == config.iterations and not redo_eval:
+                if damaged:
+                    logger = _Logger(run_dir)
+                    rebuild_event_points(run_dir, config.eval.split, readable, agent.env_steps + 1, logger.writer)
                 if verbose:
                     print(f"{run_dir} is finished (iteration {start} of {config.iterations}, evaluated); nothing to do")
                 return run_dir
@@ -395,6 +410,9 @@ def _train_locked(config: RunConfig, run_dir: Path, resume: bool, verbose: bool,
             # Events after the checkpoint are dropped (purge_step); when the evaluation at the checkpoint's
             # iteration is redone, its partial points too, and the iteration's own scalars are logged again.
             logger = _Logger(run_dir, purge_step=agent.env_steps + (0 if (redo_eval or not start) else 1))
+            if damaged:  # points below the purge step that the damage made unreadable
+                rebuild_event_points(run_dir, config.eval.split, readable,
+                                     agent.env_steps + (0 if (redo_eval or not start) else 1), logger.writer)
             if start == 0:  # all of it purged, the config text included
                 logger.writer.add_text("config", "```\n" + yaml.safe_dump(config.to_dict(), sort_keys=False) + "\n```")
             elif redo_eval and row is not None:
@@ -455,6 +473,9 @@ def _train_locked(config: RunConfig, run_dir: Path, resume: bool, verbose: bool,
             if _eval_due(config, it + 1):
                 _eval_and_report(agent, config, run_dir, logger, verbose, done)
         return run_dir
+    except WorkerDied as exc:  # nothing of the interrupted iteration or evaluation counts: its resume redoes it
+        raise WorkerDied(f"{exc}; the run keeps its last checkpoint: resume it with metarl train --resume "
+                         f"{run_dir}") from None
     finally:
         if logger is not None:
             logger.close()

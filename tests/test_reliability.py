@@ -122,7 +122,10 @@ def test_a_run_whose_sampler_worker_was_killed_resumes_to_the_uninterrupted_run(
     run = tmp_path / "run"
     workers = [a if a != "sampler.workers=0" else "sampler.workers=1" for a in TINY]
     failed = _cli("train", CONFIG, *workers, "--run-dir", str(run), "--quiet", fault="worker:3")
-    assert failed.returncode == 1 and "a sampler worker died" in failed.stderr, failed.stderr
+    err = failed.stderr.strip()  # one line (it was a 41-48-line traceback): which worker died, what to run
+    assert failed.returncode == 1 and len(err.splitlines()) == 1, err
+    assert "sampler worker 0 (of 1, pid" in err and "died (killed by SIGKILL)" in err, err
+    assert err.endswith(f"resume it with metarl train --resume {run}"), err
     assert main(["train", "--resume", str(run), "--quiet"]) == 0
     _assert_same_run(straight, run)  # results do not depend on the number of workers
 
@@ -267,12 +270,20 @@ def test_a_power_cut_during_a_save_never_loses_the_last_good_checkpoint(tmp_path
 
 
 def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(straight, tmp_path, capsys):
+    """eval evaluates the fallback beside the final evaluation, never over it (it replaced the valid summary of
+    iteration 2 with one of iteration 1); a resume then trains iteration 2 again."""
     run = _copy(straight, tmp_path / "run")
     _flip(run / "checkpoints" / "latest.pt")
-    assert main(["eval", str(run)]) == 0  # reads only: warns and evaluates the previous checkpoint
+    final = {name: (run / "eval" / "test" / name).read_bytes() for name in ("summary.json", "summary.csv", "per_task.csv")}
+    assert main(["eval", str(run)]) == 0  # warns and evaluates the previous checkpoint
     err = capsys.readouterr().err
     assert "latest.pt: damaged checkpoint" in err and "previous.pt (iteration 1)" in err
-    assert json.loads((run / "eval" / "test" / "summary.json").read_text())["iteration"] == 1
+    aside = run / "eval" / "test-iteration1"
+    assert (f"{run / 'eval' / 'test'} holds the evaluation of iteration 2, later than the checkpoint evaluated "
+            f"(iteration 1); writing this one to {aside} instead") in err
+    assert {name: (run / "eval" / "test" / name).read_bytes() for name in final} == final
+    assert json.loads((aside / "summary.json").read_text())["iteration"] == 1
+    assert (aside / "per_task.csv").is_file() and (aside / "adaptation_curve.png").is_file()
     # a resume moves the damaged file aside and trains iteration 2 again: the same run as before
     assert main(["train", "--resume", str(run), "--quiet"]) == 0
     assert "damaged checkpoint" in capsys.readouterr().err
@@ -304,6 +315,24 @@ def test_a_damaged_checkpoint_without_fallback_is_one_line_exit_2(straight, tmp_
     assert path.is_file()  # kept for inspection
 
 
+def test_an_eval_killed_between_its_files_never_leaves_a_folder_mixing_two_evaluations(straight, tmp_path, capsys):
+    """Killed after its first file, an eval of 2 tasks left the new summary.json beside the csv files and plot of
+    the 3-task evaluation before it. Now the folder holds the unfinished evaluation's files only, without the
+    summary.json that names a complete one, and the rerun says what it replaces."""
+    run = _copy(straight, tmp_path / "run")
+    out = run / "eval" / "test"
+    killed = _cli("eval", str(run), "--tasks", "2", fault="eval_files:1")
+    assert killed.returncode == -9, killed.stderr
+    left = sorted(p.name for p in out.iterdir())
+    assert "summary.json" not in left and "per_task.csv" not in left and "adaptation_curve.png" not in left, left
+    assert "history.jsonl" in left  # the training's held-out curve is not the evaluation's to remove
+    assert main(["eval", str(run), "--tasks", "2"]) == 0
+    err = capsys.readouterr().err.strip()
+    assert err == f"metarl: warning: {out} held files of an evaluation that did not finish (summary.csv); replacing them"
+    assert json.loads((out / "summary.json").read_text())["num_tasks"] == 2
+    assert len((out / "per_task.csv").read_text().splitlines()) == 1 + 2
+
+
 def test_damaged_metrics_lines_are_reported(straight, tmp_path, capsys):
     run = _copy(straight, tmp_path / "run")
     path = run / "metrics.jsonl"
@@ -314,6 +343,63 @@ def test_damaged_metrics_lines_are_reported(straight, tmp_path, capsys):
     assert f"{path} line 1 is damaged" in err and "missing: [1]" in err
     assert [r["iteration"] for r in _metrics(run)] == [2, 3]
     assert (run / "metrics.jsonl.damaged").read_text().startswith(lines[0][:-7])
+
+
+def test_a_missing_metrics_file_is_reported_on_resume(straight, tmp_path, capsys):
+    run = _copy(straight, tmp_path / "run")
+    (run / "metrics.jsonl").unlink()  # a resume said nothing, and only the later iterations remained
+    assert main(["train", "--resume", str(run), "iterations=3", "--quiet"]) == 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert f"{run / 'metrics.jsonl'} is missing: the training metrics of iterations 1-2 are lost" in err, err
+    assert [r["iteration"] for r in _metrics(run)] == [3]
+
+
+def _rebuildable(scalars: dict) -> dict:
+    """The TensorBoard scalars a run's records keep: training metrics, and each evaluation's return and gain."""
+    return {tag: sorted(points) for tag, points in scalars.items()
+            if not tag.startswith("eval/") or "return_stage" in tag or "adaptation_gain" in tag}
+
+
+@pytest.mark.parametrize("damage", ["garbled", "truncated"])
+def test_a_damaged_event_file_is_reported_and_its_scalars_rebuilt(straight, tmp_path, capsys, damage):
+    """A finished run whose TensorBoard event file was garbled or cut: the resume said "nothing to do" and the
+    points after the damage (the final evaluation's among them) were silently gone."""
+    run = _copy(straight, tmp_path / "run")
+    (events,) = run.glob("events.out.tfevents.*")
+    data = bytearray(events.read_bytes())
+    first = data.index(b"meta/return_step0")
+    cut = data.index(b"meta/return_step0", first + 1)  # in a record of iteration 2: it and all after are lost
+    if damage == "garbled":
+        data[cut:cut + 64] = bytes(64)
+    else:
+        del data[cut:]
+    events.write_bytes(bytes(data))
+    before = _rebuildable(_scalars(run))
+    assert before != _rebuildable(_scalars(straight))  # points are lost indeed
+    assert main(["train", "--resume", str(run), "--quiet"]) == 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{events} is damaged (a record" in err, err
+    assert "written again" in err and "figures, text and other evaluation scalars" in err and "are lost" in err, err
+    assert _rebuildable(_scalars(run)) == _rebuildable(_scalars(straight))
+    assert main(["train", "--resume", str(run), "--quiet"]) == 0  # rebuilt once: the next resume adds nothing
+    assert _rebuildable(_scalars(run)) == _rebuildable(_scalars(straight))
+
+
+@pytest.mark.parametrize("damage", ["garbled", "removed"])
+def test_a_damaged_final_summary_is_redone_on_resume(straight, tmp_path, capsys, damage):
+    """--resume said "finished, nothing to do" and left the final summary.json unreadable."""
+    run = _copy(straight, tmp_path / "run")
+    path = run / "eval" / "test" / "summary.json"
+    if damage == "garbled":
+        path.write_bytes(path.read_bytes()[:100] + b"\x00garbled")
+    else:
+        path.unlink()
+    assert main(["train", "--resume", str(run), "--quiet"]) == 0
+    lines = capsys.readouterr().err.strip().splitlines()  # (removed: the redo also names the files it replaces)
+    assert str(path) in lines[0] and "redoing the evaluation of iteration 2 from its checkpoint" in lines[0], lines
+    assert all(line.startswith("metarl: warning: ") for line in lines) and len(lines) <= 2, lines
+    _assert_same_run(straight, run)
 
 
 def test_an_edited_config_is_refused(straight, tmp_path, capsys):
@@ -328,6 +414,32 @@ def test_an_edited_config_is_refused(straight, tmp_path, capsys):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "config.yaml was edited" in err and "agent.inner_lr 0.1 -> 0.5" in err
+
+
+@pytest.mark.parametrize(("other", "message"), [
+    (["experiments/rl2/point_nav_2d.yaml", "agent.hidden_size=8"], "is a checkpoint of another agent (rl2), not of "
+     "this run's maml_trpo"),
+    ([CONFIG, "agent.hidden=[16]"], "holds networks of another shape than"),
+])
+def test_a_checkpoint_swapped_in_from_another_run_is_named_as_such(straight, tmp_path, capsys, other, message):
+    """It was reported as 'config.yaml was edited', naming fields the user never touched."""
+    from metarl.config import load_config
+    from metarl.runfolder import config_record, save_checkpoint
+    from metarl.training import build_agent
+
+    run = _copy(straight, tmp_path / "run")
+    config = load_config(other[0], [*other[1:], "sampler.workers=0"])
+    sampler, agent = build_agent(config)
+    sampler.close()
+    for name in ("latest.pt", "previous.pt"):
+        (run / "checkpoints" / name).unlink()
+    save_checkpoint(run / "checkpoints", {"agent": agent.state_dict(), "iteration": 2, "env_steps": 1800,
+                                          "config": config_record(config.to_dict())})
+    for argv in (["eval", str(run)], ["train", "--resume", str(run), "--quiet"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err and "was edited" not in err, err
+        assert "put this run's own checkpoint back" in err or "put back this run's own" in err, err
 
 
 def test_a_run_recorded_before_an_option_existed_still_resumes(straight, tmp_path, capsys):
@@ -490,6 +602,41 @@ def test_the_cli_never_imports_code_from_the_current_directory(tmp_path):
         assert not (tmp_path / "MARKER").exists(), argv
 
 
+PAYLOAD = """
+import gymnasium
+from metarl.envs.point_nav import PointNav2D
+open({marker!r}, "w").write("ran")
+gymnasium.register("payload/Point-v0", entry_point=PointNav2D, max_episode_steps=100)
+"""
+
+
+@pytest.mark.parametrize("named_by", ["env", "imports"])
+def test_code_a_run_folder_names_from_inside_itself_runs_only_when_trusted(straight, tmp_path, named_by):
+    """`cd RUN && metarl eval .` imported the payload.py that RUN's own config.yaml names (env: payload:Id, or
+    imports:): a run folder someone hands you ran their code. Now it is refused in one line saying how to allow
+    it, before anything is imported; --trust-run-code imports it."""
+    run = _copy(straight, tmp_path / "run")
+    marker = tmp_path / "MARKER"
+    (run / "payload.py").write_text(PAYLOAD.format(marker=str(marker)))
+    data = yaml.safe_load((run / "config.yaml").read_text())
+    if named_by == "env":
+        data["env"] = "payload:payload/Point-v0"
+    else:
+        data["imports"] = ["payload"]
+    (run / "config.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    script = Path(sys.executable).parent / "metarl"
+    for argv in (["eval", "."], ["train", "--resume", ".", "--quiet"]):
+        done = subprocess.run([str(script), *argv], cwd=run, capture_output=True, text=True, timeout=300)
+        err = done.stderr.strip()
+        assert done.returncode == 2 and len(err.splitlines()) == 1, err
+        assert f"names code inside the run folder ({(run / 'payload.py').resolve()})" in err, err
+        assert "add --trust-run-code" in err, err
+        assert not marker.exists(), argv
+    done = subprocess.run([str(script), "eval", ".", "--trust-run-code"], cwd=run, capture_output=True, text=True,
+                          timeout=300)
+    assert marker.read_text() == "ran", done.stderr  # trusted: imported (the run then differs from its checkpoint)
+
+
 def test_a_module_the_user_names_still_loads_from_the_current_directory(tmp_path):
     (tmp_path / "my_family.py").write_text(
         "import gymnasium\nfrom metarl.envs.point_nav import PointNav2D\n"
@@ -604,6 +751,10 @@ def test_non_finite_agent_state_is_named():
     (["agent.episodes_per_task=100000000"], "agent: an iteration would take"),
     (["eval.tasks=1000"], "fixed list of 40 tasks"),
     (["agent.activation=swish"], "agent.activation must be 'tanh' or 'relu', got 'swish'"),
+    # numbers a tensor cannot hold, or far beyond any setting that trains (a 25-line RuntimeError, or a run
+    # folder written and then "the policy produced non-finite actions")
+    (["agent.inner_lr=1e300"], "agent.inner_lr: expected a number of magnitude at most 3.4e+38, got 1e+300"),
+    (["agent.inner_lr=1000"], "agent.inner_lr must be in (0, 100], got 1000.0"),
 ])
 def test_hardened_config_fields_are_one_line_before_any_work(tmp_path, capsys, overrides, message):
     out = tmp_path / "run"

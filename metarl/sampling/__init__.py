@@ -43,6 +43,7 @@ from metarl.sampling.local import (
     NonFiniteError,
     Sampler,
     SampleRecord,
+    WorkerDied,
     WorkerError,
     prepare_worker,
     rollout,
@@ -67,4 +68,4 @@ def make_sampler(env_id: str, env_kwargs: dict[str, Any] | None = None, backend:
 
 
 __all__ = ["BACKENDS", "PLACEMENTS", "GymSlots", "GymnasiumSampler", "NativeSampler", "NonFiniteError", "SampleRecord",
-           "Sampler", "WorkerError", "make_sampler", "prepare_worker", "rollout", "slot_seed"]
+           "Sampler", "WorkerDied", "WorkerError", "make_sampler", "prepare_worker", "rollout", "slot_seed"]

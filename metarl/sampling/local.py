@@ -241,6 +241,24 @@ class WorkerError(RuntimeError):
     """An exception raised inside a sampler worker (its traceback is in the message)."""
 
 
+class WorkerDied(WorkerError):
+    """A sampler worker that is gone (killed, out of memory, its Ray node lost): the message is one line naming
+    it. Nothing of the call it was serving is kept; the sampler's workers are stopped."""
+
+
+def _exit_reason(code: int | None) -> str:
+    if code is None:
+        return "no exit code yet"
+    if code < 0:
+        import signal
+
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
 class Sampler:
     """Collects a meta-batch in ``workers`` processes (0: in this process) with one backend's env slots.
 
@@ -353,19 +371,22 @@ class Sampler:
             return [rollout(self._local, *payloads[0])]  # one chunk: every task
         self._start(len(payloads))
         parts, errors = [], []
+        index = 0
         try:
-            for conn, payload in zip(self._conns, payloads, strict=False):
-                conn.send(("sample", payload))
-            for conn in self._conns[: len(payloads)]:
-                status, result = conn.recv()
+            for index in range(len(payloads)):
+                self._conns[index].send(("sample", payloads[index]))
+            for index in range(len(payloads)):
+                status, result = self._conns[index].recv()
                 if status == "ok":
                     parts.append(result)
                 else:
                     errors.append((status, result))
         except (EOFError, OSError) as exc:  # a worker died (killed, out of memory, crashed)
-            codes = [p.exitcode for p in self._procs]
+            proc = self._procs[index]
+            proc.join(timeout=2)  # its exit code, once the kernel has reaped it
+            what = f"sampler worker {index} (of {len(self._procs)}, pid {proc.pid}) died ({_exit_reason(proc.exitcode)})"
             self.close()  # no stale replies can be read by a later call
-            raise WorkerError(f"a sampler worker died (exit codes {codes}): {exc!r}") from exc
+            raise WorkerDied(f"{what} while sampling tasks {payloads[index][2][0]}..{payloads[index][2][-1]}") from exc
         if errors:
             if errors[0][0] == "non_finite":
                 raise NonFiniteError(errors[0][1])

@@ -32,6 +32,7 @@ from typing import Any
 from metarl.sampling.local import (
     NonFiniteError,
     Sampler,
+    WorkerDied,
     WorkerError,
     _registering_module,
     prepare_worker,
@@ -154,7 +155,7 @@ class RaySampler(Sampler):
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=self.timeout)
             if not ready:
                 stuck = sorted(pending.values())
-                raise self._fail(WorkerError(
+                raise self._fail(WorkerDied(
                     f"Ray sampler: {len(stuck)} of {len(payloads)} chunks (chunks {stuck}) did not come back within "
                     f"sampler.timeout = {self.timeout:g} s; each actor asks for {self.cpus_per_actor:g} CPUs "
                     f"(sampler.cpus_per_actor) and the cluster has {ray.cluster_resources().get('CPU', 0):g}"))
@@ -167,7 +168,7 @@ class RaySampler(Sampler):
                 failures[i] += 1
                 if failures[i] > self.retries:
                     tasks = payloads[i][2]
-                    raise self._fail(WorkerError(
+                    raise self._fail(WorkerDied(
                         f"Ray sampler: chunk {i} (tasks {tasks[0]}..{tasks[-1]}) failed on {failures[i]} actors in a row "
                         f"(sampler.retries = {self.retries}); last: {str(exc).splitlines()[0]}")) from None
                 self._kill(self._actors[i])
