@@ -247,7 +247,11 @@ def _evaluate(run_dir: Path, config: Any, split: str, tasks: int, steps: int, ep
         # the caller holds the run lock; a checkpoint older than the folder's evaluation (a fallback) writes beside it
         out = eval_target(run_dir, split, repeats, agent.iteration)
         check_writable(out)
-        summary = evaluate_run(agent, learner.config, run_dir, split, tasks, steps, episodes, repeats=repeats, out=out)
+        print(f"evaluating {run_dir} (iteration {agent.iteration}) on {tasks} {split} tasks"
+              + (f" x {repeats} adaptations" if repeats > 1 else "")
+              + f", {steps} adaptation stages of {episodes} episodes ...", flush=True)
+        summary = evaluate_run(agent, learner.config, run_dir, split, tasks, steps, episodes, repeats=repeats, out=out,
+                               progress=lambda line: print(line, flush=True))
         print(f"{'stage':>5} {'adapt episodes':>14} {'adapt steps':>11} {'mean return':>11}  95% CI")
         for s in summary["stages"]:
             print(f"{s['stage']:>5} {s['adapt_episodes']:>14} {s['adapt_env_steps']:>11.0f} "

@@ -26,6 +26,7 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -220,6 +221,25 @@ class _Logger:
             self.writer.add_scalar(f"eval/{split}/stage0_last_minus_first_bin", bins[-1] - bins[0], step)
         self.writer.flush()
 
+    def log_hparams(self, config: RunConfig, summary: dict[str, Any], split: str, step: int) -> None:
+        """The run's settings and its final held-out figures in TensorBoard's HParams view (one session per run:
+        runs compared side by side by their settings)."""
+        hparams: dict[str, Any] = {}
+
+        def flatten(prefix: str, value: Any) -> None:
+            if isinstance(value, dict):
+                for key, inner in value.items():
+                    flatten(f"{prefix}{key}.", inner)
+            else:
+                hparams[prefix[:-1]] = value if isinstance(value, (bool, int, float, str)) else str(value)
+
+        flatten("", {k: v for k, v in config.to_dict().items() if k not in ("run_root", "experiment", "eval")})
+        metrics = {f"hparam/{split}/return_stage{s['stage']}": float(s["mean_return"]) for s in summary["stages"]}
+        if len(summary["stages"]) > 1:
+            metrics[f"hparam/{split}/adaptation_gain"] = float(summary["stages"][-1]["mean_return"]
+                                                               - summary["stages"][0]["mean_return"])
+        self.writer.add_hparams(hparams, metrics, run_name=".", global_step=step)
+
     def close(self) -> None:
         self.writer.close()
 
@@ -259,7 +279,8 @@ def _eval_seed(config: RunConfig) -> int:
 
 
 def evaluate_run(agent: Any, config: RunConfig, run_dir: Path, split: str, tasks: int, steps: int,
-                 episodes: int, logger: _Logger | None = None, repeats: int = 1, out: Path | None = None) -> dict[str, Any]:
+                 episodes: int, logger: _Logger | None = None, repeats: int = 1, out: Path | None = None,
+                 progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """The evaluation protocol on ``tasks`` held-out tasks. ``repeats`` R > 1 adapts R times on each task,
     independently (the bundled agents seed episodes and action noise by a task's position in the call, so
     each copy has its own and the first copy is the R = 1 evaluation), and pools the R x tasks adaptations,
@@ -270,7 +291,17 @@ def evaluate_run(agent: Any, config: RunConfig, run_dir: Path, split: str, tasks
     family = agent.sampler.family
     held_out = eval_tasks(family, config.seed, split, tasks)
     recorder = Recorder()
-    with agent.sampler.recording() as calls, work_threads():  # success and reward terms of the episodes sampled
+    report = None
+    if progress is not None:
+        started, done = time.perf_counter(), [0]
+
+        def report(record: Any, call: int) -> None:
+            done[0] += int(record.returns.size) * agent.sampler.horizon
+            progress(f"  evaluating: batch {call} collected ({record.returns.shape[0]} tasks x "
+                     f"{record.returns.shape[1]} episodes; up to {done[0]:,} env steps so far, "
+                     f"{_fmt_time(time.perf_counter() - started)})")
+
+    with agent.sampler.recording(report) as calls, work_threads():  # success and reward terms of the episodes
         result: AdaptationResult = agent.evaluate_adaptation(held_out * repeats, steps, episodes,
                                                              seed=_eval_seed(config))
     result = with_episode_metrics(result, calls)
@@ -484,6 +515,8 @@ def _train_locked(config: RunConfig, run_dir: Path, resume: bool, verbose: bool,
 def _eval_and_report(agent, config: RunConfig, run_dir: Path, logger: _Logger, verbose: bool, done: list[int]) -> None:
     e = config.eval
     summary = evaluate_run(agent, config, run_dir, e.split, e.tasks, e.steps, e.episodes, logger)
+    if agent.iteration == config.iterations:  # the final figures: the run's row in TensorBoard's HParams view
+        logger.log_hparams(config, summary, e.split, agent.env_steps)
     fault_point("eval_history")
     record_eval_history(run_dir / "eval" / e.split / "history.jsonl", summary)
     fault_point("eval_logged")

@@ -59,12 +59,37 @@ def test_training_run_writes_the_run_folder(run_dir):
     assert [step for step, _ in scalars["meta/return_pre_adaptation"]] == [1800, 3600]  # x axis = env steps
 
 
+def test_the_final_figures_and_settings_reach_tensorboards_hparams_view(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    content = acc.PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
+    hparams = {k: v.ListFields()[0][1] for k, v in start.hparams.items()}
+    assert hparams["agent.tasks_per_batch"] == 3 and hparams["agent.name"] == "maml_trpo" and hparams["seed"] == 0
+    assert hparams["agent.hidden"] == "[8]" and hparams["env"] == "PointNav2D"
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+    metrics = {m.name.tag for m in experiment.metric_infos}
+    assert metrics == {"hparam/test/return_stage0", "hparam/test/return_stage1", "hparam/test/adaptation_gain"}
+    summary = json.loads((run_dir / "eval" / "test" / "summary.json").read_text())
+    value = _scalars(run_dir)["hparam/test/return_stage1"][-1][1]
+    assert value == pytest.approx(summary["stages"][1]["mean_return"], rel=1e-5)
+
+
 def test_eval_command_writes_the_requested_split(run_dir, capsys):
     assert main(["eval", str(run_dir), "--split", "ood", "--steps", "2", "--episodes", "2", "--tasks", "2"]) == 0
     summary = json.loads((run_dir / "eval" / "ood" / "summary.json").read_text())
     assert summary["split"] == "ood" and len(summary["stages"]) == 3 and summary["num_tasks"] == 2
     assert all(max(abs(c) for c in t["goal"]) > 0.5 for t in summary["tasks"])  # ood goals
-    assert "mean return" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "mean return" in out
+    # progress while it runs: what is evaluated, then a line per collected batch (MAML-TRPO: one per stage)
+    assert f"evaluating {run_dir} (iteration " in out and "on 2 ood tasks, 2 adaptation stages of 2 episodes" in out
+    batches = [line for line in out.splitlines() if line.startswith("  evaluating: batch ")]
+    assert [b.split()[2] for b in batches] == ["1", "2", "3"] and "(2 tasks x 2 episodes;" in batches[0]
+    assert out.index("evaluating: batch 3") < out.index("mean return")
 
 
 def test_eval_repeats_adapts_each_task_again_beside_the_plain_evaluation(run_dir, capsys):

@@ -10,7 +10,7 @@ import dataclasses
 import multiprocessing as mp
 import os
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import gymnasium as gym
@@ -220,6 +220,18 @@ def _worker(conn: Any, backend: str, env_id: str, env_kwargs: dict[str, Any], sy
         conn.close()
 
 
+class _Notifying(list):
+    """A list that calls ``callback(item, len)`` after each append."""
+
+    def __init__(self, callback: Callable[[Any, int], None]) -> None:
+        super().__init__()
+        self._callback = callback
+
+    def append(self, item: Any) -> None:
+        super().append(item)
+        self._callback(item, len(self))
+
+
 @dataclasses.dataclass(frozen=True)
 class SampleRecord:
     """Per-episode statistics of one `Sampler.sample` call (``[tasks, episodes]`` arrays; episode ``m * K + k``
@@ -304,11 +316,12 @@ class Sampler:
         self._recorders: list[list[SampleRecord]] = []
 
     @contextlib.contextmanager
-    def recording(self) -> Iterator[list[SampleRecord]]:
+    def recording(self, on_sample: Callable[[SampleRecord, int], None] | None = None) -> Iterator[list[SampleRecord]]:
         """Within the block, every `sample` call appends its episode statistics (`SampleRecord`) to the list
         yielded: how the training loop and the evaluator see success and reward terms of the episodes an
-        agent collects, without the agent's help."""
-        records: list[SampleRecord] = []
+        agent collects, without the agent's help. ``on_sample(record, calls so far)`` is called after each
+        (progress reports)."""
+        records: list[SampleRecord] = _Notifying(on_sample) if on_sample is not None else []
         self._recorders.append(records)
         try:
             yield records
