@@ -5,6 +5,8 @@ trained with. The CUDA path itself is untested so far (docs/speed.md)."""
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,7 @@ import yaml
 
 import metarl.api as mrl
 from metarl.cli import main
-from metarl.config import ConfigError, load_config, resolve_device
+from metarl.config import ConfigError, load_config
 from metarl.training import build_agent
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,13 +61,13 @@ def test_cuda_where_there_is_none_is_refused_in_one_line(tmp_path, capsys):
 
 
 def test_an_agent_without_to_runs_on_the_cpu_under_auto():
-    from metarl.plugins import load
-
-    load(["experiments/custom_agent/fomaml.py"])
-    from metarl.agent import get_agent
-
-    fomaml = get_agent("fomaml")
-    assert fomaml.devices == ("cpu",) and resolve_device("auto", fomaml) == torch.device("cpu")
+    # in a fresh interpreter: importing the example registers it process-wide, which later tests that import
+    # their own copy of it would refuse
+    code = ("import torch; from metarl.plugins import load; load(['experiments/custom_agent/fomaml.py']); "
+            "from metarl.agent import get_agent; from metarl.config import resolve_device; "
+            "a = get_agent('fomaml'); print(a.devices, resolve_device('auto', a))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.split() == ["('cpu',)", "cpu"]
 
 
 @no_cuda
