@@ -151,7 +151,7 @@ def _async_rate(vec: gym.vector.VectorEnv, steps: int, seed: int) -> float:
     return done / (time.perf_counter() - start)
 
 
-def _envpool_rate(python: str, steps: int, envs: int, horizon: int, seed: int) -> float:
+def _envpool_rate(python: str, steps: int, envs: int, horizon: int, seed: int) -> tuple[float, str]:
     import json
     import subprocess
 
@@ -162,7 +162,8 @@ def _envpool_rate(python: str, steps: int, envs: int, horizon: int, seed: int) -
     if done.returncode != 0:
         raise ValueError(f"metarl speed: the EnvPool measurement failed under {python}: "
                          f"{(done.stderr.strip().splitlines() or ['no output'])[-1]}")
-    return float(json.loads(done.stdout.strip().splitlines()[-1])["rate"])
+    line = json.loads(done.stdout.strip().splitlines()[-1])
+    return float(line["rate"]), str(line["envpool"])
 
 
 def measure(family: str, tasks: int = 40, episodes: int = 20, repeats: int = 3, workers: int | None = None,
@@ -177,6 +178,9 @@ def measure(family: str, tasks: int = 40, episodes: int = 20, repeats: int = 3, 
     if family not in supported_families():
         raise TaskError(f"metarl speed: {family!r} is not a MuJoCo family the native backend runs; "
                         f"choose from {', '.join(supported_families())}")
+    if envpool_python and not family.startswith("HalfCheetah"):
+        raise ValueError(f"metarl speed: --envpool-python times EnvPool's HalfCheetah-v5, a reference for the "
+                         f"HalfCheetah families only, not {family}")
     for name, value in (("tasks", tasks), ("episodes", episodes), ("repeats", repeats), ("steps", single_steps)):
         if value < 1:
             raise ValueError(f"metarl speed: --{name} must be >= 1, got {value}")
@@ -206,8 +210,9 @@ def measure(family: str, tasks: int = 40, episodes: int = 20, repeats: int = 3, 
                 samples[key].append(_sampler_rate(sampler, task_list, episodes, seed + r))
             samples["gymnasium_async_vector"].append(_async_rate(async_vec, batch_steps, seed + r))
             if envpool_python:
-                samples.setdefault("envpool", []).append(
-                    _envpool_rate(envpool_python, batch_steps, async_envs, family_env.horizon, seed + r))
+                rate, envpool_version = _envpool_rate(envpool_python, batch_steps, async_envs, family_env.horizon,
+                                                      seed + r)
+                samples.setdefault("envpool", []).append(rate)
             log(f"  {family} repeat {r + 1}/{repeats}: "
                 + ", ".join(f"{k} {v[-1]:,.0f}" for k, v in samples.items()))
         # Peak memory of the native workers, which hold the MjData of every slot and the batch arrays.
@@ -225,7 +230,8 @@ def measure(family: str, tasks: int = 40, episodes: int = 20, repeats: int = 3, 
         "ratios_to_raw": {k: v / rates["raw_mj_step"] for k, v in rates.items()},
         "native_over_gymnasium_vector": rates["native"] / rates["gymnasium_vector"],
         "native_over_async_vector_env": rates["native"] / rates["gymnasium_async_vector"],
-        **({"native_over_envpool": rates["native"] / rates["envpool"]} if "envpool" in rates else {}),
+        **({"native_over_envpool": rates["native"] / rates["envpool"], "envpool_version": envpool_version,
+            "envpool_env": "HalfCheetah-v5"} if "envpool" in rates else {}),
         "async_vector_envs": async_envs,
         "samples": samples,
         "batch": {"tasks": tasks, "episodes_per_task": episodes, "horizon": family_env.horizon},
