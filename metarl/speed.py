@@ -17,7 +17,12 @@ For one family and one meta-batch (default the standard 40 tasks x 20 episodes x
   processes, MuJoCo's defaults, same-step autoreset) stepping the same number of env steps with the same
   policy inference on its batched observations in this process; each env keeps one task of the meta-batch
   (switching tasks between episodes costs nothing in the simulator), the way a user who vectorises the
-  family with Gymnasium alone collects it.
+  family with Gymnasium alone collects it;
+* ``envpool`` (with ``envpool_python``; HalfCheetah families only): EnvPool's C++ MuJoCo ``HalfCheetah-v5``
+  (``async_envs`` envs, one thread per core, synchronous batches) stepping the same number of env steps with
+  the same policy inference, run by ``experiments/benchmarks/envpool_rate.py`` under that Python (EnvPool pins
+  numpy < 2, so it lives in an environment of its own); its env is the plain HalfCheetah, with no task
+  parameters to set per env, so it is a speed reference for batched stepping, not a meta-RL backend.
 
 Rates are env steps per second (median over ``repeats``), printed with their ratio to ``raw_mj_step``;
 ``--json FILE`` writes ``{"family": ..., "rates": {...}, ..., "provenance": {...}}`` (for several families
