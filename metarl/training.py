@@ -238,7 +238,14 @@ class _Logger:
         if len(summary["stages"]) > 1:
             metrics[f"hparam/{split}/adaptation_gain"] = float(summary["stages"][-1]["mean_return"]
                                                                - summary["stages"][0]["mean_return"])
-        self.writer.add_hparams(hparams, metrics, run_name=".", global_step=step)
+        from torch.utils.tensorboard.summary import hparams as hparams_summaries
+
+        # into the run's own event file (SummaryWriter.add_hparams would start another one in a subfolder)
+        for summary_proto in hparams_summaries(hparams, metrics):
+            self.writer.file_writer.add_summary(summary_proto, step)
+        for tag, value in metrics.items():
+            self.writer.add_scalar(tag, value, step)
+        self.writer.flush()
 
     def close(self) -> None:
         self.writer.close()
@@ -419,7 +426,8 @@ def _train_locked(config: RunConfig, run_dir: Path, resume: bool, verbose: bool,
             readable, damaged = read_event_files(run_dir)
             for line in damaged:
                 warn(f"{line}; the scalars metrics.jsonl and eval/{config.eval.split}/history.jsonl keep are written "
-                     "again, the figures, text and other evaluation scalars (success, reward terms) after it are lost")
+                     "again, the figures, text, HParams row and other evaluation scalars (success, reward terms) after it "
+                     "are lost")
             if start == config.iterations and not redo_eval:
                 if damaged:
                     logger = _Logger(run_dir)

@@ -63,6 +63,7 @@ def test_the_final_figures_and_settings_reach_tensorboards_hparams_view(run_dir)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.plugins.hparams import plugin_data_pb2
 
+    assert len(list(run_dir.glob("events.out.tfevents.*"))) == 1  # in the run's own event file, no second one
     acc = EventAccumulator(str(run_dir))
     acc.Reload()
     content = acc.PluginTagToContent("hparams")
