@@ -13,6 +13,7 @@ driver holds. A cell's numbers do not depend on where it ran (tested: the report
 from __future__ import annotations
 
 import dataclasses
+import shlex
 import shutil
 import tempfile
 import time
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from metarl.bench import Cell, Suite, _fmt, cell_dir, plan_cells, run_cell, write_report
+from metarl.provenance import command_line, invoked_as
 from metarl.sampling.ray import connect
 from metarl.system import atomic_write
 
@@ -38,14 +40,16 @@ def _unpack(files: dict[str, bytes], folder: Path) -> None:
         atomic_write(path, files[name])
 
 
-def _remote_cell(suite: Suite, cell: Cell, files: dict[str, bytes]) -> tuple[dict[str, bytes], dict]:
-    """Run one cell in a temporary copy of its folder (on a cluster node); its files and record."""
+def _remote_cell(suite: Suite, cell: Cell, files: dict[str, bytes], command: str) -> tuple[dict[str, bytes], dict]:
+    """Run one cell in a temporary copy of its folder (on a cluster node); its files and record. Its provenance
+    names ``command``, the driver's (not the Ray worker's own command line)."""
     tmp = Path(tempfile.mkdtemp(prefix="metarl-cell-"))
     try:
         here = dataclasses.replace(suite, out=tmp)
         folder = cell_dir(here, cell)
         _unpack(files, folder)
-        record = run_cell(here, cell, log=lambda _: None, verbose=False)
+        with invoked_as(shlex.split(command)):
+            record = run_cell(here, cell, log=lambda _: None, verbose=False)
         return _pack(folder), record
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -64,7 +68,8 @@ def run_suite_on_ray(suite: Suite, address: str | None = None, cpus_per_cell: fl
     cpus = ray.cluster_resources().get("CPU", 0)
     log(f"bench {suite.name} on Ray ({cpus:g} CPUs, {cpus_per_cell:g} per cell): {len(suite.cells)} cells, {note}")
     task = ray.remote(_remote_cell).options(num_cpus=cpus_per_cell, max_retries=1)
-    pending: dict[Any, Cell] = {task.remote(suite, c, _pack(cell_dir(suite, c))): c for c in todo}
+    command = command_line()
+    pending: dict[Any, Cell] = {task.remote(suite, c, _pack(cell_dir(suite, c)), command): c for c in todo}
     start = time.perf_counter()
     failed: list[BaseException] = []
     while pending:

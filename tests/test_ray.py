@@ -238,10 +238,16 @@ def test_a_bench_suite_on_ray_gives_the_local_report(cluster, tmp_path, capsys):
         reports[where] = json.loads((tmp_path / where / "results.json").read_text())
     assert "on Ray (2 CPUs, 1 per cell): 4 cells, 0 finished already" in capsys.readouterr().out
 
-    def numbers(results):
-        return [{k: v for k, v in r.items() if k != "wall_time_s"} for r in results]
+    def numbers(value):  # the figures, without the timings and provenance (where and when each cell ran)
+        if isinstance(value, dict):
+            return {k: numbers(v) for k, v in value.items() if k not in ("wall_time_s", "provenance")}
+        return [numbers(v) for v in value] if isinstance(value, list) else value
 
     assert numbers(reports["ray"]) == numbers(reports["local"])
+    # each cell's provenance names the driver's command, not the Ray worker's
+    for row in reports["ray"]:
+        for cell in row["cells"]:
+            assert cell["provenance"]["command"] == f"metarl bench {tmp_path / 'ray.yaml'} --quiet --address {cluster}"
     assert len(list((tmp_path / "ray").glob("cells/*/*/*/cell.json"))) == 4
     assert (tmp_path / "ray" / "cells" / "PointNav2D" / "maml_trpo" / "seed1" / "run" / "checkpoints").is_dir()
     # resumable as without Ray: a finished cell is kept, a removed one reruns (on the cluster) to the same numbers
