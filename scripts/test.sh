@@ -6,8 +6,9 @@
 # non-zero if any failed.
 #
 #   METARL_TEST_THREADS  also run the base suite again with that many threads for torch, OpenMP, MKL and
-#                        OpenBLAS (e.g. 1; CI sets it), so that no result hangs on one thread setting; the docs'
-#                        site build and examples (tests/test_docs.py) run once, in the first run.
+#                        OpenBLAS (e.g. 1; CI sets it), so that no result hangs on one thread setting; the files
+#                        whose checks compare a run with itself or test plumbing (docs, reliability, learning.py,
+#                        manifest, provenance, config headers, process settings) run once, in the first run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -38,7 +39,10 @@ base() {  # the base suite, optionally pinned to a thread count (OMP_NUM_THREADS
 if bash scripts/setup.sh; then
     suite "base suite" base "" "$@"
     if [ -n "${METARL_TEST_THREADS:-}" ]; then
-        suite "base suite, ${METARL_TEST_THREADS} thread(s)" base "$METARL_TEST_THREADS" --ignore=tests/test_docs.py "$@"
+        suite "base suite, ${METARL_TEST_THREADS} thread(s)" base "$METARL_TEST_THREADS" \
+            --ignore=tests/test_docs.py --ignore=tests/test_reliability.py --ignore=tests/test_learning.py \
+            --ignore=tests/test_manifest.py --ignore=tests/test_provenance.py --ignore=tests/test_config_headers.py \
+            --ignore=tests/test_process.py "$@"
     fi
 else
     summary+=("base suite: not run, the install (scripts/setup.sh) failed")
