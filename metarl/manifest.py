@@ -187,7 +187,8 @@ def table(entries: dict[str, Entry] | None = None, base: Path | None = None) -> 
     for e in entries.values():
         data = read_result(base / e.result, e.name)
         measured = "; ".join(f"{label} **{value}**" for label, value in figures(e, data))
-        rows.append(f"| {e.what} | {e.tasks} | {e.seeds} | {e.budget} | {measured} | {e.anchor} | "
+        what = f"{e.what} (*{e.note}*)" if e.note else e.what
+        rows.append(f"| {what} | {e.tasks} | {e.seeds} | {e.budget} | {measured} | {e.anchor} | "
                     f"`{Path(e.result).relative_to('experiments/results') if e.result.startswith('experiments/results/') else e.result}` |")
     return "\n".join(rows) + "\n"
 
@@ -200,6 +201,7 @@ def readme_table(readme: Path) -> str:
 
 
 def write_readme_table(readme: Path, generated: str) -> None:
+    readme_table(readme)  # one line if the page has no generated table
     text = readme.read_text()
     head, rest = text.split(TABLE_BEGIN, 1)
     tail = rest.split(TABLE_END, 1)[1]
@@ -354,7 +356,7 @@ def reproduce(name: str, quick: bool = False, out: Path | None = None, update: b
         raise ManifestError(f"{name}: the command exited with status {done.returncode} (its output above); nothing "
                             f"committed was touched; run `metarl reproduce {name}{' --quick' if quick else ''}` again "
                             "to resume")
-    produced = out_dir / (Path(e.result).name if not e.result.endswith("/results.json") else "results.json")
+    produced = out_dir / Path(e.result).name
     data = read_result(produced, name)
     new = figures(e, data, missing_ok=quick)
     committed_path = base / e.result
