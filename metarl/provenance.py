@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import functools
 import os
 import platform
 import shlex
@@ -90,15 +91,21 @@ def git_state(source: Path = _SOURCE) -> dict[str, Any]:
     return {"commit": commit.strip(), "dirty": bool(changed), "changed": changed[:20]}
 
 
-def versions() -> dict[str, str]:
-    """Installed versions of the packages a figure depends on (those installed)."""
-    found = {}
+@functools.lru_cache(maxsize=1)
+def _versions() -> tuple[tuple[str, str], ...]:
+    found = []
     for name in PACKAGES:
         try:
-            found[name] = metadata.version(name)
+            found.append((name, metadata.version(name)))
         except metadata.PackageNotFoundError:
             continue
-    return found
+    return tuple(found)
+
+
+def versions() -> dict[str, str]:
+    """Installed versions of the packages a figure depends on (those installed; read once a process: every
+    evaluation of a run records them)."""
+    return dict(_versions())
 
 
 def _cpu_model() -> str | None:
