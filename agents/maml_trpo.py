@@ -598,6 +598,14 @@ class MAMLTRPO(Agent):
             "rng": self.rng.bit_generator.state,
         }
 
+    def policy_state(self) -> dict[str, Any]:
+        """The policy's parameters (adaptation takes its step sizes from the config) and the counters."""
+        return {"policy": self.policy.state_dict(), "iteration": self.iteration, "env_steps": self.env_steps}
+
+    def load_policy_state(self, state: dict[str, Any]) -> None:
+        self.policy.load_state_dict(state["policy"])
+        self.iteration, self.env_steps = int(state["iteration"]), int(state["env_steps"])
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.policy.load_state_dict(state["policy"])
         if state.get("inner_log_lr"):  # a checkpoint of the retired learn_inner_lr (its config is refused first)

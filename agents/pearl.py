@@ -688,6 +688,17 @@ class PEARL(Agent):
                 "rng": self.rng.bit_generator.state, "noise": self.noise.get_state(),
                 "iteration": self.iteration, "env_steps": self.env_steps}
 
+    def policy_state(self) -> dict[str, Any]:
+        """The context encoder and the policy (what inferring z and acting need) and the counters: no critics,
+        optimisers or buffers."""
+        return {"encoder": self.encoder.state_dict(), "policy": self.policy.state_dict(),
+                "iteration": self.iteration, "env_steps": self.env_steps}
+
+    def load_policy_state(self, state: dict[str, Any]) -> None:
+        self.encoder.load_state_dict(state["encoder"])
+        self.policy.load_state_dict(state["policy"])
+        self.iteration, self.env_steps = int(state["iteration"]), int(state["env_steps"])
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if len(state["replay"]) != self.config.num_train_tasks:
             raise ValueError(f"checkpoint holds buffers of {len(state['replay'])} tasks, the config "

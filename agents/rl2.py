@@ -749,6 +749,24 @@ class RL2(Agent):
             state["obs_rms"] = self.obs_rms.state()
         return state
 
+    def policy_state(self) -> dict[str, Any]:
+        """The recurrent model, the normalisers its input reads (observations; rewards, where ``reward_input``
+        is normalised) and the counters: no optimiser."""
+        state = {"model": self.model.state_dict(), "ret_rms": self.ret_rms.state(), "iteration": self.iteration,
+                 "env_steps": self.env_steps}
+        if self.obs_rms is not None:
+            state["obs_rms"] = self.obs_rms.state()
+        return state
+
+    def load_policy_state(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.ret_rms.load(state["ret_rms"])
+        if self.obs_rms is not None:
+            if "obs_rms" not in state:
+                raise KeyError("the policy state has no observation normaliser but the config asks for one")
+            self.obs_rms.load(state["obs_rms"])
+        self.iteration, self.env_steps = int(state["iteration"]), int(state["env_steps"])
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])

@@ -12,6 +12,8 @@ user's own file gets all of them by implementing five members:
   TensorBoard-namespaced (``meta/``, ``loss/``, ``time/``);
 * ``state_dict()`` / ``load_state_dict(state)``: everything a resume needs to continue exactly, tensors,
   numbers, strings, lists and dicts only (checkpoints load with ``torch.load(weights_only=True)``);
+  ``policy_state()`` / ``load_policy_state(state)`` (optional): only what adapting and acting need, for a zoo
+  entry (`metarl.zoo`); by default the whole ``state_dict``;
 * ``devices`` (optional, default ``("cpu",)``) and ``to(device)``: the torch device kinds its update runs on,
   and the call (once, right after ``__init__``, before any checkpoint is loaded) that moves its modules and
   optimisers to the ``torch.device`` a config's ``device`` resolved to (`metarl.config.resolve_device`); its
@@ -134,6 +136,16 @@ class Agent(abc.ABC):
     def adaptation(self, tasks: list[Task], steps: int, episodes: int, seed: int, collect: Collect,
                    final: bool = True) -> Any:
         """The adaptation primitive (see the module docstring); returns the actor after ``steps`` stages."""
+
+    def policy_state(self) -> dict[str, Any]:
+        """What adapting and acting need, for a zoo entry (`metarl.zoo`): an agent loaded with it through
+        `load_policy_state` evaluates and adapts exactly as this one (it need not be able to train on). By
+        default the whole `state_dict`; an agent overrides both to leave out optimisers and replay buffers."""
+        return self.state_dict()
+
+    def load_policy_state(self, state: dict[str, Any]) -> None:
+        """Restore what `policy_state` returned (default: `load_state_dict`)."""
+        self.load_state_dict(state)
 
     def to(self, device: Any) -> None:
         """Run the update on ``device`` (a ``torch.device`` of a kind in ``devices``), called once after

@@ -107,14 +107,18 @@ def train(config: str | Path | RunConfig, overrides: list[str] | tuple[str, ...]
 
 
 def load(run_dir: str | Path, device: str | None = None, trust_code: bool = False) -> MetaLearner:
-    """A trained run (its config.yaml and newest usable checkpoint) as a `MetaLearner`. ``device`` (``auto``,
+    """A trained run (its config.yaml and newest usable checkpoint) as a `MetaLearner`; or a zoo entry:
+    ``"zoo:NAME"`` (``metarl zoo`` lists them) or an exported entry's folder (`metarl.zoo.load`). ``device`` (``auto``,
     ``cpu``, ``cuda``, ``cuda:N``; default: the run's own ``device``) is where adaptation's gradient steps run;
     a checkpoint written on any device loads on any other. Acting stays numpy on the CPU. Code its config names
     from inside the run folder (an env module beside config.yaml) is imported only with ``trust_code``: a run
     folder someone shared could run anything that way."""
+    from metarl import zoo
     from metarl.runfolder import load_checkpoint, load_run_config
     from metarl.training import build_agent
 
+    if zoo.is_reference(run_dir):
+        return zoo.load(run_dir, device=device)
     run_dir = Path(run_dir)
     config = load_run_config(run_dir, trust_code=trust_code)
     if device is not None:
@@ -140,6 +144,7 @@ class MetaLearner:
 
     def __init__(self, run_dir: Path, config: RunConfig, agent: Any):
         self.run_dir, self.config, self.agent = Path(run_dir), config, agent
+        self.zoo: Any = None  # the `metarl.zoo.Entry` it was loaded from; run_dir is then where its evaluations go
 
     @property
     def name(self) -> str:
@@ -225,6 +230,7 @@ class MetaLearner:
         if repeats < 1:
             raise ValueError(f"evaluate: repeats must be >= 1, got {repeats}")
         check_writable(self.run_dir, self.run_dir / "eval", eval_dir(self.run_dir, split, repeats))
+        self.run_dir.mkdir(parents=True, exist_ok=True)  # a zoo entry's evaluation folder is made on first use
 
         def evaluate() -> dict[str, Any]:
             out = eval_target(self.run_dir, split, repeats, self.agent.iteration)  # never over a later iteration's
@@ -256,8 +262,9 @@ class MetaLearner:
         self.close()
 
     def __repr__(self) -> str:
+        source = f"zoo entry {self.zoo.name}" if self.zoo is not None else f"run {self.run_dir}"
         return (f"MetaLearner({self.name} on {self.config.env}, iteration {self.agent.iteration}, "
-                f"{self.agent.env_steps:,} env steps, run {self.run_dir})")
+                f"{self.agent.env_steps:,} env steps, {source})")
 
 
 class AdaptedPolicy:

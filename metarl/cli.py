@@ -6,6 +6,10 @@
     metarl train CONFIG [k=v ...]       meta-train (see experiments/), --resume RUN_DIR to continue
     metarl eval RUN_DIR [--split S]     adaptation curve on held-out tasks -> RUN_DIR/eval/<split>/
     metarl eval RUN_DIR --video         ... plus GIFs and MP4s of held-out episodes before and after adaptation
+    metarl eval zoo:NAME                evaluate a pretrained zoo entry -> runs/zoo/NAME/eval/<split>/, against
+                                        the figure it records
+    metarl zoo [NAME]                   list the zoo of pretrained meta-policies, or show one entry
+    metarl zoo --export RUN_DIR AGENT/NAME --to DIR   make a zoo entry of a run of your own
     metarl speed [--family F] [--json]  simulator / Gymnasium / sampler step rates, side by side
     metarl bench SUITE.yaml [--out DIR] meta-learners and SB3 baselines under one protocol, one report
     metarl sweep SWEEP.yaml [--out DIR] a search over config keys and seeds on Ray Tune, with its report
@@ -204,14 +208,24 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
         configure_gl()  # before anything imports mujoco: a headless Linux machine renders through EGL
 
+    from metarl import zoo
     from metarl.config import ConfigError
     from metarl.runfolder import load_run_config, run_lock
     from metarl.video import VideoError
 
-    run_dir = Path(args.run_dir)
     _user_code(args)
+    entry = None
     try:
-        config = load_run_config(run_dir, trust_code=args.trust_run_code)
+        if zoo.is_reference(args.run_dir):
+            entry = zoo.find(args.run_dir)
+            run_dir = Path("runs") / "zoo" / entry.name
+            config = zoo.entry_config(entry)
+            if args.repeats is None:  # the protocol of the figure it records
+                args.repeats = int(entry.evaluation.get("repeats", 1))
+        else:
+            run_dir = Path(args.run_dir)
+            config = load_run_config(run_dir, trust_code=args.trust_run_code)
+        args.repeats = 1 if args.repeats is None else args.repeats
         for name in ("steps", "episodes", "tasks", "repeats"):
             value = getattr(args, name)
             if value is not None and value < (0 if name == "steps" else 1):
@@ -228,20 +242,24 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                 raise ConfigError("--video needs at least one adaptation stage (--steps >= 1) to show before and after")
         with run_lock(run_dir):
             _evaluate(run_dir, config, split, tasks, steps, episodes, video, args.repeats, args.device,
-                      args.trust_run_code)
+                      args.trust_run_code, entry)
     except (ConfigError, TaskError, VideoError, FloatingPointError) as exc:
         raise UsageError(str(exc)) from exc
     return 0
 
 
 def _evaluate(run_dir: Path, config: Any, split: str, tasks: int, steps: int, episodes: int, video: dict | None,
-              repeats: int = 1, device: str | None = None, trust_code: bool = False) -> None:
+              repeats: int = 1, device: str | None = None, trust_code: bool = False, entry: Any = None) -> None:
     import metarl.api as mrl
+    from metarl import zoo
     from metarl.runfolder import check_writable, eval_dir, eval_target
     from metarl.training import evaluate_run, render_run
 
     check_writable(run_dir, run_dir / "eval", eval_dir(run_dir, split, repeats))
-    learner = mrl.load(run_dir, device=device, trust_code=trust_code)  # the run's config and newest usable checkpoint
+    if entry is not None:  # a zoo entry: its policy, evaluated into runs/zoo/NAME/
+        learner = zoo.load(entry.folder, device=device, run_dir=run_dir)
+    else:  # the run's config and newest usable checkpoint
+        learner = mrl.load(run_dir, device=device, trust_code=trust_code)
     agent = learner.agent
     try:
         # the caller holds the run lock; a checkpoint older than the folder's evaluation (a fallback) writes beside it
@@ -260,6 +278,14 @@ def _evaluate(run_dir: Path, config: Any, split: str, tasks: int, steps: int, ep
             print(f"({repeats} independent adaptations on each of {tasks} tasks, pooled: {repeats * tasks})")
         print(f"written to {out}/ (summary.json, summary.csv, per_task.csv, "
               "adaptation_curve.png)", flush=True)
+        if entry is not None:
+            same, lines = zoo.reproduction(entry, summary)
+            print(f"zoo entry {entry.name} records (iteration {entry.meta.get('iteration')}):")
+            for line in lines:
+                print(f"  {line}")
+            if same is not None:
+                print("  every stage inside its recorded interval: the figure is reproduced" if same else
+                      "  a stage lies outside its recorded interval: the figure is NOT reproduced here")
         if video is not None:
             print(f"rendering {video['tasks']} held-out task(s) before and after adaptation "
                   f"(MUJOCO_GL={os.environ.get('MUJOCO_GL')}) ...", flush=True)
@@ -409,14 +435,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_train)
 
     p = command("eval", help="evaluate few-episode adaptation of a trained run on held-out tasks")
-    p.add_argument("run_dir", help="a run folder written by metarl train")
+    p.add_argument("run_dir", help="a run folder written by metarl train, or zoo:NAME (a pretrained entry; "
+                   "metarl zoo lists them), or an exported zoo entry's folder")
     p.add_argument("--split", choices=metarl.SPLITS, default=None, help="task split (default: the config's eval.split)")
     p.add_argument("--steps", type=int, default=None, help="adaptation stages after stage 0 (default: config, 3)")
     p.add_argument("--episodes", type=int, default=None, help="episodes per stage (default: config)")
     p.add_argument("--tasks", type=int, default=None, help="number of held-out tasks (default: config)")
-    p.add_argument("--repeats", type=int, default=1, help="adapt this many times on each task, independently, and "
-                   "pool them (for families with few tasks, e.g. HalfCheetahDir's two); writes "
-                   "RUN_DIR/eval/<split>-repeats<R>/")
+    p.add_argument("--repeats", type=int, default=None, help="adapt this many times on each task, independently, "
+                   "and pool them (for families with few tasks, e.g. HalfCheetahDir's two); writes "
+                   "RUN_DIR/eval/<split>-repeats<R>/ (default 1; for a zoo entry, the repeats of its figure)")
     p.add_argument("--device", default=None, help="where adaptation's gradient steps run: auto, cpu, cuda or cuda:N "
                    "(default: the run's device setting)")
     p.add_argument("--video", action="store_true", help="also render held-out episodes before and after adaptation "
@@ -428,6 +455,18 @@ def build_parser() -> argparse.ArgumentParser:
                    "at most 25); frames are dropped to play at about real time")
     _trust_flag(p)
     p.set_defaults(func=_cmd_eval)
+
+    p = command("zoo", help="list the pretrained meta-policies shipped with metarl, show one, or export a run as one")
+    p.add_argument("name", nargs="?", help="an entry to show (e.g. maml_trpo/point_nav_2d); with --export, the new "
+                   "entry's name (AGENT/NAME)")
+    p.add_argument("--export", metavar="RUN_DIR", help="make a zoo entry of this finished run (its final held-out "
+                   "evaluation is the figure the entry records)")
+    p.add_argument("--to", metavar="DIR", help="with --export: the zoo folder to write NAME into")
+    p.add_argument("--summary", metavar="FILE", help="with --export: the evaluation summary.json to record "
+                   "(default: the run's evaluation of its checkpoint with the most adaptations per task)")
+    p.add_argument("--result", metavar="FILE", help="with --export: the committed result file the run belongs to")
+    p.add_argument("--description", default="", help="with --export: one line on what the entry is")
+    p.set_defaults(func=_cmd_zoo)
 
     p = command("speed", help="measure raw MuJoCo, Gymnasium and sampler step rates side by side")
     p.add_argument("--family", action="append", help="a MuJoCo family (repeatable; default: HalfCheetahVel, "
@@ -486,6 +525,49 @@ def build_parser() -> argparse.ArgumentParser:
                    "takes for a GoalEnv), task-effect, vector")
     p.set_defaults(func=_cmd_check)
     return parser
+
+
+def _cmd_zoo(args: argparse.Namespace) -> int:
+    from metarl import zoo
+    from metarl.config import ConfigError
+
+    try:
+        if args.export:
+            if not (args.name and args.to):
+                raise UsageError("--export RUN_DIR needs the new entry's name (AGENT/NAME) and --to DIR")
+            entry = zoo.export(args.export, args.name, args.to, summary=args.summary, result=args.result,
+                               description=args.description)
+            print(f"written {entry.folder}/ ({entry.meta['policy_bytes']:,} bytes of policy): {entry.headline()}")
+            print(f"evaluate it: metarl eval {entry.folder}; in Python: metarl.api.load({str(entry.folder)!r})")
+            return 0
+        if any((args.to, args.summary, args.result, args.description)):
+            raise UsageError("--to, --summary, --result and --description go with --export")
+        if args.name:
+            entry = zoo.find(args.name if zoo.is_reference(args.name) else zoo.PREFIX + args.name)
+            m, e = entry.meta, entry.evaluation
+            print(f"{entry.name}: {m.get('description') or ''}")
+            print(f"  agent {entry.agent}, family {entry.family}, iteration {m.get('iteration')}, "
+                  f"{m.get('env_steps'):,} env steps; written by metarl {m.get('metarl')} (zoo format {m.get('format')})")
+            print(f"  evaluation: {e.get('tasks')} {e.get('split')} tasks, {e.get('steps')} adaptation stages of "
+                  f"{e.get('episodes')} episodes, {e.get('repeats', 1)} adaptation(s) per task")
+            for s in e.get("stages", []):
+                print(f"    stage {s['stage']}: {s['mean_return']:.2f} [{s['ci95'][0]:.2f}, {s['ci95'][1]:.2f}]")
+            print(f"  result: {m.get('result') or '(its own run)'}")
+            print(f"  trained by: {m.get('trained_by')}")
+            commit = (m.get("provenance") or {}).get("commit")
+            print(f"  at commit {commit}; policy {m.get('policy_bytes', 0):,} bytes")
+            print(f"  evaluate: metarl eval zoo:{entry.name}   adapt in Python: metarl.api.load('zoo:{entry.name}')")
+            return 0
+        found = zoo.entries()
+        if not found:
+            print("the zoo is empty (a broken install? reinstall metarl)")
+            return 1
+        for entry in found:
+            print(f"{entry.name:28s} {entry.family:16s} {entry.headline()}")
+        print("show one: metarl zoo NAME; evaluate: metarl eval zoo:NAME; in Python: metarl.api.load('zoo:NAME')")
+        return 0
+    except ConfigError as exc:  # zoo.ZooError included
+        raise UsageError(str(exc)) from None
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
