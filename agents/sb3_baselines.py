@@ -231,9 +231,15 @@ def _learner(spec: BaselineSpec, env: gym.Env, seed: int, rollout_steps: int, bu
     kwargs.update(spec.params)
     venv = env if isinstance(env, DummyVecEnv) else DummyVecEnv([lambda: env])
     try:
-        return _sb3_class(spec.algo)("MlpPolicy", venv, seed=seed, verbose=0, device="cpu", **kwargs)
+        model = _sb3_class(spec.algo)("MlpPolicy", venv, seed=seed, verbose=0, device="cpu", **kwargs)
     except TypeError as exc:
         raise ValueError(f"params: {spec.algo.upper()} does not take these arguments: {exc}") from exc
+    if "tensorboard_log" not in spec.params:
+        from stable_baselines3.common.logger import Logger
+
+        # a logger with no outputs: without one, every learn() makes an empty SB3-<time> folder in the temp dir
+        model.set_logger(Logger(folder=None, output_formats=[]))
+    return model
 
 
 def _sb3_act(model) -> Callable[[np.ndarray], np.ndarray]:
