@@ -3,8 +3,8 @@
 # install it with its dependencies into a fresh venv outside the repository, and from a folder outside the
 # repository run `metarl --version`, `metarl families`, load every shipped config (quick=true) and suite, train
 # each agent's shipped PointNav2D config (quick=true, 2 iterations) and the custom-agent example, evaluate one
-# run, and run cells of the shipped smoke suite. Nothing in the repository is written. About 3-4 minutes on 2
-# cores, most of it the install; scripts/test.sh runs it as its fourth suite.
+# run, run cells of the shipped smoke suite, and load every zoo entry and adapt it. Nothing in the repository
+# is written. About 3-4 minutes on 2 cores, most of it the install; scripts/test.sh runs it as its fourth suite.
 #
 #   PYTHON        interpreter that creates the venv (default: python3, >= 3.10).
 #   METARL_TORCH  pip requirement for torch, as for scripts/setup.sh (default: torch==2.13.0, the CPU build,
@@ -85,4 +85,24 @@ test -f runs/rl2/eval/test/adaptation_curve.png
 step "metarl bench benchmarks/smoke.yaml, its MAML-TRPO, random and oracle cells"
 metarl bench benchmarks/smoke.yaml --out bench --only '*/maml_trpo/*' --only '*/random/*' --only '*/oracle/*' --quiet
 test -f bench/report.md
+step "metarl zoo; every entry loads from the installed package and adapts (one short episode)"
+metarl zoo
+"$py" - <<'EOF'
+import numpy as np
+
+import metarl
+import metarl.api as mrl
+from metarl import zoo
+
+names = zoo.names()
+assert len(names) >= 6 and all("site-packages" in str(zoo.find("zoo:" + n).folder) for n in names), names
+for name in names:
+    with mrl.load(f"zoo:{name}") as learner:
+        env = metarl.make_family(learner.config.env, **learner.config.env_kwargs)
+        policy = learner.adapt(env, steps=1, episodes=1, horizon=5)
+        obs, _ = env.reset(seed=0)
+        assert np.isfinite(policy.predict(obs, deterministic=True)).all(), name
+        env.close()
+print(f"[wheel] {len(names)} zoo entries load and adapt")
+EOF
 step "passed"
