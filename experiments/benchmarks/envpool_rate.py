@@ -1,6 +1,7 @@
-"""EnvPool's C++ MuJoCo HalfCheetah-v5 stepped with the policy inference `metarl speed` gives every method: run
+"""EnvPool's C++ MuJoCo HalfCheetah-v5 (or ``--env``, e.g. ``MetaWorld/Reach-v3``) stepped with the policy inference `metarl speed` gives every method: run
 by `metarl speed --envpool-python PYTHON` in a Python environment of its own (EnvPool pins numpy < 2), it prints
 one JSON line ``{"rate": env steps per second, "envpool": version}``; only the stepping loop is timed.
+experiments/benchmarks/metaworld_speed.py times EnvPool's native Meta-World v3 envs with ``--env``.
 
     PYTHON experiments/benchmarks/envpool_rate.py --steps 160000 --envs 16 --threads 2 --horizon 200 --seed 0
 """
@@ -18,12 +19,13 @@ import numpy as np
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, required=True)
+    parser.add_argument("--env", default="HalfCheetah-v5", help="EnvPool task id (default HalfCheetah-v5)")
     parser.add_argument("--envs", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--horizon", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    env = envpool.make("HalfCheetah-v5", env_type="gymnasium", num_envs=args.envs, batch_size=args.envs,
+    env = envpool.make(args.env, env_type="gymnasium", num_envs=args.envs, batch_size=args.envs,
                        num_threads=args.threads, seed=args.seed, max_episode_steps=args.horizon)
     rng = np.random.default_rng(args.seed)
     obs, _ = env.reset()
