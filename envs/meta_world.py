@@ -30,6 +30,14 @@ the underlying env with its task (ML10 does). ``info["success"]`` (0 or 1 at eve
 metarl's success rates. Meta-World's ``reset`` ignores its seed, and a v3 env with its task set has no
 randomness left in ``reset``: an episode is a function of its task and its actions.
 
+Bad input is one line each: a task name that is not one of the 50 v3 envs (``ML1-reach-v9``: `unknown_name`, with
+the nearest names), the extra not installed (`missing_extra`), and a MuJoCo other than the one metaworld pins
+(metaworld 3.1.1 requires ``mujoco==3.3.0``; `check_mujoco` compares the installed version with that pin before any
+Meta-World env is built, since another MuJoCo fails later and obscurely, in the Sawyer scenes' XML or in stepping).
+
+`metarl.metaworld_eval` runs Meta-World's own evaluation protocol on these families (``metarl eval RUN_DIR
+--metaworld-protocol``), on Meta-World's vector env built from the same seeded lists (`MetaWorldFamily.benchmark_args`).
+
 The family wraps the Meta-World env rather than inheriting from it, so it has no ``compute_reward``
 method and Stable-Baselines3's env checker does not take it for a goal-based env.
 """
@@ -37,8 +45,11 @@ method and Stable-Baselines3's env checker does not take it for a goal-based env
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 import importlib.util
 import pickle
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -134,6 +145,7 @@ class MetaWorldFamily(TaskFamily, gym.Env):
 
     def __init__(self, benchmark: str = "ML1", env_name: str | None = None, seed: int = 0,
                  render_mode: str | None = None):
+        check_mujoco()
         if benchmark == "ML1":
             if env_name not in ENV_NAMES:
                 raise TaskError(f"ML1: unknown Meta-World v3 env {env_name!r}; known: {', '.join(ENV_NAMES)}")
@@ -159,6 +171,12 @@ class MetaWorldFamily(TaskFamily, gym.Env):
         self.set_task(self.default_task())
 
     # ---- the family ---------------------------------------------------------------------------------
+    def benchmark_args(self) -> tuple[str, str | None, int]:
+        """``(benchmark, env_name, seed)``: what Meta-World's own constructors of this benchmark take
+        (``metaworld.ML1(env_name, seed)``, ``gym.make_vec("Meta-World/ML1-test", env_name=..., seed=...)``)."""
+        args = self._metarl_args
+        return args["benchmark"], args["env_name"], args["seed"]
+
     def default_task(self) -> MetaWorldTask:
         """The middle of the first env's position ranges: valid, and in neither of the benchmark's lists (a
         fresh env runs a task without building the lists, which takes Meta-World 50 resets per env)."""
@@ -252,6 +270,50 @@ def ML10(seed: int = 0, render_mode: str | None = None) -> MetaWorldFamily:
 def installed() -> bool:
     """Whether metaworld is importable (found without importing it)."""
     return importlib.util.find_spec("metaworld") is not None
+
+
+@functools.cache
+def _mujoco_versions() -> tuple[str | None, str | None, str | None]:
+    """(metaworld's version, the mujoco version it pins, the installed mujoco's version); None where unknown."""
+    from importlib import metadata
+
+    try:
+        version, requires = metadata.version("metaworld"), metadata.requires("metaworld") or []
+        installed = metadata.version("mujoco")
+    except metadata.PackageNotFoundError:
+        return None, None, None
+    pins = [r.split(";")[0].replace(" ", "")[len("mujoco=="):] for r in requires
+            if r.replace(" ", "").startswith("mujoco==") and "extra" not in r]
+    return version, (pins[0] if pins else None), installed
+
+
+def check_mujoco() -> None:
+    """TaskError in one line if the installed mujoco is not the version metaworld pins (metaworld 3.1.1:
+    ``mujoco==3.3.0``): pip refuses to install the two together, and a MuJoCo put beside it anyway fails later
+    and obscurely (the Sawyer scenes' XML, or stepping)."""
+    version, pinned, installed = _mujoco_versions()
+    if pinned is not None and installed is not None and installed != pinned:
+        from metarl import install_hint
+
+        raise TaskError(f"metaworld {version} needs mujoco=={pinned}, this Python has mujoco {installed}: give the "
+                        f"extra a venv of its own (bash scripts/test_metaworld.sh makes .venv-metaworld; "
+                        f"{install_hint('metaworld')})")
+
+
+def unknown_name(name_or_id: str) -> str | None:
+    """The one-line error for a name that looks like a Meta-World family but is none (``ML1-reach-v9``,
+    ``metarl/ML1-Reach-v3-v0``, ``ML45``), with the nearest names; None for any other name."""
+    name = name_or_id.removeprefix("metarl/")
+    name = name.removesuffix("-v0") if name_or_id.startswith("metarl/") else name
+    if name in family_ids() or not re.match(r"ML\d+([-_]|$)", name):
+        return None
+    if name.startswith(("ML1-", "ML1_")):
+        env = name[len("ML1-"):]
+        near = difflib.get_close_matches(env.lower(), ENV_NAMES, n=3)
+        return (f"unknown Meta-World v3 env {env!r} in {name_or_id!r}" + (f"; nearest: {', '.join(near)}" if near else "")
+                + f" (ML1-<env> takes one of the {len(ENV_NAMES)} v3 envs; `metarl envs` lists the families)")
+    return (f"{name_or_id!r} is not a Meta-World family of metarl: it has ML1-<env> (one v3 env, e.g. ML1-reach-v3) "
+            "and ML10")
 
 
 def missing_extra(name_or_id: str) -> bool:

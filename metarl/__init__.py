@@ -49,8 +49,10 @@ def make_family(name_or_id: str, **kwargs):
             raise TaskError(f"{name_or_id!r}: importing {module!r} registered no Gymnasium id "
                             f"{gid.split(':', 1)[1]!r}")
     elif gid not in gym.registry:
-        from metarl.envs.meta_world import missing_extra
+        from metarl.envs.meta_world import missing_extra, unknown_name
 
+        if unknown_name(name_or_id):
+            raise TaskError(unknown_name(name_or_id))
         if missing_extra(name_or_id):
             raise TaskError(f"{name_or_id!r} is a Meta-World family: install the extra, {install_hint('metaworld')}")
         raise TaskError(
