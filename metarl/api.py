@@ -186,9 +186,10 @@ class MetaLearner:
         returned). RL² and PEARL: one trial of all the episodes, one episode per stage, carried into the
         returned policy (hidden state; context and z). ``seed`` seeds what the adaptation draws (PEARL's z);
         ``task`` is recorded with the episodes (for envs that are task families). Given the episodes that
-        `adapt` collected, it returns the policy `adapt` returned."""
-        if not stages or any(not stage for stage in stages):
-            raise ValueError("adapt_on: give at least one stage, each a non-empty list of episodes")
+        `adapt` collected, it returns the policy `adapt` returned. No stages (``[]``): the unadapted policy,
+        stage 0, as ``adapt(env, steps=0)`` gives it without an env."""
+        if any(not stage for stage in stages):
+            raise ValueError("adapt_on: every stage must be a non-empty list of episodes")
         if len({len(stage) for stage in stages}) > 1:
             raise ValueError(f"adapt_on: every stage must hold as many episodes as the first, got "
                              f"{[len(stage) for stage in stages]}")
@@ -208,7 +209,7 @@ class MetaLearner:
             return EpisodeBatch.from_numpy(tasks, rollout(slots, Replayed(actor, slots), tasks, [0], count,
                                                           sample_seed, episodes_per_trial=count))
 
-        actor = self.agent.adapt_with(collect, task, len(stages), len(stages[0]), seed)
+        actor = self.agent.adapt_with(collect, task, len(stages), len(stages[0]) if stages else 1, seed)
         if queue:
             raise ValueError(f"adapt_on: the {self.name} adaptation used {total - len(queue)} of the {total} episodes "
                              "given (RL² and PEARL take one episode per stage)")
@@ -280,6 +281,12 @@ class AdaptedPolicy:
         self._scale = float(getattr(actor, "action_scale", 1.0))
         self._observe = getattr(actor, "observe", None)  # ``actor`` is started on one env slot (`adapt_with`)
         self.envs = 1  # the envs a stateful actor runs (`sample` on a batch widens it)
+
+    @property
+    def stateful(self) -> bool:
+        """Whether the policy keeps a state that `observe` feeds (RL²'s hidden state, PEARL's context): it adapts
+        while it acts. False for a policy that adapts only between stages (MAML-TRPO's gradient steps)."""
+        return self._observe is not None
 
     def predict(self, obs: np.ndarray, deterministic: bool = False) -> np.ndarray:
         """The action for one observation, as the env takes it: ``clip(action_scale * a, low, high)``."""

@@ -192,6 +192,11 @@ def test_adapting_on_recorded_episodes_gives_what_adapt_gave(name, maml_run, rl2
         alone = learner.adapt_on(stages, seed=3).predict(obs, deterministic=True)
         rows, _, _ = learner.adapt_on(stages, seed=3).sample(np.stack([obs] * 3), deterministic=True)
         np.testing.assert_allclose(rows, np.repeat(alone[None], 3, 0), rtol=1e-5, atol=1e-6)
+        # no stages: the unadapted policy, without an env (Meta-World's adapter starts every evaluation from it)
+        unadapted, fresh = learner.adapt(env, steps=0, seed=3), learner.adapt_on([], seed=3)
+        assert fresh.adapted_steps == 0 and fresh.stateful == unadapted.stateful == (name != "maml")
+        np.testing.assert_allclose(fresh.predict(obs, deterministic=True), unadapted.predict(obs, deterministic=True),
+                                   atol=1e-6)
 
 
 def test_episodes_from_a_plain_gymnasium_loop(maml_run, rl2_run):
