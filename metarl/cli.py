@@ -240,9 +240,19 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                 raise ConfigError(f"--video-tasks ({video['tasks']}) must be at most the number of tasks evaluated ({tasks})")
             if steps < 1:
                 raise ConfigError("--video needs at least one adaptation stage (--steps >= 1) to show before and after")
+        if args.metaworld_protocol is not None:
+            from metarl.metaworld_eval import check_cli
+
+            check_cli(config, split, args.metaworld_protocol, args.repeats)
         with run_lock(run_dir):
             _evaluate(run_dir, config, split, tasks, steps, episodes, video, args.repeats, args.device,
                       args.trust_run_code, entry)
+            if args.metaworld_protocol is not None:  # Meta-World's own protocol beside it (metarl/metaworld_eval.py)
+                from metarl.metaworld_eval import evaluate_cli
+                from metarl.runfolder import eval_dir
+
+                evaluate_cli(run_dir, eval_dir(run_dir, split, args.repeats), args.metaworld_protocol, args.device,
+                             args.trust_run_code, entry)
     except (ConfigError, TaskError, VideoError, FloatingPointError) as exc:
         raise UsageError(str(exc)) from exc
     return 0
@@ -453,6 +463,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--video-size", default=None, metavar="WxH", help="with --video: frame size (default 320x240)")
     p.add_argument("--fps", type=int, default=None, help="with --video: frames per second (default: the env's rate, "
                    "at most 25); frames are dropped to play at about real time")
+    p.add_argument("--metaworld-protocol", type=int, nargs="?", const=10, default=None, metavar="N",
+                   help="Meta-World families: also run Meta-World's own metalearning_evaluation (N evaluations, "
+                   "default 10) through an adapter, as shipped and per sub-env (Metaworld PR #577's effect); "
+                   "printed beside metarl's figure, written to RUN_DIR/eval/<split>/metaworld.json")
     _trust_flag(p)
     p.set_defaults(func=_cmd_eval)
 

@@ -293,3 +293,156 @@ def test_a_bench_report_on_metaworld_has_success_rates(tmp_path):
     [result] = json.loads((tmp_path / "out" / "results.json").read_text())
     assert result["family"] == "ML10" and len(result["stages"]) == 2
     assert all(0.0 <= stage["success_rate"] <= 1.0 for stage in result["stages"])
+
+
+# ---- bad input: one line each -----------------------------------------------------------------------------
+@pytest.mark.parametrize("name, nearest", [("ML1-reach-v9", "reach-v3"), ("metarl/ML1-Reach-v3-v0", "reach-v3"),
+                                           ("ML1-pick-place", "pick-place-v3"), ("ML45", None)])
+def test_a_metaworld_name_that_does_not_exist_is_one_clear_line(name, nearest):
+    with pytest.raises(TaskError) as err:
+        metarl.make_family(name)
+    message = str(err.value)
+    assert "\n" not in message and repr(name) in message
+    assert (f"nearest: {nearest}" in message) if nearest else "ML1-<env>" in message and "ML10" in message
+
+
+def test_a_mujoco_that_metaworld_refuses_is_one_clear_line(monkeypatch):
+    """metaworld 3.1.1 pins mujoco==3.3.0; another MuJoCo beside it is refused before any Sawyer scene loads."""
+    from metarl.envs import meta_world
+
+    assert meta_world._mujoco_versions()[1:] == ("3.3.0", "3.3.0")  # this venv: the pin and what is installed
+    monkeypatch.setattr(meta_world, "_mujoco_versions", lambda: ("3.1.1", "3.3.0", "3.5.0"))
+    with pytest.raises(TaskError, match=r"metaworld 3\.1\.1 needs mujoco==3\.3\.0, this Python has mujoco 3\.5\.0: "
+                                        r"give the extra a venv of its own") as err:
+        metarl.make_family("ML1-reach-v3")
+    assert "\n" not in str(err.value)
+
+
+def test_without_the_extra_a_metaworld_family_is_named_as_one(monkeypatch):
+    """The base suite checks the message end to end (tests/test_custom_env.py); here: what decides it."""
+    from metarl.envs import meta_world
+
+    monkeypatch.setattr(meta_world, "installed", lambda: False)
+    assert meta_world.missing_extra("ML1-reach-v3") and meta_world.missing_extra("metarl/ML10-v0")
+    assert not meta_world.missing_extra("ML1-reach-v9") and meta_world.unknown_name("ML1-reach-v9")
+
+
+# ---- Meta-World's own evaluation through the adapter ------------------------------------------------------
+def _learner(agent, tmp_path, *overrides):
+    """An untrained learner of ``agent`` on ML1 reach (iteration 0): the adapter's plumbing needs no training."""
+    from metarl.api import MetaLearner
+    from metarl.config import load_config
+    from metarl.training import build_agent
+
+    root = Path(__file__).parents[1] / "experiments"
+    path = root / agent / ("point_nav_2d.yaml" if agent == "pearl" else "ml1_reach.yaml")
+    config = load_config(path, ["env=ML1-reach-v3", "sampler.workers=0", *overrides])
+    sampler, built = build_agent(config)
+    return MetaLearner(tmp_path, config, built)
+
+
+def _adapt_one_round(agent, envs, episodes=1):
+    from metaworld.evaluation import Timestep
+
+    envs.call("toggle_sample_tasks_on_reset", False)
+    envs.call("toggle_terminate_on_success", False)
+    envs.call("sample_tasks")
+    agent.init()
+    obs, _ = envs.reset()
+    ended = np.zeros(envs.num_envs, int)
+    while (ended < episodes).any():
+        actions, aux = agent.adapt_action(obs)
+        nxt, rewards, terminated, truncated, _ = envs.step(actions)
+        agent.step(Timestep(obs, actions, rewards, terminated, truncated, aux))
+        ended += np.logical_or(terminated, truncated)
+        obs = nxt
+    agent.adapt()
+    return obs
+
+
+def test_the_adapter_carries_rl2s_hidden_state_as_adapt_on_rebuilds_it(tmp_path):
+    """RL² through Meta-World's interface: one policy, a hidden state per sub-env, fed every reward; after the
+    adaptation round each sub-env's state is the one `MetaLearner.adapt_on` builds from that sub-env's episode."""
+    from metarl.metaworld_eval import MetaWorldAgent, protocol_envs
+
+    with _learner("rl2", tmp_path, "agent.hidden_size=16") as learner:
+        envs = protocol_envs(learner.agent.sampler.family, 2)
+        agent = MetaWorldAgent(learner, deterministic=True)
+        obs = _adapt_one_round(agent, envs)
+        assert agent.stateful and len(agent.policies) == 1
+        assert [len(rounds[0]) for rounds in agent.rounds] == [1, 1] and len(agent.rounds[0][0][0].rewards) == 500
+        ours = agent.eval_action(obs)
+        for i in range(2):
+            again = learner.adapt_on([[episode] for episode in agent.rounds[i][0]])
+            np.testing.assert_allclose(ours[i], again.predict(obs[i, :39], deterministic=True), atol=1e-5)
+        envs.close()
+
+
+@pytest.mark.parametrize("name", ["maml_trpo", "pearl"])
+def test_the_protocol_runs_maml_and_pearl_through_the_adapter(tmp_path, name):
+    """MAML-TRPO: a policy per sub-env after the gradient step (from adapt_on); PEARL: one stateful policy. Both
+    variants of Meta-World's protocol run to figures in [0, 1] and finite returns."""
+    from metarl.metaworld_eval import MetaWorldAgent, metalearning_evaluation_per_env, protocol_envs
+
+    overrides = ["agent.hidden=[16, 16]"] + (["agent.encoder_hidden=[16, 16]", "agent.num_train_tasks=10"] if name == "pearl" else [])
+    with _learner(name, tmp_path, *overrides) as learner:
+        envs = protocol_envs(learner.agent.sampler.family, 2)
+        agent = MetaWorldAgent(learner)
+        returns, successes = metalearning_evaluation_per_env(agent, envs, num_evals=1, adaptation_episodes=1,
+                                                             evaluation_episodes=1)
+        envs.close()
+        assert returns.shape == successes.shape == (1, 2) and np.isfinite(returns).all()
+        assert set(successes.ravel()) <= {0.0, 1.0}
+        assert agent.stateful == (name == "pearl")
+        assert len(agent.policies) == (1 if name == "pearl" else 2)
+        if name == "maml_trpo":  # adapted per sub-env: each its own parameters
+            probe = np.zeros((1, 39), np.float32)
+            a, b = (p.predict(probe[0], deterministic=True) for p in agent.policies)
+            assert not np.allclose(a, b)
+
+
+def test_a_protocol_that_cannot_run_is_one_line_before_anything_runs(tmp_path, capsys):
+    from metarl.cli import main
+
+    experiments = Path(__file__).parents[1] / "experiments"
+    cases = [("maml_trpo/ml1_reach.yaml", ["--split", "train"], "evaluates on Meta-World's test tasks: use --split test"),
+             ("maml_trpo/ml1_reach.yaml", ["--repeats", "2"], "needs N >= 1 and no --repeats"),
+             ("maml_trpo/point_nav_2d.yaml", [], "on a Meta-World family (ML1-<env>, ML10); this run's env is PointNav2D")]
+    for k, (config, extra, message) in enumerate(cases):
+        run = tmp_path / f"run{k}"
+        run.mkdir()
+        (run / "config.yaml").write_text((experiments / config).read_text())
+        assert main(["eval", str(run), "--metaworld-protocol", "2", *extra]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+        assert not (run / "eval").exists()  # refused before metarl's own evaluation ran
+
+
+def test_metaworlds_protocol_agrees_with_metarls_evaluator_on_a_trained_maml(tmp_path, monkeypatch, capsys):
+    """A MAML-TRPO trained for one iteration on ML1 reach; ``metarl eval --metaworld-protocol`` runs metarl's
+    evaluator (1 gradient step on E episodes, then E episodes) and Meta-World's protocol at the same settings
+    (1 adaptation round of E episodes, E evaluation episodes; full episodes, success at any step in the per-env
+    variant): their success rates and returns agree within their 95% intervals. Toy sizes, so the intervals are
+    wide: the test pins that the two protocols measure the same quantity, not a figure."""
+    import metarl.api as mrl
+    from metarl import metaworld_eval
+    from metarl.cli import main
+
+    run = tmp_path / "run"
+    config = Path(__file__).parents[1] / "experiments" / "maml_trpo" / "ml1_reach.yaml"
+    mrl.train(config, ["iterations=1", "agent.tasks_per_batch=2", "agent.episodes_per_task=2", "agent.hidden=[32, 32]",
+                       "eval.every=0", "eval.tasks=2", "eval.episodes=1", "sampler.workers=0"], run_dir=run).close()
+    monkeypatch.setattr(metaworld_eval, "PROTOCOL", {"num_evals": 10, "adaptation_steps": 1, "adaptation_episodes": 1,
+                                                     "evaluation_episodes": 1})
+    monkeypatch.setattr(metaworld_eval, "SUB_ENVS", 5)
+    capsys.readouterr()
+    assert main(["eval", str(run), "--tasks", "10", "--steps", "1", "--episodes", "1", "--metaworld-protocol", "2"]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads((run / "eval" / "test" / "metaworld.json").read_text())
+    assert result["protocol"]["num_evals"] == 2 and result["protocol"]["sub_envs"] == 5
+    assert result["family"] == "ML1-reach-v3" and result["agent"] == "maml_trpo" and result["metarl_stage"] == 1
+    assert result["per_env"]["n"] == 10 and result["shipped"]["n"] == 2 and "provenance" in result
+    assert result["metarl"]["stage"] == 1
+    assert result["per_env_agrees_with_metarl"] == {"success": True, "return": True}, result
+    for name in ("metaworld, as shipped", "metaworld, per sub-env", "metarl evaluator, stage 1", "PR #577"):
+        assert name in printed
