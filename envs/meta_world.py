@@ -311,7 +311,7 @@ def unknown_name(name_or_id: str) -> str | None:
         env = name[len("ML1-"):]
         near = difflib.get_close_matches(env.lower(), ENV_NAMES, n=3)
         return (f"unknown Meta-World v3 env {env!r} in {name_or_id!r}" + (f"; nearest: {', '.join(near)}" if near else "")
-                + f" (ML1-<env> takes one of the {len(ENV_NAMES)} v3 envs; `metarl envs` lists the families)")
+                + f" (ML1-<env> takes one of the {len(ENV_NAMES)} v3 envs; `metarl families` lists them)")
     return (f"{name_or_id!r} is not a Meta-World family of metarl: it has ML1-<env> (one v3 env, e.g. ML1-reach-v3) "
             "and ML10")
 
