@@ -314,3 +314,32 @@ def reproduction(entry: Entry, summary: dict[str, Any]) -> tuple[bool | None, li
         lines.append(f"stage {got['stage']}: {got['mean_return']:.2f} (recorded {want['mean_return']:.2f} "
                      f"[{lo:.2f}, {hi:.2f}]) {'inside' if inside else 'OUTSIDE'}")
     return ok, lines
+
+
+TABLE_START, TABLE_END = "<!-- zoo table: metarl.zoo.table() writes it -->", "<!-- end of the zoo table -->"
+
+
+def table(found: list[Entry] | None = None) -> str:
+    """The markdown table of the shipped entries (docs/zoo.md holds it between TABLE_START and TABLE_END)."""
+    rows = ["| entry | family | trained for | recorded evaluation | before | after one stage [95% CI] | result |",
+            "|---|---|---|---|---|---|---|"]
+    for entry in entries() if found is None else found:
+        m, e = entry.meta, entry.evaluation
+        stages = e["stages"]
+        one = stages[min(1, len(stages) - 1)]
+        protocol = (f"{e['tasks']} {e['split']} tasks" + (f" × {e['repeats']} adaptations" if e.get("repeats", 1) > 1
+                                                           else "") + f", {e['steps']} stages of {e['episodes']} episodes")
+        rows.append(f"| `{entry.name}` | {entry.family} | {m['iteration']} iterations, {m['env_steps'] / 1e6:.1f}M env "
+                    f"steps | {protocol} | {stages[0]['mean_return']:.1f} | {one['mean_return']:.1f} "
+                    f"[{one['ci95'][0]:.1f}, {one['ci95'][1]:.1f}] | `{m.get('result') or '–'}` |")
+    return "\n".join(rows) + "\n"
+
+
+def write_table(page: Path) -> None:
+    """Replace the table between the markers of ``page`` with `table`; ZooError if the page has no markers."""
+    text = page.read_text(encoding="utf-8")
+    if TABLE_START not in text or TABLE_END not in text:
+        raise ZooError(f"{page}: no zoo table markers ({TABLE_START} ... {TABLE_END})")
+    head, rest = text.split(TABLE_START, 1)
+    tail = rest.split(TABLE_END, 1)[1]
+    atomic_write(page, f"{head}{TABLE_START}\n{table()}{TABLE_END}{tail}")
