@@ -311,9 +311,11 @@ def load_sweep(path: str | Path, out: str | Path | None = None, imports: tuple[s
 
 def _check_env(run: Any, point: dict[str, Any], splits: list[str]) -> None:
     import metarl
+    from metarl.plugins import load
     from metarl.tasks import TaskError
 
     try:
+        load(run.imports)  # the user's modules that register the env
         env = metarl.make_family(run.env, **run.env_kwargs)
     except (TaskError, TypeError, ValueError) as exc:
         raise ConfigError(f"configuration {point}: env_kwargs: {exc}") from None
@@ -471,7 +473,8 @@ def _tune_setup(sweep: Sweep, known: list[dict[str, Any]]) -> tuple[dict[str, An
     from ray.tune.search import Repeater
     from ray.tune.search.optuna import OptunaSearch
 
-    optuna = OptunaSearch(seed=sweep.seed, points_to_evaluate=[{"point": p} for p in known[:sweep.samples]] or None)
+    tried = [{f"point/{k}": v for k, v in p.items()} for p in known[:sweep.samples]]  # Tune's flattened keys
+    optuna = OptunaSearch(seed=sweep.seed, points_to_evaluate=tried or None)
     return {"point": space}, Repeater(optuna, repeat=len(sweep.seeds)), sweep.samples * len(sweep.seeds)
 
 

@@ -80,6 +80,8 @@ def test_shipped_sweeps_are_valid():
     assert {"agent.inner_lr", "agent.max_kl"} <= set(sensitivity.params)
     diversity = load_sweep("experiments/sweeps/point_nav_task_diversity.yaml")
     assert len(diversity.points) >= 4 and len(diversity.seeds) >= 2 and diversity.splits == ("test", "ood")
+    asha = load_sweep("experiments/sweeps/asha_vs_grid.yaml")
+    assert asha.scheduler == {"grace_period": 4, "reduction_factor": 2, "max_t": 16} and len(asha.points) == 6
 
 
 def test_optuna_not_installed_is_one_line(tmp_path, monkeypatch):
