@@ -693,8 +693,8 @@ def write_report(sweep: Sweep) -> Path:
         lines.append("")
     compute = compute_of(sweep, every)
     if every:
-        lines += ["## Compute", "", f"Training iterations spent by the finished trials: {compute['iterations']:,} of "
-                  f"{compute['iterations_to_the_end']:,} had every one trained to the end "
+        lines += ["## Compute", "", f"Training iterations spent by the finished trials: {compute['iterations']:,}, "
+                  f"against {compute['iterations_to_the_end']:,} to train every one of them to the end "
                   f"({compute['iterations_saved_pct']:.0f}% saved); env steps spent in training: "
                   f"{compute['env_steps']:,}" + ("" if compute["env_steps_complete"] else
                                                  " (trials recorded before env steps were: not counted)") + ".", ""]
