@@ -19,14 +19,22 @@ name, anything else becomes an absolute path, so ``metarl eval`` and ``--resume`
 `load` imports entries in this process and remembers them (`loaded`); the sampler's worker processes
 (spawned, so they start from a fresh interpreter) import the same entries before they make an env, so a
 registration made by a user's module exists there too.
+
+Ray nodes get the user's code through the Ray job's ``runtime_env`` (`shipped`, used by
+`metarl.sampling.ray.connect`): each path entry's file or package folder, and each module name whose code is
+not installed (found outside the interpreter's library folders), go in ``py_modules``; the environment
+variable ``METARL_SHIPPED_IMPORTS`` tells every process of the job the module name each entry's shipped copy
+imports under, so that a path entry that does not exist on a node (another machine) loads that copy.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import os
 import sys
+import sysconfig
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -35,6 +43,7 @@ from metarl.tasks import TaskError
 
 _LOADED: list[str] = []  # resolved entries imported in this process, in order (the workers import them too)
 _FROM_PATH: dict[str, str] = {}  # module name -> the path entry it was imported from
+SHIPPED_ENV = "METARL_SHIPPED_IMPORTS"  # JSON {entry: module name} of the entries a Ray job's runtime_env ships
 
 
 def _is_path(entry: str) -> bool:
@@ -60,6 +69,8 @@ def resolve(entry: str, base: str | Path | None = None) -> str:
             path = Path(base or here) / path
         if path.is_file() and path.suffix == ".py" or path.is_dir() and (path / "__init__.py").is_file():
             return str(path.resolve())
+        if str(path) in shipped_here():  # on a Ray node without the file: its copy came with the job
+            return str(path)
         raise TaskError(f"{entry!r}: no such .py file or package folder ({path})")
     if not all(part.isidentifier() for part in entry.split(".")):
         raise TaskError(f"{entry!r} is neither a module name nor a path to a .py file")
@@ -120,6 +131,14 @@ def _load_one(entry: str) -> str:
     file: Path | None = None
     if _is_path(entry):
         path = Path(entry)
+        if not path.exists() and entry in shipped_here():  # a Ray node without the file: the job's copy
+            name = shipped_here()[entry]
+            try:
+                importlib.import_module(name)
+            except ModuleNotFoundError as exc:
+                raise TaskError(f"cannot import the shipped copy of {entry!r}: {exc}") from exc
+            _FROM_PATH[name] = entry
+            return name
         if not path.exists():
             raise TaskError(f"{entry} does not exist (moved since the run was started?)")
         file = path / "__init__.py" if path.is_dir() else path
@@ -145,4 +164,50 @@ def _load_one(entry: str) -> str:
     return name
 
 
-__all__ = ["load", "loaded", "module_name", "module_of", "resolve"]
+def shipped_here() -> dict[str, str]:
+    """{entry: module name} of the entries this process's Ray job shipped ({} outside one)."""
+    try:
+        data = json.loads(os.environ.get(SHIPPED_ENV) or "{}")
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _installed(location: str) -> bool:
+    """Whether code at ``location`` is part of the interpreter or of an installed distribution (every node of a
+    cluster is expected to have those), not a user's own file."""
+    here = os.path.realpath(location)
+    roots = {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+    return any(here == os.path.realpath(r) or here.startswith(os.path.realpath(r) + os.sep) for r in roots)
+
+
+def shipped(entries: Iterable[str]) -> tuple[list[str], dict[str, str]]:
+    """What a Ray job ships so that its nodes import resolved ``entries``: (the files and package folders for
+    ``runtime_env["py_modules"]``, {entry: the module name its copy imports under}). A path entry ships its
+    file or folder; a module name ships its top-level module or package unless that is installed."""
+    files: list[str] = []
+    names: dict[str, str] = {}
+    for entry in entries:
+        if _is_path(entry):
+            files.append(entry)
+            names[entry] = module_name(entry)
+            continue
+        top = entry.split(".")[0]
+        if top == "metarl":  # installed on every node, editable or not
+            continue
+        try:
+            spec = importlib.util.find_spec(top)
+        except (ImportError, ValueError):
+            spec = None
+        if spec is None or spec.origin in (None, "built-in", "frozen"):
+            location = None
+        else:
+            location = spec.submodule_search_locations[0] if spec.submodule_search_locations else spec.origin
+        if location is None or _installed(location):
+            continue
+        files.append(location)
+        names[entry] = entry
+    return list(dict.fromkeys(files)), names
+
+
+__all__ = ["load", "loaded", "module_name", "module_of", "resolve", "shipped", "shipped_here"]

@@ -359,19 +359,23 @@ def _eval_due(config: RunConfig, iteration: int) -> bool:
     return iteration == config.iterations or bool(config.eval.every and iteration % config.eval.every == 0)
 
 
-def train(config: RunConfig, run_dir: Path | None = None, resume: bool = False, verbose: bool = True) -> Path:
+def train(config: RunConfig, run_dir: Path | None = None, resume: bool = False, verbose: bool = True,
+          on_eval: Callable[[dict[str, Any]], None] | None = None) -> Path:
     """Meta-train as ``config`` says; returns the run folder. With ``resume``, continue ``run_dir``: from its
     newest usable checkpoint, or from iteration 0 in place if it was killed before its first one. Only one
-    process at a time trains or evaluates in a run folder (`metarl.runfolder.run_lock`)."""
+    process at a time trains or evaluates in a run folder (`metarl.runfolder.run_lock`). ``on_eval``, if
+    given, is called with each evaluation's summary (``iteration``, ``env_steps``, ``stages``, ...) once the
+    evaluation is recorded: every ``eval.every`` iterations and at the end (`metarl sweep` reports it to Ray
+    Tune's scheduler)."""
     sampler, agent = build_agent(config)  # validates the env, sampler and agent before anything is written
     try:
-        return train_agent(config, sampler, agent, run_dir, resume, verbose)
+        return train_agent(config, sampler, agent, run_dir, resume, verbose, on_eval)
     finally:
         sampler.close()
 
 
 def train_agent(config: RunConfig, sampler: Any, agent: Any, run_dir: Path | None = None, resume: bool = False,
-                verbose: bool = True) -> Path:
+                verbose: bool = True, on_eval: Callable[[dict[str, Any]], None] | None = None) -> Path:
     """`train` with the sampler and agent `build_agent` made for ``config`` (left open: the trained agent stays
     usable, as `metarl.api.train` keeps it); returns the run folder."""
     eval_tasks(sampler.family, config.seed, config.eval.split, config.eval.tasks)  # refused before training
@@ -384,10 +388,11 @@ def train_agent(config: RunConfig, sampler: Any, agent: Any, run_dir: Path | Non
     with run_lock(run_dir), work_threads():
         if not resume:
             check_new_run_folder(run_dir)  # again, now that no other process can start one there
-        return _train_locked(config, run_dir, resume, verbose, sampler, agent)
+        return _train_locked(config, run_dir, resume, verbose, sampler, agent, on_eval)
 
 
-def _train_locked(config: RunConfig, run_dir: Path, resume: bool, verbose: bool, sampler: Any, agent: Any) -> Path:
+def _train_locked(config: RunConfig, run_dir: Path, resume: bool, verbose: bool, sampler: Any, agent: Any,
+                  on_eval: Callable[[dict[str, Any]], None] | None = None) -> Path:
     ckpt_dir = run_dir / "checkpoints"
     check_writable(run_dir, ckpt_dir, run_dir / "eval", run_dir / "eval" / config.eval.split)
     logger: _Logger | None = None
@@ -473,7 +478,7 @@ def _train_locked(config: RunConfig, run_dir: Path, resume: bool, verbose: bool,
             if verbose:
                 print(f"run folder: {run_dir} (sampler backend: {sampler.backend})")
         if redo_eval:
-            _eval_and_report(agent, config, run_dir, logger, verbose, done)
+            _eval_and_report(agent, config, run_dir, logger, verbose, done, on_eval)
         family = sampler.family
         n_tasks = config.agent.tasks_per_batch
         record = config_record(config.to_dict())
@@ -510,7 +515,7 @@ def _train_locked(config: RunConfig, run_dir: Path, resume: bool, verbose: bool,
                     flush=True,
                 )
             if _eval_due(config, it + 1):
-                _eval_and_report(agent, config, run_dir, logger, verbose, done)
+                _eval_and_report(agent, config, run_dir, logger, verbose, done, on_eval)
         return run_dir
     except WorkerDied as exc:  # nothing of the interrupted iteration or evaluation counts: its resume redoes it
         raise WorkerDied(f"{exc}; the run keeps its last checkpoint: resume it with metarl train --resume "
@@ -520,7 +525,8 @@ def _train_locked(config: RunConfig, run_dir: Path, resume: bool, verbose: bool,
             logger.close()
 
 
-def _eval_and_report(agent, config: RunConfig, run_dir: Path, logger: _Logger, verbose: bool, done: list[int]) -> None:
+def _eval_and_report(agent, config: RunConfig, run_dir: Path, logger: _Logger, verbose: bool, done: list[int],
+                     on_eval: Callable[[dict[str, Any]], None] | None = None) -> None:
     e = config.eval
     summary = evaluate_run(agent, config, run_dir, e.split, e.tasks, e.steps, e.episodes, logger)
     if agent.iteration == config.iterations:  # the final figures: the run's row in TensorBoard's HParams view
@@ -533,3 +539,5 @@ def _eval_and_report(agent, config: RunConfig, run_dir: Path, logger: _Logger, v
     if verbose:
         curve = " -> ".join(f"{s['mean_return']:.1f}" for s in summary["stages"])
         print(f"  eval ({e.split}, {e.tasks} tasks): return by adaptation stage {curve}", flush=True)
+    if on_eval is not None:
+        on_eval(summary)

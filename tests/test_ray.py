@@ -330,3 +330,89 @@ def test_an_agent_in_a_users_own_file_trains_on_ray(cluster, tmp_path):
                       for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(rows["local"]) == 2 and rows["ray"] == rows["local"]
     assert yaml.safe_load((tmp_path / "ray" / "config.yaml").read_text())["sampler"]["placement"] == "ray"
+
+
+def _sweep_file(tmp_path: Path, name: str, **spec) -> Path:
+    base = {"name": name, "config": str(Path("experiments/maml_trpo/point_nav_2d.yaml").resolve()),
+            "out": str(tmp_path / name), "seeds": [0],
+            "overrides": ["iterations=3", "agent.tasks_per_batch=2", "agent.episodes_per_task=2", "agent.hidden=[8]",
+                          "eval.every=1", "eval.tasks=3", "eval.steps=1", "eval.episodes=2", "sampler.workers=0"]}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({**base, **spec}))
+    return path
+
+
+def test_asha_stops_the_poor_trials_early_and_the_report_records_them(cluster, tmp_path, capsys):
+    """An inner step of 30-50 wrecks the adapted policy; with one trial per node the two sensible values reach
+    each rung first, so ASHA (reduction factor 2) stops the wrecking ones at their first evaluations."""
+    from metarl.cli import main
+
+    path = _sweep_file(tmp_path, "asha", params={"agent.inner_lr": [0.05, 0.1, 30.0, 50.0]},
+                       scheduler={"name": "asha", "grace_period": 1, "reduction_factor": 2})
+    assert main(["sweep", str(path), "--address", cluster]) == 0
+    assert "trials stopped early by the scheduler" in capsys.readouterr().out
+    trials = json.loads((tmp_path / "asha" / "trials.json").read_text())
+    stopped = [t for t in trials["trials"] if t["status"] == "stopped"]
+    assert stopped and all(t["point"]["agent.inner_lr"] >= 30 for t in stopped)
+    for t in stopped:  # what it reached: the last evaluation it reported, before the end of training
+        assert t["reached"]["iteration"] < 3 and t["reached"] == t["history"][-1] and t["reached"]["env_steps"] > 0
+    compute = trials["compute"]
+    assert compute["stopped"] == len(stopped) and compute["iterations"] < compute["iterations_to_the_end"] == 12
+    report = (tmp_path / "asha" / "report.md").read_text()
+    assert "## Trials stopped early" in report and f"{len(stopped)} of them stopped early" in report
+    assert "## Compute" in report
+    # the sensitivity tables compare the trials trained to the end only
+    assert {r["point"]["agent.inner_lr"] for r in json.loads((tmp_path / "asha" / "results.json").read_text())} \
+        == {t["point"]["agent.inner_lr"] for t in trials["trials"] if t["status"] == "completed"}
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "asha").glob("trials/*/seed0/trial.json")}
+    assert main(["sweep", str(path), "--address", cluster]) == 0  # replayed to Tune, none trained again
+    assert f"4 trials finished already ({len(stopped)} stopped early)" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "asha").glob("trials/*/seed0/trial.json")} == stamps
+
+
+def test_an_optuna_search_draws_configurations_finishes_and_resumes(cluster, tmp_path, capsys):
+    pytest.importorskip("optuna")
+    from metarl.cli import main
+
+    path = _sweep_file(tmp_path, "optuna", search="optuna", samples=2, seed=0,
+                       params={"agent.inner_lr": {"loguniform": [0.01, 1.0]}, "agent.max_kl": [0.005, 0.01]})
+    assert main(["sweep", str(path), "--address", cluster]) == 0
+    folders = sorted((tmp_path / "optuna" / "trials").glob("optuna-*/seed0/trial.json"))
+    assert len(folders) == 2
+    points = [json.loads(p.read_text())["point"] for p in folders]
+    assert all(0.01 <= p["agent.inner_lr"] <= 1.0 and p["agent.max_kl"] in (0.005, 0.01) for p in points)
+    assert "2 of 2 trials finished" in (tmp_path / "optuna" / "report.md").read_text()
+    capsys.readouterr()
+    assert main(["sweep", str(path), "--address", cluster]) == 0  # the tried configurations first, replayed
+    assert "2 trials finished already" in capsys.readouterr().out
+    assert sorted((tmp_path / "optuna" / "trials").glob("optuna-*/seed0/trial.json")) == folders
+
+
+USER_ENV = '''
+"""A user's env module: PointNav2D under an id of its own (only the runtime_env brings it to the Ray nodes)."""
+import gymnasium as gym
+
+gym.register("SweepUserPointNav-v0", entry_point="metarl.envs.point_nav:PointNav2D", max_episode_steps=100)
+'''
+
+
+def test_a_sweep_ships_user_modules_to_the_nodes_with_runtime_env(cluster, tmp_path):
+    """The user's module lives in a folder only the driver's Python path has (the nodes were started without it);
+    the sweep's trials make its env on both nodes of the cluster, so it came with the job's runtime_env."""
+    mods = tmp_path / "mods"
+    mods.mkdir()
+    (mods / "sweep_user_env.py").write_text(USER_ENV)
+    path = _sweep_file(tmp_path, "shipped", params={"agent.inner_lr": [0.05, 0.1]},
+                       overrides=["env=SweepUserPointNav-v0", "iterations=1", "agent.tasks_per_batch=2",
+                                  "agent.episodes_per_task=2", "agent.hidden=[8]", "eval.every=0", "eval.tasks=3",
+                                  "eval.steps=1", "eval.episodes=2", "sampler.workers=0"])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(mods), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    run = subprocess.run([sys.executable, "-m", "metarl.cli", "sweep", str(path), "--address", cluster,
+                          "--import", "sweep_user_env"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    records = [json.loads(p.read_text()) for p in sorted((tmp_path / "shipped").glob("trials/*/seed0/trial.json"))]
+    assert len(records) == 2 and all(r["status"] == "completed" for r in records)
+    assert len({r["where"]["node"] for r in records}) == 2  # one trial on each node
+    run_config = yaml.safe_load(next((tmp_path / "shipped").glob("trials/*/seed0/run/config.yaml")).read_text())
+    assert run_config["env"] == "SweepUserPointNav-v0" and run_config["imports"] == ["sweep_user_env"]

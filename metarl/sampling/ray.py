@@ -24,11 +24,13 @@ Importing metarl never imports Ray: this module is imported only for ``placement
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
+from metarl.plugins import SHIPPED_ENV
 from metarl.sampling.local import (
     NonFiniteError,
     Sampler,
@@ -55,16 +57,42 @@ def import_ray() -> Any:
     return ray
 
 
-def connect(address: str | None = None) -> Any:
+def user_runtime_env(imports: Sequence[str]) -> dict[str, Any] | None:
+    """The Ray job ``runtime_env`` that ships the user's modules (resolved import entries) to every node:
+    ``py_modules`` and the ``METARL_SHIPPED_IMPORTS`` map (`metarl.plugins.shipped`); None if nothing needs it."""
+    from metarl.plugins import SHIPPED_ENV, shipped
+
+    files, names = shipped(imports)
+    if not files:
+        return None
+    return {"py_modules": files, "env_vars": {SHIPPED_ENV: json.dumps(names)}}
+
+
+def connect(address: str | None = None, imports: Sequence[str] = ()) -> Any:
     """Connect this process to a Ray cluster (`ray.init` conventions, see the module docstring) unless it is
-    already connected; returns the ``ray`` module. TaskError in one line if no cluster can be reached."""
+    already connected; returns the ``ray`` module. The job's ``runtime_env`` ships the user's modules
+    ``imports`` (`user_runtime_env`). TaskError in one line if no cluster can be reached. A process that was
+    connected before (by its own ``ray.init``) keeps its job's ``runtime_env``: a warning names the modules
+    it does not ship (nodes reach them only where the same paths exist)."""
+    from metarl.plugins import shipped_here
+
     ray = import_ray()
+    runtime_env = user_runtime_env(imports)
     if not ray.is_initialized():
         try:
-            ray.init(address=address, logging_level="WARNING", log_to_driver=False)
+            ray.init(address=address, logging_level="WARNING", log_to_driver=False, runtime_env=runtime_env)
         except (ConnectionError, ValueError, RuntimeError) as exc:
             where = address or os.environ.get("RAY_ADDRESS") or "a local instance"
             raise TaskError(f"cannot connect to the Ray cluster at {where}: {str(exc).splitlines()[0]}") from None
+        if runtime_env:  # this process (the driver) imports the entries as its job's workers do
+            os.environ[SHIPPED_ENV] = runtime_env["env_vars"][SHIPPED_ENV]
+    elif runtime_env:
+        missing = sorted(set(json.loads(runtime_env["env_vars"][SHIPPED_ENV])) - set(shipped_here()))
+        if missing:
+            from metarl.system import warn
+
+            warn(f"Ray was initialised in this process before metarl connected, so its job does not ship "
+                 f"{', '.join(missing)} to the nodes (runtime_env); nodes without those paths cannot import them")
     return ray
 
 
@@ -111,7 +139,10 @@ class RaySampler(Sampler):
         if timeout <= 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
         super().__init__(env_id, env_kwargs, 1 if workers is None else workers, backend=backend)
-        self._ray = connect(address)
+        from metarl.plugins import loaded
+
+        module = _registering_module(env_id)  # the user's modules travel with the job (runtime_env)
+        self._ray = connect(address, imports=[*loaded(), *([module] if module else [])])
         if workers is None:
             cpus = self._ray.cluster_resources().get("CPU", 1.0)
             self.workers = max(1, int(cpus // cpus_per_actor))
