@@ -480,6 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the run's evaluation of its checkpoint with the most adaptations per task)")
     p.add_argument("--result", metavar="FILE", help="with --export: the committed result file the run belongs to")
     p.add_argument("--description", default="", help="with --export: one line on what the entry is")
+    p.add_argument("--trained-by", help="with --export: the command(s) that trained the run (default: the one its "
+                   "evaluation records: for a run trained in parts, the last part's)")
     p.set_defaults(func=_cmd_zoo)
 
     p = command("speed", help="measure raw MuJoCo, Gymnasium and sampler step rates side by side")
@@ -550,12 +552,12 @@ def _cmd_zoo(args: argparse.Namespace) -> int:
             if not (args.name and args.to):
                 raise UsageError("--export RUN_DIR needs the new entry's name (AGENT/NAME) and --to DIR")
             entry = zoo.export(args.export, args.name, args.to, summary=args.summary, result=args.result,
-                               description=args.description)
+                               description=args.description, trained_by=args.trained_by)
             print(f"written {entry.folder}/ ({entry.meta['policy_bytes']:,} bytes of policy): {entry.headline()}")
             print(f"evaluate it: metarl eval {entry.folder}; in Python: metarl.api.load({str(entry.folder)!r})")
             return 0
-        if any((args.to, args.summary, args.result, args.description)):
-            raise UsageError("--to, --summary, --result and --description go with --export")
+        if any((args.to, args.summary, args.result, args.description, args.trained_by)):
+            raise UsageError("--to, --summary, --result, --description and --trained-by go with --export")
         if args.name:
             entry = zoo.find(args.name if zoo.is_reference(args.name) else zoo.PREFIX + args.name)
             m, e = entry.meta, entry.evaluation

@@ -246,11 +246,12 @@ def evaluation_record(summary: dict[str, Any], config: RunConfig) -> dict[str, A
 
 
 def export(run_dir: str | Path, name: str, to: str | Path, summary: str | Path | None = None,
-           result: str | None = None, description: str = "") -> Entry:
+           result: str | None = None, description: str = "", trained_by: str | None = None) -> Entry:
     """Make a zoo entry ``to/NAME`` from a finished run: its config, its newest checkpoint's `policy_state`, and
     its final held-out evaluation (``summary``: a summary.json; default: the run's evaluation of that checkpoint
-    with the most adaptations per task). ``result``: the committed result file the run belongs to. ``NAME`` is
-    ``<agent>/<experiment>``-like: two path parts."""
+    with the most adaptations per task). ``result``: the committed result file the run belongs to.
+    ``trained_by``: the command(s) that trained it (default: the command its evaluation records, which for a run
+    trained in parts is only the last part's). ``NAME`` is ``<agent>/<experiment>``-like: two path parts."""
     import torch
 
     from metarl import __version__
@@ -288,7 +289,7 @@ def export(run_dir: str | Path, name: str, to: str | Path, summary: str | Path |
     meta = {"format": FORMAT, "name": name, "agent": config.agent_name, "family": record.get("family", config.env),
             "env": config.env, "description": description, "iteration": agent.iteration,
             "env_steps": agent.env_steps, "evaluation": evaluation_record(record, config), "result": result,
-            "trained_by": provenance.get("command"), "provenance": provenance, "metarl": __version__,
+            "trained_by": trained_by or provenance.get("command"), "provenance": provenance, "metarl": __version__,
             "policy_sha256": _sha256(tmp / "policy.pt"), "policy_bytes": (tmp / "policy.pt").stat().st_size}
     atomic_write(tmp / "entry.json", json.dumps(meta, indent=1) + "\n")
     tmp.rename(folder)
