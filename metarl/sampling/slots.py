@@ -76,6 +76,15 @@ class GymSlots:
         self.envs = []
 
 
+def _time_limit(env: gym.Env) -> int | None:
+    """The ``max_episode_steps`` of the outermost `gymnasium.wrappers.TimeLimit` around ``env``, if any."""
+    while isinstance(env, gym.Wrapper):
+        if isinstance(env, gym.wrappers.TimeLimit):
+            return int(env._max_episode_steps)
+        env = env.env
+    return None
+
+
 class EnvSlots(GymSlots):
     """The rollout's slot protocol over one given env instance (a user's, with its task already set; `metarl.api`)."""
 
@@ -85,6 +94,8 @@ class EnvSlots(GymSlots):
         if horizon is None:
             spec = getattr(env, "spec", None)
             horizon = getattr(spec, "max_episode_steps", None)
+            if horizon is None:
+                horizon = _time_limit(env)  # a TimeLimit wrapped around an unregistered env has no spec
             if horizon is None:
                 try:
                     horizon = family_of(env).horizon
