@@ -118,7 +118,7 @@ def load(run_dir: str | Path, device: str | None = None, trust_code: bool = Fals
     from metarl.training import build_agent
 
     if zoo.is_reference(run_dir):
-        return zoo.load(run_dir, device=device)
+        return zoo.load(run_dir, device=device, trust_code=trust_code)
     run_dir = Path(run_dir)
     config = load_run_config(run_dir, trust_code=trust_code)
     if device is not None:

@@ -219,7 +219,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         if zoo.is_reference(args.run_dir):
             entry = zoo.find(args.run_dir)
             run_dir = Path("runs") / "zoo" / entry.name
-            config = zoo.entry_config(entry)
+            config = zoo.entry_config(entry, trust_code=args.trust_run_code)
             if args.repeats is None:  # the protocol of the figure it records
                 args.repeats = int(entry.evaluation.get("repeats", 1))
         else:
@@ -267,7 +267,7 @@ def _evaluate(run_dir: Path, config: Any, split: str, tasks: int, steps: int, ep
 
     check_writable(run_dir, run_dir / "eval", eval_dir(run_dir, split, repeats))
     if entry is not None:  # a zoo entry: its policy, evaluated into runs/zoo/NAME/
-        learner = zoo.load(entry.folder, device=device, run_dir=run_dir)
+        learner = zoo.load(entry.folder, device=device, run_dir=run_dir, trust_code=trust_code)
     else:  # the run's config and newest usable checkpoint
         learner = mrl.load(run_dir, device=device, trust_code=trust_code)
     agent = learner.agent

@@ -200,3 +200,18 @@ def test_the_docs_table_is_generated_from_the_entries():
     assert f"{zoo.TABLE_START}\n{zoo.table()}{zoo.TABLE_END}" in text, (
         "docs/zoo.md's table is stale: python -c \"from pathlib import Path; from metarl import zoo; "
         "zoo.write_table(Path('docs/zoo.md'))\"")
+
+
+def test_code_an_entry_names_from_its_own_folder_runs_only_when_trusted(exported, tmp_path, capsys):
+    folder = _copy(exported, tmp_path / "shared")
+    marker = tmp_path / "imported"
+    (folder / "payload.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    text = (folder / "config.yaml").read_text()
+    (folder / "config.yaml").write_text(f"imports: [{str(folder / 'payload.py')!r}]\n" + text.replace("imports: []\n", ""))
+    err = _one_line_error(["eval", str(folder)], capsys)
+    assert "--trust-run-code" in err and not marker.exists()
+    with pytest.raises(zoo.ZooError, match="trust"):
+        mrl.load(folder)
+    assert not marker.exists()
+    mrl.load(folder, trust_code=True).close()
+    assert marker.exists()

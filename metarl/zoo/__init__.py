@@ -149,8 +149,11 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def entry_config(entry: Entry) -> RunConfig:
-    """The entry's config, validated by this metarl; ZooError in one line if it no longer loads."""
+def entry_config(entry: Entry, trust_code: bool = False) -> RunConfig:
+    """The entry's config, validated by this metarl; ZooError in one line if it no longer loads. Code it names
+    from inside the entry's folder is imported only with ``trust_code`` (as for a run folder someone shared)."""
+    from metarl.runfolder import check_run_code
+
     path = entry.folder / "config.yaml"
     if not path.is_file():
         raise ZooError(f"{entry.where()}: config.yaml is missing; {entry.remedy()}")
@@ -159,6 +162,14 @@ def entry_config(entry: Entry) -> RunConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"expected a mapping, got {type(data).__name__}")
         data.pop("meta", None)
+    except ConfigError as exc:
+        raise ZooError(f"{entry.where()}: config.yaml is damaged ({exc}); {entry.remedy()}") from None
+    if not trust_code:  # before anything of it is imported
+        try:
+            check_run_code(entry.folder, data)
+        except ConfigError as exc:
+            raise ZooError(f"{entry.where()}: {exc}") from None
+    try:
         return load_config(None, data=data)
     except ConfigError as exc:
         raise ZooError(f"{entry.where()}: its config.yaml does not load in this metarl ({exc}); it was written by "
@@ -187,15 +198,16 @@ def policy_state(entry: Entry) -> dict[str, Any]:
     return payload["state"]
 
 
-def load(ref: str | Path, device: str | None = None, run_dir: str | Path | None = None) -> Any:
+def load(ref: str | Path, device: str | None = None, run_dir: str | Path | None = None,
+         trust_code: bool = False) -> Any:
     """A zoo entry as a `metarl.api.MetaLearner`: adapts, acts and evaluates like the run it came from. Its
     evaluations are written under ``run_dir`` (default ``runs/zoo/<name>``, relative to the current folder;
-    created when something is written). ``device`` as for `metarl.api.load`."""
+    created when something is written). ``device`` and ``trust_code`` as for `metarl.api.load`."""
     from metarl.api import MetaLearner
     from metarl.training import build_agent
 
     entry = find(ref)
-    config = entry_config(entry)
+    config = entry_config(entry, trust_code)
     if device is not None:
         config = dataclasses.replace(config, device=device)
     if config.agent_name != entry.agent:
