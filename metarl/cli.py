@@ -635,6 +635,22 @@ def _check_mujoco_gl() -> None:
                          "use egl or osmesa (headless) or glfw (with a display), or unset it")
 
 
+def _check_distribution() -> None:
+    """A distribution named ``metarl`` (the unrelated project of that name on the public index, or this
+    project's former name) installed beside metarl-robotics claims the same import name, and the files of the
+    two mix: say so in one line instead of failing somewhere inside."""
+    from importlib import metadata
+
+    try:
+        other = metadata.distribution("metarl")
+    except metadata.PackageNotFoundError:
+        return
+    if other.metadata["Name"].lower() != metarl.DISTRIBUTION:
+        raise UsageError(f"another distribution named metarl ({other.version}) is installed in this Python and claims "
+                         f"the import name metarl: pip uninstall metarl, then reinstall this project "
+                         f"({metarl.DISTRIBUTION}: bash scripts/setup.sh, or pip install -e . in a clone)")
+
+
 def _drop_cwd_from_path() -> None:
     """Never import code from the current directory by accident (a run folder someone shared may hold a
     ``yaml.py``): drop it from ``sys.path`` where Python put it (``''`` for ``-c``, the directory itself
@@ -661,6 +677,7 @@ def main(argv: list[str] | None = None) -> int:
     from metarl.system import work_threads
 
     try:
+        _check_distribution()
         _check_mujoco_gl()
         with invoked_as(["metarl", *(sys.argv[1:] if argv is None else argv)]), work_threads():
             return int(args.func(args))

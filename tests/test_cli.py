@@ -205,6 +205,24 @@ def test_an_invalid_mujoco_gl_is_one_clear_line(monkeypatch, capsys):
     assert err.count("\n") == 1 and "MUJOCO_GL='bogus'" in err and "egl" in err
 
 
+def test_the_other_projects_metarl_installed_beside_is_one_clear_line(monkeypatch, capsys):
+    """``pip install metarl`` fetches an unrelated project with the same import name; beside metarl-robotics the
+    two distributions' files mix."""
+    from importlib import metadata
+
+    class Other:
+        version = "0.1.0"
+        metadata = {"Name": "metarl"}
+
+    real = metadata.distribution
+    monkeypatch.setattr(metadata, "distribution", lambda name: Other() if name == "metarl" else real(name))
+    assert main(["families"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip uninstall metarl" in err and "metarl-robotics" in err
+    monkeypatch.setattr(metadata, "distribution", real)
+    assert main(["families"]) == 0  # this project's own install passes
+
+
 AGENT_CONFIGS = sorted(p for d in ("maml_trpo", "rl2", "pearl") for p in Path("experiments", d).glob("*.yaml"))
 
 
