@@ -29,8 +29,8 @@ pooled (``metarl eval --repeats R``, into ``RUN_DIR/eval/<split>-repeats<R>/``):
 
 ``--combine`` gathers seeds trained by separate commands (single-seed or ``--seeds`` result files) into one
 multi-seed file with the same ``aggregate`` and PNG, no training: refused, naming the field, unless every file's
-resolved config is the same but for ``seed``, ``experiment`` and ``run_root`` (and the fields a resume may
-change), with the same number of iterations; a seed in two files is refused too. ``combined_from`` records each
+resolved config is the same but for ``seed``, ``experiment``, ``run_root`` and ``checkpoint_every`` (and the
+fields a resume may change), with the same number of iterations; a seed in two files is refused too. ``combined_from`` records each
 file with its seeds, overrides and note.
 """
 
@@ -343,7 +343,7 @@ def multi_seed(args: argparse.Namespace, out: Path, recorder: Recorder) -> None:
 
 
 #: Config fields that may differ between the files `combine` gathers: where a seed ran, not what it ran.
-COMBINE_MAY_DIFFER = MAY_CHANGE | {"seed", "experiment", "run_root"}
+COMBINE_MAY_DIFFER = MAY_CHANGE | {"seed", "experiment", "run_root", "checkpoint_every"}  # (no number depends on them)
 
 
 def combine(files: list[str], out: Path, note: str, recorder: Recorder) -> None:
