@@ -108,17 +108,20 @@ def train(config: str | Path | RunConfig, overrides: list[str] | tuple[str, ...]
 
 def load(run_dir: str | Path, device: str | None = None, trust_code: bool = False) -> MetaLearner:
     """A trained run (its config.yaml and newest usable checkpoint) as a `MetaLearner`; or a zoo entry:
-    ``"zoo:NAME"`` (``metarl zoo`` lists them) or an exported entry's folder (`metarl.zoo.load`). ``device`` (``auto``,
-    ``cpu``, ``cuda``, ``cuda:N``; default: the run's own ``device``) is where adaptation's gradient steps run;
-    a checkpoint written on any device loads on any other. Acting stays numpy on the CPU. Code its config names
-    from inside the run folder (an env module beside config.yaml) is imported only with ``trust_code``: a run
-    folder someone shared could run anything that way."""
+    ``"zoo:NAME"`` (``metarl zoo`` lists them) or an exported entry's folder (`metarl.zoo`; its evaluations go
+    to ``runs/zoo/NAME/``). ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``; default: the run's own
+    ``device``) is where adaptation's gradient steps run; a checkpoint written on any device loads on any
+    other. Acting stays numpy on the CPU. Code its config names from inside the run folder (an env module beside
+    config.yaml) is imported only with ``trust_code``: a run folder someone shared could run anything that way."""
     from metarl import zoo
     from metarl.runfolder import load_checkpoint, load_run_config
     from metarl.training import build_agent
 
-    if zoo.is_reference(run_dir):
-        return zoo.load(run_dir, device=device, trust_code=trust_code)
+    if zoo.is_reference(run_dir):  # its evaluations go to runs/zoo/NAME of the current folder
+        entry, config, agent = zoo.load_agent(run_dir, device=device, trust_code=trust_code)
+        learner = MetaLearner(Path("runs") / "zoo" / entry.name, config, agent)
+        learner.zoo = entry
+        return learner
     run_dir = Path(run_dir)
     config = load_run_config(run_dir, trust_code=trust_code)
     if device is not None:

@@ -220,7 +220,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             entry = zoo.find(args.run_dir)
             run_dir = Path("runs") / "zoo" / entry.name
             config = zoo.entry_config(entry, trust_code=args.trust_run_code)
-            if args.repeats is None:  # the protocol of the figure it records
+            if args.repeats is None and video is None:  # the protocol of the figure it records (a video shows one)
                 args.repeats = int(entry.evaluation.get("repeats", 1))
         else:
             run_dir = Path(args.run_dir)
@@ -266,10 +266,8 @@ def _evaluate(run_dir: Path, config: Any, split: str, tasks: int, steps: int, ep
     from metarl.training import evaluate_run, render_run
 
     check_writable(run_dir, run_dir / "eval", eval_dir(run_dir, split, repeats))
-    if entry is not None:  # a zoo entry: its policy, evaluated into runs/zoo/NAME/
-        learner = zoo.load(entry.folder, device=device, run_dir=run_dir, trust_code=trust_code)
-    else:  # the run's config and newest usable checkpoint
-        learner = mrl.load(run_dir, device=device, trust_code=trust_code)
+    # a zoo entry (its policy, evaluated into runs/zoo/NAME/), or the run's config and newest usable checkpoint
+    learner = mrl.load(run_dir if entry is None else entry.folder, device=device, trust_code=trust_code)
     agent = learner.agent
     try:
         # the caller holds the run lock; a checkpoint older than the folder's evaluation (a fallback) writes beside it

@@ -338,12 +338,10 @@ def evaluate_cli(run_dir: Path, out: Path, num_evals: int, device: str | None = 
     Meta-World's protocol at its defaults with N evaluations, printed beside metarl's figure and written to
     ``out/metaworld.json`` with provenance."""
     import metarl.api as mrl
-    from metarl import zoo
     from metarl.provenance import Recorder, write_result
 
     recorder = Recorder()
-    learner = zoo.load(entry.folder, device=device, run_dir=run_dir) if entry is not None else \
-        mrl.load(run_dir, device=device, trust_code=trust_code)
+    learner = mrl.load(run_dir if entry is None else entry.folder, device=device, trust_code=trust_code)
     try:
         settings = dict(PROTOCOL, num_evals=num_evals)
         sub_envs = SUB_ENVS if sub_envs is None else sub_envs

@@ -145,6 +145,8 @@ def test_user_modules_are_shipped_and_a_missing_path_loads_the_shipped_copy(tmp_
 
     from metarl import plugins
 
+    # what this test loads must not stay on the list every later sampler worker of this process imports
+    monkeypatch.setattr(plugins, "_LOADED", list(plugins._LOADED))
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "sweepfam_file.py").write_text("X = 1\n")
     (tmp_path / "b").mkdir()

@@ -215,3 +215,14 @@ def test_code_an_entry_names_from_its_own_folder_runs_only_when_trusted(exported
     assert not marker.exists()
     mrl.load(folder, trust_code=True).close()
     assert marker.exists()
+
+
+def test_a_video_of_an_entry_recorded_with_repeats_shows_one_adaptation(exported, tmp_path, monkeypatch, capsys):
+    folder = _copy(exported, tmp_path / "repeated")
+    meta = json.loads((folder / "entry.json").read_text())
+    meta["evaluation"]["repeats"] = 3
+    (folder / "entry.json").write_text(json.dumps(meta))
+    monkeypatch.chdir(tmp_path)
+    assert main(["eval", str(folder), "--video", "--tasks", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "not compared" in out and (tmp_path / "runs/zoo/maml_trpo/tiny_point_nav/eval/test/video").is_dir()

@@ -19,6 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import metarl.api as mrl
 from metarl import zoo
 from metarl.provenance import Recorder, write_result
 
@@ -26,7 +27,8 @@ from metarl.provenance import Recorder, write_result
 def check(entry: zoo.Entry, folder: Path) -> dict:
     e = entry.evaluation
     started = time.perf_counter()
-    with zoo.load(entry.folder, run_dir=folder / entry.name) as learner:
+    with mrl.load(entry.folder) as learner:
+        learner.run_dir = folder / entry.name  # not runs/zoo/ of the current folder
         summary = learner.evaluate(split=e["split"], tasks=e["tasks"], steps=e["steps"], episodes=e["episodes"],
                                    repeats=e.get("repeats", 1))
     wall = time.perf_counter() - started

@@ -17,7 +17,8 @@ exported) holding three files:
 (into ``runs/zoo/NAME/``) and says whether each stage lands inside the recorded interval, and ``metarl zoo
 --export RUN_DIR AGENT/NAME --to FOLDER`` makes an entry from a run of one's own. In Python,
 ``metarl.api.load("zoo:NAME")`` (or an entry folder's path) gives a `metarl.api.MetaLearner` that adapts and
-evaluates like the run it came from (it cannot train on: ``policy.pt`` holds no optimiser state).
+evaluates like the run it came from (it cannot train on: ``policy.pt`` holds no optimiser state); its evaluations
+are written under ``runs/zoo/NAME/`` of the current folder (its ``run_dir``).
 """
 
 from __future__ import annotations
@@ -198,12 +199,10 @@ def policy_state(entry: Entry) -> dict[str, Any]:
     return payload["state"]
 
 
-def load(ref: str | Path, device: str | None = None, run_dir: str | Path | None = None,
-         trust_code: bool = False) -> Any:
-    """A zoo entry as a `metarl.api.MetaLearner`: adapts, acts and evaluates like the run it came from. Its
-    evaluations are written under ``run_dir`` (default ``runs/zoo/<name>``, relative to the current folder;
-    created when something is written). ``device`` and ``trust_code`` as for `metarl.api.load`."""
-    from metarl.api import MetaLearner
+def load_agent(ref: str | Path, device: str | None = None, trust_code: bool = False) -> tuple[Entry, RunConfig, Any]:
+    """The entry ``ref`` names, its config and the agent built from it with the entry's policy state loaded (its
+    sampler starts no worker until something samples); `metarl.api.load` makes a `metarl.api.MetaLearner` of
+    them. ``device`` and ``trust_code`` as for `metarl.api.load`."""
     from metarl.training import build_agent
 
     entry = find(ref)
@@ -214,7 +213,7 @@ def load(ref: str | Path, device: str | None = None, run_dir: str | Path | None 
         raise ZooError(f"{entry.where()}: config.yaml is of agent {config.agent_name}, entry.json says {entry.agent}; "
                        f"{entry.remedy()}")
     state = policy_state(entry)
-    sampler, agent = build_agent(config)  # no sampler worker starts until something samples
+    sampler, agent = build_agent(config)
     try:
         agent.load_policy_state(state)
     except (RuntimeError, KeyError, ValueError, TypeError) as exc:
@@ -223,10 +222,7 @@ def load(ref: str | Path, device: str | None = None, run_dir: str | Path | None 
         raise ZooError(f"{entry.where()}: its policy does not fit the networks this metarl builds from its config "
                        f"({first}); it was written by metarl {entry.meta.get('metarl', '?')}: use that version, or "
                        f"{entry.remedy()}") from None
-    folder = Path(run_dir) if run_dir is not None else Path("runs") / "zoo" / entry.name
-    learner = MetaLearner(folder, config, agent)
-    learner.zoo = entry
-    return learner
+    return entry, config, agent
 
 
 def final_summary(run_dir: Path, iteration: int) -> Path:
