@@ -591,12 +591,7 @@ class MAMLTRPO(Agent):
     # ---- checkpoints ------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue training exactly (loadable with ``weights_only=True``)."""
-        return {
-            "policy": self.policy.state_dict(),
-            "iteration": self.iteration,
-            "env_steps": self.env_steps,
-            "rng": self.rng.bit_generator.state,
-        }
+        return {**self.policy_state(), "rng": self.rng.bit_generator.state}
 
     def policy_state(self) -> dict[str, Any]:
         """The policy's parameters (adaptation takes its step sizes from the config) and the counters."""

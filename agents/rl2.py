@@ -742,12 +742,7 @@ class RL2(Agent):
         return {**{k: v ** 0.5 for k, v in sq.items()}, "total": sum(sq.values()) ** 0.5}
 
     def state_dict(self) -> dict[str, Any]:
-        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "ret_rms": self.ret_rms.state(), "iteration": self.iteration, "env_steps": self.env_steps,
-                 "rng": self.rng.bit_generator.state}
-        if self.obs_rms is not None:
-            state["obs_rms"] = self.obs_rms.state()
-        return state
+        return {**self.policy_state(), "optimizer": self.optimizer.state_dict(), "rng": self.rng.bit_generator.state}
 
     def policy_state(self) -> dict[str, Any]:
         """The recurrent model, the normalisers its input reads (observations; rewards, where ``reward_input``
@@ -763,19 +758,13 @@ class RL2(Agent):
         self.ret_rms.load(state["ret_rms"])
         if self.obs_rms is not None:
             if "obs_rms" not in state:
-                raise KeyError("the policy state has no observation normaliser but the config asks for one")
+                raise KeyError("the state has no observation normaliser but the config asks for one")
             self.obs_rms.load(state["obs_rms"])
         self.iteration, self.env_steps = int(state["iteration"]), int(state["env_steps"])
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
+        self.load_policy_state(state)
         self.optimizer.load_state_dict(state["optimizer"])
-        self.ret_rms.load(state["ret_rms"])
-        if self.obs_rms is not None:
-            if "obs_rms" not in state:
-                raise KeyError("checkpoint has no observation normaliser but the config asks for one")
-            self.obs_rms.load(state["obs_rms"])
-        self.iteration, self.env_steps = int(state["iteration"]), int(state["env_steps"])
         self.rng.bit_generator.state = state["rng"]
 
 

@@ -113,10 +113,7 @@ def _read_meta(folder: Path, name: str | None) -> Entry:
 
 def entries(root: Path = ROOT) -> list[Entry]:
     """The entries under ``root`` (default: the shipped zoo), by name."""
-    found = []
-    for path in sorted(root.glob("*/*/entry.json")):
-        found.append(_read_meta(path.parent, f"{path.parent.parent.name}/{path.parent.name}"))
-    return found
+    return [_read_meta(root / name, name) for name in names(root)]
 
 
 def names(root: Path = ROOT) -> list[str]:
