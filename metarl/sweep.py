@@ -25,6 +25,8 @@ algorithm and the scheduler::
                                              # before it; return: the last stage's return
     splits: [test, ood]                      # held-out splits scored (the first ranks the configurations)
     cpus_per_trial: 1
+    max_concurrent: 0                        # trials running at once (0: as many as the cluster's CPUs fit);
+                                             # 1 runs them one after another, in the search's order
 
 A trial is one (configuration, seed): a `metarl train` run in ``OUT/trials/<config id>/seed<k>/run`` followed by
 the shared evaluation protocol on each split (`metarl.api.MetaLearner.evaluate`, the run's ``eval`` settings),
@@ -87,7 +89,7 @@ SCHEDULERS = ("none", "asha")
 ASHA_OPTIONS = ("name", "grace_period", "reduction_factor", "max_t")
 DISTRIBUTIONS = ("uniform", "loguniform", "randint")
 KEYS = {"name", "config", "out", "overrides", "seeds", "search", "samples", "seed", "params", "score", "splits",
-        "cpus_per_trial", "scheduler"}
+        "cpus_per_trial", "scheduler", "max_concurrent"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +106,7 @@ class Sweep:
     score: str = "gain"
     splits: tuple[str, ...] = ("test",)
     cpus_per_trial: float = 1.0
+    max_concurrent: int = 0  # Tune's max_concurrent_trials; 0: no limit beyond the cluster's CPUs
     samples: int = 0  # random, optuna: configurations drawn
     seed: int = 0  # random, optuna: the searcher's seed
     scheduler: dict[str, Any] | None = None  # asha: {grace_period, reduction_factor, max_t}; None: none
@@ -288,14 +291,17 @@ def load_sweep(path: str | Path, out: str | Path | None = None, imports: tuple[s
     cpus = data.get("cpus_per_trial", 1.0)
     if not isinstance(cpus, (int, float)) or cpus <= 0:
         raise ConfigError(f"cpus_per_trial: expected a number > 0, got {cpus!r}")
+    concurrent = data.get("max_concurrent", 0)
+    if isinstance(concurrent, bool) or not isinstance(concurrent, int) or concurrent < 0:
+        raise ConfigError(f"max_concurrent: expected a whole number >= 0 (0: no limit), got {concurrent!r}")
     checked = _checked_points(params, search)
     # absolute: Tune runs each trial in a working folder of its own
     sweep = Sweep(name=name, path=path, config=Path(config).resolve(),
                   out=Path(out or data.get("out") or f"runs/sweep/{name}").resolve(),
                   overrides=tuple(overrides), seeds=tuple(seeds), search=search, params=params,
                   points=tuple(checked) if search == "grid" else (), score=data.get("score", "gain"),
-                  splits=tuple(splits), cpus_per_trial=float(cpus), samples=samples, seed=seed, scheduler=scheduler,
-                  iterations=run.iterations)
+                  splits=tuple(splits), cpus_per_trial=float(cpus), max_concurrent=concurrent, samples=samples,
+                  seed=seed, scheduler=scheduler, iterations=run.iterations)
     made: set[str] = set()
     for point in checked:  # before any work: every configuration must be a valid run
         try:
@@ -541,7 +547,8 @@ def run_sweep(sweep: Sweep, address: str | None = None, log: Callable[[str], Non
         tune.with_resources(trainable, {"cpu": sweep.cpus_per_trial}),
         param_space=param_space,
         tune_config=tune.TuneConfig(metric="score", mode="max", search_alg=search_alg, scheduler=scheduler,
-                                    num_samples=num_samples, reuse_actors=False),
+                                    num_samples=num_samples, reuse_actors=False,
+                                    max_concurrent_trials=sweep.max_concurrent or None),
         run_config=tune.RunConfig(name="tune", storage_path=str((sweep.out / "tune").resolve()), verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=1)),
     )

@@ -343,19 +343,22 @@ def _sweep_file(tmp_path: Path, name: str, **spec) -> Path:
 
 
 def test_asha_stops_the_poor_trials_early_and_the_report_records_them(cluster, tmp_path, capsys):
-    """An inner step of 30-50 wrecks the adapted policy; with one trial per node the two sensible values reach
-    each rung first, so ASHA (reduction factor 2) stops the wrecking ones at their first evaluations."""
+    """An inner step of 30-50 wrecks the adapted policy. One trial at a time (max_concurrent: 1) in the grid's
+    order: the first (a sensible step) reaches each rung unopposed and trains to the end, and ASHA (reduction
+    factor 2) stops both wrecking ones at their first evaluation, below the median of those before them."""
     from metarl.cli import main
 
-    path = _sweep_file(tmp_path, "asha", params={"agent.inner_lr": [0.05, 0.1, 30.0, 50.0]},
+    path = _sweep_file(tmp_path, "asha", params={"agent.inner_lr": [0.05, 30.0, 50.0, 0.1]}, max_concurrent=1,
                        scheduler={"name": "asha", "grace_period": 1, "reduction_factor": 2})
     assert main(["sweep", str(path), "--address", cluster]) == 0
     assert "trials stopped early by the scheduler" in capsys.readouterr().out
     trials = json.loads((tmp_path / "asha" / "trials.json").read_text())
+    status = {t["point"]["agent.inner_lr"]: t["status"] for t in trials["trials"]}
+    assert status[0.05] == "completed" and status[30.0] == status[50.0] == "stopped"
     stopped = [t for t in trials["trials"] if t["status"] == "stopped"]
-    assert stopped and all(t["point"]["agent.inner_lr"] >= 30 for t in stopped)
     for t in stopped:  # what it reached: the last evaluation it reported, before the end of training
         assert t["reached"]["iteration"] < 3 and t["reached"] == t["history"][-1] and t["reached"]["env_steps"] > 0
+    assert {t["reached"]["iteration"] for t in stopped if t["point"]["agent.inner_lr"] >= 30} == {1}
     compute = trials["compute"]
     assert compute["stopped"] == len(stopped) and compute["iterations"] < compute["iterations_to_the_end"] == 12
     report = (tmp_path / "asha" / "report.md").read_text()

@@ -60,6 +60,8 @@ def test_grid_is_every_combination_and_random_draws_are_seeded(tmp_path):
     ({"scheduler": {"name": "asha", "reduction_factor": 1}}, "scheduler.reduction_factor: expected a number > 1"),
     ({"scheduler": {"name": "asha", "grace_period": 20, "max_t": 10}}, "scheduler.grace_period: 20 is beyond max_t=10"),
     ({"scheduler": ["asha"]}, "scheduler: expected none, asha or a mapping"),
+    ({"max_concurrent": -1}, "max_concurrent: expected a whole number >= 0 (0: no limit), got -1"),
+    ({"max_concurrent": 1.5}, "max_concurrent: expected a whole number >= 0"),
     ({"scheduler": "asha", "overrides": ["eval.every=0"]}, "scheduler: asha acts on the evaluations made during training"),
     ({"search": "random", "samples": 2, "params": {"agent.inner_lr": {"loguniform": [0, 1]}}}, "expected low > 0"),
     ({"params": {"agent.inner_lrr": [0.1]}}, "configuration {'agent.inner_lrr': 0.1}: agent.inner_lrr"),
@@ -100,6 +102,7 @@ def test_asha_defaults_follow_the_evaluations_during_training(tmp_path):
                   overrides=["iterations=12", "eval.every=2"])
     assert sweep.scheduler == {"grace_period": 4, "reduction_factor": 3, "max_t": 12}
     assert _load(tmp_path, scheduler={"name": "none"}).scheduler is None
+    assert _load(tmp_path).max_concurrent == 0 and _load(tmp_path, max_concurrent=1).max_concurrent == 1
     assert _load(tmp_path, splits=["ood"]).overrides[-1] == "eval.split=ood"  # evaluations score the ranking split
 
 
