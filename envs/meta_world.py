@@ -35,6 +35,11 @@ the nearest names), the extra not installed (`missing_extra`), and a MuJoCo othe
 (metaworld 3.1.1 requires ``mujoco==3.3.0``; `check_mujoco` compares the installed version with that pin before any
 Meta-World env is built, since another MuJoCo fails later and obscurely, in the Sawyer scenes' XML or in stepping).
 
+Rewards are Meta-World's V2 functions by default; ``reward="v1"`` (an env kwarg) asks for V1. The envs step
+through `metarl.envs._metaworld_fast` (``fast=True``, the default): the same observations, rewards and success
+as metaworld 3.1.1's own methods, bit for bit (tests/test_metaworld.py), at about twice the rate; ``fast=False``
+runs Meta-World's methods unchanged.
+
 `metarl.metaworld_eval` runs Meta-World's own evaluation protocol on these families (``metarl eval RUN_DIR
 --metaworld-protocol``), on Meta-World's vector env built from the same seeded lists (`MetaWorldFamily.benchmark_args`).
 
@@ -50,6 +55,7 @@ import functools
 import importlib.util
 import pickle
 import re
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -73,6 +79,7 @@ ENV_NAMES = (
     "push-wall-v3", "push-back-v3", "reach-v3", "reach-wall-v3", "shelf-place-v3", "sweep-into-v3",
     "sweep-v3", "window-open-v3", "window-close-v3",
 )
+REWARD_VERSIONS = ("v2", "v1")  # Meta-World's reward_function_version; v2 is its default
 _MAX_RAND_VEC = 12  # the longest rand_vec of a v3 env is shorter (tests check); task features pad to it
 
 
@@ -136,6 +143,12 @@ class MetaWorldFamily(TaskFamily, gym.Env):
         env_name: the v3 env of ML1 (e.g. ``"reach-v3"``); None for ML10.
         seed: seeds Meta-World's train and test lists (the same lists in every process and run).
         render_mode: passed to the Meta-World env (``"rgb_array"`` for videos).
+        reward: Meta-World's reward functions, ``"v2"`` (the default, Meta-World's) or ``"v1"`` (the
+            original paper's; ``reward_function_version``).
+        fast: step through `metarl.envs._metaworld_fast.speed_up` (the default): the same observations,
+            rewards and success bit for bit, about twice as many steps per second; ``False`` runs
+            Meta-World's own methods unchanged. Where a metaworld other than the version it was checked
+            against is installed, ``fast`` is ignored, with a warning.
     """
 
     task_type = MetaWorldTask
@@ -144,7 +157,7 @@ class MetaWorldFamily(TaskFamily, gym.Env):
     metadata = {"render_modes": ["rgb_array"], "render_fps": 80}
 
     def __init__(self, benchmark: str = "ML1", env_name: str | None = None, seed: int = 0,
-                 render_mode: str | None = None):
+                 render_mode: str | None = None, reward: str = "v2", fast: bool = True):
         check_mujoco()
         if benchmark == "ML1":
             if env_name not in ENV_NAMES:
@@ -159,8 +172,15 @@ class MetaWorldFamily(TaskFamily, gym.Env):
             raise TaskError(f"unknown Meta-World benchmark {benchmark!r}; expected ML1 or ML10")
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
             raise TaskError(f"{family_name(benchmark, env_name)}: seed must be an integer, got {seed!r}")
+        if reward not in REWARD_VERSIONS:
+            raise TaskError(f"{family_name(benchmark, env_name)}: reward must be one of "
+                            f"{', '.join(REWARD_VERSIONS)} (Meta-World's reward_function_version), got {reward!r}")
+        if not isinstance(fast, bool):
+            raise TaskError(f"{family_name(benchmark, env_name)}: fast must be true or false, got {fast!r}")
         self._metarl_args = {"benchmark": benchmark, "env_name": env_name, "seed": int(seed),
-                             "render_mode": render_mode}
+                             "render_mode": render_mode, "reward": reward, "fast": fast}
+        self.reward = reward
+        self._metarl_fast = fast and _fast_checked()
         self.family = family_name(benchmark, env_name)
         self.render_mode = render_mode
         self._metarl_env: Any = None  # the Meta-World env of the current task
@@ -218,7 +238,12 @@ class MetaWorldFamily(TaskFamily, gym.Env):
     def _make(self, env_name: str) -> Any:
         from metaworld.env_dict import ALL_V3_ENVIRONMENTS
 
-        env = ALL_V3_ENVIRONMENTS[env_name](render_mode=self.render_mode)
+        env = ALL_V3_ENVIRONMENTS[env_name](render_mode=self.render_mode,
+                                            reward_function_version=self._metarl_args["reward"])
+        if self._metarl_fast:
+            from metarl.envs._metaworld_fast import speed_up
+
+            speed_up(env)
         if self._metarl_env is not None and (env.observation_space != self.observation_space
                                              or env.action_space != self.action_space):
             env.close()
@@ -257,14 +282,28 @@ class MetaWorldFamily(TaskFamily, gym.Env):
             self.set_task(state["_metarl_task"])
 
 
-def ML1(env_name: str, seed: int = 0, render_mode: str | None = None) -> MetaWorldFamily:
+def ML1(env_name: str, seed: int = 0, render_mode: str | None = None, reward: str = "v2",
+        fast: bool = True) -> MetaWorldFamily:
     """The ML1 family of one Meta-World v3 env (entry point of ``metarl/ML1-<env>-v0``)."""
-    return MetaWorldFamily("ML1", env_name, seed=seed, render_mode=render_mode)
+    return MetaWorldFamily("ML1", env_name, seed=seed, render_mode=render_mode, reward=reward, fast=fast)
 
 
-def ML10(seed: int = 0, render_mode: str | None = None) -> MetaWorldFamily:
+def ML10(seed: int = 0, render_mode: str | None = None, reward: str = "v2", fast: bool = True) -> MetaWorldFamily:
     """The ML10 family (entry point of ``metarl/ML10-v0``)."""
-    return MetaWorldFamily("ML10", None, seed=seed, render_mode=render_mode)
+    return MetaWorldFamily("ML10", None, seed=seed, render_mode=render_mode, reward=reward, fast=fast)
+
+
+@functools.cache
+def _fast_checked() -> bool:
+    """Whether the installed metaworld is the version `speed_up` was checked against (warns once if not)."""
+    from metarl.envs._metaworld_fast import CHECKED_VERSION
+
+    version = _mujoco_versions()[0]
+    if version == CHECKED_VERSION:
+        return True
+    warnings.warn(f"metaworld {version} is installed; metarl's faster Meta-World stepping was checked against "
+                  f"{CHECKED_VERSION}, so these families step Meta-World's own methods (fast=False)", stacklevel=3)
+    return False
 
 
 def installed() -> bool:

@@ -173,6 +173,7 @@ def protocol_envs(family: Any, sub_envs: int) -> Any:
     check_mujoco()
     benchmark, env_name, family_seed = family.benchmark_args()
     kwargs: dict[str, Any] = {"env_name": env_name} if benchmark == "ML1" else {}
+    kwargs["reward_function_version"] = getattr(family, "reward", "v2")  # the family's reward functions
     per_class = sub_envs if benchmark == "ML1" else sub_envs // 5
     if sub_envs < 1 or (benchmark != "ML1" and sub_envs % 5) or 50 % max(per_class, 1):
         raise ValueError(f"Meta-World's protocol on {family.family}: {sub_envs} sub-envs do not split its 50 test "

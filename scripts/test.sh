@@ -8,7 +8,9 @@
 #   METARL_TEST_THREADS  also run the base suite again with that many threads for torch, OpenMP, MKL and
 #                        OpenBLAS (e.g. 1; CI sets it), so that no result hangs on one thread setting; the files
 #                        whose checks compare a run with itself or test plumbing (docs, reliability, learning.py,
-#                        manifest, provenance, config headers, process settings) run once, in the first run.
+#                        manifest, provenance, config headers, process settings, a user's own agent and env
+#                        through every command, bench reports, the zoo's entries, videos, sweep files) run
+#                        once, in the first run; the agents' numerics, the samplers and the envs run in both.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -42,7 +44,9 @@ if bash scripts/setup.sh; then
         suite "base suite, ${METARL_TEST_THREADS} thread(s)" base "$METARL_TEST_THREADS" \
             --ignore=tests/test_docs.py --ignore=tests/test_reliability.py --ignore=tests/test_learning.py \
             --ignore=tests/test_manifest.py --ignore=tests/test_provenance.py --ignore=tests/test_config_headers.py \
-            --ignore=tests/test_process.py "$@"
+            --ignore=tests/test_process.py --ignore=tests/test_custom_agent.py --ignore=tests/test_custom_env.py \
+            --ignore=tests/test_bench.py --ignore=tests/test_zoo.py --ignore=tests/test_video.py \
+            --ignore=tests/test_sweep.py "$@"
     fi
 else
     summary+=("base suite: not run, the install (scripts/setup.sh) failed")

@@ -213,6 +213,95 @@ def test_an_ml10_task_switches_the_metaworld_env(ml10):
     assert pickle.loads(pickle.dumps(fam)).task == t0
 
 
+# ---- faster stepping, the same numbers (envs/_metaworld_fast.py) ------------------------------------------
+def test_quaternions_are_scipys_bit_for_bit_and_anything_else_goes_to_scipy():
+    from scipy.spatial.transform import Rotation
+
+    from metarl.envs._metaworld_fast import quat_from_matrix
+
+    matrices = list(Rotation.random(3000, random_state=0).as_matrix())
+    # each of Shepperd's four formulas: the trace, then each diagonal entry, the largest
+    matrices += [np.eye(3), np.diag([1.0, -1.0, -1.0]), np.diag([-1.0, 1.0, -1.0]), np.diag([-1.0, -1.0, 1.0])]
+    for m in matrices:
+        assert np.array_equal(quat_from_matrix(m), Rotation.from_matrix(m).as_quat()), m
+    skewed = np.array([[1.0, 0.01, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])  # SciPy orthogonalises it first
+    assert np.array_equal(quat_from_matrix(skewed), Rotation.from_matrix(skewed).as_quat())
+    with pytest.raises(ValueError, match="determinant"):  # left-handed: SciPy's own error
+        quat_from_matrix(np.diag([1.0, 1.0, -1.0]))
+
+
+ML10_ENVS = [*metaworld.env_dict.ML10_V3["train"], *metaworld.env_dict.ML10_V3["test"]]
+
+
+def _raw_pair(name, rand_vec, reward="v2"):
+    """Two Meta-World envs of ``name`` on one task, the goal visible (so Meta-World's scripted policy can
+    succeed), the second sped up."""
+    from metarl.envs._metaworld_fast import speed_up
+
+    envs = []
+    for fast in (False, True):
+        env = metaworld.env_dict.ALL_V3_ENVIRONMENTS[name](reward_function_version=reward)
+        data = {"rand_vec": np.asarray(rand_vec), "env_cls": type(env), "partially_observable": False}
+        env.set_task(metaworld.Task(env_name=name, data=pickle.dumps(data)))
+        envs.append(speed_up(env) if fast else env)
+    return envs
+
+
+@pytest.fixture(scope="module")
+def scripted_successes():
+    return {}
+
+
+@pytest.mark.filterwarnings("ignore:Constant")  # the scripted policies warn of their own gains
+@pytest.mark.parametrize("name,reward", [(n, "v2") for n in ML10_ENVS] + [("push-v3", "v1"), ("pick-place-v3", "v1")])
+def test_fast_stepping_gives_metaworlds_own_numbers_over_whole_episodes(name, reward, scripted_successes):
+    """Meta-World's scripted policy (with noise) drives each ML10 env through a whole 500-step episode,
+    grasping and placing where it can: observations, rewards, termination and every info value are
+    identical with and without `speed_up`, at every step."""
+    from metaworld.policies import ENV_POLICY_MAP
+
+    train, test = benchmark_tasks("ML10", None, 0)
+    task = next(t for t in (*train, *test) if t.env_name == name)
+    slow, fast = _raw_pair(name, task.rand_vec, reward)
+    policy, rng = ENV_POLICY_MAP[name](), np.random.default_rng(0)
+    obs, _ = slow.reset()
+    np.testing.assert_array_equal(fast.reset()[0], obs)
+    success = False
+    for step in range(500):
+        action = np.clip(policy.get_action(obs) + rng.normal(0, 0.1, 4), -1, 1).astype(np.float32)
+        a, b = slow.step(action), fast.step(action)
+        assert np.array_equal(a[0], b[0]) and a[1:4] == b[1:4] and a[4] == b[4], (name, step)
+        obs, success = a[0], success or bool(a[4]["success"])
+    assert a[3]  # truncated at 500
+    scripted_successes[name, reward] = success
+    if len(scripted_successes) == len(ML10_ENVS) + 2:  # the policies do succeed: the success paths were compared
+        assert sum(scripted_successes.values()) >= len(scripted_successes) // 2, scripted_successes
+
+
+def test_the_families_step_fast_by_default_and_fast_false_is_metaworlds_own(ml10):
+    """ML10 switching envs between tasks, hidden goal: the default (fast) family and ``fast=False`` give the
+    same episodes; ``reward='v1'`` reaches Meta-World's env; a bad reward or fast is one line."""
+    env, fam = ml10
+    assert fam._metarl_env._metarl_fast and fam.reward == "v2"
+    plain = metarl.make_family("ML10", fast=False)
+    other = metarl.family_of(plain)
+    assert not getattr(other._metarl_env, "_metarl_fast", False)
+    for task in fam.sample_tasks(4, "test"):  # drawer-open, door-close, shelf-place, sweep-into
+        fam.set_task(task)
+        other.set_task(task)
+        a, b = _episode(env, _actions(60)), _episode(plain, _actions(60))
+        for x, y in zip(a, b):
+            np.testing.assert_array_equal(x, y)
+    plain.close()
+    v1 = metarl.family_of(metarl.make_family("ML1-push-v3", reward="v1"))
+    assert v1._metarl_env.reward_function_version == "v1" and v1._metarl_env._metarl_fast
+    v1.close()
+    with pytest.raises(TaskError, match=r"^ML1-push-v3: reward must be one of v2, v1 .*got 'v3'$"):
+        metarl.make_family("ML1-push-v3", reward="v3")
+    with pytest.raises(TaskError, match=r"^ML10: fast must be true or false, got 'yes'$"):
+        metarl.make_family("ML10", fast="yes")
+
+
 # ---- samplers and a real run ------------------------------------------------------------------------------
 class _Towards:
     """An actor that moves the hand along a fixed direction (a deterministic, task-blind policy)."""
