@@ -290,7 +290,7 @@ def test_the_families_step_fast_by_default_and_fast_false_is_metaworlds_own(ml10
         fam.set_task(task)
         other.set_task(task)
         a, b = _episode(env, _actions(60)), _episode(plain, _actions(60))
-        for x, y in zip(a, b):
+        for x, y in zip(a, b, strict=True):
             np.testing.assert_array_equal(x, y)
     plain.close()
     v1 = metarl.family_of(metarl.make_family("ML1-push-v3", reward="v1"))
