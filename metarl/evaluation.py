@@ -296,8 +296,10 @@ def write_summary(result: AdaptationResult, out_dir: str | Path, title: str = ""
     return summary
 
 
-#: The files of one evaluation in its folder (history.jsonl and video/ are kept across evaluations).
-EVAL_FILES = ("summary.json", "summary.csv", "per_task.csv", "adaptation_curve.png", "within_episode.png")
+#: The files of one evaluation in its folder (history.jsonl and video/ are kept across evaluations); metaworld.json
+#: (`metarl.metaworld_eval`, written after the others) measures the same checkpoint, so a new evaluation removes it.
+EVAL_FILES = ("summary.json", "summary.csv", "per_task.csv", "adaptation_curve.png", "within_episode.png",
+              "metaworld.json")
 
 
 def _csv(rows: list[list[Any]]) -> str:

@@ -535,3 +535,7 @@ def test_metaworlds_protocol_agrees_with_metarls_evaluator_on_a_trained_maml(tmp
     assert result["per_env_agrees_with_metarl"] == {"success": True, "return": True}, result
     for name in ("metaworld, as shipped", "metaworld, per sub-env", "metarl evaluator, stage 1", "PR #577"):
         assert name in printed
+    # a new evaluation of the run, without Meta-World's protocol, leaves no metaworld.json of the old one beside it
+    assert main(["eval", str(run), "--tasks", "2", "--steps", "1", "--episodes", "1"]) == 0
+    assert (run / "eval" / "test" / "summary.json").is_file()
+    assert not (run / "eval" / "test" / "metaworld.json").exists()
