@@ -302,6 +302,21 @@ def test_the_families_step_fast_by_default_and_fast_false_is_metaworlds_own(ml10
         metarl.make_family("ML10", fast="yes")
 
 
+def test_another_metaworld_version_steps_its_own_methods_with_a_warning(monkeypatch):
+    from metarl.envs import meta_world
+
+    meta_world._fast_checked.cache_clear()
+    real = meta_world._mujoco_versions()
+    monkeypatch.setattr(meta_world, "_mujoco_versions", lambda: ("3.2.0", real[1], real[2]))
+    try:
+        with pytest.warns(UserWarning, match=r"metaworld 3\.2\.0 is installed; .*checked against 3\.1\.1"):
+            env = metarl.make_family("ML1-reach-v3")
+        assert not getattr(metarl.family_of(env)._metarl_env, "_metarl_fast", False)
+        env.close()
+    finally:
+        meta_world._fast_checked.cache_clear()
+
+
 # ---- samplers and a real run ------------------------------------------------------------------------------
 class _Towards:
     """An actor that moves the hand along a fixed direction (a deterministic, task-blind policy)."""
