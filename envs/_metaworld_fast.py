@@ -3,8 +3,9 @@
 A metaworld 3.1.1 ``env.step`` spends more time assembling its observation than MuJoCo spends simulating: the
 object's orientation goes through ``scipy.spatial.transform.Rotation.from_matrix(xmat).as_quat()`` (about 0.2 ms
 of a 0.7 ms step on this kind of machine, for a single 3x3 matrix), and the observation is put together from
-named lookups, ``np.split`` and nested ``np.hstack``. `speed_up` replaces two methods on one env instance,
-leaving its class, every other env and the rest of the process alone:
+named lookups, ``np.split`` and nested ``np.hstack``; the grasp test walks every contact in Python. `speed_up`
+replaces three methods on one env instance, leaving its class, every other env and the rest of the process
+alone:
 
 * ``_get_quat_objects`` runs the env's own code with ``Rotation`` bound to `_Rotation`, whose ``from_matrix``
   converts one matrix with the same arithmetic, in the same order, as SciPy's (Shepperd's method: the largest of
@@ -12,16 +13,17 @@ leaving its class, every other env and the rest of the process alone:
   values are bit-for-bit SciPy's. Anything that is not a plain right-handed orthonormal 3x3 matrix (SciPy
   orthogonalises those first, or refuses them) goes to SciPy itself.
 * ``touching_object`` (the grasp terms of the rewards of push, pick-place and most others) finds the pads'
-  contacts with the object in MuJoCo's contact arrays instead of a Python list of every contact, and adds their
-  normal forces in the same order;
+  contacts with the object in MuJoCo's contact arrays instead of a Python list of every contact, and sums the
+  same constraint forces (``efc_force`` at each contact's ``efc_address``) in the same order;
 * ``_get_curr_obs_combined_no_goal`` fills the 18 values (hand position, finger opening scaled to [0, 1], then
   each object's position and quaternion, zero-padded to 14) into one array, with the bodies' indices looked up
   once instead of by name at every step.
 
-Rewards, success and the simulation are untouched: ``step``, ``evaluate_state``, ``reset`` and the reward
-functions (V2 or V1) are Meta-World's. tests/test_metaworld.py steps whole episodes of every ML10 env and of
-reach, push and pick-place side by side with and without `speed_up` and asserts identical observations, rewards
-and infos; experiments/benchmarks/metaworld_speed.py measures the rates.
+The simulation is untouched, and ``step``, ``evaluate_state``, ``reset`` and the reward functions (V2 or V1)
+run Meta-World's own code. tests/test_metaworld.py drives a whole episode of each of the 15 ML10 envs (V2
+rewards; push and pick-place with V1 too) with Meta-World's scripted policies, side by side with and without
+`speed_up`, and asserts identical observations, rewards, termination and infos at every step;
+experiments/benchmarks/metaworld_speed.py measures the rates.
 """
 
 from __future__ import annotations
