@@ -37,8 +37,8 @@ Meta-World env is built, since another MuJoCo fails later and obscurely, in the 
 
 Rewards are Meta-World's V2 functions by default; ``reward="v1"`` (an env kwarg) asks for V1. The envs step
 through `metarl.envs._metaworld_fast` (``fast=True``, the default): the same observations, rewards and success
-as metaworld 3.1.1's own methods, bit for bit (tests/test_metaworld.py), at about twice the rate; ``fast=False``
-runs Meta-World's methods unchanged.
+as metaworld 3.1.1's own methods, bit for bit (tests/test_metaworld.py), a step about 1.8 times as fast
+(docs/speed.md); ``fast=False`` runs Meta-World's methods unchanged.
 
 `metarl.metaworld_eval` runs Meta-World's own evaluation protocol on these families (``metarl eval RUN_DIR
 --metaworld-protocol``), on Meta-World's vector env built from the same seeded lists (`MetaWorldFamily.benchmark_args`).
@@ -146,7 +146,7 @@ class MetaWorldFamily(TaskFamily, gym.Env):
         reward: Meta-World's reward functions, ``"v2"`` (the default, Meta-World's) or ``"v1"`` (the
             original paper's; ``reward_function_version``).
         fast: step through `metarl.envs._metaworld_fast.speed_up` (the default): the same observations,
-            rewards and success bit for bit, about twice as many steps per second; ``False`` runs
+            rewards and success bit for bit, about 1.8 times as many steps per second; ``False`` runs
             Meta-World's own methods unchanged. Where a metaworld other than the version it was checked
             against is installed, ``fast`` is ignored, with a warning.
     """
