@@ -239,7 +239,7 @@ class MetaWorldFamily(TaskFamily, gym.Env):
         from metaworld.env_dict import ALL_V3_ENVIRONMENTS
 
         env = ALL_V3_ENVIRONMENTS[env_name](render_mode=self.render_mode,
-                                            reward_function_version=self._metarl_args["reward"])
+                                            reward_function_version=self.reward)
         if self._metarl_fast:
             from metarl.envs._metaworld_fast import speed_up
 

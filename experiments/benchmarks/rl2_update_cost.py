@@ -89,8 +89,9 @@ def main() -> None:
         print(f"{name:<10} update {row['update_s_per_1k_frames']:.3f} s / 1k frames, sampling "
               f"{row['sampling_s_per_1k_frames']:.3f} s / 1k frames: update / sampling {row['update_over_sampling']:.2f}; "
               f"{row['env_steps_per_s']:,.0f} env steps/s training", flush=True)
-    result = {"config": str(Path(args.config).resolve().relative_to(ROOT)) if Path(args.config).resolve().is_relative_to(ROOT)
-              else args.config, "iterations": args.iterations, "rows": rows,
+    config = Path(args.config).resolve()
+    result = {"config": str(config.relative_to(ROOT)) if config.is_relative_to(ROOT) else args.config,
+              "iterations": args.iterations, "rows": rows,
               "note": "per variant, the mean over the iterations after the first; provenance.shared says whether "
                       "other work was busy on the cores"}
     print(f"written to {write_result(args.out, result, recorder)}")
