@@ -14,8 +14,9 @@ metarl/HopperRandParams-v0  mass/inertia/damping/friction multipliers  200
 metarl/Walker2DRandParams-v0  mass/inertia/damping/friction multipliers  200
 =====================  ==============================================  =======
 
-Where ``metaworld`` is installed (``pip install -e ".[metaworld]"``), Meta-World's ML1 and ML10 are
-registered too: ``metarl/ML1-<env>-v0`` for its 50 v3 envs and ``metarl/ML10-v0`` (`metarl.envs.meta_world`).
+Where ``metaworld`` is installed (``pip install -e ".[metaworld]"``), Meta-World's ML1, ML10 and ML45 are
+registered too: ``metarl/ML1-<env>-v0`` for its 50 v3 envs, ``metarl/ML10-v0`` and ``metarl/ML45-v0``
+(`metarl.envs.meta_world`).
 """
 
 from __future__ import annotations

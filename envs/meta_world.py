@@ -1,4 +1,4 @@
-"""Meta-World's ML1 and ML10 benchmarks as metarl task families (``pip install -e ".[metaworld]"``).
+"""Meta-World's ML1, ML10 and ML45 benchmarks as metarl task families (``pip install -e ".[metaworld]"``).
 
 =========================  ============================================================  =======
 id                         tasks                                                          horizon
@@ -6,6 +6,7 @@ id                         tasks                                                
 metarl/ML1-<env>-v0        one Meta-World v3 env (``reach-v3``, ``push-v3``, ... 50 of      500
                            them), its 50 train and 50 test goals
 metarl/ML10-v0             train: 10 envs x 50 goals; test: 5 held-out envs x 50 goals      500
+metarl/ML45-v0             train: 45 envs x 50 goals; test: 5 held-out envs x 50 goals      500
 =========================  ============================================================  =======
 
 The ids are registered only where ``metaworld`` is importable; this module itself never imports it at
@@ -13,20 +14,22 @@ load time, so the base install of metarl does not need it. metaworld 3.1.1 pins 
 
 A task is a `MetaWorldTask`: the Meta-World env's name and its ``rand_vec`` (the object and goal positions
 that Meta-World's ``Task.data`` pickles), so it is a plain, JSON-exact record. The splits are Meta-World's
-own lists (``metaworld.ML1(env, seed)`` / ``metaworld.ML10(seed)``, the protocol of the Meta-World paper
-and of Meta-World+): ``train`` draws go through the benchmark's train tasks, ``test`` is its test list, and
-there is no ``ood`` split. ``seed`` (an env kwarg, default 0) seeds the lists, which Meta-World draws from
-numpy's global generator otherwise (unseeded: different lists in every process). ML1's test goals come
-from ``seed + 1`` (Meta-World's own rule), so no train goal is a test goal; ML10's test envs are other envs.
+own lists (``metaworld.ML1(env, seed)``, ``metaworld.ML10(seed)``, ``ML45``: the protocol of the
+Meta-World paper and of Meta-World+): ``train`` draws go through the benchmark's train tasks, ``test`` is its
+test list, and there is no ``ood`` split. ``seed`` (an env kwarg, default 0) seeds the lists, which Meta-World
+draws from numpy's global generator otherwise (unseeded: different lists in every process). ML1's test goals
+come from ``seed + 1`` (Meta-World's own rule), so no train goal is a test goal; the test envs of ML10 and ML45
+are not among their train envs.
 The registered ``Meta-World/ML1-train`` vector env of metaworld 3.1.1 uses the *test* goals (Metaworld PR
 #573); these families never build it.
 
-ML10's test list interleaves its five envs (drawer-open goal 0, door-close goal 0, ..., drawer-open
-goal 1, ...), so the first ``n`` test tasks cover the held-out envs evenly.
+The multi-env benchmarks' test lists interleave their five envs (ML10: drawer-open goal 0, door-close goal 0, ...,
+drawer-open goal 1, ...), so the first ``n`` test tasks cover the held-out envs evenly. Building ML45's lists takes
+Meta-World 2,500 env resets (about half a minute); a process builds them once, the first time it needs them.
 
 Every v3 env observes 39 values (hand, gripper and object poses of this step and the last, then the goal,
 zeroed because the ML benchmarks hide it) and takes 4 actions in [-1, 1]; one family can therefore switch
-the underlying env with its task (ML10 does). ``info["success"]`` (0 or 1 at every step) flows into
+the underlying env with its task (ML10 and ML45 do). ``info["success"]`` (0 or 1 at every step) flows into
 metarl's success rates. Meta-World's ``reset`` ignores its seed, and a v3 env with its task set has no
 randomness left in ``reset``: an episode is a function of its task and its actions.
 
@@ -79,8 +82,32 @@ ENV_NAMES = (
     "push-wall-v3", "push-back-v3", "reach-v3", "reach-wall-v3", "shelf-place-v3", "sweep-into-v3",
     "sweep-v3", "window-open-v3", "window-close-v3",
 )
+#: The multi-env benchmarks: name -> the attribute of ``metaworld.env_dict`` holding their train and test envs.
+MULTI_ENV = {"ML10": "ML10_V3", "ML45": "ML45_V3"}
 REWARD_VERSIONS = ("v2", "v1")  # Meta-World's reward_function_version; v2 is its default
 _MAX_RAND_VEC = 12  # the longest rand_vec of a v3 env is shorter (tests check); task features pad to it
+# A v3 env's reset asks for its positions twice. Many envs redraw them until objects and goal are far enough apart
+# (box-close: 0.25 in the plane; push: 0.15, ...), and with a task set they get the same positions back every
+# time: a task that fails the rule would make reset loop forever. More requests than this in one reset: refused.
+_MAX_DRAWS = 8
+
+
+class _Unplaceable(Exception):
+    """A task's positions fail its env's rule for placing objects and goal (see _MAX_DRAWS)."""
+
+
+def _guard_draws(env: Any) -> None:
+    """Count the position requests of ``env``'s resets (per instance), raising `_Unplaceable` past _MAX_DRAWS."""
+    draw = env._get_state_rand_vec
+    env._metarl_draws = 0
+
+    def guarded() -> Any:
+        env._metarl_draws += 1
+        if env._freeze_rand_vec and env._metarl_draws > _MAX_DRAWS:
+            raise _Unplaceable
+        return draw()
+
+    env._get_state_rand_vec = guarded
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +128,7 @@ class MetaWorldTask(Task):
 
 
 def family_name(benchmark: str, env_name: str | None = None) -> str:
-    """``ML1-reach-v3`` or ``ML10``: the family's name (its id is ``metarl/<name>-v0``)."""
+    """``ML1-reach-v3``, ``ML10`` or ``ML45``: the family's name (its id is ``metarl/<name>-v0``)."""
     return f"ML1-{env_name}" if benchmark == "ML1" else benchmark
 
 
@@ -112,12 +139,13 @@ _LISTS: dict[tuple[str, str | None, int], tuple[tuple[MetaWorldTask, ...], tuple
 
 def benchmark_tasks(benchmark: str, env_name: str | None, seed: int) -> tuple[tuple[MetaWorldTask, ...],
                                                                               tuple[MetaWorldTask, ...]]:
-    """(train, test) tasks of ``metaworld.ML1(env_name, seed)`` or ``metaworld.ML10(seed)`` as metarl tasks."""
+    """(train, test) tasks of ``metaworld.ML1(env_name, seed)`` or ``metaworld.ML10(seed)`` (``ML45``) as
+    metarl tasks."""
     key = (benchmark, env_name, seed)
     if key not in _LISTS:
         import metaworld
 
-        bench = metaworld.ML1(env_name, seed=seed) if benchmark == "ML1" else metaworld.ML10(seed=seed)
+        bench = metaworld.ML1(env_name, seed=seed) if benchmark == "ML1" else getattr(metaworld, benchmark)(seed=seed)
         name = family_name(benchmark, env_name)
         train = tuple(_from_metaworld(name, t) for t in bench.train_tasks)
         test = [_from_metaworld(name, t) for t in bench.test_tasks]
@@ -136,11 +164,11 @@ def _from_metaworld(family: str, task: Any) -> MetaWorldTask:
 
 
 class MetaWorldFamily(TaskFamily, gym.Env):
-    """A Meta-World benchmark (ML1 of one env, or ML10) as one task family; see the module docstring.
+    """A Meta-World benchmark (ML1 of one env, ML10 or ML45) as one task family; see the module docstring.
 
     Args:
-        benchmark: ``"ML1"`` or ``"ML10"``.
-        env_name: the v3 env of ML1 (e.g. ``"reach-v3"``); None for ML10.
+        benchmark: ``"ML1"``, ``"ML10"`` or ``"ML45"``.
+        env_name: the v3 env of ML1 (e.g. ``"reach-v3"``); None for the others.
         seed: seeds Meta-World's train and test lists (the same lists in every process and run).
         render_mode: passed to the Meta-World env (``"rgb_array"`` for videos).
         reward: Meta-World's reward functions, ``"v2"`` (the default, Meta-World's) or ``"v1"`` (the
@@ -163,13 +191,14 @@ class MetaWorldFamily(TaskFamily, gym.Env):
             if env_name not in ENV_NAMES:
                 raise TaskError(f"ML1: unknown Meta-World v3 env {env_name!r}; known: {', '.join(ENV_NAMES)}")
             self._metarl_envs: tuple[str, ...] = (env_name,)
-        elif benchmark == "ML10":
-            from metaworld.env_dict import ML10_V3
+        elif benchmark in MULTI_ENV:
+            from metaworld import env_dict
 
             env_name = None
-            self._metarl_envs = tuple(ML10_V3["train"]) + tuple(ML10_V3["test"])
+            envs = getattr(env_dict, MULTI_ENV[benchmark])
+            self._metarl_envs = tuple(envs["train"]) + tuple(envs["test"])
         else:
-            raise TaskError(f"unknown Meta-World benchmark {benchmark!r}; expected ML1 or ML10")
+            raise TaskError(f"unknown Meta-World benchmark {benchmark!r}; expected ML1, {', '.join(MULTI_ENV)}")
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
             raise TaskError(f"{family_name(benchmark, env_name)}: seed must be an integer, got {seed!r}")
         if reward not in REWARD_VERSIONS:
@@ -188,7 +217,9 @@ class MetaWorldFamily(TaskFamily, gym.Env):
         first = self._make(self._metarl_envs[0])
         self.observation_space, self.action_space = first.observation_space, first.action_space
         self._metarl_env, self._metarl_env_name = first, self._metarl_envs[0]
-        self.set_task(self.default_task())
+        self._metarl_placeable: set[MetaWorldTask] = set()  # tasks whose reset has been seen to end
+        self._metarl_default = self._placeable_default()
+        self.set_task(self._metarl_default)
 
     # ---- the family ---------------------------------------------------------------------------------
     def benchmark_args(self) -> tuple[str, str | None, int]:
@@ -198,11 +229,41 @@ class MetaWorldFamily(TaskFamily, gym.Env):
         return args["benchmark"], args["env_name"], args["seed"]
 
     def default_task(self) -> MetaWorldTask:
-        """The middle of the first env's position ranges: valid, and in neither of the benchmark's lists (a
-        fresh env runs a task without building the lists, which takes Meta-World 50 resets per env)."""
-        space = self._reset_space(self._metarl_env)
-        middle = (np.asarray(space.low, np.float64) + np.asarray(space.high, np.float64)) / 2
-        return MetaWorldTask(self.family, self._metarl_envs[0], tuple(float(x) for x in middle))
+        """The middle of the first env's position ranges, or where that breaks the env's placing rule
+        (box-close, coffee-pull, coffee-push, disassemble) the first placeable draw of a generator seeded 0: in
+        neither of the benchmark's lists (a fresh env runs a task without building the lists, which takes
+        Meta-World 50 resets per env)."""
+        return self._metarl_default
+
+    def _placeable_default(self) -> MetaWorldTask:
+        env, name = self._metarl_env, self._metarl_envs[0]
+        space = self._reset_space(env)
+        low, high = np.asarray(space.low, np.float64), np.asarray(space.high, np.float64)
+        rng, vec = np.random.default_rng(0), (low + high) / 2
+        for _ in range(1000):
+            task = MetaWorldTask(self.family, name, tuple(float(x) for x in vec))
+            if self._try_reset(env, task):
+                return task
+            vec = rng.uniform(low, high)
+        raise TaskError(f"{self.family}: found no placeable positions for {name} in 1000 draws")  # not seen
+
+    def _try_reset(self, env: Any, task: MetaWorldTask) -> bool:
+        """Set ``task`` on ``env`` and reset it once: whether the reset ends (the task is then set on ``env``).
+        Each task is tried once per family; a task seen to end is set without a trial."""
+        import metaworld
+
+        data = {"rand_vec": np.asarray(task.rand_vec, np.float64), "env_cls": type(env),
+                "partially_observable": True}  # the ML benchmarks hide the goal
+        env.set_task(metaworld.Task(env_name=task.env_name, data=pickle.dumps(data)))
+        if task in self._metarl_placeable:
+            return True
+        env._metarl_draws = 0
+        try:
+            env.reset()
+        except _Unplaceable:
+            return False
+        self._metarl_placeable.add(task)
+        return True
 
     def _task_list(self, split: str) -> Sequence[MetaWorldTask] | None:
         if split not in ("train", "test"):
@@ -217,8 +278,6 @@ class MetaWorldFamily(TaskFamily, gym.Env):
                             f"({', '.join(self._metarl_envs)})")
 
     def _apply_task(self, task: MetaWorldTask) -> None:
-        import metaworld
-
         env = self._metarl_env if task.env_name == self._metarl_env_name else self._make(task.env_name)
         space = self._reset_space(env)
         vec = np.asarray(task.rand_vec, np.float64)
@@ -228,12 +287,18 @@ class MetaWorldFamily(TaskFamily, gym.Env):
             raise TaskError(f"{self.family}: rand_vec of {task.env_name} must hold {space.low.size} values within "
                             f"{np.round(space.low, 3).tolist()} .. {np.round(space.high, 3).tolist()}, got "
                             f"{list(task.rand_vec)}")
+        if not self._try_reset(env, task):
+            if env is not self._metarl_env:
+                env.close()
+            elif self._metarl_task is not None:
+                self._try_reset(env, self._metarl_task)  # the current task stays in place
+            raise TaskError(f"{self.family}: this {task.env_name} task places objects and goal closer than "
+                            f"{task.env_name} allows (Meta-World would redraw them, and a task's positions are "
+                            f"fixed: its reset would never end); rand_vec {[float(x) for x in task.rand_vec]}")
         if env is not self._metarl_env:
-            # Keep one Meta-World env per family: ML10 slots switch envs, and 15 MuJoCo models per slot add up.
+            # Keep one Meta-World env per family: ML10/ML45 slots switch envs, and 15-50 MuJoCo models per slot add up.
             self._metarl_env.close()
             self._metarl_env, self._metarl_env_name = env, task.env_name
-        data = {"rand_vec": vec, "env_cls": type(env), "partially_observable": True}  # ML: the goal is hidden
-        env.set_task(metaworld.Task(env_name=task.env_name, data=pickle.dumps(data)))
 
     def _make(self, env_name: str) -> Any:
         from metaworld.env_dict import ALL_V3_ENVIRONMENTS
@@ -244,6 +309,7 @@ class MetaWorldFamily(TaskFamily, gym.Env):
             from metarl.envs._metaworld_fast import speed_up
 
             speed_up(env)
+        _guard_draws(env)
         if self._metarl_env is not None and (env.observation_space != self.observation_space
                                              or env.action_space != self.action_space):
             env.close()
@@ -258,6 +324,7 @@ class MetaWorldFamily(TaskFamily, gym.Env):
     # ---- the env ------------------------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         super().reset(seed=seed)  # Meta-World's reset ignores seeds; with its task set it draws nothing
+        self._metarl_env._metarl_draws = 0
         obs, info = self._metarl_env.reset()
         return obs, info
 
@@ -291,6 +358,11 @@ def ML1(env_name: str, seed: int = 0, render_mode: str | None = None, reward: st
 def ML10(seed: int = 0, render_mode: str | None = None, reward: str = "v2", fast: bool = True) -> MetaWorldFamily:
     """The ML10 family (entry point of ``metarl/ML10-v0``)."""
     return MetaWorldFamily("ML10", None, seed=seed, render_mode=render_mode, reward=reward, fast=fast)
+
+
+def ML45(seed: int = 0, render_mode: str | None = None, reward: str = "v2", fast: bool = True) -> MetaWorldFamily:
+    """The ML45 family (entry point of ``metarl/ML45-v0``)."""
+    return MetaWorldFamily("ML45", None, seed=seed, render_mode=render_mode, reward=reward, fast=fast)
 
 
 @functools.cache
@@ -341,7 +413,7 @@ def check_mujoco() -> None:
 
 def unknown_name(name_or_id: str) -> str | None:
     """The one-line error for a name that looks like a Meta-World family but is none (``ML1-reach-v9``,
-    ``metarl/ML1-Reach-v3-v0``, ``ML45``), with the nearest names; None for any other name."""
+    ``metarl/ML1-Reach-v3-v0``, ``ML20``), with the nearest names; None for any other name."""
     name = name_or_id.removeprefix("metarl/")
     name = name.removesuffix("-v0") if name_or_id.startswith("metarl/") else name
     if name in family_ids() or not re.match(r"ML\d+([-_]|$)", name):
@@ -351,8 +423,8 @@ def unknown_name(name_or_id: str) -> str | None:
         near = difflib.get_close_matches(env.lower(), ENV_NAMES, n=3)
         return (f"unknown Meta-World v3 env {env!r} in {name_or_id!r}" + (f"; nearest: {', '.join(near)}" if near else "")
                 + f" (ML1-<env> takes one of the {len(ENV_NAMES)} v3 envs; `metarl families` lists them)")
-    return (f"{name_or_id!r} is not a Meta-World family of metarl: it has ML1-<env> (one v3 env, e.g. ML1-reach-v3) "
-            "and ML10")
+    return (f"{name_or_id!r} is not a Meta-World family of metarl: it has ML1-<env> (one v3 env, e.g. ML1-reach-v3), "
+            f"{', '.join(MULTI_ENV)}")
 
 
 def missing_extra(name_or_id: str) -> bool:
@@ -366,7 +438,7 @@ def missing_extra(name_or_id: str) -> bool:
 
 def family_ids() -> dict[str, str]:
     """Family name -> Gymnasium id of every Meta-World family (``ML1-reach-v3`` -> ``metarl/ML1-reach-v3-v0``)."""
-    names = [family_name("ML1", name) for name in ENV_NAMES] + ["ML10"]
+    names = [family_name("ML1", name) for name in ENV_NAMES] + list(MULTI_ENV)
     return {name: f"metarl/{name}-v0" for name in names}
 
 
@@ -379,6 +451,6 @@ def register() -> None:
     for name, gid in family_ids().items():
         if gid in gym.registry:
             continue
-        entry = "metarl.envs.meta_world:" + ("ML10" if name == "ML10" else "ML1")
-        kwargs = {} if name == "ML10" else {"env_name": name[len("ML1-"):]}
+        entry = "metarl.envs.meta_world:" + (name if name in MULTI_ENV else "ML1")
+        kwargs = {} if name in MULTI_ENV else {"env_name": name[len("ML1-"):]}
         gym.register(gid, entry_point=entry, max_episode_steps=HORIZON, kwargs=kwargs, disable_env_checker=True)

@@ -60,8 +60,8 @@ def _cmd_families(args: argparse.Namespace) -> int:
     from metarl.envs.meta_world import family_ids, installed
 
     if installed():  # not made here: each Meta-World family loads its own MuJoCo models
-        print(f"Meta-World (the metaworld extra): ML1-<env> as metarl/ML1-<env>-v0 for its {len(family_ids()) - 1} v3 "
-              "envs (e.g. ML1-reach-v3), ML10 as metarl/ML10-v0; horizon 500, obs 39, act 4, splits train, test")
+        print(f"Meta-World (the metaworld extra): ML1-<env> as metarl/ML1-<env>-v0 for its {len(family_ids()) - 2} v3 "
+              "envs (e.g. ML1-reach-v3), ML10 and ML45 as metarl/ML10-v0, metarl/ML45-v0; horizon 500, obs 39, act 4, splits train, test")
     return 0
 
 

@@ -49,7 +49,7 @@ from metarl.evaluation import bootstrap_ci
 #: Meta-World's defaults for ``metalearning_evaluation`` (metaworld 3.1.1)
 PROTOCOL = {"num_evals": 10, "adaptation_steps": 1, "adaptation_episodes": 10, "evaluation_episodes": 3}
 #: the sub-envs (sampled tasks) of each evaluation on the command line: a divisor of ML1's 50 test tasks and, for
-#: ML10, five times a divisor of each test env's 50 (Meta-World's default meta batch of 20 divides neither)
+#: ML10/ML45, five times a divisor of each test env's 50 (Meta-World's default meta batch of 20 divides neither)
 SUB_ENVS = 10
 
 
@@ -163,9 +163,9 @@ class MetaWorldAgent:
 # ---- the protocol ------------------------------------------------------------------------------------------------
 def protocol_envs(family: Any, sub_envs: int) -> Any:
     """Meta-World's own vector env of the held-out tasks of ``family`` (a `metarl.envs.meta_world.MetaWorldFamily`):
-    ``Meta-World/ML1-test`` or ``Meta-World/ML10-test`` built with the family's seed (so from the same benchmark
-    lists as its test split), ``sub_envs`` sub-envs (for ML1 a divisor of 50; for ML10 a multiple of 5 whose fifth
-    divides 50), with the recurrent info (raw reward) `MetaWorldAgent` reads."""
+    ``Meta-World/ML1-test`` or ``Meta-World/ML10-test`` (``ML45``) built with the family's seed (so from the
+    same benchmark lists as its test split), ``sub_envs`` sub-envs (for ML1 a divisor of 50; for the others, whose
+    test envs are five, a multiple of 5 whose fifth divides 50), with the recurrent info (raw reward) `MetaWorldAgent` reads."""
     import gymnasium as gym
 
     from metarl.envs.meta_world import check_mujoco
@@ -177,7 +177,7 @@ def protocol_envs(family: Any, sub_envs: int) -> Any:
     per_class = sub_envs if benchmark == "ML1" else sub_envs // 5
     if sub_envs < 1 or (benchmark != "ML1" and sub_envs % 5) or 50 % max(per_class, 1):
         raise ValueError(f"Meta-World's protocol on {family.family}: {sub_envs} sub-envs do not split its 50 test "
-                         f"tasks per env evenly (ML1: a divisor of 50; ML10: 5 times a divisor of 50)")
+                         f"tasks per env evenly (ML1: a divisor of 50; {benchmark}: 5 times a divisor of 50)")
     return gym.make_vec(f"Meta-World/{benchmark}-test", seed=family_seed, meta_batch_size=sub_envs,
                         recurrent_info_in_obs=True, normalize_reward_in_recurrent_info=False, vector_strategy="sync",
                         **kwargs)
@@ -259,7 +259,7 @@ def run_protocol(learner: MetaLearner, num_evals: int = 10, sub_envs: int = 10, 
 
     family = learner.agent.sampler.family
     if not hasattr(family, "benchmark_args"):
-        raise ValueError(f"Meta-World's protocol runs on a Meta-World family (ML1-<env>, ML10), not "
+        raise ValueError(f"Meta-World's protocol runs on a Meta-World family (ML1-<env>, ML10, ML45), not "
                          f"{learner.config.env}")
     settings = {"num_evals": int(num_evals), "sub_envs": int(sub_envs), "adaptation_steps": int(adaptation_steps),
                 "adaptation_episodes": int(adaptation_episodes), "evaluation_episodes": int(evaluation_episodes),
@@ -323,7 +323,7 @@ def check_cli(config: Any, split: str, num_evals: int, repeats: int) -> None:
 
     if metarl.resolve_id(str(config.env)) not in family_ids().values():
         raise ConfigError(f"--metaworld-protocol runs Meta-World's own evaluation on a Meta-World family "
-                          f"(ML1-<env>, ML10); this run's env is {config.env}")
+                          f"(ML1-<env>, ML10, ML45); this run's env is {config.env}")
     if split != "test":
         raise ConfigError(f"--metaworld-protocol evaluates on Meta-World's test tasks: use --split test, not {split}")
     if num_evals < 1 or repeats != 1:

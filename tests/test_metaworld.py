@@ -1,4 +1,4 @@
-"""Meta-World's ML1 and ML10 as metarl task families (envs/meta_world.py; the ``metaworld`` extra).
+"""Meta-World's ML1, ML10 and ML45 as metarl task families (envs/meta_world.py; the ``metaworld`` extra).
 
 Run in the extra's venv (scripts/test_metaworld.sh makes ``.venv-metaworld``: metaworld 3.1.1, which pins
 mujoco 3.3.0); the base venv skips this file. What is pinned here:
@@ -7,7 +7,7 @@ mujoco 3.3.0); the base venv skips this file. What is pinned here:
   ``metaworld.ML10(seed)``), seeded, fixed, disjoint; ML10's test envs are not its train envs;
 * every v3 env observes 39 values and acts with 4 (so one family can switch envs), steps end at 500;
 * a task changes the goal (rewards) and, in ML10, the env; episodes are a function of task and actions;
-* bad tasks are one clear line and leave the current task in place;
+* bad tasks (a task whose reset would never end among them) are one clear line and leave the current task in place;
 * ``metarl check`` passes with no ``--skip``; the gymnasium sampler backend records ``info["success"]``, the
   native one refuses in one line and ``auto`` picks gymnasium; a real ``metarl train`` run reports success
   rates per stage in summary.json.
@@ -166,6 +166,40 @@ def test_bad_tasks_are_one_clear_line_and_keep_the_task(reach):
         gym.make("metarl/ML1-reach-v3-v0", env_name="reach-v9")
 
 
+def test_a_task_whose_reset_would_never_end_is_one_clear_line_and_keeps_the_task():
+    """Where objects and goal sit closer than an env's placing rule allows (box-close: 0.25 apart in the plane),
+    Meta-World's reset redraws the positions, and a task's positions never change: without the guard, reset
+    loops forever. The middle of box-close's ranges is such a task; the family's default moves off it."""
+    env = metarl.make_family("ML1-box-close-v3")
+    fam = metarl.family_of(env)
+    try:
+        default = fam.task
+        space = fam._reset_space(fam._metarl_env)
+        middle = tuple(float(x) for x in (space.low + space.high) / 2)
+        assert default.rand_vec != middle and fam.default_task() == default
+        good = fam.sample_tasks(1, "test")[0]
+        fam.set_task(good)
+        first = _episode(env, _actions(10))[0]
+        with pytest.raises(TaskError, match=r"places objects and goal closer than box-close-v3 allows") as err:
+            fam.set_task(MetaWorldTask("ML1-box-close-v3", "box-close-v3", middle))
+        assert "\n" not in str(err.value) and "rand_vec [0.0, " in str(err.value)
+        assert fam.task == good
+        np.testing.assert_array_equal(_episode(env, _actions(10))[0], first)  # the current task, unchanged
+    finally:
+        env.close()
+
+
+@pytest.mark.parametrize("name", ["coffee-pull-v3", "coffee-push-v3", "disassemble-v3"])
+def test_every_family_default_task_resets(name):
+    """The other envs whose middle positions break their placing rule: the default task resets and steps."""
+    env = metarl.make_family(f"ML1-{name}")
+    try:
+        obs, rewards, _, _ = _episode(env, _actions(3))
+        assert obs.shape == (4, 39) and np.isfinite(rewards).all()
+    finally:
+        env.close()
+
+
 def test_tasks_round_trip_through_json_and_pickle(reach):
     env, fam = reach
     task = fam.sample_tasks(1, "test")[0]
@@ -211,6 +245,52 @@ def test_an_ml10_task_switches_the_metaworld_env(ml10):
     fam.set_task(t0)
     np.testing.assert_array_equal(_episode(env, _actions(30))[0], a[0])  # back again: the same episode
     assert pickle.loads(pickle.dumps(fam)).task == t0
+
+
+# ---- ML45 -------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["ML45"])
+def test_ml45_switches_between_its_train_and_test_envs(name):
+    """The bigger benchmarks: registered, their envs those of ``metaworld.env_dict`` (the 5 test envs not among the
+    train envs), one family stepping a task of each test env. (Their lists, built the way ML10's are, take
+    Meta-World 2,500 resets; the list test below replaces the benchmark rather than wait for them.)"""
+    from metaworld import env_dict
+
+    envs = getattr(env_dict, f"{name}_V3")
+    assert metarl.resolve_id(name) == f"metarl/{name}-v0" and f"metarl/{name}-v0" in gym.registry
+    env = metarl.make_family(name)
+    fam = metarl.family_of(env)
+    try:
+        assert fam._metarl_envs == (*envs["train"], *envs["test"])
+        assert len(envs["test"]) == 5 and not set(envs["test"]) & set(envs["train"])
+        assert len(envs["train"]) == int(name[2:])
+        for env_name in envs["test"]:
+            one = metarl.make_family(f"ML1-{env_name}")
+            rand_vec = metarl.family_of(one).default_task().rand_vec  # placeable positions of this env
+            one.close()
+            fam.set_task(MetaWorldTask(name, env_name, rand_vec))
+            assert fam._metarl_env_name == env_name
+            obs, rewards, _, _ = _episode(env, _actions(5))
+            assert obs.shape == (6, 39) and np.isfinite(rewards).all()
+    finally:
+        env.close()
+
+
+def test_ml45_lists_come_from_metaworlds_ml45_with_the_family_seed(monkeypatch):
+    from metarl.envs import meta_world
+
+    made = []
+
+    class FakeML45:  # two tasks of Meta-World's own ML10 lists in place of the 2,500-reset ML45 build
+        def __init__(self, seed):
+            made.append(seed)
+            ml10 = metaworld.ML10(seed=seed)
+            self.train_tasks, self.test_tasks = ml10.train_tasks[:2], ml10.test_tasks[:1]
+
+    monkeypatch.setattr(metaworld, "ML45", FakeML45)
+    monkeypatch.setattr(meta_world, "_LISTS", {})
+    train, test = benchmark_tasks("ML45", None, 7)
+    assert made == [7] and len(train) == 2 and len(test) == 1
+    assert train[0].family == "ML45" and train[0].env_name == metaworld.ML10(seed=7).train_tasks[0].env_name
 
 
 # ---- faster stepping, the same numbers (envs/_metaworld_fast.py) ------------------------------------------
@@ -401,13 +481,13 @@ def test_a_bench_report_on_metaworld_has_success_rates(tmp_path):
 
 # ---- bad input: one line each -----------------------------------------------------------------------------
 @pytest.mark.parametrize("name, nearest", [("ML1-reach-v9", "reach-v3"), ("metarl/ML1-Reach-v3-v0", "reach-v3"),
-                                           ("ML1-pick-place", "pick-place-v3"), ("ML45", None)])
+                                           ("ML1-pick-place", "pick-place-v3"), ("ML20", None)])
 def test_a_metaworld_name_that_does_not_exist_is_one_clear_line(name, nearest):
     with pytest.raises(TaskError) as err:
         metarl.make_family(name)
     message = str(err.value)
     assert "\n" not in message and repr(name) in message
-    assert (f"nearest: {nearest}" in message) if nearest else "ML1-<env>" in message and "ML10" in message
+    assert (f"nearest: {nearest}" in message) if nearest else "ML1-<env>" in message and "ML10, ML45" in message
 
 
 def test_a_mujoco_that_metaworld_refuses_is_one_clear_line(monkeypatch):
@@ -511,7 +591,7 @@ def test_a_protocol_that_cannot_run_is_one_line_before_anything_runs(tmp_path, c
     experiments = Path(__file__).parents[1] / "experiments"
     cases = [("maml_trpo/ml1_reach.yaml", ["--split", "train"], "evaluates on Meta-World's test tasks: use --split test"),
              ("maml_trpo/ml1_reach.yaml", ["--repeats", "2"], "needs N >= 1 and no --repeats"),
-             ("maml_trpo/point_nav_2d.yaml", [], "on a Meta-World family (ML1-<env>, ML10); this run's env is PointNav2D")]
+             ("maml_trpo/point_nav_2d.yaml", [], "on a Meta-World family (ML1-<env>, ML10, ML45); this run's env is PointNav2D")]
     for k, (config, extra, message) in enumerate(cases):
         run = tmp_path / f"run{k}"
         run.mkdir()
