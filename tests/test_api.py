@@ -95,6 +95,29 @@ def test_rl2_adapts_in_context_on_an_env_built_by_hand(rl2_run, tmp_path):
     assert second > -0.4, (firsts, seconds)  # memory of episode 1: at least half the unavoidable loss recovered
 
 
+def test_the_reward_ablation_tells_a_policy_that_reads_its_rewards(rl2_run):
+    """experiments/benchmarks/rl2_reward_ablation.py on the HiddenSide RL² run, whose only clue to the side is the
+    reward: the policy reads exactly what each condition says, and in the second episode the real rewards beat
+    the other task's (a policy fed the other side's rewards acts as on the other side: about 4 x 1.6 lost)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("rl2_reward_ablation",
+                                                  ROOT / "experiments/benchmarks/rl2_reward_ablation.py")
+    ablation = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ablation)
+    with mrl.load(rl2_run) as learner:
+        tasks = [DirectionTask("HiddenSide", 1.0), DirectionTask("HiddenSide", -1.0)]
+        real = ablation.run(learner, tasks, 2, "reward", 0, None, deterministic=True)
+        other = ablation.run(learner, tasks, 2, "other_task", 0, real["given"], deterministic=True)
+        zero = ablation.run(learner, tasks, 2, "zero", 0, None, deterministic=True)
+    assert real["given"].shape == (2, 2, 4)
+    np.testing.assert_allclose(real["given"].sum(-1), real["returns"], rtol=1e-5)  # the env's own rewards
+    np.testing.assert_array_equal(other["given"], real["given"][::-1])  # task i read task i+1's (of two)
+    assert not zero["given"].any()
+    assert real["returns"][:, 1].mean() > -0.4, real["returns"]
+    assert other["returns"][:, 1].mean() < real["returns"][:, 1].mean() - 2.0, (real["returns"], other["returns"])
+
+
 def test_evaluate_writes_the_protocols_summary(maml_run):
     with mrl.load(maml_run) as learner:
         summary = learner.evaluate(tasks=3, steps=1, episodes=2)
