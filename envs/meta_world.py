@@ -92,6 +92,15 @@ _MAX_RAND_VEC = 12  # the longest rand_vec of a v3 env is shorter (tests check);
 _MAX_DRAWS = 8
 
 
+def _dispose(env: Any) -> None:
+    """Close a Meta-World env this family is done with and free its MuJoCo model and data now. The env's methods
+    replaced per instance (`_guard_draws`, `speed_up`) and Meta-World's own attributes hold references back to
+    it, so a closed env is cyclic garbage that waits for Python's collector, which counts objects, not bytes: a
+    sampler worker of ML10 slots switching envs grew past 10 GiB. Emptying its ``__dict__`` breaks the cycles."""
+    env.close()
+    env.__dict__.clear()
+
+
 class _Unplaceable(Exception):
     """A task's positions fail its env's rule for placing objects and goal (see _MAX_DRAWS)."""
 
@@ -283,13 +292,13 @@ class MetaWorldFamily(TaskFamily, gym.Env):
         vec = np.asarray(task.rand_vec, np.float64)
         if vec.shape != space.low.shape or np.any(vec < space.low - 1e-9) or np.any(vec > space.high + 1e-9):
             if env is not self._metarl_env:
-                env.close()
+                _dispose(env)
             raise TaskError(f"{self.family}: rand_vec of {task.env_name} must hold {space.low.size} values within "
                             f"{np.round(space.low, 3).tolist()} .. {np.round(space.high, 3).tolist()}, got "
                             f"{list(task.rand_vec)}")
         if not self._try_reset(env, task):
             if env is not self._metarl_env:
-                env.close()
+                _dispose(env)
             elif self._metarl_task is not None:
                 self._try_reset(env, self._metarl_task)  # the current task stays in place
             raise TaskError(f"{self.family}: this {task.env_name} task places objects and goal closer than "
@@ -297,7 +306,7 @@ class MetaWorldFamily(TaskFamily, gym.Env):
                             f"fixed: its reset would never end); rand_vec {[float(x) for x in task.rand_vec]}")
         if env is not self._metarl_env:
             # Keep one Meta-World env per family: ML10/ML45 slots switch envs, and 15-50 MuJoCo models per slot add up.
-            self._metarl_env.close()
+            _dispose(self._metarl_env)
             self._metarl_env, self._metarl_env_name = env, task.env_name
 
     def _make(self, env_name: str) -> Any:
@@ -312,7 +321,7 @@ class MetaWorldFamily(TaskFamily, gym.Env):
         _guard_draws(env)
         if self._metarl_env is not None and (env.observation_space != self.observation_space
                                              or env.action_space != self.action_space):
-            env.close()
+            _dispose(env)
             raise TaskError(f"{self.family}: {env_name} has other observation or action spaces than "
                             f"{self._metarl_envs[0]}; one family cannot switch between them")
         return env
@@ -337,7 +346,8 @@ class MetaWorldFamily(TaskFamily, gym.Env):
 
     def close(self) -> None:
         if self._metarl_env is not None:
-            self._metarl_env.close()
+            _dispose(self._metarl_env)
+            self._metarl_env, self._metarl_env_name = None, None
 
     # Pickled as its constructor's arguments and its task (the Meta-World env pickles its MuJoCo model path).
     def __getstate__(self) -> dict[str, Any]:

@@ -247,6 +247,26 @@ def test_an_ml10_task_switches_the_metaworld_env(ml10):
     assert pickle.loads(pickle.dumps(fam)).task == t0
 
 
+def test_an_env_switched_away_from_is_freed_at_once(ml10):
+    """A switch disposes of the previous Meta-World env: without waiting for Python's cycle collector (off here),
+    it and its MuJoCo model are gone. (Left to the collector, a sampler worker of ML10 slots grew past 10 GiB.)"""
+    import gc
+    import weakref
+
+    env, fam = ml10
+    t0, t1 = fam.sample_tasks(2, "test")  # two different envs
+    fam.set_task(t0)
+    old = weakref.ref(fam._metarl_env)
+    model = weakref.ref(fam._metarl_env.model)
+    gc.disable()
+    try:
+        fam.set_task(t1)
+        assert old() is None and model() is None
+    finally:
+        gc.enable()
+    _episode(env, _actions(3))  # the new env steps
+
+
 # ---- ML45 -------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["ML45"])
 def test_ml45_switches_between_its_train_and_test_envs(name):
