@@ -72,6 +72,9 @@ class SamplerConfig:
     cpus_per_actor: float = 1.0  # ray: each actor's CPU request
     retries: int = 2  # ray: fresh actors a chunk may use after its actor died
     timeout: float = 600.0  # ray: seconds a call may go without a chunk coming back before it fails
+    # env slots one worker (or this process, with workers 0) holds at once: a call needing more runs its tasks in
+    # rounds (the same episodes); None: no limit. For envs whose slots are large (a Meta-World env: ~45 MB)
+    max_slots: int | None = None
 
     def __post_init__(self) -> None:
         if self.backend not in ("auto", "native", "gymnasium"):
@@ -87,12 +90,19 @@ class SamplerConfig:
                 raise ConfigError(f"sampler.{name}: expected a number > 0, got {getattr(self, name)}")
         if self.retries < 0:
             raise ConfigError(f"sampler.retries: expected an integer >= 0, got {self.retries}")
+        if self.max_slots is not None and (isinstance(self.max_slots, bool) or not isinstance(self.max_slots, int)
+                                           or self.max_slots < 1):
+            raise ConfigError(f"sampler.max_slots: expected an integer >= 1 or null, got {self.max_slots!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """The fields; for the local placement only backend and workers, so that configs and checkpoints
         written before the Ray placement existed still match."""
         out = dataclasses.asdict(self)
-        return out if self.placement != "local" else {"backend": self.backend, "workers": self.workers}
+        if self.placement == "local":
+            out = {"backend": self.backend, "workers": self.workers, "max_slots": self.max_slots}
+        if self.max_slots is None:
+            del out["max_slots"]  # as configs written before the option existed
+        return out
 
     def ray_options(self) -> dict[str, Any]:
         return {"address": self.address, "cpus_per_actor": self.cpus_per_actor, "retries": self.retries,

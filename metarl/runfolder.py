@@ -152,7 +152,7 @@ def config_record(config_dict: dict[str, Any]) -> str:
 #: Fields a resume may change by hand: results do not depend on them (sampler.workers and the placement on
 #: a Ray cluster are tested so), so a run started on one machine may continue on a cluster and back.
 MAY_CHANGE = frozenset({"device", "sampler.workers", "sampler.placement", "sampler.address", "sampler.cpus_per_actor",
-                        "sampler.retries", "sampler.timeout"})
+                        "sampler.retries", "sampler.timeout", "sampler.max_slots"})
 
 
 def _registered(agent_name: Any) -> Any:

@@ -95,8 +95,8 @@ def build_agent(config: RunConfig):
         raise ConfigError(f"env: cannot make {config.env!r}: {exc}") from exc
     try:
         sampler = make_sampler(env_id, config.env_kwargs, config.sampler.backend, config.sampler.workers,
-                               config.sampler.placement, **(config.sampler.ray_options()
-                                                            if config.sampler.placement == "ray" else {}))
+                               config.sampler.placement, max_slots=config.sampler.max_slots,
+                               **(config.sampler.ray_options() if config.sampler.placement == "ray" else {}))
     except TaskError as exc:  # e.g. backend native on an env it does not run
         raise ConfigError(f"sampler: {exc}") from exc
     try:

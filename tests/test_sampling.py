@@ -126,3 +126,40 @@ def test_a_tasks_actions_do_not_depend_on_the_tasks_beside_it(agent):
         got = split.sample(actor, tasks, 3, seed=11, episodes_per_trial=trial)
     for name in ("observations", "actions", "rewards", "mask", "terminated", "truncated"):
         assert torch.equal(getattr(got, name), getattr(expected, name)), name
+
+
+@pytest.mark.parametrize("agent", ["maml_trpo", "rl2"])
+def test_capped_slots_run_in_rounds_with_the_same_episodes(agent):
+    """``max_slots`` bounds the env slots a worker (or this process) holds: 5 tasks x 3 episodes with at most 4
+    slots run one task per chunk in rounds, and give the uncapped batch number for number."""
+    kwargs = {"max_episode_steps": 40}
+    with Sampler("metarl/HalfCheetahVel-v0", kwargs, workers=0, backend="gymnasium") as local:
+        actor, trial = _placement_actors(local)[agent]
+        tasks = local.family.sample_tasks(5, "train", seed=1)
+        expected = local.sample(actor, tasks, 3, seed=11, episodes_per_trial=trial)
+        assert len(local._local.envs) == 5 * 3 // trial  # uncapped: every slot at once
+    for workers in (0, 2):
+        with Sampler("metarl/HalfCheetahVel-v0", kwargs, workers=workers, backend="gymnasium", max_slots=4) as capped:
+            got = capped.sample(actor, tasks, 3, seed=11, episodes_per_trial=trial)
+            held = capped._local.envs if workers == 0 else None
+        for name in ("observations", "actions", "rewards", "mask", "terminated", "truncated"):
+            assert torch.equal(getattr(got, name), getattr(expected, name)), (workers, name)
+        if held is not None:  # MAML-TRPO: 3 slots a task, one task a chunk; RL²: 1 a task, 3 and 2 tasks
+            assert len(held) == {"maml_trpo": 3, "rl2": 3}[agent] <= 4
+    with pytest.raises(ValueError, match="max_slots must be an integer >= 1 or None, got 0"):
+        Sampler("metarl/PointNav2D-v0", workers=0, max_slots=0)
+
+
+def test_the_max_slots_setting_is_checked_and_may_change_on_resume():
+    from pathlib import Path
+
+    from metarl.config import ConfigError, load_config
+    from metarl.runfolder import config_changes, config_record
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "maml_trpo" / "point_nav_2d.yaml"
+    for bad in ("0", "true", "2.5"):
+        with pytest.raises(ConfigError, match=r"^sampler.max_slots: expected an integer"):
+            load_config(path, [f"sampler.max_slots={bad}"])
+    plain, capped = load_config(path), load_config(path, ["sampler.max_slots=100"])
+    assert "max_slots" not in plain.to_dict()["sampler"] and capped.to_dict()["sampler"]["max_slots"] == 100
+    assert config_changes(config_record(plain.to_dict()), capped.to_dict()) == []  # the same episodes: resumable

@@ -300,6 +300,17 @@ def print_late(name: str, late: dict[str, Any] | None) -> None:
               f"{late['to_iteration']}, {late['evaluations']} evaluations) by stage: {values}", flush=True)
 
 
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested dict's leaves by dotted key (``{"sampler": {"workers": 2}}`` -> ``{"sampler.workers": 2}``)."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def multi_seed(args: argparse.Namespace, out: Path, recorder: Recorder) -> None:
     previous = json.loads(out.read_text()) if out.is_file() else {}
     done = {s["seed"]: s for s in previous.get("per_seed", [])}
@@ -328,7 +339,10 @@ def multi_seed(args: argparse.Namespace, out: Path, recorder: Recorder) -> None:
             if changes:  # a folder of other settings (an earlier command, another --out) is not continued
                 raise SystemExit(f"{run_dir}: holds a run of other settings ({'; '.join(changes)}); set "
                                  "experiment=NAME for these settings, or delete that folder to start afresh")
-            config = load_config(None, [f"iterations={config.iterations}"], data=stored.to_dict())
+            # with its config, but for what a resume may change (the sampler's workers and slots, the device)
+            carried = [f"{key}={json.dumps(value)}" for key, value in _flat(config.to_dict()).items()
+                       if key in MAY_CHANGE]
+            config = load_config(None, [f"iterations={config.iterations}", *carried], data=stored.to_dict())
         start, seed_recorder = time.perf_counter(), Recorder()
         train(config, run_dir=run_dir, resume=resume)
         per_seed.append({**run_result(config, run_dir, time.perf_counter() - start), "resumed": resume})

@@ -54,17 +54,19 @@ PLACEMENTS = ("local", "ray")
 
 
 def make_sampler(env_id: str, env_kwargs: dict[str, Any] | None = None, backend: str = "auto",
-                 workers: int | None = None, placement: str = "local", **ray_options: Any) -> Sampler:
+                 workers: int | None = None, placement: str = "local", max_slots: int | None = None,
+                 **ray_options: Any) -> Sampler:
     """The sampler for ``backend``: ``native``, ``gymnasium``, or ``auto`` (native where supported), placed
     on local worker processes (``placement="local"``) or on the actors of a Ray cluster (``"ray"``,
-    `metarl.sampling.ray.RaySampler`, which takes ``ray_options``: address, cpus_per_actor, retries, timeout)."""
+    `metarl.sampling.ray.RaySampler`, which takes ``ray_options``: address, cpus_per_actor, retries, timeout);
+    ``max_slots``: the env slots a worker holds at once (`Sampler`)."""
     if placement == "ray":
         from metarl.sampling.ray import RaySampler
 
-        return RaySampler(env_id, env_kwargs, workers, backend=backend, **ray_options)
+        return RaySampler(env_id, env_kwargs, workers, backend=backend, max_slots=max_slots, **ray_options)
     if placement != "local":
         raise ValueError(f"unknown sampler placement {placement!r}; available: {', '.join(PLACEMENTS)}")
-    return Sampler(env_id, env_kwargs, workers, backend=backend)
+    return Sampler(env_id, env_kwargs, workers, backend=backend, max_slots=max_slots)
 
 
 __all__ = ["BACKENDS", "PLACEMENTS", "GymSlots", "GymnasiumSampler", "NativeSampler", "NonFiniteError", "SampleRecord",

@@ -281,10 +281,14 @@ class Sampler:
         backend: ``gymnasium`` (any family; the reference), ``native`` (the built-in MuJoCo families,
             stepped in batches by `metarl.envs.native`; same numbers, about twice as fast), or ``auto``
             (native where it reproduces the env, else gymnasium); ``self.backend`` is the one used.
+        max_slots: the env slots one worker (or this process) holds at once; a call that needs more runs its
+            tasks in rounds, with the same episodes (an episode depends on its task index, not on the tasks
+            beside it). None (the default): every task of a worker's share at once. Slots are never freed
+            during a sampler's life, so this bounds its memory where slots are large (Meta-World: ~45 MB each).
     """
 
     def __init__(self, env_id: str, env_kwargs: dict[str, Any] | None = None, workers: int | None = None,
-                 backend: str = "gymnasium"):
+                 backend: str = "gymnasium", max_slots: int | None = None):
         if backend not in ("auto", *BACKENDS):
             raise ValueError(f"unknown sampler backend {backend!r}; available: auto, {', '.join(BACKENDS)}")
         self.env_id, self.env_kwargs = env_id, dict(env_kwargs or {})
@@ -310,6 +314,9 @@ class Sampler:
         self.workers = (os.cpu_count() or 1) if workers is None else int(workers)
         if self.workers < 0:
             raise ValueError(f"workers must be >= 0, got {workers}")
+        if max_slots is not None and (isinstance(max_slots, bool) or not isinstance(max_slots, int) or max_slots < 1):
+            raise ValueError(f"max_slots must be an integer >= 1 or None, got {max_slots!r}")
+        self.max_slots = max_slots
         self._local: Any = None
         self._procs: list[Any] = []
         self._conns: list[Any] = []
@@ -364,11 +371,20 @@ class Sampler:
                              f"episodes_per_task ({episodes_per_task})")
         for task in tasks:
             self.family.check_task(task)
-        chunks = [c for c in np.array_split(np.arange(len(tasks)), max(1, min(self.workers, len(tasks)))) if len(c)]
+        places = max(1, min(self.workers, len(tasks)))  # chunks that run at once (one per worker)
+        count = places
+        if self.max_slots is not None:  # more, smaller chunks, run in rounds of `places`
+            tasks_per_chunk = max(1, self.max_slots // (episodes_per_task // episodes_per_trial))
+            count = max(places, -(-len(tasks) // tasks_per_chunk))
+            count = -(-count // places) * places  # whole rounds: each worker as many chunks
+        chunks = [c for c in np.array_split(np.arange(len(tasks)), count) if len(c)]
         # one payload per chunk: the worker's rollout arguments after its slots
         payloads = [(actor, [tasks[i] for i in chunk], chunk.tolist(), episodes_per_task, seed, episodes_per_trial)
                     for chunk in chunks]
-        batch = EpisodeBatch.from_numpy(tasks, _concat(self._collect(payloads)))
+        parts = []
+        for start in range(0, len(payloads), places):
+            parts += self._collect(payloads[start:start + places])
+        batch = EpisodeBatch.from_numpy(tasks, _concat(parts))
         if self._recorders:
             record = SampleRecord.of(batch, episodes_per_trial)
             for records in self._recorders:

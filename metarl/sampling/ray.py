@@ -131,14 +131,14 @@ class RaySampler(Sampler):
 
     def __init__(self, env_id: str, env_kwargs: dict[str, Any] | None = None, workers: int | None = None,
                  backend: str = "gymnasium", address: str | None = None, cpus_per_actor: float = 1.0,
-                 retries: int = 2, timeout: float = 600.0):
+                 retries: int = 2, timeout: float = 600.0, max_slots: int | None = None):
         if cpus_per_actor <= 0:
             raise ValueError(f"cpus_per_actor must be > 0, got {cpus_per_actor}")
         if retries < 0:
             raise ValueError(f"retries must be >= 0, got {retries}")
         if timeout <= 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
-        super().__init__(env_id, env_kwargs, 1 if workers is None else workers, backend=backend)
+        super().__init__(env_id, env_kwargs, 1 if workers is None else workers, backend=backend, max_slots=max_slots)
         from metarl.plugins import loaded
 
         module = _registering_module(env_id)  # the user's modules travel with the job (runtime_env)
