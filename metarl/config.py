@@ -95,8 +95,8 @@ class SamplerConfig:
             raise ConfigError(f"sampler.max_slots: expected an integer >= 1 or null, got {self.max_slots!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        """The fields; for the local placement only backend and workers, so that configs and checkpoints
-        written before the Ray placement existed still match."""
+        """The fields; for the local placement only backend, workers and max_slots, and max_slots only where
+        set, so that configs and checkpoints written before the Ray placement or max_slots existed still match."""
         out = dataclasses.asdict(self)
         if self.placement == "local":
             out = {"backend": self.backend, "workers": self.workers, "max_slots": self.max_slots}
