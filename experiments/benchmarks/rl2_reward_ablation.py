@@ -29,6 +29,7 @@ sleeping_openmp_threads()  # a program: PyTorch's threads sleep while they wait 
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,6 +42,11 @@ from metarl.provenance import Recorder, write_result
 CONDITIONS = ("reward", "other_task", "zero")
 
 
+def _env(learner: metarl.api.MetaLearner) -> Any:
+    """A fresh env of the run's family, as its config makes it."""
+    return metarl.make_family(learner.config.env, **(learner.config.env_kwargs or {}))
+
+
 def run(learner: metarl.api.MetaLearner, tasks: list, episodes: int, condition: str, seed: int,
         streams: np.ndarray | None, deterministic: bool = False) -> dict[str, np.ndarray]:
     """``episodes`` episodes in each task, all tasks one batch: success and returns ``[tasks, episodes]``, and the
@@ -48,7 +54,7 @@ def run(learner: metarl.api.MetaLearner, tasks: list, episodes: int, condition: 
     ``"other_task"``)."""
     envs = []
     for task in tasks:
-        env = metarl.make_family(learner.config.env, **(learner.config.env_kwargs or {}))
+        env = _env(learner)
         metarl.family_of(env).set_task(task)
         envs.append(env)
     horizon = envs[0].spec.max_episode_steps
@@ -102,9 +108,11 @@ def main() -> None:
     learner = metarl.api.load(args.run_dir)
     if learner.name != "rl2":
         parser.error(f"{args.run_dir} is a {learner.name} run; this ablation is of RL²'s reward input")
-    family = metarl.family_of(metarl.make_family(learner.config.env, **(learner.config.env_kwargs or {})))
+    probe = _env(learner)
+    family = metarl.family_of(probe)
     tasks = list(family.heldout_tasks(args.split) if args.split != "train" else family.sample_tasks(args.tasks, "train"))
     tasks = tasks[: args.tasks]
+    probe.close()
     rows, streams = {}, None
     for condition in CONDITIONS:
         out = run(learner, tasks, args.episodes, condition, args.seed, streams, args.deterministic)
