@@ -190,7 +190,7 @@ def test_a_task_whose_reset_would_never_end_is_one_clear_line_and_keeps_the_task
 
 
 @pytest.mark.parametrize("name", ["coffee-pull-v3", "coffee-push-v3", "disassemble-v3"])
-def test_every_family_default_task_resets(name):
+def test_a_default_task_off_the_middle_of_the_ranges_resets(name):
     """The other envs whose middle positions break their placing rule: the default task resets and steps."""
     env = metarl.make_family(f"ML1-{name}")
     try:
@@ -268,26 +268,24 @@ def test_an_env_switched_away_from_is_freed_at_once(ml10):
 
 
 # ---- ML45 -------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["ML45"])
-def test_ml45_switches_between_its_train_and_test_envs(name):
-    """The bigger benchmarks: registered, their envs those of ``metaworld.env_dict`` (the 5 test envs not among the
-    train envs), one family stepping a task of each test env. (Their lists, built the way ML10's are, take
-    Meta-World 2,500 resets; the list test below replaces the benchmark rather than wait for them.)"""
-    from metaworld import env_dict
+def test_ml45_switches_between_its_train_and_test_envs():
+    """ML45: registered, its envs those of ``metaworld.env_dict`` (the 5 test envs not among the 45 train envs),
+    one family stepping a task of each test env. (Its lists, built the way ML10's are, take Meta-World 2,500
+    resets; the list test below replaces the benchmark rather than wait for them.)"""
+    from metaworld.env_dict import ML45_V3 as envs
 
-    envs = getattr(env_dict, f"{name}_V3")
-    assert metarl.resolve_id(name) == f"metarl/{name}-v0" and f"metarl/{name}-v0" in gym.registry
-    env = metarl.make_family(name)
+    assert metarl.resolve_id("ML45") == "metarl/ML45-v0" and "metarl/ML45-v0" in gym.registry
+    env = metarl.make_family("ML45")
     fam = metarl.family_of(env)
     try:
         assert fam._metarl_envs == (*envs["train"], *envs["test"])
         assert len(envs["test"]) == 5 and not set(envs["test"]) & set(envs["train"])
-        assert len(envs["train"]) == int(name[2:])
+        assert len(envs["train"]) == 45
         for env_name in envs["test"]:
             one = metarl.make_family(f"ML1-{env_name}")
             rand_vec = metarl.family_of(one).default_task().rand_vec  # placeable positions of this env
             one.close()
-            fam.set_task(MetaWorldTask(name, env_name, rand_vec))
+            fam.set_task(MetaWorldTask("ML45", env_name, rand_vec))
             assert fam._metarl_env_name == env_name
             obs, rewards, _, _ = _episode(env, _actions(5))
             assert obs.shape == (6, 39) and np.isfinite(rewards).all()
