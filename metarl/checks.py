@@ -25,8 +25,11 @@ class FamilyCheckError(AssertionError):
 def _make(env_or_id: Any) -> gym.Env:
     if isinstance(env_or_id, str):
         if env_or_id not in gym.registry and ":" not in env_or_id:
-            from metarl.envs.meta_world import missing_extra
+            from metarl.envs.meta_world import missing_extra, unknown_name
 
+            near_meta_world = unknown_name(env_or_id)  # ML20, ML1-reach-v9: Meta-World's names, not this one
+            if near_meta_world is not None:
+                raise TaskError(near_meta_world)
             extra = f" (a Meta-World family: {metarl.install_hint('metaworld')})" if missing_extra(env_or_id) else ""
             raise TaskError(f"unknown Gymnasium id {env_or_id!r}{extra}")
         if ":" in env_or_id:  # import the module (found as metarl.plugins says), as every command does

@@ -587,3 +587,18 @@ def test_a_metaworld_family_without_the_extra_is_one_clear_line(capsys):
             metarl.make_family(name)
     assert main(["check", "ML1-push-v3"]) == 2
     assert 'pip install -e ".[metaworld]" in a clone of metarl (a wheel or the index: "metarl-robotics[metaworld]")' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, says", [("ML20", "is not a Meta-World family of metarl: it has ML1-<env>"),
+                                        ("ML1-rech-v3", "unknown Meta-World v3 env 'rech-v3' in 'ML1-rech-v3'; "
+                                                        "nearest: reach-v3")])
+def test_metarl_check_of_a_metaworld_like_name_that_does_not_exist_names_metaworld(name, says, capsys):
+    """`metarl check` gives the same line as `make_family` for a name shaped like Meta-World's, not Gymnasium's."""
+    from metarl.cli import main
+
+    with pytest.raises(TaskError) as err:
+        metarl.make_family(name)
+    assert says in str(err.value)
+    assert main(["check", name]) == 2
+    err_out = capsys.readouterr().err
+    assert says in err_out and "unknown Gymnasium id" not in err_out and len(err_out.strip().splitlines()) == 1
