@@ -152,7 +152,9 @@ def test_two_seeds_one_command_resumable(tmp_path):
     (tmp_path / "latest0.pt").rename(seed0 / "checkpoints" / "latest.pt")
 
     # A seed killed before its first checkpoint (its folder holds config.yaml and no checkpoint yet) is
-    # trained again in place by the same command, to the same numbers
+    # trained again in place by the same command, to the same numbers; a field a resume may change
+    # (sampler.max_slots: the 16 episodes of a call in rounds of 5 slots, the same episodes) is taken from
+    # the command, not from the folder's config, and does not count as other settings against --out
     import shutil
 
     seed1 = tmp_path / "runs" / "maml_trpo" / "point_nav_2d" / "learning-seed1"
@@ -161,9 +163,12 @@ def test_two_seeds_one_command_resumable(tmp_path):
     for name in ("metrics.jsonl",):
         (seed1 / name).unlink()
     out.write_text(json.dumps({**result, "per_seed": result["per_seed"][:1]}))
-    redo = _run([str(config), *overrides, "--seeds", "0", "1", "--out", str(out)], tmp_path)
+    redo = _run([str(config), *overrides, "sampler.max_slots=5", "--seeds", "0", "1", "--out", str(out)], tmp_path)
     assert redo.returncode == 0, redo.stderr[-2000:]
-    again_seed1 = json.loads(out.read_text())["per_seed"][1]
+    redone = json.loads(out.read_text())
+    assert redone["config"]["sampler"]["max_slots"] == 5 and redone["per_seed"][1]["resumed"]
+    assert "max_slots" not in result["config"]["sampler"]
+    again_seed1 = redone["per_seed"][1]
     assert again_seed1["heldout"] == result["per_seed"][1]["heldout"]
     assert again_seed1["training_curve"] == result["per_seed"][1]["training_curve"]
 

@@ -14,8 +14,10 @@ time, env steps and the resolved config.
 ``--seeds`` runs the seeds one after the other (the cores are the parallelism) in the run folders
 ``<run_root>/<experiment>/learning-seed<k>``, writes the file after every seed, and is resumable: run the
 same command again and finished seeds are read back, a killed seed continues from its checkpoint (its
-``wall_time_s`` is then that of the resumed part, ``resumed: true``; ``train_time_s`` is always whole), and a
-seed folder that holds a run of other settings is refused with the fields that differ, not continued. The
+``wall_time_s`` is then that of the resumed part, ``resumed: true``; ``train_time_s`` is always whole; the
+command's fields that a resume may change, such as ``sampler.workers`` or ``sampler.max_slots``, apply to it and
+may differ from the first command's), and a seed folder that holds a run of other settings is refused with the
+fields that differ, not continued. The
 file holds every seed's result and ``aggregate``: per adaptation stage and per evaluation iteration, the
 mean over seeds with a 95% t-interval across seeds; beside it a PNG of the per-seed curves and their mean.
 
@@ -311,10 +313,16 @@ def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _settings(overrides: list[str]) -> list[str]:
+    """The overrides that decide a run's numbers: all but those of fields a resume may change (`MAY_CHANGE`:
+    the sampler's workers and slots, the device), which may differ between the commands that write one file."""
+    return [o for o in overrides if o.split("=", 1)[0].strip() not in MAY_CHANGE]
+
+
 def multi_seed(args: argparse.Namespace, out: Path, recorder: Recorder) -> None:
     previous = json.loads(out.read_text()) if out.is_file() else {}
     done = {s["seed"]: s for s in previous.get("per_seed", [])}
-    if previous and previous.get("overrides") != args.overrides:
+    if previous and _settings(previous.get("overrides", [])) != _settings(args.overrides):
         raise SystemExit(f"{out}: written with overrides {previous.get('overrides')}, not {args.overrides}; "
                          "use another --out (or delete it) rather than mixing settings")
     per_seed = []
