@@ -72,6 +72,55 @@ def test_a_worker_whose_main_process_has_gone_exits_quietly(capfd, env_id):
     assert worker.exitcode == 0 and "Traceback" not in capfd.readouterr().err
 
 
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` exists and has not exited (an exited one not yet reaped is a zombie: not running)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return not os.path.exists("/proc")  # no /proc (not Linux): the signal answered
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX process model (init adopts orphans)")
+def test_a_worker_leaves_mid_rollout_when_its_main_process_is_killed(tmp_path):
+    """A `metarl train` or `eval` killed in the middle of a long sampling call takes its workers with it at once,
+    not after their rollouts (minutes of both cores and GBs of env slots on a large Meta-World call)."""
+    import time
+
+    script = tmp_path / "long_call.py"
+    script.write_text(
+        "from metarl.policies import GaussianActor, GaussianMLPPolicy\n"
+        "from metarl.sampling import GymnasiumSampler\n"
+        "if __name__ == '__main__':\n"
+        "    with GymnasiumSampler('metarl/HalfCheetahVel-v0', workers=1) as s:\n"
+        "        tasks = s.family.sample_tasks(40, 'train', seed=0)\n"
+        "        policy = GaussianMLPPolicy(20, 6)\n"
+        "        s._start(1)\n"
+        "        print(s._procs[0].pid, flush=True)\n"
+        "        s.sample(GaussianActor(policy.config, policy.params(), seed=0), tasks, 100, seed=0)  # minutes\n")
+    main = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        worker = int(main.stdout.readline())
+        time.sleep(4)  # the worker is inside the call: building its 4,000 slots or stepping them
+        assert _running(worker)
+        main.kill()
+        main.wait(10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if not _running(worker):
+                break
+            time.sleep(0.1)
+        else:
+            os.kill(worker, signal.SIGKILL)
+            pytest.fail("the sampler worker outlived its killed main process by 10 s")
+    finally:
+        main.kill()
+
+
 def test_sampler_reports_the_episode_limit_it_uses():
     with GymnasiumSampler("metarl/HalfCheetahDir-v0", env_kwargs={"max_episode_steps": 100}, workers=0) as s:
         assert s.horizon == 100 and s.family.horizon == 200
