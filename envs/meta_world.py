@@ -191,6 +191,7 @@ class MetaWorldFamily(TaskFamily, gym.Env):
     task_type = MetaWorldTask
     horizon = HORIZON
     has_ood = False  # the benchmark's tasks are its lists; there is no range to leave
+    slot_memory_mb = 45.0  # an env's MjModel (21 MB of meshes) and arena (15 MB), with its Python objects
     metadata = {"render_modes": ["rgb_array"], "render_fps": 80}
 
     def __init__(self, benchmark: str = "ML1", env_name: str | None = None, seed: int = 0,

@@ -245,6 +245,10 @@ class TaskFamily:
     ``disjoint_heldout`` is False for families with finitely many tasks (e.g. two directions), whose
     test list necessarily repeats training tasks.
 
+    ``slot_memory_mb`` (optional, default None): about how much memory one env of the family takes, for a family
+    whose envs are large (a Meta-World env: about 45 MB). Samplers left at ``max_slots`` None then hold at most as
+    many envs as fit in half of the machine's memory (`metarl.sampling.default_max_slots`).
+
     Reserved names: a family's own state lives in attributes named ``_metarl_*``, so the env may use any
     other name (``_task`` included); the public ``task``, ``set_task``, ``check_task``, ``sample_tasks``,
     ``heldout_tasks`` and the class attributes above are the family's API and must not be reused.
@@ -256,6 +260,7 @@ class TaskFamily:
     n_heldout: ClassVar[int] = 30
     disjoint_heldout: ClassVar[bool] = True
     has_ood: ClassVar[bool] = True
+    slot_memory_mb: ClassVar[float | None] = None
 
     _metarl_task: Task | None = None
 

@@ -440,6 +440,18 @@ def test_the_gymnasium_sampler_records_success(reach, workers):
     assert np.asarray(batch.returns).shape == (2, 1)
 
 
+def test_a_metaworld_sampler_is_bounded_by_the_machines_memory_by_default():
+    """Meta-World's envs are large (about 45 MB): a sampler left at max_slots None holds as many as fit in half of
+    the machine's memory across its workers, not a call's every slot (an ML10 evaluation's 500)."""
+    from metarl.sampling import default_max_slots
+    from metarl.sampling.local import _memory_bytes
+
+    with Sampler(REACH, workers=2, backend="auto") as sampler:
+        assert type(sampler.family).slot_memory_mb == 45.0
+        assert sampler.max_slots == default_max_slots(sampler.family, 2)
+        assert sampler.max_slots == int(0.5 * _memory_bytes() / (45 * 2**20) / 2)
+
+
 def test_the_native_backend_refuses_in_one_line():
     with pytest.raises(TaskError, match="native sampler backend does not run this env") as err:
         Sampler(REACH, workers=0, backend="native")

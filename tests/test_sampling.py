@@ -212,3 +212,42 @@ def test_the_max_slots_setting_is_checked_and_may_change_on_resume():
     plain, capped = load_config(path), load_config(path, ["sampler.max_slots=100"])
     assert "max_slots" not in plain.to_dict()["sampler"] and capped.to_dict()["sampler"]["max_slots"] == 100
     assert config_changes(config_record(plain.to_dict()), capped.to_dict()) == []  # the same episodes: resumable
+
+
+def test_default_max_slots_hand_computed():
+    from metarl.sampling import default_max_slots
+
+    class Large:
+        slot_memory_mb = 45.0
+
+    gib = 2**30
+    # half of 24 GiB is 12,288 MiB: 273.07 envs of 45 MiB, shared by 2 workers -> 136 each; in-process (0) -> 273
+    assert default_max_slots(Large, 2, memory_bytes=24 * gib) == 136
+    assert default_max_slots(Large, 0, memory_bytes=24 * gib) == default_max_slots(Large, 1, memory_bytes=24 * gib) == 273
+    assert default_max_slots(Large, 16, memory_bytes=gib // 4) == 1  # never below one slot
+    assert default_max_slots(Large, 2, memory_bytes=24 * gib, share=0.25) == 68
+    assert default_max_slots(object(), 2, memory_bytes=24 * gib) is None  # small envs: no bound
+
+
+def test_a_family_declaring_large_envs_bounds_the_slots_by_default_with_the_same_episodes(monkeypatch):
+    """A family's ``slot_memory_mb`` bounds a sampler left at ``max_slots=None`` by the machine's memory (here
+    declared so large that 2 slots fit); the episodes are the unbounded sampler's, number for number."""
+    from metarl.sampling import local
+
+    policy = GaussianMLPPolicy(2, 2)
+    actor = GaussianActor(policy.config, policy.params(), seed=0)
+    with Sampler("metarl/PointNav2D-v0", workers=0) as plain:
+        assert plain.max_slots is None  # small envs: every slot of a call at once
+        tasks = plain.family.sample_tasks(5, "train", seed=2)
+        expected = plain.sample(actor, tasks, 2, seed=3)
+        assert len(plain._local.envs) == 10
+    memory = local._memory_bytes()
+    monkeypatch.setattr(type(plain.family), "slot_memory_mb", memory / 2**20 / 4.5, raising=False)  # 2.25 in half of it
+    with Sampler("metarl/PointNav2D-v0", workers=0) as bounded:
+        assert bounded.max_slots == 2
+        got = bounded.sample(actor, tasks, 2, seed=3)
+        assert len(bounded._local.envs) == 2
+    with Sampler("metarl/PointNav2D-v0", workers=0, max_slots=7) as chosen:  # a setting of one's own wins
+        assert chosen.max_slots == 7
+    for name in ("observations", "actions", "rewards", "mask"):
+        assert torch.equal(getattr(got, name), getattr(expected, name)), name

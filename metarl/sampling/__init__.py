@@ -45,6 +45,7 @@ from metarl.sampling.local import (
     SampleRecord,
     WorkerDied,
     WorkerError,
+    default_max_slots,
     prepare_worker,
     rollout,
 )
@@ -59,7 +60,7 @@ def make_sampler(env_id: str, env_kwargs: dict[str, Any] | None = None, backend:
     """The sampler for ``backend``: ``native``, ``gymnasium``, or ``auto`` (native where supported), placed
     on local worker processes (``placement="local"``) or on the actors of a Ray cluster (``"ray"``,
     `metarl.sampling.ray.RaySampler`, which takes ``ray_options``: address, cpus_per_actor, retries, timeout);
-    ``max_slots``: the env slots a worker holds at once (`Sampler`)."""
+    ``max_slots``: the env slots a worker holds at once (`Sampler`; None: `default_max_slots`)."""
     if placement == "ray":
         from metarl.sampling.ray import RaySampler
 
@@ -70,4 +71,4 @@ def make_sampler(env_id: str, env_kwargs: dict[str, Any] | None = None, backend:
 
 
 __all__ = ["BACKENDS", "PLACEMENTS", "GymSlots", "GymnasiumSampler", "NativeSampler", "NonFiniteError", "SampleRecord",
-           "Sampler", "WorkerDied", "WorkerError", "make_sampler", "prepare_worker", "rollout", "slot_seed"]
+           "Sampler", "WorkerDied", "WorkerError", "default_max_slots", "make_sampler", "prepare_worker", "rollout", "slot_seed"]

@@ -183,6 +183,26 @@ def prepare_worker(backend: str, env_id: str, env_kwargs: dict[str, Any], import
     return _make_slots(backend, env_id, env_kwargs)
 
 
+def _memory_bytes() -> int | None:
+    """This machine's physical memory (None where the OS does not say)."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def default_max_slots(family: Any, workers: int, memory_bytes: int | None = None, share: float = 0.5) -> int | None:
+    """The ``max_slots`` of a sampler left at None: for a family that declares its envs large
+    (``slot_memory_mb``), the most slots per worker (or for this process, ``workers=0``) whose envs take at most
+    ``share`` of ``memory_bytes`` (default: this machine's memory) together; None (no bound) for any other family.
+    The bound changes no episode, only how many tasks a worker runs at once."""
+    size = getattr(family, "slot_memory_mb", None)
+    memory = _memory_bytes() if memory_bytes is None else memory_bytes
+    if not size or memory is None:
+        return None
+    return max(1, int(share * memory / (float(size) * 2**20) / max(int(workers), 1)))
+
+
 def _leave_with_parent(poll_s: float = 0.5) -> None:
     """End this worker process within about ``poll_s`` of its main process's death. Without it a worker whose
     main process was killed mid-call finishes its rollout before it finds the pipe closed: minutes of both cores
@@ -301,8 +321,10 @@ class Sampler:
             (native where it reproduces the env, else gymnasium); ``self.backend`` is the one used.
         max_slots: the env slots one worker (or this process) holds at once; a call that needs more runs its
             tasks in rounds, with the same episodes (an episode depends on its task index, not on the tasks
-            beside it). None (the default): every task of a worker's share at once. Slots are never freed
-            during a sampler's life, so this bounds its memory where slots are large (Meta-World: ~45 MB each).
+            beside it). Slots are never freed during a sampler's life, so this bounds its memory where slots
+            are large. None (the default): `default_max_slots`, which is every task of a worker's share at once
+            unless the family declares its envs large (``slot_memory_mb``: Meta-World, ~45 MB each), in which
+            case as many as fit in half of this machine's memory.
     """
 
     def __init__(self, env_id: str, env_kwargs: dict[str, Any] | None = None, workers: int | None = None,
@@ -334,7 +356,7 @@ class Sampler:
             raise ValueError(f"workers must be >= 0, got {workers}")
         if max_slots is not None and (isinstance(max_slots, bool) or not isinstance(max_slots, int) or max_slots < 1):
             raise ValueError(f"max_slots must be an integer >= 1 or None, got {max_slots!r}")
-        self.max_slots = max_slots
+        self.max_slots = default_max_slots(self.family, self.workers) if max_slots is None else max_slots
         self._local: Any = None
         self._procs: list[Any] = []
         self._conns: list[Any] = []
