@@ -20,7 +20,13 @@ alone:
   once instead of by name at every step.
 
 The simulation is untouched, and ``step``, ``evaluate_state``, ``reset`` and the reward functions (V2 or V1)
-run Meta-World's own code. tests/test_metaworld.py drives a whole episode of each of the 15 ML10 envs (V2
+run Meta-World's own code.
+
+`construct` builds a Meta-World env the way its class does, but copies its MuJoCo model from one compiled earlier
+in the process for the same scene file instead of compiling the XML again (Gymnasium's ``MujocoEnv`` compiles it
+in every constructor: about 0.1-0.3 s for a Sawyer scene, where a copy takes a few hundredths). An ML10 or ML45
+slot builds a new env whenever its task moves to another env, every iteration for most slots; the copy is
+MuJoCo's own (``mj_copyModel``) of a model nobody has touched, so each env still owns its model. tests/test_metaworld.py drives a whole episode of each of the 15 ML10 envs (V2
 rewards; push and pick-place with V1 too) with Meta-World's scripted policies, side by side with and without
 `speed_up`, and asserts identical observations, rewards, termination and infos at every step;
 experiments/benchmarks/metaworld_speed.py measures the rates.
@@ -28,8 +34,10 @@ experiments/benchmarks/metaworld_speed.py measures the rates.
 
 from __future__ import annotations
 
+import copy
 import math
 import types
+from collections import OrderedDict
 from typing import Any
 
 import numpy as np
@@ -168,3 +176,44 @@ def speed_up(env: Any) -> Any:
     env._get_curr_obs_combined_no_goal = types.MethodType(_observation, env)
     env._metarl_fast = True
     return env
+
+
+#: Compiled scene models by file (as MuJoCo compiled them, never handed out), the most recently used first kept:
+#: one per env class of ML10 (15, about 20 MB each); ML45's 50 classes would hold a gigabyte
+_MODELS: OrderedDict[str, Any] = OrderedDict()
+MODELS_KEPT = 16
+
+
+def construct(cls: type, **kwargs: Any) -> Any:
+    """``cls(**kwargs)`` for a Meta-World v3 env class, with the MuJoCo model copied from `_MODELS` rather than
+    compiled from its XML (see the module's docstring). Under a Gymnasium other than 1.x (whose
+    ``MujocoEnv._initialize_simulation`` this follows) it is ``cls(**kwargs)``."""
+    import gymnasium
+
+    if not gymnasium.__version__.startswith("1."):
+        return cls(**kwargs)
+    env = cls.__new__(cls)
+    env._initialize_simulation = types.MethodType(_initialize_from_compiled, env)  # found before the class's
+    try:
+        cls.__init__(env, **kwargs)
+    finally:
+        env.__dict__.pop("_initialize_simulation", None)
+    return env
+
+
+def _initialize_from_compiled(env: Any) -> tuple[Any, Any]:
+    """Gymnasium 1.x's ``MujocoEnv._initialize_simulation`` with the compiled model reused: the model (a copy),
+    its offscreen buffer grown to the env's render size, and its data."""
+    import mujoco
+
+    compiled = _MODELS.get(env.fullpath)
+    if compiled is None:
+        compiled = mujoco.MjModel.from_xml_path(env.fullpath)
+        _MODELS[env.fullpath] = compiled
+        while len(_MODELS) > MODELS_KEPT:
+            _MODELS.popitem(last=False)
+    _MODELS.move_to_end(env.fullpath)
+    model = copy.copy(compiled)
+    model.vis.global_.offwidth = max(model.vis.global_.offwidth, env.width)
+    model.vis.global_.offheight = max(model.vis.global_.offheight, env.height)
+    return model, mujoco.MjData(model)

@@ -183,8 +183,9 @@ class MetaWorldFamily(TaskFamily, gym.Env):
         reward: Meta-World's reward functions, ``"v2"`` (the default, Meta-World's) or ``"v1"`` (the
             original paper's; ``reward_function_version``).
         fast: step through `metarl.envs._metaworld_fast.speed_up` (the default): the same observations,
-            rewards and success bit for bit, about 1.8 times as many steps per second; ``False`` runs
-            Meta-World's own methods unchanged. Where a metaworld other than the version it was checked
+            rewards and success bit for bit, about 1.8 times as many steps per second, and build the envs a
+            switch needs from a model compiled once per process (`metarl.envs._metaworld_fast.construct`);
+            ``False`` runs Meta-World's own methods and constructors unchanged. Where a metaworld other than the version it was checked
             against is installed, ``fast`` is ignored, with a warning.
     """
 
@@ -313,12 +314,14 @@ class MetaWorldFamily(TaskFamily, gym.Env):
     def _make(self, env_name: str) -> Any:
         from metaworld.env_dict import ALL_V3_ENVIRONMENTS
 
-        env = ALL_V3_ENVIRONMENTS[env_name](render_mode=self.render_mode,
-                                            reward_function_version=self.reward)
+        cls, kwargs = ALL_V3_ENVIRONMENTS[env_name], {"render_mode": self.render_mode,
+                                                      "reward_function_version": self.reward}
         if self._metarl_fast:
-            from metarl.envs._metaworld_fast import speed_up
+            from metarl.envs._metaworld_fast import construct, speed_up
 
-            speed_up(env)
+            env = speed_up(construct(cls, **kwargs))  # the model copied from one compiled before
+        else:
+            env = cls(**kwargs)
         _guard_draws(env)
         if self._metarl_env is not None and (env.observation_space != self.observation_space
                                              or env.action_space != self.action_space):

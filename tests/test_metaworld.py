@@ -376,6 +376,47 @@ def test_fast_stepping_gives_metaworlds_own_numbers_over_whole_episodes(name, re
         assert sum(scripted_successes.values()) >= len(scripted_successes) // 2, scripted_successes
 
 
+def test_an_env_built_from_a_compiled_model_is_the_one_its_class_builds(monkeypatch):
+    """`construct` copies the scene's model compiled earlier in the process: the same model and the same episode
+    as the class's own constructor, each env owning its model, and at most MODELS_KEPT compiled models kept."""
+    import mujoco
+    from metaworld.env_dict import ALL_V3_ENVIRONMENTS
+
+    from metarl.envs import _metaworld_fast as fast
+
+    monkeypatch.setattr(fast, "_MODELS", type(fast._MODELS)())
+    monkeypatch.setattr(fast, "MODELS_KEPT", 2)
+    cls = ALL_V3_ENVIRONMENTS["pick-place-v3"]
+    own, first, second = cls(), fast.construct(cls), fast.construct(cls)  # the second copies the first's compile
+    assert list(fast._MODELS) == [own.fullpath]
+    for env in (first, second):
+        assert type(env) is cls and "_initialize_simulation" not in env.__dict__
+        assert env.model is not own.model and env.model is not fast._MODELS[own.fullpath]
+        for field in ("body_pos", "geom_size", "mesh_vert", "actuator_ctrlrange", "dof_damping"):
+            np.testing.assert_array_equal(getattr(env.model, field), getattr(own.model, field), field)
+        assert env.model.opt.timestep == own.model.opt.timestep
+        assert env.model.vis.global_.offwidth == own.model.vis.global_.offwidth
+    first.model.body_pos[1] += 1.0  # its own model: neither the next env nor the kept compile sees it
+    np.testing.assert_array_equal(fast.construct(cls).model.body_pos, own.model.body_pos)
+    task = benchmark_tasks("ML1", "pick-place-v3", 0)[1][0]
+    data = {"rand_vec": np.asarray(task.rand_vec), "env_cls": cls, "partially_observable": False}
+    rng = np.random.default_rng(0)
+    actions = rng.uniform(-1, 1, (200, 4)).astype(np.float32)
+    runs = []
+    for env in (own, second):
+        env.set_task(metaworld.Task(env_name="pick-place-v3", data=pickle.dumps(data)))
+        obs = [env.reset()[0]]
+        for action in actions:
+            o, r, *_ = env.step(action)
+            obs.append(np.append(o, r))
+        runs.append(np.array(obs[1:]))
+    np.testing.assert_array_equal(runs[0], runs[1])
+    for name in ("reach-v3", "push-v3"):  # past MODELS_KEPT: the least recently used compile goes
+        fast.construct(ALL_V3_ENVIRONMENTS[name])
+    assert len(fast._MODELS) == 2 and own.fullpath not in fast._MODELS
+    assert isinstance(fast._MODELS[next(iter(fast._MODELS))], mujoco.MjModel)
+
+
 def test_the_families_step_fast_by_default_and_fast_false_is_metaworlds_own(ml10):
     """ML10 switching envs between tasks, hidden goal: the default (fast) family and ``fast=False`` give the
     same episodes; ``reward='v1'`` reaches Meta-World's env; a bad reward or fast is one line."""
