@@ -258,6 +258,27 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def eval_table(summary: dict[str, Any]) -> list[str]:
+    """The lines `metarl eval` prints for an evaluation's summary: per stage the adaptation experience, the mean
+    return and, where the env reports success, the success rate, each with its 95% interval; then, for a family
+    whose tasks name their envs (Meta-World's ML10 and ML45), each env's return and success by stage."""
+    success = all("success_rate" in s for s in summary["stages"])
+    lines = [f"{'stage':>5} {'adapt episodes':>14} {'adapt steps':>11} {'mean return':>11}  95% CI"
+             + (" " * 18 + "success  95% CI" if success else "")]
+    for s in summary["stages"]:
+        interval = f"[{s['ci95'][0]:.2f}, {s['ci95'][1]:.2f}]"
+        lines.append(f"{s['stage']:>5} {s['adapt_episodes']:>14} {s['adapt_env_steps']:>11.0f} "
+                     f"{s['mean_return']:>11.2f}  {f'{interval:<24}' if success else interval}"
+                     + (f" {s['success_rate']:>7.1%}  [{s['success_ci95'][0]:.1%}, {s['success_ci95'][1]:.1%}]"
+                        if success else ""))
+    for env in summary.get("by_env", []):
+        rates = env.get("success_rate")
+        lines.append(f"  {env['env']:<24} {env['tasks']:>3} tasks  return by stage "
+                     + " -> ".join(f"{v:.1f}" for v in env["mean_return"])
+                     + ("  success " + " -> ".join(f"{v:.0%}" for v in rates) if rates else ""))
+    return lines
+
+
 def _evaluate(run_dir: Path, config: Any, split: str, tasks: int, steps: int, episodes: int, video: dict | None,
               repeats: int = 1, device: str | None = None, trust_code: bool = False, entry: Any = None) -> None:
     import metarl.api as mrl
@@ -278,10 +299,8 @@ def _evaluate(run_dir: Path, config: Any, split: str, tasks: int, steps: int, ep
               + f", {steps} adaptation stages of {episodes} episodes ...", flush=True)
         summary = evaluate_run(agent, learner.config, run_dir, split, tasks, steps, episodes, repeats=repeats, out=out,
                                progress=lambda line: print(line, flush=True))
-        print(f"{'stage':>5} {'adapt episodes':>14} {'adapt steps':>11} {'mean return':>11}  95% CI")
-        for s in summary["stages"]:
-            print(f"{s['stage']:>5} {s['adapt_episodes']:>14} {s['adapt_env_steps']:>11.0f} "
-                  f"{s['mean_return']:>11.2f}  [{s['ci95'][0]:.2f}, {s['ci95'][1]:.2f}]")
+        for line in eval_table(summary):
+            print(line)
         if repeats > 1:
             print(f"({repeats} independent adaptations on each of {tasks} tasks, pooled: {repeats * tasks})")
         print(f"written to {out}/ (summary.json, summary.csv, per_task.csv, "

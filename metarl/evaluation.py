@@ -234,7 +234,29 @@ def summarize(result: AdaptationResult, seed: int = 0, strata: np.ndarray | None
                               per_task_success=[float(v) for v in rates])
         if result.reward_terms:
             stages[-1]["reward_terms"] = {name: float(v[:, k].mean()) for name, v in sorted(result.reward_terms.items())}
-    return {"num_tasks": len(result.tasks), "tasks": [t.to_dict() for t in result.tasks], "stages": stages}
+    summary = {"num_tasks": len(result.tasks), "tasks": [t.to_dict() for t in result.tasks], "stages": stages}
+    groups = by_env(result)
+    if groups is not None:
+        summary["by_env"] = groups
+    return summary
+
+
+def by_env(result: AdaptationResult) -> list[dict[str, Any]] | None:
+    """Per env of a family whose tasks name one (``task.env_name``: Meta-World's ML10 and ML45), in name order: its
+    task count and, per stage, the mean return and (where measured) the success rate over its tasks. None where
+    the tasks do not name envs or name only one (ML1: the whole summary is that env's)."""
+    names = [getattr(task, "env_name", None) for task in result.tasks]
+    if None in names or len(set(names)) < 2:
+        return None
+    out = []
+    for name in sorted(set(names)):
+        rows = np.array([n == name for n in names])
+        entry: dict[str, Any] = {"env": name, "tasks": int(rows.sum()),
+                                 "mean_return": [float(v) for v in result.returns[rows].mean(0)]}
+        if result.success is not None:
+            entry["success_rate"] = [float(v) for v in result.success[rows].mean(0)]
+        out.append(entry)
+    return out
 
 
 def plot_within_episode(summary: dict[str, Any], title: str = "", path: str | Path | None = None):

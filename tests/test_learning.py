@@ -307,6 +307,44 @@ def test_summary_gain_is_paired_over_tasks(tmp_path):
     assert "gain" not in row["stages"][0]
 
 
+def test_summary_by_env_hand_computed():
+    """Tasks that name their env (Meta-World's ML10 and ML45) get a per-env line in the summary: count, mean
+    return and success rate per stage over that env's tasks; one env only (ML1), or none named: no by_env."""
+    import dataclasses
+
+    from metarl.evaluation import AdaptationResult, summarize
+    from metarl.tasks import GoalTask
+
+    @dataclasses.dataclass(frozen=True)
+    class Named:
+        env_name: str
+
+        def to_dict(self):
+            return {"env_name": self.env_name}
+
+    tasks = [Named("push"), Named("door"), Named("push"), Named("push")]
+    returns = np.array([[1.0, 2.0], [10.0, 30.0], [3.0, 4.0], [5.0, 9.0]])
+    success = np.array([[0.0, 1.0], [1.0, 1.0], [0.0, 0.0], [0.5, 1.0]])
+    summary = summarize(AdaptationResult(tasks, returns, [0, 10], [0.0, 5000.0], success=success))
+    assert summary["by_env"] == [
+        {"env": "door", "tasks": 1, "mean_return": [10.0, 30.0], "success_rate": [1.0, 1.0]},
+        {"env": "push", "tasks": 3, "mean_return": [3.0, 5.0], "success_rate": [pytest.approx(0.5 / 3), pytest.approx(2 / 3)]}]
+    assert "by_env" not in summarize(AdaptationResult(tasks[::2], returns[::2], [0, 10], [0.0, 5000.0]))
+    # what `metarl eval` prints: success beside the return, then a line per env
+    from metarl.cli import eval_table
+
+    lines = eval_table(summary)
+    assert "success  95% CI" in lines[0] and len(lines) == 1 + 2 + 2
+    assert lines[2].split()[:4] == ["1", "10", "5000", "11.25"] and "75.0%" in lines[2]  # (2+30+4+9)/4, 3/4
+    assert lines[3].split() == ["door", "1", "tasks", "return", "by", "stage", "10.0", "->", "30.0", "success",
+                                "100%", "->", "100%"]
+    assert lines[4].endswith("success 17% -> 67%")
+    plain_lines = eval_table(summarize(AdaptationResult(tasks, returns, [0, 10], [0.0, 5000.0])))
+    assert "success" not in plain_lines[0] and len(plain_lines) == 1 + 2 + 2 and plain_lines[1].endswith("]")
+    plain = [GoalTask("PointNav2D", (0.1 * i, 0.0)) for i in range(4)]
+    assert "by_env" not in summarize(AdaptationResult(plain, returns, [0, 10], [0.0, 5000.0]))
+
+
 def test_maml_ablation_variants_and_table(tmp_path, monkeypatch):
     """Every ablation variant is a valid config that differs from the shipped one in exactly what its row
     says, and a row reads the gain, its paired CI and the share of stage 0 out of a learning result."""

@@ -106,6 +106,7 @@ def run_result(config: RunConfig, run_dir: Path, wall: float) -> dict[str, Any]:
                                           "per_task_success", "reward_terms")
                         if k in s and s[k] is not None}
                        for s in summary["stages"]],
+            **({"by_env": summary["by_env"]} if "by_env" in summary else {}),  # Meta-World ML10/ML45
         },
         "heldout_curve": curve,
         "heldout_late": late_stages(curve, len(rows)),
