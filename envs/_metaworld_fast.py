@@ -26,10 +26,13 @@ run Meta-World's own code.
 in the process for the same scene file instead of compiling the XML again (Gymnasium's ``MujocoEnv`` compiles it
 in every constructor: about 0.1-0.3 s for a Sawyer scene, where a copy takes a few hundredths). An ML10 or ML45
 slot builds a new env whenever its task moves to another env, every iteration for most slots; the copy is
-MuJoCo's own (``mj_copyModel``) of a model nobody has touched, so each env still owns its model. tests/test_metaworld.py drives a whole episode of each of the 15 ML10 envs (V2
-rewards; push and pick-place with V1 too) with Meta-World's scripted policies, side by side with and without
-`speed_up`, and asserts identical observations, rewards, termination and infos at every step;
-experiments/benchmarks/metaworld_speed.py measures the rates.
+MuJoCo's own (``mj_copyModel``) of a model nobody has touched, so each env still owns its model. The 16 most
+recently used compiles are kept (about 20 MB each): all of ML10's 15 scenes; of ML45's 50, a third.
+
+tests/test_metaworld.py drives a whole episode of each of the 15 ML10 envs (V2 rewards; push and pick-place with
+V1 too) with Meta-World's scripted policies, side by side with and without `speed_up`, and asserts identical
+observations, rewards, termination and infos at every step, and checks an env that `construct` built against the
+class's own constructor; experiments/benchmarks/metaworld_speed.py measures the rates.
 """
 
 from __future__ import annotations

@@ -264,7 +264,7 @@ def eval_table(summary: dict[str, Any]) -> list[str]:
     whose tasks name their envs (Meta-World's ML10 and ML45), each env's return and success by stage."""
     success = all("success_rate" in s for s in summary["stages"])
     lines = [f"{'stage':>5} {'adapt episodes':>14} {'adapt steps':>11} {'mean return':>11}  95% CI"
-             + (" " * 18 + "success  95% CI" if success else "")]
+             + (" " * 19 + "success  95% CI" if success else "")]
     for s in summary["stages"]:
         interval = f"[{s['ci95'][0]:.2f}, {s['ci95'][1]:.2f}]"
         lines.append(f"{s['stage']:>5} {s['adapt_episodes']:>14} {s['adapt_env_steps']:>11.0f} "
@@ -273,7 +273,8 @@ def eval_table(summary: dict[str, Any]) -> list[str]:
                         if success else ""))
     for env in summary.get("by_env", []):
         rates = env.get("success_rate")
-        lines.append(f"  {env['env']:<24} {env['tasks']:>3} tasks  return by stage "
+        count = f"{env['tasks']:>3} tasks" + (f" x {env['adaptations'] // env['tasks']}" if "adaptations" in env else "")
+        lines.append(f"  {env['env']:<24} {count}  return by stage "
                      + " -> ".join(f"{v:.1f}" for v in env["mean_return"])
                      + ("  success " + " -> ".join(f"{v:.0%}" for v in rates) if rates else ""))
     return lines

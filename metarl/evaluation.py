@@ -243,15 +243,18 @@ def summarize(result: AdaptationResult, seed: int = 0, strata: np.ndarray | None
 
 def by_env(result: AdaptationResult) -> list[dict[str, Any]] | None:
     """Per env of a family whose tasks name one (``task.env_name``: Meta-World's ML10 and ML45), in name order: its
-    task count and, per stage, the mean return and (where measured) the success rate over its tasks. None where
-    the tasks do not name envs or name only one (ML1: the whole summary is that env's)."""
+    count of distinct tasks (and of ``adaptations`` where a task was adapted to more than once: ``--repeats``)
+    and, per stage, the mean return and (where measured) the success rate over them. None where the tasks do not
+    name envs or name only one (ML1: the whole summary is that env's)."""
     names = [getattr(task, "env_name", None) for task in result.tasks]
     if None in names or len(set(names)) < 2:
         return None
     out = []
     for name in sorted(set(names)):
         rows = np.array([n == name for n in names])
-        entry: dict[str, Any] = {"env": name, "tasks": int(rows.sum()),
+        distinct = len({json.dumps(t.to_dict(), sort_keys=True) for t, row in zip(result.tasks, rows, strict=True) if row})
+        entry: dict[str, Any] = {"env": name, "tasks": distinct,
+                                 **({"adaptations": int(rows.sum())} if rows.sum() != distinct else {}),
                                  "mean_return": [float(v) for v in result.returns[rows].mean(0)]}
         if result.success is not None:
             entry["success_rate"] = [float(v) for v in result.success[rows].mean(0)]

@@ -318,11 +318,12 @@ def test_summary_by_env_hand_computed():
     @dataclasses.dataclass(frozen=True)
     class Named:
         env_name: str
+        goal: float
 
         def to_dict(self):
-            return {"env_name": self.env_name}
+            return {"env_name": self.env_name, "goal": self.goal}
 
-    tasks = [Named("push"), Named("door"), Named("push"), Named("push")]
+    tasks = [Named("push", 0.1), Named("door", 0.1), Named("push", 0.2), Named("push", 0.3)]
     returns = np.array([[1.0, 2.0], [10.0, 30.0], [3.0, 4.0], [5.0, 9.0]])
     success = np.array([[0.0, 1.0], [1.0, 1.0], [0.0, 0.0], [0.5, 1.0]])
     summary = summarize(AdaptationResult(tasks, returns, [0, 10], [0.0, 5000.0], success=success))
@@ -330,6 +331,8 @@ def test_summary_by_env_hand_computed():
         {"env": "door", "tasks": 1, "mean_return": [10.0, 30.0], "success_rate": [1.0, 1.0]},
         {"env": "push", "tasks": 3, "mean_return": [3.0, 5.0], "success_rate": [pytest.approx(0.5 / 3), pytest.approx(2 / 3)]}]
     assert "by_env" not in summarize(AdaptationResult(tasks[::2], returns[::2], [0, 10], [0.0, 5000.0]))
+    twice = summarize(AdaptationResult(tasks * 2, np.vstack([returns, returns]), [0, 10], [0.0, 5000.0]))["by_env"]
+    assert [(e["env"], e["tasks"], e["adaptations"]) for e in twice] == [("door", 1, 2), ("push", 3, 6)]  # --repeats 2
     # what `metarl eval` prints: success beside the return, then a line per env
     from metarl.cli import eval_table
 
@@ -339,6 +342,7 @@ def test_summary_by_env_hand_computed():
     assert lines[3].split() == ["door", "1", "tasks", "return", "by", "stage", "10.0", "->", "30.0", "success",
                                 "100%", "->", "100%"]
     assert lines[4].endswith("success 17% -> 67%")
+    assert eval_table({"stages": summary["stages"], "by_env": twice})[3].split()[:5] == ["door", "1", "tasks", "x", "2"]
     plain_lines = eval_table(summarize(AdaptationResult(tasks, returns, [0, 10], [0.0, 5000.0])))
     assert "success" not in plain_lines[0] and len(plain_lines) == 1 + 2 + 2 and plain_lines[1].endswith("]")
     plain = [GoalTask("PointNav2D", (0.1 * i, 0.0)) for i in range(4)]

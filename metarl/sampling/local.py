@@ -17,7 +17,7 @@ import gymnasium as gym
 import numpy as np
 
 from metarl.episodes import EpisodeBatch
-from metarl.sampling.slots import GymSlots, slot_seed
+from metarl.sampling.slots import ABANDONED, Abandoned, GymSlots, check_abandoned, slot_seed
 from metarl.tasks import Task, TaskError, episode_limit, family_of
 
 
@@ -70,6 +70,7 @@ def rollout(slots: Any, actor: Any, tasks: Sequence[Task], task_indices: Sequenc
     idx = slot  # the slots still running, ascending
     t = 0
     while len(idx):
+        check_abandoned()
         act = np.asarray(actor.act(obs.reshape(n, M, obs_dim)), dtype=np.float32).reshape(S, act_dim)
         if not np.all(np.isfinite(act)):
             raise FloatingPointError(f"the policy produced non-finite actions at step {t}")
@@ -183,12 +184,24 @@ def prepare_worker(backend: str, env_id: str, env_kwargs: dict[str, Any], import
     return _make_slots(backend, env_id, env_kwargs)
 
 
+#: Where a Linux container's or job's memory limit is written (cgroup v2, then v1); "max" or a huge number: none
+CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+
+
 def _memory_bytes() -> int | None:
-    """This machine's physical memory (None where the OS does not say)."""
+    """The memory this process may use: the machine's physical memory, or the limit of its container or job
+    (cgroup) where that is lower (None where the OS says neither)."""
     try:
-        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+        sizes = [int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))]
     except (AttributeError, ValueError, OSError):
-        return None
+        sizes = []
+    for path in CGROUP_LIMITS:
+        try:
+            with open(path) as limit:
+                sizes.append(int(limit.read().strip()))
+        except (OSError, ValueError):  # absent, or "max"
+            continue
+    return min(sizes) if sizes else None
 
 
 def default_max_slots(family: Any, workers: int, memory_bytes: int | None = None, share: float = 0.5) -> int | None:
@@ -203,37 +216,43 @@ def default_max_slots(family: Any, workers: int, memory_bytes: int | None = None
     return max(1, int(share * memory / (float(size) * 2**20) / max(int(workers), 1)))
 
 
-def _leave_with_parent(poll_s: float = 0.5) -> None:
-    """End this worker process within about ``poll_s`` of its main process's death. Without it a worker whose
-    main process was killed mid-call finishes its rollout before it finds the pipe closed: minutes of both cores
-    and gigabytes of env slots on a large call (a Meta-World evaluation's hundreds of slots)."""
+def _leave_with_parent(parent: int, poll_s: float = 0.5, grace_s: float = 5.0) -> None:
+    """End this worker process within about ``poll_s`` of the death of its main process (pid ``parent``, passed
+    by it: a death before this worker got here counts too). Without it a worker whose main process was killed
+    mid-call finishes its rollout before it finds the pipe closed: minutes of both cores and gigabytes of env slots
+    on a large call (a Meta-World evaluation's hundreds of slots). The rollout and the slots' construction stop at
+    their next step (`ABANDONED`), so the worker leaves through `_worker`'s cleanup (its envs closed); if it has
+    not left ``grace_s`` later, the process ends there. (Not an interrupt of the main thread: a KeyboardInterrupt
+    inside MuJoCo's model compiler aborts the process.) POSIX: a dead process's children are handed to init (or a
+    subreaper), which changes ``getppid``."""
     import threading
     import time
 
-    parent = os.getppid()
-
     def watch() -> None:
-        while os.getppid() == parent:  # a dead parent's children are handed to init (or a subreaper)
+        while os.getppid() == parent:
             time.sleep(poll_s)
+        ABANDONED.set()
+        time.sleep(grace_s)
         os._exit(0)
 
     threading.Thread(target=watch, name="metarl-leave-with-parent", daemon=True).start()
 
 
 def _worker(conn: Any, backend: str, env_id: str, env_kwargs: dict[str, Any], sys_path: list[str],
-            imports: Sequence[str] = (), registering_module: str | None = None) -> None:
+            imports: Sequence[str] = (), registering_module: str | None = None, parent: int | None = None) -> None:
     import sys
 
-    _leave_with_parent()
+    if parent is not None:
+        _leave_with_parent(parent)
     sys.path[:] = sys_path
     from metarl.system import fault_point
 
     slots, failure = None, None
     try:
-        slots = prepare_worker(backend, env_id, env_kwargs, imports, registering_module)
-    except Exception:  # reported in reply to every request, so the main process raises it with its traceback
-        failure = traceback.format_exc()
-    try:
+        try:
+            slots = prepare_worker(backend, env_id, env_kwargs, imports, registering_module)
+        except Exception:  # reported in reply to every request, so the main process raises it with its traceback
+            failure = traceback.format_exc()
         while True:
             command, payload = conn.recv()
             if command == "close":
@@ -250,7 +269,7 @@ def _worker(conn: Any, backend: str, env_id: str, env_kwargs: dict[str, Any], sy
                 conn.send(("non_finite", str(exc)))
             except Exception:  # sent to the main process, which raises it there
                 conn.send(("error", traceback.format_exc()))
-    except (EOFError, BrokenPipeError, ConnectionResetError, KeyboardInterrupt):
+    except (EOFError, BrokenPipeError, ConnectionResetError, KeyboardInterrupt, Abandoned):
         pass  # the main process has gone (killed, interrupted): leave quietly, without a traceback per worker
     finally:
         if slots is not None:
@@ -387,7 +406,7 @@ class Sampler:
             parent, child = ctx.Pipe()
             proc = ctx.Process(target=_worker, daemon=True,
                                args=(child, self.backend, self.env_id, self.env_kwargs, list(sys.path), loaded(),
-                                     _registering_module(self.env_id)))
+                                     _registering_module(self.env_id), os.getpid()))
             proc.start()
             child.close()
             self._procs.append(proc)

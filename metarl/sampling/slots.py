@@ -10,6 +10,7 @@ instance of the user's, and `ReplaySlots` with a `Replayed` actor replays episod
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,6 +18,21 @@ import gymnasium as gym
 import numpy as np
 
 from metarl.tasks import Task, TaskError, episode_limit, family_of
+
+#: Set in a sampler worker whose main process has died (`metarl.sampling.local`): the rollout loop and the slots'
+#: construction stop at their next step with `Abandoned`, so that the worker leaves through its cleanup.
+ABANDONED = threading.Event()
+
+
+class Abandoned(BaseException):  # noqa: N818 (not an error: nobody is left to report to)
+    """Raised in a sampler worker whose main process has gone; not an error of the env or the policy, so it
+    passes through their ``except Exception``."""
+
+
+def check_abandoned() -> None:
+    """Raise `Abandoned` if this worker's main process has gone (`ABANDONED`)."""
+    if ABANDONED.is_set():
+        raise Abandoned()
 
 
 def slot_seed(seed: int, task_index: int, episode: int) -> int:
@@ -43,8 +59,10 @@ class GymSlots:
     def configure(self, tasks: Sequence[Task], slots_per_task: int) -> None:
         """Give slot ``j * slots_per_task + m`` task ``j``."""
         while len(self.envs) < len(tasks) * slots_per_task:
+            check_abandoned()
             self.envs.append(gym.make(self.env_id, **self.env_kwargs))
         for j, task in enumerate(tasks):
+            check_abandoned()
             for m in range(slots_per_task):
                 family_of(self.envs[j * slots_per_task + m]).set_task(task)
 
