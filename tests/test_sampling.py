@@ -234,6 +234,27 @@ def test_default_max_slots_hand_computed():
     assert default_max_slots(object(), 2, memory_bytes=24 * gib) is None  # small envs: no bound
 
 
+def test_the_slot_bound_reads_a_containers_memory_limit(tmp_path, monkeypatch):
+    """A container's or job's memory limit (cgroup v2 ``memory.max``, v1 ``memory.limit_in_bytes``) below the
+    machine's memory is the memory the bound divides; ``max`` (no limit) or no file: the machine's."""
+    from metarl.sampling import local
+
+    machine = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    v2, v1 = tmp_path / "memory.max", tmp_path / "memory.limit_in_bytes"
+    monkeypatch.setattr(local, "CGROUP_LIMITS", (str(v2), str(v1)))
+    assert local._memory_bytes() == machine  # neither file
+    v2.write_text("max\n")
+    v1.write_text(f"{2**62}\n")  # v1's "no limit" is a huge number
+    assert local._memory_bytes() == machine
+    v2.write_text(f"{2**30}\n")  # a 1 GiB container
+    assert local._memory_bytes() == 2**30
+
+    class Large:
+        slot_memory_mb = 64.0
+
+    assert local.default_max_slots(Large, 2) == 4  # half of 1 GiB: 8 slots of 64 MiB, 4 a worker
+
+
 def test_a_family_declaring_large_envs_bounds_the_slots_by_default_with_the_same_episodes(monkeypatch):
     """A family's ``slot_memory_mb`` bounds a sampler left at ``max_slots=None`` by the machine's memory (here
     declared so large that 2 slots fit); the episodes are the unbounded sampler's, number for number."""
