@@ -235,29 +235,33 @@ def summarize(result: AdaptationResult, seed: int = 0, strata: np.ndarray | None
         if result.reward_terms:
             stages[-1]["reward_terms"] = {name: float(v[:, k].mean()) for name, v in sorted(result.reward_terms.items())}
     summary = {"num_tasks": len(result.tasks), "tasks": [t.to_dict() for t in result.tasks], "stages": stages}
-    groups = by_env(result)
+    groups = by_env(summary)
     if groups is not None:
         summary["by_env"] = groups
     return summary
 
 
-def by_env(result: AdaptationResult) -> list[dict[str, Any]] | None:
-    """Per env of a family whose tasks name one (``task.env_name``: Meta-World's ML10 and ML45), in name order: its
-    count of distinct tasks (and of ``adaptations`` where a task was adapted to more than once: ``--repeats``)
-    and, per stage, the mean return and (where measured) the success rate over them. None where the tasks do not
-    name envs or name only one (ML1: the whole summary is that env's)."""
-    names = [getattr(task, "env_name", None) for task in result.tasks]
+def by_env(summary: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """Per env of a family whose tasks name one (``env_name``: Meta-World's ML10 and ML45), from an evaluation's
+    summary (its ``tasks`` and each stage's ``per_task`` and ``per_task_success``), in name order: its count of
+    distinct tasks (and of ``adaptations`` where a task was adapted to more than once: ``--repeats``) and, per
+    stage, the mean return and (where measured) the success rate over them. None where the tasks do not name envs
+    or name only one (ML1: the whole summary is that env's)."""
+    tasks = summary["tasks"]
+    names = [task.get("env_name") for task in tasks]
     if None in names or len(set(names)) < 2:
         return None
+    stages = summary["stages"]
+    success = all("per_task_success" in stage for stage in stages)
     out = []
     for name in sorted(set(names)):
-        rows = np.array([n == name for n in names])
-        distinct = len({json.dumps(t.to_dict(), sort_keys=True) for t, row in zip(result.tasks, rows, strict=True) if row})
+        rows = [i for i, n in enumerate(names) if n == name]
+        distinct = len({json.dumps(tasks[i], sort_keys=True) for i in rows})
         entry: dict[str, Any] = {"env": name, "tasks": distinct,
-                                 **({"adaptations": int(rows.sum())} if rows.sum() != distinct else {}),
-                                 "mean_return": [float(v) for v in result.returns[rows].mean(0)]}
-        if result.success is not None:
-            entry["success_rate"] = [float(v) for v in result.success[rows].mean(0)]
+                                 **({"adaptations": len(rows)} if len(rows) != distinct else {}),
+                                 "mean_return": [float(np.mean([st["per_task"][i] for i in rows])) for st in stages]}
+        if success:
+            entry["success_rate"] = [float(np.mean([st["per_task_success"][i] for i in rows])) for st in stages]
         out.append(entry)
     return out
 

@@ -383,3 +383,45 @@ def test_maml_ablation_variants_and_table(tmp_path, monkeypatch):
     rows = table.splitlines()[2:]
     assert "| -40.0 | **-18.0** | +22.0 [+19.5, +24.5] (55%) | 50% / 25% | -12.0 | 12.3M |" in rows[0]
     assert "| 200.0 | **250.0** | +50.0 [+40.0, +60.0] (25%) | – / – | 250.0 | 1.0M |" in rows[1]
+
+
+def test_metaworld_by_env_gathers_seeds_per_env(tmp_path):
+    """experiments/benchmarks/metaworld_by_env.py: per env and stage, the mean over seeds of each seed's per-env
+    success and return, with each seed's value; refused in one line where a seed's evaluation is missing or its
+    envs differ."""
+    script = ROOT / "experiments" / "benchmarks" / "metaworld_by_env.py"
+
+    def by_env(*argv):
+        return subprocess.run([sys.executable, str(script), *argv], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=120)
+    tasks = [{"type": "MetaWorldTask", "env_name": n, "rand_vec": [float(i)]} for i, n in enumerate("aabb")]
+
+    def run(name, returns, success, task_list=tasks):
+        folder = tmp_path / name / "eval" / "test"
+        folder.mkdir(parents=True)
+        stages = [{"stage": k, "adapt_episodes": 10 * k, "per_task": [r[k] for r in returns],
+                   "per_task_success": [s[k] for s in success]} for k in range(2)]
+        (folder / "summary.json").write_text(json.dumps({"family": "ML10", "tasks": task_list, "stages": stages,
+                                                         "num_tasks": len(task_list)}))
+        return str(tmp_path / name)
+
+    # seed 0: env a succeeds 0 -> 1 on both tasks, env b 0 -> 0; seed 1: a 0.5 -> 1, b 0 -> 0.5
+    s0 = run("s0", [[1, 3], [3, 5], [0, 0], [2, 2]], [[0, 1], [0, 1], [0, 0], [0, 0]])
+    s1 = run("s1", [[2, 2], [2, 2], [4, 4], [4, 8]], [[1, 1], [0, 1], [0, 0], [0, 1]])
+    out = tmp_path / "by_env.json"
+    done = by_env(s0, s1, "--out", str(out))
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    a, b = result["by_env"]
+    assert (a["env"], a["tasks_per_seed"], b["env"]) == ("a", [2, 2], "b")
+    assert a["success_rate"] == [0.25, 1.0] and a["success_rate_per_seed"] == [[0.0, 1.0], [0.5, 1.0]]
+    assert b["success_rate"] == [0.0, 0.25] and b["mean_return"] == [2.5, 3.5]  # seed 0: 1, 1; seed 1: 4, 6
+    check(result, str(out))
+    assert "25.0% -> 100.0%" in done.stdout  # env a, printed
+    # refused, naming what is wrong
+    other = run("other", [[1, 3], [3, 5], [0, 0], [2, 2]], [[0, 1]] * 4,
+                [{**t, "env_name": "c" if t["env_name"] == "b" else "a"} for t in tasks])
+    for argv, says in (([s0, str(tmp_path / "none")], "no evaluation on the test split"),
+                       ([s0, other], "the runs' evaluations differ")):
+        refused = by_env(*argv, "--out", str(tmp_path / "x.json"))
+        assert refused.returncode != 0 and says in refused.stderr and not (tmp_path / "x.json").exists()
