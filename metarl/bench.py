@@ -209,15 +209,18 @@ def _merge(base: dict, extra: dict) -> dict:
 
 
 def load_suite(path: str | Path | None, data: dict | None = None, out: str | Path | None = None,
-               imports: tuple[str, ...] = ()) -> Suite:
+               imports: tuple[str, ...] = (), seeds: list[int] | None = None) -> Suite:
     """Read and validate a suite; every error names the field (nothing has run yet). ``imports``: more
-    user modules (resolved, as ``--import`` gives them) for every cell."""
+    user modules (resolved, as ``--import`` gives them) for every cell; ``seeds``: in place of the suite's
+    (``metarl bench --seeds``: the same suite at more seeds, its finished cells kept)."""
     from metarl.plugins import load
 
     if data is None:
         path = locate(path)
         data = read_yaml(path, "suite file")
     data = _mapping(data, "suite")
+    if seeds is not None:
+        data = {**data, "seeds": list(seeds)}
     unknown = sorted(set(data) - {"name", "out", "seeds", "eval", "families", "methods", "imports"})
     if unknown:
         raise ConfigError(f"{unknown[0]}: unknown suite field; expected name, out, seeds, eval, families, methods, "

@@ -381,7 +381,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     imports = _user_code(args)
     try:
-        suite = load_suite(args.suite, out=args.out, imports=imports)
+        suite = load_suite(args.suite, out=args.out, imports=imports, seeds=args.seeds)
         if args.only and args.report_only:
             raise ConfigError("--only selects cells to run and --report-only runs none: give one of them (the "
                               "report always covers every finished cell)")
@@ -525,6 +525,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", action="append", metavar="PATTERN",
                    help="run only the cells whose key <family>/<method>/seed<k> matches this shell-style pattern, "
                    "e.g. '*/pearl/*' (repeatable; the report still covers every finished cell)")
+    p.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
+                   help="run the suite at these seeds instead of its own (e.g. --seeds 0 1 2: the cells of seed 0 "
+                   "already finished in the report folder are kept, seeds 1 and 2 are added)")
     _ray_flags(p, "run the cells as Ray tasks")
     p.add_argument("--cpus-per-cell", type=float, default=1.0, help="with --ray: CPUs each cell asks for (default 1)")
     p.set_defaults(func=_cmd_bench)

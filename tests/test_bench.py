@@ -311,6 +311,25 @@ def test_only_runs_the_matching_cells_and_reports_every_finished_one(tmp_path, c
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("*") if p.is_file()} == stamps
 
 
+def test_seeds_runs_a_suite_at_more_seeds_keeping_its_finished_cells(tmp_path, capsys):
+    """``--seeds 0 1`` on a one-seed suite whose seed-0 cells are finished runs only seed 1's and reports both."""
+    data = {"out": str(tmp_path / "out"), "seeds": [0], "eval": {"tasks": 2, "steps": 1, "episodes": 2},
+            "families": {"PointNav2D": {}}, "methods": {"random": {}}}
+    path = tmp_path / "suite.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert main(["bench", str(path), "--quiet"]) == 0
+    first = tmp_path / "out" / "cells" / "PointNav2D" / "random" / "seed0" / "cell.json"
+    stamp = first.stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(["bench", str(path), "--quiet", "--seeds", "0", "1"]) == 0
+    assert "1 finished already" in capsys.readouterr().out
+    assert first.stat().st_mtime_ns == stamp  # kept, not rerun
+    assert (first.parents[1] / "seed1" / "cell.json").is_file()
+    assert "2 of 2 cells finished" in (tmp_path / "out" / "report.md").read_text()
+    assert main(["bench", str(path), "--seeds", "1", "1"]) == 2
+    assert "lists a seed twice" in capsys.readouterr().err
+
+
 def test_committed_suites_are_valid():
     for name in ("smoke", "quick", "full"):
         suite = load_suite(f"experiments/benchmarks/{name}.yaml")
