@@ -260,6 +260,16 @@ def test_late_curve_mean_hand_computed():
     assert learning.aggregate(seeds)["heldout_repeated_stages"] is None
     del seeds[1]["heldout_repeated"]
     assert learning.aggregate(seeds)["heldout_repeats"] is None
+    # success per stage over seeds, where every seed's env reports it (Meta-World): seed 0 0.2 -> 0.4, seed 1 0.3 -> 0.3
+    assert "heldout_success_stages" not in learning.aggregate(seeds)
+    for s, rates in zip(seeds, ((0.2, 0.4), (0.3, 0.3)), strict=True):
+        for stage, rate in zip(s["heldout"]["stages"], rates, strict=True):
+            stage["success_rate"] = rate
+    success = learning.aggregate(seeds)["heldout_success_stages"]
+    assert [x["mean"] for x in success] == pytest.approx([0.25, 0.35]) and success[1]["per_seed"] == [0.4, 0.3]
+    assert success[1]["ci95"] == pytest.approx(list(t_ci95(np.array([0.4, 0.3]))))
+    del seeds[1]["heldout"]["stages"][0]["success_rate"]
+    assert "heldout_success_stages" not in learning.aggregate(seeds)
 
 
 def test_eval_history_replaces_later_iterations(tmp_path):

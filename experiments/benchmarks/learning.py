@@ -19,7 +19,9 @@ command's fields that a resume may change, such as ``sampler.workers`` or ``samp
 may differ from the first command's), and a seed folder that holds a run of other settings is refused with the
 fields that differ, not continued. The
 file holds every seed's result and ``aggregate``: per adaptation stage and per evaluation iteration, the
-mean over seeds with a 95% t-interval across seeds; beside it a PNG of the per-seed curves and their mean.
+mean over seeds with a 95% t-interval across seeds (and where the env reports success, as Meta-World's do, the
+success rate per stage the same way: ``heldout_success_stages``); beside it a PNG of the per-seed curves and
+their mean.
 
 Where the held-out evaluation swings between evaluations (HalfCheetahDir's two tasks: by 100 and more ten
 iterations apart), the final point is one phase of that swing. So every result also carries ``heldout_late``:
@@ -163,6 +165,10 @@ def aggregate(seeds: list[dict[str, Any]]) -> dict[str, Any]:
         return [{"stage": k, **stat([x[k]["mean_return"] for x in per_seed_stages])} for k in range(n)]
 
     stages = by_stage([s["heldout"]["stages"] for s in seeds])
+    success = None  # where every seed's env reports success (Meta-World): its rate per stage, over seeds
+    if all("success_rate" in st for s in seeds for st in s["heldout"]["stages"]):
+        n = min(len(s["heldout"]["stages"]) for s in seeds)
+        success = [{"stage": k, **stat([s["heldout"]["stages"][k]["success_rate"] for s in seeds])} for k in range(n)]
     common = sorted(set.intersection(*({e["iteration"] for e in s["heldout_curve"]} for s in seeds)))
     curve = []
     for it in common:
@@ -177,7 +183,8 @@ def aggregate(seeds: list[dict[str, Any]]) -> dict[str, Any]:
     n_it = min(len(s["training_curve"]) for s in seeds)
     training = [{"iteration": i + 1, "pre": float(np.mean([s["training_curve"][i]["pre"] for s in seeds])),
                  "post": float(np.mean([s["training_curve"][i]["post"] for s in seeds]))} for i in range(n_it)]
-    return {"seeds": [s["seed"] for s in seeds], "heldout_stages": stages, "heldout_curve": curve,
+    return {"seeds": [s["seed"] for s in seeds], "heldout_stages": stages,
+            **({"heldout_success_stages": success} if success else {}), "heldout_curve": curve,
             "heldout_late_stages": late, "heldout_repeated_stages": repeated,
             "heldout_repeats": repeats.pop() if repeated else None, "training_curve_mean": training,
             "wall_time_s": stat([s["wall_time_s"] for s in seeds]),
@@ -413,6 +420,9 @@ def combine(files: list[str], out: Path, note: str, recorder: Recorder) -> None:
 def print_aggregate(agg: dict[str, Any]) -> None:
     n = len(agg["seeds"])
     print_stages(f"mean of {n} seeds", agg["heldout_stages"], key="mean")
+    if agg.get("heldout_success_stages"):
+        print(f"mean of {n} seeds: held-out success by stage: " + " -> ".join(
+            f"{s['mean']:.1%} [{s['ci95'][0]:.1%}, {s['ci95'][1]:.1%}]" for s in agg["heldout_success_stages"]))
     if agg["heldout_late_stages"]:
         print_stages(f"mean of {n} seeds, held-out curve's last third", agg["heldout_late_stages"], key="mean")
     if agg["heldout_repeated_stages"]:
