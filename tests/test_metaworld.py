@@ -417,6 +417,22 @@ def test_an_env_built_from_a_compiled_model_is_the_one_its_class_builds(monkeypa
     assert isinstance(fast._MODELS[next(iter(fast._MODELS))], mujoco.MjModel)
 
 
+def test_the_switch_benchmark_times_both_constructions(tmp_path):
+    from metarl.provenance import check
+
+    out = tmp_path / "switch.json"
+    done = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "experiments" / "benchmarks" /
+                                               "metaworld_switch.py"), "--switches", "4", "--repeats", "1",
+                           "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["family"] == "ML10" and set(result["ms_per_set_task"]) == {"fast", "metaworld"}
+    assert all(v > 0 for v in result["ms_per_set_task"].values()) and result["episode_500_steps_ms"] > 0
+    assert result["metaworld_over_fast"] == result["ms_per_set_task"]["metaworld"] / result["ms_per_set_task"]["fast"]
+    check(result, str(out))
+    assert "written to" in done.stdout
+
+
 def test_the_families_step_fast_by_default_and_fast_false_is_metaworlds_own(ml10):
     """ML10 switching envs between tasks, hidden goal: the default (fast) family and ``fast=False`` give the
     same episodes; ``reward='v1'`` reaches Meta-World's env; a bad reward or fast is one line."""
