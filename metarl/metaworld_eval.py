@@ -165,7 +165,9 @@ def protocol_envs(family: Any, sub_envs: int) -> Any:
     """Meta-World's own vector env of the held-out tasks of ``family`` (a `metarl.envs.meta_world.MetaWorldFamily`):
     ``Meta-World/ML1-test`` or ``Meta-World/ML10-test`` (``ML45``) built with the family's seed (so from the
     same benchmark lists as its test split), ``sub_envs`` sub-envs (for ML1 a divisor of 50; for the others, whose
-    test envs are five, a multiple of 5 whose fifth divides 50), with the recurrent info (raw reward) `MetaWorldAgent` reads."""
+    test envs are five, a multiple of 5 whose fifth divides 50), with the recurrent info (raw reward) `MetaWorldAgent` reads.
+    Where the family steps fast (its default), so do these envs (`metarl.envs._metaworld_fast.speed_up`: the same
+    observations, rewards and infos bit for bit)."""
     import gymnasium as gym
 
     from metarl.envs.meta_world import check_mujoco
@@ -178,9 +180,15 @@ def protocol_envs(family: Any, sub_envs: int) -> Any:
     if sub_envs < 1 or (benchmark != "ML1" and sub_envs % 5) or 50 % max(per_class, 1):
         raise ValueError(f"Meta-World's protocol on {family.family}: {sub_envs} sub-envs do not split its 50 test "
                          f"tasks per env evenly (ML1: a divisor of 50; {benchmark}: 5 times a divisor of 50)")
-    return gym.make_vec(f"Meta-World/{benchmark}-test", seed=family_seed, meta_batch_size=sub_envs,
+    envs = gym.make_vec(f"Meta-World/{benchmark}-test", seed=family_seed, meta_batch_size=sub_envs,
                         recurrent_info_in_obs=True, normalize_reward_in_recurrent_info=False, vector_strategy="sync",
                         **kwargs)
+    if getattr(family, "_metarl_fast", False):  # the family's faster stepping, bit for bit Meta-World's numbers
+        from metarl.envs._metaworld_fast import speed_up
+
+        for env in getattr(envs, "envs", []):
+            speed_up(env.unwrapped)
+    return envs
 
 
 def evaluation_per_env(agent: Any, envs: Any, num_episodes: int) -> tuple[np.ndarray, np.ndarray]:

@@ -417,6 +417,31 @@ def test_an_env_built_from_a_compiled_model_is_the_one_its_class_builds(monkeypa
     assert isinstance(fast._MODELS[next(iter(fast._MODELS))], mujoco.MjModel)
 
 
+def test_the_protocols_envs_step_fast_with_metaworlds_own_numbers(ml10):
+    """Meta-World's own vector env for its protocol steps its sub-envs the family's faster way, bit for bit."""
+    from metarl.metaworld_eval import protocol_envs
+
+    slow_family = metarl.make_family("ML10", fast=False)
+    runs = []
+    for env in (ml10[0], slow_family):
+        envs = protocol_envs(metarl.family_of(env), 5)
+        try:
+            assert all(getattr(e.unwrapped, "_metarl_fast", False) == metarl.family_of(env)._metarl_fast
+                       for e in envs.envs)
+            envs.call("sample_tasks")
+            rng = np.random.default_rng(0)
+            steps = [envs.reset(seed=0)[0]]
+            for _ in range(60):
+                obs, reward, *_ = envs.step(rng.uniform(-1, 1, (5, 4)).astype(np.float32))
+                steps.append(np.column_stack([obs, reward]))
+            runs.append(steps)
+        finally:
+            envs.close()
+    slow_family.close()
+    for a, b in zip(*runs, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_the_switch_benchmark_times_both_constructions(tmp_path):
     from metarl.provenance import check
 
