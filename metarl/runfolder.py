@@ -486,7 +486,8 @@ def record_eval_history(path: Path, summary: dict[str, Any]) -> None:
     rows = [r for r in rows if r["iteration"] < summary["iteration"]]
     rows.append({
         "iteration": summary["iteration"], "env_steps": summary["env_steps"],
-        "stages": [{k: s[k] for k in ("stage", "adapt_episodes", "mean_return", "ci95", "gain", "gain_ci95") if k in s}
+        "stages": [{k: s[k] for k in ("stage", "adapt_episodes", "mean_return", "ci95", "gain", "gain_ci95",
+                                      "success_rate", "success_ci95") if k in s}  # success: Meta-World's envs
                    for s in summary["stages"]],
     })
     atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows))

@@ -314,7 +314,13 @@ def test_summary_gain_is_paired_over_tasks(tmp_path):
     record_eval_history(path, {"iteration": 5, "env_steps": 50, **summary})
     row = read_eval_history(path)[0]
     assert row["stages"][2]["gain_ci95"] == pytest.approx(stages[2]["gain_ci95"])
-    assert "gain" not in row["stages"][0]
+    assert "gain" not in row["stages"][0] and "success_rate" not in row["stages"][0]  # this env reports none
+    # where the env reports success (Meta-World), the curve keeps its rate and interval per stage
+    success = summarize(AdaptationResult(tasks, returns, [0, 5, 10], [0.0, 50.0, 100.0],
+                                         success=np.tile([0.0, 0.5, 1.0], (4, 1))))
+    record_eval_history(path, {"iteration": 6, "env_steps": 60, **success})
+    assert [s["success_rate"] for s in read_eval_history(path)[1]["stages"]] == [0.0, 0.5, 1.0]
+    assert read_eval_history(path)[1]["stages"][1]["success_ci95"] == [0.5, 0.5]
 
 
 def test_summary_by_env_hand_computed():
