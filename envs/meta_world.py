@@ -185,8 +185,8 @@ class MetaWorldFamily(TaskFamily, gym.Env):
         fast: step through `metarl.envs._metaworld_fast.speed_up` (the default): the same observations,
             rewards and success bit for bit, about 1.8 times as many steps per second, and build the envs a
             switch needs from a model compiled once per process (`metarl.envs._metaworld_fast.construct`);
-            ``False`` runs Meta-World's own methods and constructors unchanged. Where a metaworld other than the version it was checked
-            against is installed, ``fast`` is ignored, with a warning.
+            ``False`` runs Meta-World's own methods and constructors unchanged. Where a metaworld other than
+            the version it was checked against is installed, ``fast`` is ignored, with a warning.
     """
 
     task_type = MetaWorldTask
