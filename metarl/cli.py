@@ -683,9 +683,11 @@ def _drop_cwd_from_path() -> None:
 def main(argv: list[str] | None = None) -> int:
     if argv is None:  # run as the program (the metarl script, python -m metarl.cli), not called from Python
         _drop_cwd_from_path()
+        from metarl.provenance import git_state_at_start
         from metarl.system import sleeping_openmp_threads
 
         sleeping_openmp_threads()  # before anything imports torch (a command imports it when it needs it)
+        git_state_at_start()  # the code this command runs: what its result files record, whatever is committed later
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # key=value overrides may come anywhere after the command (Hydra's and RL Zoo's users write them after the

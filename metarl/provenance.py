@@ -91,6 +91,18 @@ def git_state(source: Path = _SOURCE) -> dict[str, Any]:
     return {"commit": commit.strip(), "dirty": bool(changed), "changed": changed[:20]}
 
 
+_AT_START: dict[str, Any] | None = None
+
+
+def git_state_at_start() -> dict[str, Any]:
+    """`git_state` as this process first saw it (the ``metarl`` command asks as it starts): the code a long-running
+    process loaded, where commits made while it runs would otherwise be recorded as its code."""
+    global _AT_START
+    if _AT_START is None:
+        _AT_START = git_state()
+    return dict(_AT_START)
+
+
 @functools.lru_cache(maxsize=1)
 def _versions() -> tuple[tuple[str, str], ...]:
     found = []
@@ -213,7 +225,7 @@ class Recorder:
         self._t0 = time.perf_counter()
         self._cpu0 = _own_cpu()
         self._sys0 = _system_cpu()
-        self._static = {**git_state(), "versions": versions(), **machine()}
+        self._static = {**git_state_at_start(), "versions": versions(), **machine()}
 
     def record(self, **extra: Any) -> dict[str, Any]:
         wall = time.perf_counter() - self._t0
@@ -235,8 +247,18 @@ class Recorder:
             "others_share": None if share is None else round(share, 3),
             "steal_share": None if steal is None else round(steal, 3),
             "shared": None if share is None else bool(share > SHARED_SHARE or (steal or 0) > SHARED_SHARE),
+            **self._changed_since(),
             **extra,
         }
+
+    def _changed_since(self) -> dict[str, Any]:
+        """``{"tree_at_finish": ...}`` where the source tree's commit or changed files differ now from those
+        the process started with (code edited or committed while it ran), else nothing."""
+        now = git_state()
+        keys = ("commit", "dirty", "changed")
+        if all(now.get(k) == self._static.get(k) for k in keys):
+            return {}
+        return {"tree_at_finish": {k: now.get(k) for k in keys}}
 
 
 def check(result: Any, name: str) -> None:

@@ -71,6 +71,23 @@ def test_an_install_inside_another_checkout_has_no_commit(tmp_path):
     assert git_state(tmp_path / "nowhere") == {"commit": None, "dirty": None, "changed": []}
 
 
+def test_a_record_names_the_code_the_process_started_with_and_a_tree_changed_since(monkeypatch):
+    """A long run records the commit it loaded, not one committed while it ran; a change is named beside it."""
+    from metarl import provenance
+
+    states = iter([{"commit": "a" * 40, "dirty": False, "changed": []},
+                   {"commit": "b" * 40, "dirty": True, "changed": ["metarl/cli.py"]}])
+    monkeypatch.setattr(provenance, "_AT_START", None)
+    monkeypatch.setattr(provenance, "git_state", lambda: next(states))
+    recorder = Recorder(command="metarl train x")  # the process's first look: commit a
+    record = recorder.record()
+    assert record["commit"] == "a" * 40 and record["dirty"] is False
+    assert record["tree_at_finish"] == {"commit": "b" * 40, "dirty": True, "changed": ["metarl/cli.py"]}
+    monkeypatch.setattr(provenance, "git_state", lambda: {"commit": "a" * 40, "dirty": False, "changed": []})
+    assert "tree_at_finish" not in Recorder(command="x").record()  # unchanged: nothing added
+    assert provenance.git_state_at_start()["commit"] == "a" * 40  # later recorders too see the start
+
+
 def test_check_names_what_is_missing():
     with pytest.raises(ProvenanceError, match=r"^r\.json: no provenance record .*metarl reproduce"):
         check({"figure": 1.0}, "r.json")
