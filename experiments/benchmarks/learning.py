@@ -17,9 +17,8 @@ same command again and finished seeds are read back, a killed seed continues fro
 ``wall_time_s`` is then that of the resumed part, ``resumed: true``; ``train_time_s`` is always whole; the
 command's fields that a resume may change, such as ``sampler.workers`` or ``sampler.max_slots``, apply to it and
 may differ from the first command's), and a seed folder that holds a run of other settings is refused with the
-fields that differ, not continued. The
-file holds every seed's result and ``aggregate``: per adaptation stage and per evaluation iteration, the
-mean over seeds with a 95% t-interval across seeds (and where the env reports success, as Meta-World's do, the
+fields that differ, not continued. The file holds every seed's result and ``aggregate``: per adaptation stage
+and per evaluation iteration, the mean over seeds with a 95% t-interval across seeds (and where the env reports success, as Meta-World's do, the
 success rate per stage the same way: ``heldout_success_stages``); beside it a PNG of the per-seed curves and
 their mean.
 
