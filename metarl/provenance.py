@@ -138,10 +138,10 @@ def _cores() -> int | None:
 
 
 def _memory_gib() -> float | None:
-    try:
-        return round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
-    except (ValueError, OSError, AttributeError):
-        return None
+    from metarl.system import physical_memory
+
+    size = physical_memory()
+    return None if size is None else round(size / 2**30, 1)
 
 
 def machine() -> dict[str, Any]:

@@ -166,6 +166,14 @@ def work_threads() -> Iterator[None]:
         yield
 
 
+def physical_memory() -> int | None:
+    """This machine's physical memory in bytes (None where the OS does not say)."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
 def warn(message: str) -> None:
     """One line on stderr: something was lost, damaged or done otherwise than asked, and the command goes on."""
     print(f"metarl: warning: {message}", file=sys.stderr, flush=True)

@@ -191,10 +191,9 @@ CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limi
 def _memory_bytes() -> int | None:
     """The memory this process may use: the machine's physical memory, or the limit of its container or job
     (cgroup) where that is lower (None where the OS says neither)."""
-    try:
-        sizes = [int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))]
-    except (AttributeError, ValueError, OSError):
-        sizes = []
+    from metarl.system import physical_memory
+
+    sizes = [size for size in (physical_memory(),) if size is not None]
     for path in CGROUP_LIMITS:
         try:
             with open(path) as limit:
