@@ -246,7 +246,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             check_cli(config, split, args.metaworld_protocol, args.repeats)
         with run_lock(run_dir):
             _evaluate(run_dir, config, split, tasks, steps, episodes, video, args.repeats, args.device,
-                      args.trust_run_code, entry)
+                      args.trust_run_code, entry, reuse=args.reuse)
             if args.metaworld_protocol is not None:  # Meta-World's own protocol beside it (metarl/metaworld_eval.py)
                 from metarl.metaworld_eval import evaluate_cli
                 from metarl.runfolder import eval_dir
@@ -281,7 +281,8 @@ def eval_table(summary: dict[str, Any]) -> list[str]:
 
 
 def _evaluate(run_dir: Path, config: Any, split: str, tasks: int, steps: int, episodes: int, video: dict | None,
-              repeats: int = 1, device: str | None = None, trust_code: bool = False, entry: Any = None) -> None:
+              repeats: int = 1, device: str | None = None, trust_code: bool = False, entry: Any = None,
+              reuse: bool = False) -> None:
     import metarl.api as mrl
     from metarl import zoo
     from metarl.runfolder import check_writable, eval_dir, eval_target
@@ -295,11 +296,20 @@ def _evaluate(run_dir: Path, config: Any, split: str, tasks: int, steps: int, ep
         # the caller holds the run lock; a checkpoint older than the folder's evaluation (a fallback) writes beside it
         out = eval_target(run_dir, split, repeats, agent.iteration)
         check_writable(out)
-        print(f"evaluating {run_dir} (iteration {agent.iteration}) on {tasks} {split} tasks"
-              + (f" x {repeats} adaptations" if repeats > 1 else "")
-              + f", {steps} adaptation stages of {episodes} episodes ...", flush=True)
-        summary = evaluate_run(agent, learner.config, run_dir, split, tasks, steps, episodes, repeats=repeats, out=out,
-                               progress=lambda line: print(line, flush=True))
+        summary = same_evaluation(out / "summary.json", agent.iteration, split, tasks, steps, episodes) if reuse else None
+        if summary is not None:
+            print(f"--reuse: keeping {out}/summary.json, an evaluation of the same checkpoint (iteration "
+                  f"{agent.iteration}) with the same protocol ({tasks} {split} tasks, {steps} stages of {episodes} "
+                  "episodes)", flush=True)
+        else:
+            if reuse:
+                print(f"--reuse: {out} holds no evaluation of iteration {agent.iteration} with this protocol",
+                      flush=True)
+            print(f"evaluating {run_dir} (iteration {agent.iteration}) on {tasks} {split} tasks"
+                  + (f" x {repeats} adaptations" if repeats > 1 else "")
+                  + f", {steps} adaptation stages of {episodes} episodes ...", flush=True)
+            summary = evaluate_run(agent, learner.config, run_dir, split, tasks, steps, episodes, repeats=repeats,
+                                   out=out, progress=lambda line: print(line, flush=True))
         for line in eval_table(summary):
             print(line)
         if repeats > 1:
@@ -323,6 +333,23 @@ def _evaluate(run_dir: Path, config: Any, split: str, tasks: int, steps: int, ep
                   f"and TensorBoard (eval/{split}/video/)")
     finally:
         learner.close()
+
+
+def same_evaluation(path: Path, iteration: int, split: str, tasks: int, steps: int, episodes: int) -> dict | None:
+    """The evaluation summary at ``path`` where it measured the checkpoint at ``iteration`` on ``tasks`` tasks of
+    ``split`` with ``steps`` adaptation stages of ``episodes`` episodes (what ``metarl eval --reuse`` keeps), else
+    None (absent, unreadable or another protocol)."""
+    import json
+
+    try:
+        summary = json.loads(path.read_text())
+        stages = summary["stages"]
+        same = (summary.get("iteration") == iteration and summary.get("split") == split
+                and summary.get("num_tasks") == tasks and len(stages) == steps + 1
+                and all(s["stage"] == k and s["adapt_episodes"] == k * episodes for k, s in enumerate(stages)))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
+        return None
+    return summary if same else None
 
 
 def _video_options(args: argparse.Namespace) -> dict | None:
@@ -481,6 +508,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--video-size", default=None, metavar="WxH", help="with --video: frame size (default 320x240)")
     p.add_argument("--fps", type=int, default=None, help="with --video: frames per second (default: the env's rate, "
                    "at most 25); frames are dropped to play at about real time")
+    p.add_argument("--reuse", action="store_true", help="keep the folder's evaluation where it measured the same "
+                   "checkpoint with the same tasks, stages and episodes (e.g. to add --metaworld-protocol to a run's "
+                   "final evaluation without measuring it again); otherwise evaluate")
     p.add_argument("--metaworld-protocol", type=int, nargs="?", const=10, default=None, metavar="N",
                    help="Meta-World families: also run Meta-World's own metalearning_evaluation (N evaluations, "
                    "default 10) through an adapter, as shipped and per sub-env (Metaworld PR #577's effect); "

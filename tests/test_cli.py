@@ -93,6 +93,27 @@ def test_eval_command_writes_the_requested_split(run_dir, capsys):
     assert out.index("evaluating: batch 3") < out.index("mean return")
 
 
+def test_eval_reuse_keeps_an_evaluation_of_the_same_checkpoint_and_protocol_only(run_dir, capsys):
+    plain = (run_dir / "eval" / "test" / "summary.json").read_bytes()  # the run's final one: 3 tasks, 1 stage of 2
+    assert main(["eval", str(run_dir), "--reuse", "--tasks", "3", "--steps", "1", "--episodes", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "--reuse: keeping" in out and "(iteration 2)" in out and "evaluating: batch" not in out
+    assert "mean return" in out and (run_dir / "eval" / "test" / "summary.json").read_bytes() == plain
+    # another protocol (more stages): measured again, not kept
+    assert main(["eval", str(run_dir), "--reuse", "--tasks", "3", "--steps", "2", "--episodes", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "holds no evaluation of iteration 2 with this protocol" in out and "evaluating: batch 3" in out
+    assert len(json.loads((run_dir / "eval" / "test" / "summary.json").read_text())["stages"]) == 3
+    from metarl.cli import same_evaluation
+
+    path = run_dir / "eval" / "test" / "summary.json"
+    assert same_evaluation(path, 2, "test", 3, 2, 2) is not None
+    for args in ((1, "test", 3, 2, 2), (2, "ood", 3, 2, 2), (2, "test", 4, 2, 2), (2, "test", 3, 2, 3)):
+        assert same_evaluation(path, *args) is None, args  # another iteration, split, task count or episodes
+    assert same_evaluation(run_dir / "eval" / "absent.json", 2, "test", 3, 2, 2) is None
+    path.write_bytes(plain)  # the run's final evaluation back, for the tests below
+
+
 def test_eval_repeats_adapts_each_task_again_beside_the_plain_evaluation(run_dir, capsys):
     plain = (run_dir / "eval" / "test" / "summary.json").read_bytes()
     assert main(["eval", str(run_dir), "--repeats", "3", "--tasks", "2", "--steps", "1", "--episodes", "2"]) == 0
