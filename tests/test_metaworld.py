@@ -746,3 +746,48 @@ def test_metaworlds_protocol_agrees_with_metarls_evaluator_on_a_trained_maml(tmp
     assert main(["eval", str(run), "--tasks", "2", "--steps", "1", "--episodes", "1"]) == 0
     assert (run / "eval" / "test" / "summary.json").is_file()
     assert not (run / "eval" / "test" / "metaworld.json").exists()
+
+
+def test_learning_runs_metaworlds_protocol_on_each_seeds_final_policy(tmp_path, monkeypatch, capsys):
+    """``learning.py --seeds ... --metaworld-protocol N``: a seed finished by an earlier command without it (read
+    back from the file) and a seed trained now both get Meta-World's own evaluation of their final policy, beside
+    metarl's figure at the matching stage; the aggregate is the mean over seeds of each variant's success."""
+    import importlib.util
+    import sys
+
+    from metarl import metaworld_eval
+
+    spec = importlib.util.spec_from_file_location(
+        "learning_bench_mw", Path(__file__).parents[1] / "experiments" / "benchmarks" / "learning.py")
+    learning = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(learning)
+    monkeypatch.setattr(metaworld_eval, "PROTOCOL", {"num_evals": 10, "adaptation_steps": 1, "adaptation_episodes": 1,
+                                                     "evaluation_episodes": 1})
+    monkeypatch.setattr(metaworld_eval, "SUB_ENVS", 5)
+    config = Path(__file__).parents[1] / "experiments" / "maml_trpo" / "ml1_reach.yaml"
+    out = tmp_path / "out.json"
+    command = ["learning.py", str(config), "iterations=1", "agent.tasks_per_batch=2", "agent.episodes_per_task=1",
+               "agent.hidden=[16, 16]", "eval.every=0", "eval.tasks=2", "eval.steps=1", "eval.episodes=1",
+               "sampler.workers=0", f"run_root={tmp_path}", "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", [*command, "--seeds", "0"])
+    learning.main()
+    assert "metaworld_protocol" not in json.loads(out.read_text())["per_seed"][0]
+    monkeypatch.setattr(sys, "argv", [*command, "--seeds", "0", "1", "--metaworld-protocol", "1"])
+    learning.main()
+    result = json.loads(out.read_text())
+    assert [s["seed"] for s in result["per_seed"]] == [0, 1] and result["complete"]
+    for seed in result["per_seed"]:
+        protocol = seed["metaworld_protocol"]
+        assert protocol["protocol"]["num_evals"] == 1 and protocol["iteration"] == 1
+        assert protocol["per_env"]["n"] == 5 and protocol["shipped"]["n"] == 1
+        stage = seed["heldout"]["stages"][1]  # one gradient step on 1 episode: the protocol's matching stage
+        assert protocol["metarl"] == {"stage": 1, "success_rate": stage["success_rate"],
+                                      "success_ci95": stage["success_ci95"], "mean_return": stage["mean_return"],
+                                      "return_ci95": stage["ci95"]}
+    agg = result["aggregate"]["metaworld_protocol_success"]
+    for variant in ("shipped", "per_env", "metarl"):
+        per_seed = [s["metaworld_protocol"][variant]["success_rate"] for s in result["per_seed"]]
+        assert agg[variant]["per_seed"] == per_seed and agg[variant]["mean"] == pytest.approx(np.mean(per_seed))
+    printed = capsys.readouterr().out
+    assert "seed 0: Meta-World's own evaluation, iteration 1:" in printed
+    assert "mean of 2 seeds: Meta-World's evaluation per sub-env: success" in printed

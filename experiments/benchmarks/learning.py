@@ -29,6 +29,10 @@ per adaptation stage, the mean of the held-out curve over its last third (the ev
 ``--final-repeats R`` also evaluates each seed's final policy with R independent adaptations per held-out task,
 pooled (``metarl eval --repeats R``, into ``RUN_DIR/eval/<split>-repeats<R>/``): ``heldout_repeated`` per seed,
 ``heldout_repeated_stages`` over seeds. Seeds read back from an earlier file get it too, from their folders.
+On a Meta-World family, ``--metaworld-protocol N`` also runs Meta-World's own evaluation on each seed's final
+policy (`metarl.metaworld_eval.run_protocol`: its defaults, N evaluations of 10 sub-envs, as shipped and per
+sub-env): ``metaworld_protocol`` per seed (beside metarl's own figure at the matching stage) and, over seeds,
+``metaworld_protocol_success`` (each variant's success rate, mean with its t-interval). Read-back seeds too.
 
 ``--combine`` gathers seeds trained by separate commands (single-seed or ``--seeds`` result files) into one
 multi-seed file with the same ``aggregate`` and PNG, no training: refused, naming the field, unless every file's
@@ -137,6 +141,42 @@ def repeated_eval(run_dir: Path, repeats: int, iterations: int) -> dict[str, Any
             **({"by_task": by_task(summary)} if summary["distinct_tasks"] <= MAX_BY_TASK else {})}
 
 
+def protocol_eval(run_dir: Path, num_evals: int, iterations: int, heldout: dict[str, Any]) -> dict[str, Any]:
+    """Meta-World's own evaluation (both variants, its defaults, ``num_evals`` evaluations) of the final policy in
+    ``run_dir``, with metarl's figure at the matching stage of ``heldout`` (the seed's final evaluation); refused
+    unless the folder's newest checkpoint is that policy (iteration ``iterations``), as `repeated_eval`."""
+    import metarl.api as mrl
+    from metarl.metaworld_eval import PROTOCOL, SUB_ENVS, agree, run_protocol
+
+    if not (run_dir / "config.yaml").is_file():
+        raise SystemExit(f"--metaworld-protocol: the run folder {run_dir} of a finished seed is gone; the final "
+                         "policy cannot be evaluated")
+    with mrl.load(run_dir) as learner:
+        if learner.agent.iteration != iterations:
+            raise SystemExit(f"--metaworld-protocol: {run_dir} holds iteration {learner.agent.iteration}, not the "
+                             f"final policy of this result (iteration {iterations}); not evaluated")
+        try:
+            result = run_protocol(learner, sub_envs=SUB_ENVS, **dict(PROTOCOL, num_evals=num_evals))
+        except ValueError as exc:
+            raise SystemExit(f"--metaworld-protocol: {exc}") from None
+    stage = next((s for s in heldout["stages"] if s["stage"] == result["metarl_stage"]), None)
+    if stage is not None and "success_rate" in stage:
+        result["metarl"] = {"stage": stage["stage"], "success_rate": stage["success_rate"],
+                            "success_ci95": stage["success_ci95"], "mean_return": stage["mean_return"],
+                            "return_ci95": stage["ci95"]}
+        result["per_env_agrees_with_metarl"] = agree(result["per_env"], result["metarl"])
+    return result
+
+
+def print_protocol(name: str, result: dict[str, Any] | None) -> None:
+    if result:
+        from metarl.metaworld_eval import report_lines
+
+        print(f"{name}: Meta-World's own evaluation, iteration {result['iteration']}:")
+        for line in report_lines(result):
+            print(f"  {line}")
+
+
 MAX_BY_TASK = 10  # families with this many distinct held-out tasks or fewer get each task's own returns
 
 
@@ -179,11 +219,18 @@ def aggregate(seeds: list[dict[str, Any]]) -> dict[str, Any]:
     repeated = None
     if len(repeats) == 1 and None not in repeats:  # every seed, with one R
         repeated = by_stage([s["heldout_repeated"]["stages"] for s in seeds])
+    protocol = None  # Meta-World's own evaluation of every seed's final policy: each variant's success over seeds
+    if all("metaworld_protocol" in s for s in seeds):
+        protocol = {v: stat([s["metaworld_protocol"][v]["success_rate"] for s in seeds])
+                    for v in ("shipped", "per_env") if all(v in s["metaworld_protocol"] for s in seeds)}
+        if all("metarl" in s["metaworld_protocol"] for s in seeds):
+            protocol["metarl"] = stat([s["metaworld_protocol"]["metarl"]["success_rate"] for s in seeds])
     n_it = min(len(s["training_curve"]) for s in seeds)
     training = [{"iteration": i + 1, "pre": float(np.mean([s["training_curve"][i]["pre"] for s in seeds])),
                  "post": float(np.mean([s["training_curve"][i]["post"] for s in seeds]))} for i in range(n_it)]
     return {"seeds": [s["seed"] for s in seeds], "heldout_stages": stages,
-            **({"heldout_success_stages": success} if success else {}), "heldout_curve": curve,
+            **({"heldout_success_stages": success} if success else {}),
+            **({"metaworld_protocol_success": protocol} if protocol else {}), "heldout_curve": curve,
             "heldout_late_stages": late, "heldout_repeated_stages": repeated,
             "heldout_repeats": repeats.pop() if repeated else None, "training_curve_mean": training,
             "wall_time_s": stat([s["wall_time_s"] for s in seeds]),
@@ -244,15 +291,21 @@ def main() -> None:
     parser.add_argument("--note", default="", help="free text stored with the result (e.g. what to compare with)")
     parser.add_argument("--final-repeats", type=int, default=1, metavar="R",
                         help="also evaluate the final policy with R independent adaptations per held-out task")
+    parser.add_argument("--metaworld-protocol", type=int, default=None, metavar="N",
+                        help="Meta-World families: also run Meta-World's own evaluation (N evaluations) on each "
+                        "seed's final policy")
     parser.add_argument("--combine", nargs="+", metavar="FILE",
                         help="gather these result files' seeds (the same settings) into --out, without training")
     args = parser.parse_args()
     if args.final_repeats < 1:
         parser.error(f"--final-repeats must be >= 1, got {args.final_repeats}")
+    if args.metaworld_protocol is not None and args.metaworld_protocol < 1:
+        parser.error(f"--metaworld-protocol must be >= 1, got {args.metaworld_protocol}")
     out = Path(args.out)
     recorder = Recorder()
     if args.combine:
-        if args.config or args.overrides or args.seeds or args.resume or args.final_repeats > 1:
+        if (args.config or args.overrides or args.seeds or args.resume or args.final_repeats > 1
+                or args.metaworld_protocol is not None):
             parser.error("--combine takes result files and --out (and --note) only")
         return combine(args.combine, out, args.note, recorder)
     if args.seeds:
@@ -281,6 +334,9 @@ def main() -> None:
               "overrides": args.overrides, "note": args.note, **run_result(config, run_dir, wall)}
     if args.final_repeats > 1:
         result["heldout_repeated"] = repeated_eval(run_dir, args.final_repeats, result["iterations"])
+    if args.metaworld_protocol is not None:
+        result["metaworld_protocol"] = protocol_eval(run_dir, args.metaworld_protocol, result["iterations"],
+                                                     result["heldout"])
     result["provenance"] = recorder.record(resumed=bool(args.resume))
     if previous:  # the earlier parts of a resumed run keep their own records
         result["provenance_earlier"] = [*previous.get("provenance_earlier", []),
@@ -292,6 +348,7 @@ def main() -> None:
     print_stages(config.env, result["heldout"]["stages"])
     print_late(config.env, result["heldout_late"])
     print_repeated(config.env, result.get("heldout_repeated"))
+    print_protocol(config.env, result.get("metaworld_protocol"))
 
 
 def print_repeated(name: str, repeated: dict[str, Any] | None) -> None:
@@ -344,6 +401,12 @@ def multi_seed(args: argparse.Namespace, out: Path, recorder: Recorder) -> None:
                 entry = {**entry, "heldout_repeated": repeated_eval(Path(entry["run_dir"]), args.final_repeats,
                                                                     entry["iterations"])}
                 print_repeated(f"seed {seed}", entry["heldout_repeated"])
+            if args.metaworld_protocol is not None and entry.get("metaworld_protocol", {}).get(
+                    "protocol", {}).get("num_evals") != args.metaworld_protocol:
+                entry = {**entry, "metaworld_protocol": protocol_eval(Path(entry["run_dir"]), args.metaworld_protocol,
+                                                                      entry["iterations"], entry["heldout"])}
+                print_protocol(f"seed {seed}", entry["metaworld_protocol"])
+                write_multi(out, args, config, [*per_seed, entry], recorder, complete=False)
             per_seed.append(entry)
             continue
         run_dir = Path(config.run_root) / config.experiment / f"learning-seed{seed}"
@@ -363,10 +426,14 @@ def multi_seed(args: argparse.Namespace, out: Path, recorder: Recorder) -> None:
         per_seed.append({**run_result(config, run_dir, time.perf_counter() - start), "resumed": resume})
         if args.final_repeats > 1:  # after the wall time: an evaluation, not training
             per_seed[-1]["heldout_repeated"] = repeated_eval(run_dir, args.final_repeats, per_seed[-1]["iterations"])
+        if args.metaworld_protocol is not None:
+            per_seed[-1]["metaworld_protocol"] = protocol_eval(run_dir, args.metaworld_protocol,
+                                                               per_seed[-1]["iterations"], per_seed[-1]["heldout"])
         per_seed[-1]["provenance"] = seed_recorder.record(resumed=resume)
         print_stages(f"seed {seed}", per_seed[-1]["heldout"]["stages"])
         print_late(f"seed {seed}", per_seed[-1]["heldout_late"])
         print_repeated(f"seed {seed}", per_seed[-1].get("heldout_repeated"))
+        print_protocol(f"seed {seed}", per_seed[-1].get("metaworld_protocol"))
         write_multi(out, args, config, per_seed, recorder, complete=False)
     print_aggregate(write_multi(out, args, config, per_seed, recorder, complete=True))
 
@@ -424,6 +491,11 @@ def print_aggregate(agg: dict[str, Any]) -> None:
             f"{s['mean']:.1%} [{s['ci95'][0]:.1%}, {s['ci95'][1]:.1%}]" for s in agg["heldout_success_stages"]))
     if agg["heldout_late_stages"]:
         print_stages(f"mean of {n} seeds, held-out curve's last third", agg["heldout_late_stages"], key="mean")
+    names = {"shipped": "Meta-World's evaluation as shipped", "per_env": "Meta-World's evaluation per sub-env",
+             "metarl": "metarl's evaluator at the same stage"}
+    for variant, figure in agg.get("metaworld_protocol_success", {}).items():
+        print(f"mean of {n} seeds: {names[variant]}: success {figure['mean']:.1%} "
+              f"[{figure['ci95'][0]:.1%}, {figure['ci95'][1]:.1%}]")
     if agg["heldout_repeated_stages"]:
         print_stages(f"mean of {n} seeds, final policy, {agg['heldout_repeats']} adaptations per task",
                      agg["heldout_repeated_stages"], key="mean")
