@@ -185,6 +185,24 @@ def test_a_call_that_cannot_be_placed_times_out_instead_of_hanging(cluster):
             s.sample(_actor(obs_dim, act_dim), tasks, 2, seed=5)
 
 
+def test_an_actors_default_slot_bound_counts_the_actors_its_cores_fit(cluster, monkeypatch):
+    """A family that declares large envs is bounded per actor as if its node were this machine holding as many
+    actors as its cores fit at cpus_per_actor each: two CPUs an actor, half as many actors, twice the slots."""
+    from metarl.sampling import default_max_slots
+
+    env_id, kwargs, _, _ = CASES["gymnasium"]
+    with Sampler(env_id, kwargs, workers=0) as local:
+        family = type(local.family)
+    monkeypatch.setattr(family, "slot_memory_mb", 45.0)
+    cores = os.cpu_count() or 1
+    for cpus_per_actor in (1.0, 2.0):
+        with make_sampler(env_id, kwargs, "gymnasium", workers=1, placement="ray",
+                          cpus_per_actor=cpus_per_actor, timeout=30) as s:
+            assert s.max_slots == default_max_slots(s.family, max(1, int(cores // cpus_per_actor)))
+    if cores >= 2:
+        assert default_max_slots(s.family, cores // 2) > default_max_slots(s.family, cores)
+
+
 def _train(tmp_path: Path, name: str, *flags: str) -> list[dict]:
     from metarl.cli import main
 

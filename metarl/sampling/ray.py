@@ -140,8 +140,9 @@ class RaySampler(Sampler):
         if timeout <= 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
         super().__init__(env_id, env_kwargs, 1 if workers is None else workers, backend=backend, max_slots=max_slots)
-        if max_slots is None:  # an actor's share of memory, as if its node were this machine with an actor per core
-            self.max_slots = default_max_slots(self.family, os.cpu_count() or 1)
+        if max_slots is None:  # an actor's share of memory, as if its node were this machine holding as many
+            # actors as its cores fit at cpus_per_actor each
+            self.max_slots = default_max_slots(self.family, max(1, int((os.cpu_count() or 1) // cpus_per_actor)))
         from metarl.plugins import loaded
 
         module = _registering_module(env_id)  # the user's modules travel with the job (runtime_env)
