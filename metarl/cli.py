@@ -618,7 +618,12 @@ def _cmd_zoo(args: argparse.Namespace) -> int:
             print(f"  evaluation: {e.get('tasks')} {e.get('split')} tasks, {e.get('steps')} adaptation stages of "
                   f"{e.get('episodes')} episodes, {e.get('repeats', 1)} adaptation(s) per task")
             for s in e.get("stages", []):
-                print(f"    stage {s['stage']}: {s['mean_return']:.2f} [{s['ci95'][0]:.2f}, {s['ci95'][1]:.2f}]")
+                print(f"    stage {s['stage']}: {s['mean_return']:.2f} [{s['ci95'][0]:.2f}, {s['ci95'][1]:.2f}]"
+                      + (f"; success {s['success_rate']:.1%} [{s['success_ci95'][0]:.1%}, {s['success_ci95'][1]:.1%}]"
+                         if "success_rate" in s else ""))
+            if entry.requires:
+                print(f"  needs the {', '.join(entry.requires)} extra: {metarl.install_hint(entry.requires[0])}"
+                      + (" (not installed here)" if entry.missing() else ""))
             print(f"  result: {m.get('result') or '(its own run)'}")
             print(f"  trained by: {m.get('trained_by')}")
             commit = (m.get("provenance") or {}).get("commit")
@@ -630,7 +635,8 @@ def _cmd_zoo(args: argparse.Namespace) -> int:
             print("the zoo is empty (a broken install? reinstall metarl)")
             return 1
         for entry in found:
-            print(f"{entry.name:28s} {entry.family:16s} {entry.headline()}")
+            needs = f" [needs the {', '.join(entry.missing())} extra]" if entry.missing() else ""
+            print(f"{entry.name:28s} {entry.family:16s} {entry.headline()}{needs}")
         print("show one: metarl zoo NAME; evaluate: metarl eval zoo:NAME; in Python: metarl.api.load('zoo:NAME')")
         return 0
     except ConfigError as exc:  # zoo.ZooError included

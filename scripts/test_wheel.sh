@@ -96,13 +96,15 @@ from metarl import zoo
 
 names = zoo.names()
 assert len(names) >= 6 and all("site-packages" in str(zoo.find("zoo:" + n).folder) for n in names), names
-for name in names:
+runnable = [n for n in names if not zoo.find("zoo:" + n).missing()]  # an entry of an extra not installed here: skipped
+assert len(runnable) >= 6, runnable
+for name in runnable:
     with mrl.load(f"zoo:{name}") as learner:
         env = metarl.make_family(learner.config.env, **learner.config.env_kwargs)
         policy = learner.adapt(env, steps=1, episodes=1, horizon=5)
         obs, _ = env.reset(seed=0)
         assert np.isfinite(policy.predict(obs, deterministic=True)).all(), name
         env.close()
-print(f"[wheel] {len(names)} zoo entries load and adapt")
+print(f"[wheel] {len(runnable)} zoo entries load and adapt ({len(names) - len(runnable)} need an extra not installed here)")
 EOF
 step "passed"

@@ -791,3 +791,32 @@ def test_learning_runs_metaworlds_protocol_on_each_seeds_final_policy(tmp_path, 
     printed = capsys.readouterr().out
     assert "seed 0: Meta-World's own evaluation, iteration 1:" in printed
     assert "mean of 2 seeds: Meta-World's evaluation per sub-env: success" in printed
+
+
+def test_the_ml10_zoo_entry_records_success_and_adapts_on_a_held_out_env(capsys):
+    """The shipped MAML-TRPO ML10 entry (seed 2 of the 10M-step headline): it records success beside return, loads
+    with the extra, and adapts on one held-out ML10 task (a short episode; `zoo_check.py` re-measures the figure)."""
+    import metarl
+    import metarl.api as mrl
+    from metarl import zoo
+    from metarl.cli import main
+
+    entry = zoo.find("zoo:maml_trpo/ml10")
+    assert entry.requires == ["metaworld"] and entry.missing() == []
+    stages = entry.evaluation["stages"]
+    assert [s["stage"] for s in stages] == [0, 1] and entry.evaluation["tasks"] == 50
+    assert all(s["success_ci95"][0] <= s["success_rate"] <= s["success_ci95"][1] for s in stages)
+    assert (Path(__file__).parents[1] / entry.meta["result"]).is_file()
+    with mrl.load("zoo:maml_trpo/ml10") as learner:
+        assert learner.agent.iteration == 50 and learner.agent.env_steps == 10_000_000
+        family = metarl.make_family("ML10")
+        task = metarl.family_of(family).sample_tasks(1, "test", seed=0)[0]
+        metarl.family_of(family).set_task(task)
+        policy = learner.adapt(family, steps=1, episodes=1, horizon=20)
+        obs, _ = family.reset(seed=0)
+        action = policy.predict(obs, deterministic=True)
+        assert action.shape == (4,) and np.isfinite(action).all()
+        family.close()
+    assert main(["zoo", "maml_trpo/ml10"]) == 0
+    out = capsys.readouterr().out
+    assert "success 17.4%" in out and "needs the metaworld extra" in out and "not installed" not in out

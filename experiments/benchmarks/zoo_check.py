@@ -4,8 +4,9 @@
 
 Each entry is evaluated as ``metarl eval zoo:NAME`` does (its recorded split, tasks, stages, episodes and
 adaptations per task; the evaluation seeds follow from its config), into a temporary folder. Per entry the
-file holds the recorded and the measured mean return of every stage, whether each measured mean lies inside
-the recorded 95% interval, the largest difference, and the wall time of the evaluation.
+file holds the recorded and the measured mean return of every stage (and success rate, where the entry records
+one), whether each measured figure lies inside the recorded 95% interval, the largest difference, and the wall
+time of the evaluation. An entry whose extra is not installed (the Meta-World one) is skipped with a line.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import metarl
 import metarl.api as mrl
 from metarl import zoo
 from metarl.provenance import Recorder, write_result
@@ -40,6 +42,9 @@ def check(entry: zoo.Entry, folder: Path) -> dict:
         "recorded": recorded, "recorded_ci95": [s["ci95"] for s in e["stages"]], "measured": measured,
         "measured_ci95": [s["ci95"] for s in summary["stages"]], "inside": inside,
         "max_abs_difference": max(abs(a - b) for a, b in zip(measured, recorded, strict=True)),
+        **({"recorded_success": [s["success_rate"] for s in e["stages"]],
+            "measured_success": [s["success_rate"] for s in summary["stages"]]}
+           if all("success_rate" in s for s in e["stages"]) else {}),
         "eval_wall_s": round(wall, 1), "lines": lines}
 
 
@@ -50,6 +55,10 @@ def main() -> None:
     args = parser.parse_args()
     recorder = Recorder()
     entries = [zoo.find(zoo.PREFIX + n) for n in args.only] if args.only else zoo.entries()
+    for entry in [e for e in entries if e.missing()]:
+        print(f"{entry.name:28s} skipped: needs the {', '.join(entry.missing())} extra "
+              f"({metarl.install_hint(entry.missing()[0])})")
+    entries = [e for e in entries if not e.missing()]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for entry in entries:

@@ -69,6 +69,17 @@ class Entry:
     def shipped(self) -> bool:
         return self.folder.resolve().is_relative_to(ROOT)
 
+    @property
+    def requires(self) -> list[str]:
+        """The extras its family needs beyond the base install (e.g. ``["metaworld"]``)."""
+        return list(self.meta.get("requires") or [])
+
+    def missing(self) -> list[str]:
+        """The extras of `requires` that are not installed here."""
+        import importlib.util
+
+        return [extra for extra in self.requires if importlib.util.find_spec(extra) is None]
+
     def where(self) -> str:
         return f"zoo entry {self.name!r}" + ("" if self.shipped else f" ({self.folder})")
 
@@ -86,8 +97,10 @@ class Entry:
         last = stages[min(1, len(stages) - 1)]  # after one adaptation stage
         lo, hi = last["ci95"]
         what = f"{e.get('tasks')} {e.get('split')} tasks" + (f" x {e['repeats']}" if e.get("repeats", 1) > 1 else "")
+        success = ("; success " + " -> ".join(f"{s['success_rate']:.1%}" for s in stages)
+                   if all("success_rate" in s for s in stages) else "")
         return (f"stages {' -> '.join(parts)} (stage {last['stage']}: {last['mean_return']:.1f} "
-                f"[{lo:.1f}, {hi:.1f}]) on {what}")
+                f"[{lo:.1f}, {hi:.1f}]){success} on {what}")
 
 
 def _read_meta(folder: Path, name: str | None) -> Entry:
@@ -247,7 +260,17 @@ def evaluation_record(summary: dict[str, Any], config: RunConfig) -> dict[str, A
             "steps": len(summary["stages"]) - 1, "episodes": config.eval.episodes,
             "repeats": int(summary.get("repeats", 1)), "horizon": summary.get("horizon"),
             "stages": [{"stage": s["stage"], "adapt_episodes": s.get("adapt_episodes"),
-                        "mean_return": s["mean_return"], "ci95": list(s["ci95"])} for s in summary["stages"]]}
+                        "mean_return": s["mean_return"], "ci95": list(s["ci95"]),
+                        **({"success_rate": s["success_rate"], "success_ci95": list(s["success_ci95"])}
+                           if "success_rate" in s else {})} for s in summary["stages"]]}
+
+
+def required_extras(env: str) -> list[str]:
+    """The extras a run's env needs beyond the base install: ``["metaworld"]`` for the Meta-World families."""
+    import metarl
+    from metarl.envs.meta_world import family_ids
+
+    return ["metaworld"] if metarl.resolve_id(str(env)) in family_ids().values() else []
 
 
 def export(run_dir: str | Path, name: str, to: str | Path, summary: str | Path | None = None,
@@ -292,7 +315,8 @@ def export(run_dir: str | Path, name: str, to: str | Path, summary: str | Path |
     torch.save({"format": FORMAT, "agent": config.agent_name, "state": policy}, tmp / "policy.pt")
     (tmp / "config.yaml").write_text(yaml_dump(config.to_dict()))
     meta = {"format": FORMAT, "name": name, "agent": config.agent_name, "family": record.get("family", config.env),
-            "env": config.env, "description": description, "iteration": agent.iteration,
+            "env": config.env, "requires": required_extras(config.env), "description": description,
+            "iteration": agent.iteration,
             "env_steps": agent.env_steps, "evaluation": evaluation_record(record, config), "result": result,
             "trained_by": trained_by or provenance.get("command"), "provenance": provenance, "metarl": __version__,
             "policy_sha256": _sha256(tmp / "policy.pt"), "policy_bytes": (tmp / "policy.pt").stat().st_size}
@@ -319,6 +343,12 @@ def reproduction(entry: Entry, summary: dict[str, Any]) -> tuple[bool | None, li
         ok &= inside
         lines.append(f"stage {got['stage']}: {got['mean_return']:.2f} (recorded {want['mean_return']:.2f} "
                      f"[{lo:.2f}, {hi:.2f}]) {'inside' if inside else 'OUTSIDE'}")
+        if "success_rate" in want and "success_rate" in got:
+            lo, hi = want["success_ci95"]
+            inside = lo <= got["success_rate"] <= hi
+            ok &= inside
+            lines.append(f"stage {got['stage']} success: {got['success_rate']:.1%} (recorded "
+                         f"{want['success_rate']:.1%} [{lo:.1%}, {hi:.1%}]) {'inside' if inside else 'OUTSIDE'}")
     return ok, lines
 
 
@@ -334,10 +364,15 @@ def table(found: list[Entry] | None = None) -> str:
         stages = e["stages"]
         one = stages[min(1, len(stages) - 1)]
         protocol = (f"{e['tasks']} {e['split']} tasks" + (f" × {e['repeats']} adaptations" if e.get("repeats", 1) > 1
-                                                           else "") + f", {e['steps']} stages of {e['episodes']} episodes")
-        rows.append(f"| `{entry.name}` | {entry.family} | {m['iteration']} iterations, {m['env_steps'] / 1e6:.1f}M env "
-                    f"steps | {protocol} | {stages[0]['mean_return']:.1f} | {one['mean_return']:.1f} "
-                    f"[{one['ci95'][0]:.1f}, {one['ci95'][1]:.1f}] | `{m.get('result') or '–'}` |")
+                                                           else "") + f", {e['steps']} stage{'s' if e['steps'] != 1 else ''} of {e['episodes']} episodes")
+        def success(stage: dict[str, Any]) -> str:
+            return f" (success {stage['success_rate']:.1%})" if "success_rate" in stage else ""
+
+        family = entry.family + "".join(f" (`{extra}` extra)" for extra in entry.requires)
+        rows.append(f"| `{entry.name}` | {family} | {m['iteration']} iterations, {m['env_steps'] / 1e6:.1f}M env "
+                    f"steps | {protocol} | {stages[0]['mean_return']:.1f}{success(stages[0])} | "
+                    f"{one['mean_return']:.1f} [{one['ci95'][0]:.1f}, {one['ci95'][1]:.1f}]{success(one)} | "
+                    f"`{m.get('result') or '–'}` |")
     return "\n".join(rows) + "\n"
 
 
