@@ -820,3 +820,26 @@ def test_the_ml10_zoo_entry_records_success_and_adapts_on_a_held_out_env(capsys)
     assert main(["zoo", "maml_trpo/ml10"]) == 0
     out = capsys.readouterr().out
     assert "success 17.4%" in out and "needs the metaworld extra" in out and "not installed" not in out
+
+
+def test_the_rl2_ml1_reach_zoo_entry_adapts_inside_one_trial():
+    """The shipped RL² ML1 reach entry (the README's row: success 62% in a trial's first episode, 74% in its second):
+    its recorded success grows from the first episode to the second; it loads and acts on a held-out goal, its
+    hidden state carried from one episode to the next."""
+    import metarl
+    import metarl.api as mrl
+    from metarl import zoo
+
+    entry = zoo.find("zoo:rl2/ml1_reach")
+    stages = entry.evaluation["stages"]
+    assert entry.requires == ["metaworld"] and len(stages) == 13
+    assert (stages[0]["success_rate"], stages[1]["success_rate"]) == (0.62, 0.74)
+    with mrl.load("zoo:rl2/ml1_reach") as learner:
+        env = metarl.make_family("ML1-reach-v3")
+        family = metarl.family_of(env)
+        family.set_task(family.sample_tasks(1, "test", seed=0)[0])
+        policy = learner.adapt(env, steps=1, episodes=1, horizon=20)
+        obs, _ = env.reset(seed=0)
+        action = policy.predict(obs, deterministic=True)
+        assert action.shape == (4,) and np.isfinite(action).all()
+        env.close()

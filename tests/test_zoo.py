@@ -51,7 +51,7 @@ def test_the_shipped_zoo_has_each_agent_on_point_nav_and_on_a_locomotion_family(
         assert "PointNav2D" in by_agent.get(agent, set()), (agent, by_agent)
         assert by_agent[agent] & {"HalfCheetahVel", "HalfCheetahDir", "AntDir"}, (agent, by_agent)
     assert len(SHIPPED) >= 6
-    assert [e.name for e in zoo.entries() if e.requires] == ["maml_trpo/ml10"]  # the Meta-World headline
+    assert [e.name for e in zoo.entries() if e.requires] == ["maml_trpo/ml10", "rl2/ml1_reach"]  # Meta-World's
     assert zoo.find("zoo:maml_trpo/ml10").requires == ["metaworld"]
 
 

@@ -364,7 +364,8 @@ def table(found: list[Entry] | None = None) -> str:
         stages = e["stages"]
         one = stages[min(1, len(stages) - 1)]
         protocol = (f"{e['tasks']} {e['split']} tasks" + (f" × {e['repeats']} adaptations" if e.get("repeats", 1) > 1
-                                                           else "") + f", {e['steps']} stage{'s' if e['steps'] != 1 else ''} of {e['episodes']} episodes")
+                                                           else "") + f", {e['steps']} stage{'s' if e['steps'] != 1 else ''} of {e['episodes']} "
+                                                           f"episode{'s' if e['episodes'] != 1 else ''}")
         def success(stage: dict[str, Any]) -> str:
             return f" (success {stage['success_rate']:.1%})" if "success_rate" in stage else ""
 
