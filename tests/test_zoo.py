@@ -55,6 +55,20 @@ def test_the_shipped_zoo_has_each_agent_on_point_nav_and_on_a_locomotion_family(
     assert zoo.find("zoo:maml_trpo/ml10").requires == ["metaworld"]
 
 
+def test_an_entry_whose_extra_is_missing_is_marked_and_one_clear_line(capsys):
+    import importlib.util
+
+    if importlib.util.find_spec("metaworld") is not None:
+        pytest.skip("the metaworld extra is installed here (tests/test_metaworld.py runs its entries)")
+    assert zoo.find("zoo:maml_trpo/ml10").missing() == ["metaworld"]
+    assert main(["zoo"]) == 0
+    listed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("maml_trpo/ml10")]
+    assert len(listed) == 1 and listed[0].endswith("[needs the metaworld extra]")
+    assert main(["eval", "zoo:maml_trpo/ml10"]) == 2
+    err = capsys.readouterr().err
+    assert "'ML10' is a Meta-World family: install the extra" in err and err.count("\n") == 1, err
+
+
 @pytest.mark.parametrize("name", SHIPPED)
 def test_every_shipped_entry_records_its_result_and_adapts_on_an_env_of_its_family(name):
     entry = zoo.find(f"zoo:{name}")

@@ -316,8 +316,7 @@ def export(run_dir: str | Path, name: str, to: str | Path, summary: str | Path |
     (tmp / "config.yaml").write_text(yaml_dump(config.to_dict()))
     meta = {"format": FORMAT, "name": name, "agent": config.agent_name, "family": record.get("family", config.env),
             "env": config.env, "requires": required_extras(config.env), "description": description,
-            "iteration": agent.iteration,
-            "env_steps": agent.env_steps, "evaluation": evaluation_record(record, config), "result": result,
+            "iteration": agent.iteration, "env_steps": agent.env_steps, "evaluation": evaluation_record(record, config), "result": result,
             "trained_by": trained_by or provenance.get("command"), "provenance": provenance, "metarl": __version__,
             "policy_sha256": _sha256(tmp / "policy.pt"), "policy_bytes": (tmp / "policy.pt").stat().st_size}
     atomic_write(tmp / "entry.json", json.dumps(meta, indent=1) + "\n")
@@ -359,16 +358,19 @@ def table(found: list[Entry] | None = None) -> str:
     """The markdown table of the shipped entries (docs/zoo.md holds it between TABLE_START and TABLE_END)."""
     rows = ["| entry | family | trained for | recorded evaluation | before | after one stage [95% CI] | result |",
             "|---|---|---|---|---|---|---|"]
+    def plural(n: int, word: str) -> str:
+        return f"{n} {word}{'s' if n != 1 else ''}"
+
+    def success(stage: dict[str, Any]) -> str:
+        return f" (success {stage['success_rate']:.1%})" if "success_rate" in stage else ""
+
     for entry in entries() if found is None else found:
         m, e = entry.meta, entry.evaluation
         stages = e["stages"]
         one = stages[min(1, len(stages) - 1)]
         protocol = (f"{e['tasks']} {e['split']} tasks" + (f" × {e['repeats']} adaptations" if e.get("repeats", 1) > 1
-                                                           else "") + f", {e['steps']} stage{'s' if e['steps'] != 1 else ''} of {e['episodes']} "
-                                                           f"episode{'s' if e['episodes'] != 1 else ''}")
-        def success(stage: dict[str, Any]) -> str:
-            return f" (success {stage['success_rate']:.1%})" if "success_rate" in stage else ""
-
+                                                           else "")
+                    + f", {plural(e['steps'], 'stage')} of {plural(e['episodes'], 'episode')}")
         family = entry.family + "".join(f" (`{extra}` extra)" for extra in entry.requires)
         rows.append(f"| `{entry.name}` | {family} | {m['iteration']} iterations, {m['env_steps'] / 1e6:.1f}M env "
                     f"steps | {protocol} | {stages[0]['mean_return']:.1f}{success(stages[0])} | "
