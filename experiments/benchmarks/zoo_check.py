@@ -6,7 +6,7 @@ Each entry is evaluated as ``metarl eval zoo:NAME`` does (its recorded split, ta
 adaptations per task; the evaluation seeds follow from its config), into a temporary folder. Per entry the
 file holds the recorded and the measured mean return of every stage (and success rate, where the entry records
 one), whether each measured figure lies inside the recorded 95% interval, the largest difference, and the wall
-time of the evaluation. An entry whose extra is not installed (the Meta-World one) is skipped with a line.
+time of the evaluation. An entry whose extra is not installed (the Meta-World ones) is skipped with a line.
 """
 
 from __future__ import annotations
