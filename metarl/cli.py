@@ -296,7 +296,8 @@ def _evaluate(run_dir: Path, config: Any, split: str, tasks: int, steps: int, ep
         # the caller holds the run lock; a checkpoint older than the folder's evaluation (a fallback) writes beside it
         out = eval_target(run_dir, split, repeats, agent.iteration)
         check_writable(out)
-        summary = same_evaluation(out / "summary.json", agent.iteration, split, tasks, steps, episodes) if reuse else None
+        summary = (same_evaluation(out / "summary.json", agent.iteration, split, tasks, steps, episodes, repeats)
+                   if reuse else None)
         if summary is not None:
             print(f"--reuse: keeping {out}/summary.json, an evaluation of the same checkpoint (iteration "
                   f"{agent.iteration}) with the same protocol ({tasks} {split} tasks, {steps} stages of {episodes} "
@@ -335,17 +336,19 @@ def _evaluate(run_dir: Path, config: Any, split: str, tasks: int, steps: int, ep
         learner.close()
 
 
-def same_evaluation(path: Path, iteration: int, split: str, tasks: int, steps: int, episodes: int) -> dict | None:
+def same_evaluation(path: Path, iteration: int, split: str, tasks: int, steps: int, episodes: int,
+                    repeats: int = 1) -> dict | None:
     """The evaluation summary at ``path`` where it measured the checkpoint at ``iteration`` on ``tasks`` tasks of
-    ``split`` with ``steps`` adaptation stages of ``episodes`` episodes (what ``metarl eval --reuse`` keeps), else
-    None (absent, unreadable or another protocol)."""
+    ``split`` with ``steps`` adaptation stages of ``episodes`` episodes, ``repeats`` adaptations per task (what
+    ``metarl eval --reuse`` keeps), else None (absent, unreadable or another protocol)."""
     import json
 
     try:
         summary = json.loads(path.read_text())
         stages = summary["stages"]
         same = (summary.get("iteration") == iteration and summary.get("split") == split
-                and summary.get("num_tasks") == tasks and len(stages) == steps + 1
+                and summary.get("distinct_tasks", summary.get("num_tasks")) == tasks
+                and int(summary.get("repeats", 1)) == repeats and len(stages) == steps + 1
                 and all(s["stage"] == k and s["adapt_episodes"] == k * episodes for k, s in enumerate(stages)))
     except (OSError, ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
         return None

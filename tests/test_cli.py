@@ -111,6 +111,7 @@ def test_eval_reuse_keeps_an_evaluation_of_the_same_checkpoint_and_protocol_only
     for args in ((1, "test", 3, 2, 2), (2, "ood", 3, 2, 2), (2, "test", 4, 2, 2), (2, "test", 3, 2, 3)):
         assert same_evaluation(path, *args) is None, args  # another iteration, split, task count or episodes
     assert same_evaluation(run_dir / "eval" / "absent.json", 2, "test", 3, 2, 2) is None
+    assert same_evaluation(path, 2, "test", 3, 2, 2, repeats=2) is None  # one adaptation per task, not two
     path.write_bytes(plain)  # the run's final evaluation back, for the tests below
 
 
@@ -128,6 +129,11 @@ def test_eval_repeats_adapts_each_task_again_beside_the_plain_evaluation(run_dir
     assert pooled["stages"][1]["ci95"] == pytest.approx(list(stratified_bootstrap_ci(returns, [0, 1] * 3, seed=1)))
     assert (run_dir / "eval" / "test" / "summary.json").read_bytes() == plain  # the run's own evaluation stays
     assert "3 independent adaptations on each of 2 tasks" in capsys.readouterr().out
+    kept = (run_dir / "eval" / "test-repeats3" / "summary.json").read_bytes()  # --reuse: pooled ones too
+    assert main(["eval", str(run_dir), "--repeats", "3", "--tasks", "2", "--steps", "1", "--episodes", "2",
+                 "--reuse"]) == 0
+    assert "--reuse: keeping" in capsys.readouterr().out
+    assert (run_dir / "eval" / "test-repeats3" / "summary.json").read_bytes() == kept
     for bad, message in ((["--repeats", "0"], "--repeats must be >= 1, got 0"),
                          (["--repeats", "2", "--video"], "leave out --repeats")):
         assert main(["eval", str(run_dir), *bad]) == 2
