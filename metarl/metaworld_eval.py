@@ -323,6 +323,19 @@ def agree(a: dict[str, Any], b: dict[str, Any]) -> dict[str, bool]:
     return out
 
 
+def beside_metarl(result: dict[str, Any], stages: list[dict[str, Any]], source: str | None = None) -> dict[str, Any]:
+    """``result`` (of `run_protocol`) with metarl's evaluator's figure at the matching stage of ``stages`` (an
+    evaluation summary's) under ``metarl`` and whether the per-env variant agrees with it, where that stage exists
+    and reports success; returned for convenience."""
+    stage = next((s for s in stages if s["stage"] == result["metarl_stage"]), None)
+    if stage is not None and "success_rate" in stage:
+        result["metarl"] = {"stage": stage["stage"], "success_rate": stage["success_rate"],
+                            "success_ci95": stage["success_ci95"], "mean_return": stage["mean_return"],
+                            "return_ci95": stage["ci95"], **({"source": source} if source else {})}
+        result["per_env_agrees_with_metarl"] = agree(result["per_env"], result["metarl"])
+    return result
+
+
 def check_cli(config: Any, split: str, num_evals: int, repeats: int) -> None:
     """ConfigError in one line, before any evaluation runs, if ``--metaworld-protocol N`` cannot run on this run."""
     import metarl
@@ -367,15 +380,8 @@ def evaluate_cli(run_dir: Path, out: Path, num_evals: int, device: str | None = 
     finally:
         learner.close()
     summary_path = out / "summary.json"
-    stage = None
     if summary_path.is_file():
-        stages = json.loads(summary_path.read_text()).get("stages", [])
-        stage = next((s for s in stages if s["stage"] == result["metarl_stage"]), None)
-    if stage is not None and "success_rate" in stage:
-        result["metarl"] = {"stage": stage["stage"], "success_rate": stage["success_rate"],
-                            "success_ci95": stage["success_ci95"], "mean_return": stage["mean_return"],
-                            "return_ci95": stage["ci95"], "source": str(summary_path)}
-        result["per_env_agrees_with_metarl"] = agree(result["per_env"], result["metarl"])
+        beside_metarl(result, json.loads(summary_path.read_text()).get("stages", []), source=str(summary_path))
     path = write_result(out / "metaworld.json", result, recorder)
     for line in report_lines(result):
         print(line)

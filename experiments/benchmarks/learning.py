@@ -48,8 +48,10 @@ from metarl.system import sleeping_openmp_threads
 sleeping_openmp_threads()  # a program: PyTorch's threads sleep while they wait (set before torch loads)
 
 import argparse
+import contextlib
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -119,20 +121,30 @@ def run_result(config: RunConfig, run_dir: Path, wall: float) -> dict[str, Any]:
     }
 
 
+@contextlib.contextmanager
+def final_policy(run_dir: Path, iterations: int, flag: str) -> Iterator[Any]:
+    """The `metarl.api.MetaLearner` of the run folder's newest checkpoint, for ``flag``'s evaluation of a seed's final
+    policy. Refused (SystemExit naming ``flag``) unless that checkpoint is the result's final policy (iteration
+    ``iterations``): a folder gone, extended since, or fallen back to its previous checkpoint is not what the
+    result describes."""
+    import metarl.api as mrl
+
+    if not (run_dir / "config.yaml").is_file():
+        raise SystemExit(f"{flag}: the run folder {run_dir} of a finished seed is gone (or the path is relative to "
+                         "another directory); the final policy cannot be evaluated again")
+    with mrl.load(run_dir) as learner:
+        if learner.agent.iteration != iterations:
+            raise SystemExit(f"{flag}: {run_dir} holds iteration {learner.agent.iteration}, not the final policy of "
+                             f"this result (iteration {iterations}); not evaluated")
+        yield learner
+
+
 def repeated_eval(run_dir: Path, repeats: int, iterations: int) -> dict[str, Any]:
     """The final policy's held-out evaluation with ``repeats`` independent adaptations per task (the run's
     eval settings otherwise), as the result files store it. Refused unless the folder's newest checkpoint
     is the result's final policy (iteration ``iterations``): a folder extended since, or fallen back to
     its previous checkpoint, is not what the result describes."""
-    import metarl.api as mrl
-
-    if not (run_dir / "config.yaml").is_file():
-        raise SystemExit(f"--final-repeats: the run folder {run_dir} of a finished seed is gone (or the path is "
-                         "relative to another directory); the final policy cannot be evaluated again")
-    with mrl.load(run_dir) as learner:
-        if learner.agent.iteration != iterations:
-            raise SystemExit(f"--final-repeats: {run_dir} holds iteration {learner.agent.iteration}, not the "
-                             f"final policy of this result (iteration {iterations}); not evaluated")
+    with final_policy(run_dir, iterations, "--final-repeats") as learner:
         summary = learner.evaluate(repeats=repeats)
     keep = ("stage", "adapt_episodes", "mean_return", "ci95", "gain", "gain_ci95", "success_rate", "success_ci95")
     return {"repeats": repeats, "distinct_tasks": summary["distinct_tasks"], "num_tasks": summary["num_tasks"],
@@ -145,27 +157,14 @@ def protocol_eval(run_dir: Path, num_evals: int, iterations: int, heldout: dict[
     """Meta-World's own evaluation (both variants, its defaults, ``num_evals`` evaluations) of the final policy in
     ``run_dir``, with metarl's figure at the matching stage of ``heldout`` (the seed's final evaluation); refused
     unless the folder's newest checkpoint is that policy (iteration ``iterations``), as `repeated_eval`."""
-    import metarl.api as mrl
-    from metarl.metaworld_eval import PROTOCOL, SUB_ENVS, agree, run_protocol
+    from metarl.metaworld_eval import PROTOCOL, SUB_ENVS, beside_metarl, run_protocol
 
-    if not (run_dir / "config.yaml").is_file():
-        raise SystemExit(f"--metaworld-protocol: the run folder {run_dir} of a finished seed is gone; the final "
-                         "policy cannot be evaluated")
-    with mrl.load(run_dir) as learner:
-        if learner.agent.iteration != iterations:
-            raise SystemExit(f"--metaworld-protocol: {run_dir} holds iteration {learner.agent.iteration}, not the "
-                             f"final policy of this result (iteration {iterations}); not evaluated")
+    with final_policy(run_dir, iterations, "--metaworld-protocol") as learner:
         try:
             result = run_protocol(learner, sub_envs=SUB_ENVS, **dict(PROTOCOL, num_evals=num_evals))
         except ValueError as exc:
             raise SystemExit(f"--metaworld-protocol: {exc}") from None
-    stage = next((s for s in heldout["stages"] if s["stage"] == result["metarl_stage"]), None)
-    if stage is not None and "success_rate" in stage:
-        result["metarl"] = {"stage": stage["stage"], "success_rate": stage["success_rate"],
-                            "success_ci95": stage["success_ci95"], "mean_return": stage["mean_return"],
-                            "return_ci95": stage["ci95"]}
-        result["per_env_agrees_with_metarl"] = agree(result["per_env"], result["metarl"])
-    return result
+    return beside_metarl(result, heldout["stages"])
 
 
 def print_protocol(name: str, result: dict[str, Any] | None) -> None:
