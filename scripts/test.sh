@@ -11,6 +11,8 @@
 #                        manifest, provenance, config headers, process settings, a user's own agent and env
 #                        through every command, bench reports, the zoo's entries, videos, sweep files) run
 #                        once, in the first run; the agents' numerics, the samplers and the envs run in both.
+#   METARL_TEST_WORKERS  pytest-xdist workers for the base and Meta-World suites (default: auto, one per core;
+#                        0 runs them in this process)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,14 +29,15 @@ suite() {  # suite NAME COMMAND...: run it, time it, record how it ended
         failed=1
     fi
 }
+export METARL_TEST_WORKERS=${METARL_TEST_WORKERS:-auto}
 base() {  # the base suite, optionally pinned to a thread count (OMP_NUM_THREADS also sets torch's)
     local threads=$1
     shift
     if [ -n "$threads" ]; then
         env OMP_NUM_THREADS="$threads" MKL_NUM_THREADS="$threads" OPENBLAS_NUM_THREADS="$threads" \
-            .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+            .venv/bin/python -m pytest -q -p no:cacheprovider -n "$METARL_TEST_WORKERS" "$@"
     else
-        .venv/bin/python -m pytest -q "$@"
+        .venv/bin/python -m pytest -q -n "$METARL_TEST_WORKERS" "$@"
     fi
 }
 

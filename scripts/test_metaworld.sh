@@ -9,4 +9,4 @@ METARL_VENV=.venv-metaworld METARL_EXTRAS=dev,metaworld bash scripts/setup.sh
 . .venv-metaworld/bin/activate
 # test_envs.py: the families' bit-for-bit agreement with Gymnasium's v5 envs, on mujoco 3.3 here (4.x in the base
 # venv). test_native.py and test_tasks.py pass on 3.3 too (checked by hand; left out to keep CI short).
-python -m pytest -q tests/test_metaworld.py tests/test_envs.py "$@"
+python -m pytest -q -n "${METARL_TEST_WORKERS:-auto}" tests/test_metaworld.py tests/test_envs.py "$@"
